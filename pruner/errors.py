@@ -1,0 +1,48 @@
+"""Typed errors raised by the pruner library.
+
+Callers (the service's error interceptor, the CLI) branch on these types,
+never on message text::
+
+    SecateurError
+    ├── InvalidSpecError        a PruneSpec field is out of range or unknown
+    ├── UnsupportedModelError   the model cannot be traced (subclassed, ...)
+    └── PlanError               a plan cannot be applied to a model
+        ├── PlanMismatchError   the plan was made for a different model
+        └── EmptyGroupError     a plan would leave a group with no channels
+
+Every message states the constraint and ends with what was received.
+"""
+
+from __future__ import annotations
+
+
+class SecateurError(Exception):
+    """Base class of every error the pruner raises on purpose."""
+
+
+class InvalidSpecError(SecateurError, ValueError):
+    """A pruning spec field is invalid.
+
+    Attributes:
+        field: the offending field name, for field-violation details.
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnsupportedModelError(SecateurError, TypeError):
+    """The model cannot be analysed (not a functional/Sequential Keras model)."""
+
+
+class PlanError(SecateurError, ValueError):
+    """A pruning plan is malformed or cannot be applied."""
+
+
+class PlanMismatchError(PlanError):
+    """The plan does not describe the model it is applied to."""
+
+
+class EmptyGroupError(PlanError):
+    """Applying the plan would leave a channel group with zero channels."""

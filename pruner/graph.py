@@ -1,0 +1,377 @@
+"""Trace a Keras functional graph into channel groups.
+
+Every tensor's channel axis (the last one; channels_last) gets a layout over
+channel *spaces* (see :mod:`layout`). Layer handlers, registered by exact
+layer class in :mod:`handlers`, say how a layer's outputs relate to its inputs
+and which weight axes follow which layout. Spaces that must lose the same
+channels (the two inputs of an Add, a shared layer's calls) are merged with a
+union-find; each resulting class is a *group*. Anything the tracer cannot
+prove safe freezes the spaces it touches, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from secateur.pruner import layout as lay
+from secateur.pruner._keras import keras
+from secateur.pruner.errors import UnsupportedModelError
+from secateur.pruner.layout import Layout, Seg
+
+# Roles of weight axes. The first set carries a channel's own parameters:
+# zeroing them makes the channel dead, which is what exactness tests rely on.
+PRODUCER_ROLES = frozenset({"out", "bias", "depthwise", "bn_gamma", "bn_beta", "scale", "shift"})
+ROLES = PRODUCER_ROLES | {"in", "bn_stat", "param"}
+
+
+@dataclass
+class Space:
+    """A set of channels made by one producer."""
+
+    id: int
+    size: int
+    origin: str
+    frozen: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WeightAxis:
+    """One axis of one weight that follows a channel layout."""
+
+    layer: str
+    weight: int
+    weight_name: str
+    axis: int
+    layout: Layout
+    role: str
+
+
+@dataclass(frozen=True)
+class ConfigEdit:
+    """A config entry that must change with the kept channel count.
+
+    ``kind`` is ``"size"`` (the new count), ``"last_dim"`` (a shape tuple
+    whose last entry becomes the new count) or ``"flat"`` (a shape of one
+    entry, the new flattened size).
+    """
+
+    layer: str
+    key: str
+    layout: Layout
+    kind: str = "size"
+
+
+@dataclass(frozen=True)
+class FlopTerm:
+    """``2 * positions * size(weight)`` multiply-add FLOPs per example."""
+
+    layer: str
+    weight: int
+    positions: int
+
+
+@dataclass
+class Group:
+    """Spaces that must keep the same channel indices."""
+
+    id: int
+    spaces: list[int]
+    size: int
+    frozen: list[str]
+    notes: list[str]
+    members: list[WeightAxis]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and self.size > 1
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return tuple(sorted(self.origins))
+
+    origins: list[str] = field(default_factory=list)
+
+
+class ChannelGraph:
+    """The result of tracing a model: spaces, groups and weight axes.
+
+    Attributes:
+        layers: layer path ("outer/inner") -> layer object, weighted layers only.
+        axes: (layer path, weight index) -> {axis: WeightAxis}.
+        edits: (layer path, config key) -> ConfigEdit.
+        flops: every multiply-add term, once per call of a layer.
+        unsupported: (layer path, class name, reason) for each frozen layer.
+    """
+
+    def __init__(self) -> None:
+        self.spaces: list[Space] = []
+        self._parent: list[int] = []
+        self._memo: dict[tuple[str, str], Layout] = {}
+        self.layers: dict[str, Any] = {}
+        self.axes: dict[tuple[str, int], dict[int, WeightAxis]] = {}
+        self.edits: dict[tuple[str, str], ConfigEdit] = {}
+        self.flops: list[FlopTerm] = []
+        self.unsupported: list[tuple[str, str, str]] = []
+        self.touched: dict[str, set[int]] = {}
+        self._groups: list[Group] | None = None
+
+    # -- spaces and union-find -------------------------------------------
+    def new_space(self, size: int | None, origin: str, frozen: str | None = None) -> Layout:
+        sid = len(self.spaces)
+        space = Space(sid, int(size) if size else 1, origin)
+        if not size:
+            space.frozen.append(f"channel axis of '{origin}' has unknown size")
+        if frozen:
+            space.frozen.append(frozen)
+        self.spaces.append(space)
+        self._parent.append(sid)
+        return (Seg(sid, space.size),)
+
+    def memo_space(self, path: str, key: str, size: int | None, origin: str) -> Layout:
+        """The space a layer creates, the same one for every call of it."""
+        if (path, key) not in self._memo:
+            self._memo[(path, key)] = self.new_space(size, origin)
+        return self._memo[(path, key)]
+
+    def find(self, sid: int) -> int:
+        parent = self._parent
+        while parent[sid] != sid:
+            parent[sid] = parent[parent[sid]]
+            sid = parent[sid]
+        return sid
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self._parent[max(ra, rb)] = min(ra, rb)
+
+    def freeze(self, layout: Layout, reason: str) -> None:
+        for sid in set(lay.spaces(layout)):
+            if reason not in self.spaces[sid].frozen:
+                self.spaces[sid].frozen.append(reason)
+
+    def note(self, layout: Layout, text: str) -> None:
+        for sid in set(lay.spaces(layout)):
+            if text not in self.spaces[sid].notes:
+                self.spaces[sid].notes.append(text)
+
+    def unify(self, layouts: Sequence[Layout], where: str) -> Layout:
+        """Make layouts share channels position by position.
+
+        Layouts of different structure (a concat of two against one space)
+        cannot be matched without splitting spaces; they are frozen instead.
+        """
+        base = layouts[0]
+        for other in layouts[1:]:
+            if _same_structure(base, other):
+                for a, b in zip(_segs(base), _segs(other)):
+                    self._union(a.space, b.space)
+            else:
+                reason = f"'{where}' couples channels of different layouts"
+                self.freeze(base, reason)
+                self.freeze(other, reason)
+        return base
+
+    # -- recording ---------------------------------------------------------
+    def add_axis(self, ax: WeightAxis) -> None:
+        per_weight = self.axes.setdefault((ax.layer, ax.weight), {})
+        old = per_weight.get(ax.axis)
+        if old is None:
+            per_weight[ax.axis] = ax
+        elif old.layout != ax.layout:
+            # A shared layer: every call must agree on the same channels.
+            self.unify([old.layout, ax.layout], ax.layer)
+        self.touched.setdefault(ax.layer, set()).update(lay.spaces(ax.layout))
+
+    def add_edit(self, edit: ConfigEdit) -> None:
+        old = self.edits.get((edit.layer, edit.key))
+        if old is None:
+            self.edits[(edit.layer, edit.key)] = edit
+        elif old.layout != edit.layout:
+            self.unify([old.layout, edit.layout], edit.layer)
+
+    # -- groups ------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        """Groups in trace order, computed once after tracing."""
+        if self._groups is not None:
+            return self._groups
+        by_root: dict[int, Group] = {}
+        for space in self.spaces:
+            root = self.find(space.id)
+            grp = by_root.get(root)
+            if grp is None:
+                grp = Group(len(by_root), [], space.size, [], [], [])
+                by_root[root] = grp
+            grp.spaces.append(space.id)
+            grp.origins.append(space.origin)
+            if space.size != grp.size:  # unions only join equal sizes
+                grp.frozen.append("spaces of different sizes were coupled")
+            grp.frozen.extend(r for r in space.frozen if r not in grp.frozen)
+            grp.notes.extend(n for n in space.notes if n not in grp.notes)
+        for per_weight in self.axes.values():
+            for ax in per_weight.values():
+                for root in {self.find(s) for s in lay.spaces(ax.layout)}:
+                    by_root[root].members.append(ax)
+        self._groups = list(by_root.values())
+        return self._groups
+
+    def group_of(self, sid: int) -> Group:
+        root = self.find(sid)
+        for grp in self.groups():
+            if self.find(grp.spaces[0]) == root:
+                return grp
+        raise KeyError(sid)
+
+    def space_to_group(self) -> np.ndarray:
+        """Array mapping space id -> group id."""
+        out = np.zeros(len(self.spaces), dtype=np.int64)
+        for grp in self.groups():
+            out[grp.spaces] = grp.id
+        return out
+
+    # -- counting ----------------------------------------------------------
+    def weight_shapes(
+        self, kept: Callable[[int], np.ndarray] | None = None
+    ) -> dict[tuple[str, int], tuple[int, ...]]:
+        """Shapes of every traced weight, after pruning when ``kept`` is given."""
+        shapes: dict[tuple[str, int], tuple[int, ...]] = {}
+        seen: set[int] = set()
+        for path, layer in self.layers.items():
+            for idx, var in enumerate(layer.weights):
+                if id(var) in seen:
+                    continue
+                seen.add(id(var))
+                shape = [int(d) for d in var.shape]
+                if kept is not None:
+                    for axis, ax in self.axes.get((path, idx), {}).items():
+                        shape[axis] = len(lay.kept_positions(ax.layout, kept))
+                shapes[(path, idx)] = tuple(shape)
+        return shapes
+
+    def count(self, kept: Callable[[int], np.ndarray] | None = None) -> tuple[int, int]:
+        """(params, FLOPs per example), after pruning when ``kept`` is given."""
+        shapes = self.weight_shapes(kept)
+        params = sum(int(np.prod(s)) for s in shapes.values())
+        flops = sum(
+            2 * term.positions * int(np.prod(shapes[(term.layer, term.weight)]))
+            for term in self.flops
+            if (term.layer, term.weight) in shapes
+        )
+        return params, flops
+
+
+def _segs(layout: Layout) -> Iterable[Seg]:
+    for item in layout:
+        if isinstance(item, Seg):
+            yield item
+        else:
+            yield from _segs(item.layout)
+
+
+def _same_structure(a: Layout, b: Layout) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, Seg):
+            if x.size != y.size:  # type: ignore[union-attr]
+                return False
+        elif isinstance(x, lay.Rep):
+            if x.n != y.n or not _same_structure(x.layout, y.layout):  # type: ignore[union-attr]
+                return False
+        elif x.k != y.k or not _same_structure(x.layout, y.layout):  # type: ignore[union-attr]
+            return False
+    return True
+
+
+# -- tracing ---------------------------------------------------------------
+
+
+def functional_of(model: Any) -> Any:
+    """The functional graph behind a Functional or built Sequential model.
+
+    Raises:
+        UnsupportedModelError: subclassed models, unbuilt Sequentials.
+    """
+    if isinstance(model, keras.Sequential):
+        fn = getattr(model, "_functional", None)
+        if fn is None:
+            raise UnsupportedModelError(
+                "A Sequential model must be built with a known input shape "
+                "(start it with keras.Input) before it can be pruned. "
+                f"Received: unbuilt Sequential '{model.name}'"
+            )
+        return fn
+    if isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth"):
+        return model
+    raise UnsupportedModelError(
+        "Only functional and Sequential Keras models can be traced; a "
+        "subclassed model's call() is Python code whose channel flow cannot be "
+        "read. Rebuild it with the functional API. "
+        f"Received: {type(model).__module__}.{type(model).__name__}"
+    )
+
+
+def is_graph_model(obj: Any) -> bool:
+    return isinstance(obj, keras.Sequential) or (
+        isinstance(obj, keras.Model) and hasattr(obj, "_nodes_by_depth")
+    )
+
+
+def analyze(model: Any) -> ChannelGraph:
+    """Trace ``model`` into a :class:`ChannelGraph`.
+
+    Args:
+        model: a functional or Sequential ``keras.Model``.
+
+    Returns:
+        The traced graph; ``graph.groups()`` lists the channel groups.
+
+    Raises:
+        UnsupportedModelError: the model is not a traceable graph model.
+    """
+    from secateur.pruner.handlers import trace_node  # registry imports graph
+
+    fn = functional_of(model)
+    graph = ChannelGraph()
+    inputs = [
+        graph.new_space(_last_dim(t), f"input:{t.name}", frozen="touches model input")
+        for t in fn.inputs
+    ]
+    outputs = trace_functional(graph, fn, "", inputs, trace_node)
+    for out in outputs:
+        graph.freeze(out, "touches model output")
+    return graph
+
+
+def trace_functional(
+    graph: ChannelGraph,
+    fn: Any,
+    prefix: str,
+    in_layouts: Sequence[Layout],
+    trace_node: Callable[..., list[Layout]],
+) -> list[Layout]:
+    """Walk ``fn``'s nodes in topological order, returning output layouts."""
+    tensors: dict[int, Layout] = {id(t): lo for t, lo in zip(fn.inputs, in_layouts)}
+    for depth in sorted(fn._nodes_by_depth, reverse=True):
+        for node in fn._nodes_by_depth[depth]:
+            if node.is_input or node.operation is None:
+                continue
+            ins = [tensors[id(t)] for t in node.input_tensors]
+            outs = trace_node(graph, node, prefix, ins)
+            for t, lo in zip(node.outputs, outs):
+                tensors[id(t)] = lo
+    return [tensors[id(t)] for t in fn.outputs]
+
+
+def _last_dim(tensor: Any) -> int | None:
+    shape = tensor.shape
+    if len(shape) < 2:
+        return None
+    return shape[-1]

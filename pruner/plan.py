@@ -1,0 +1,346 @@
+"""PruningPlan: which channels every group keeps, as plain serialisable data.
+
+A plan is computed without touching the model (:func:`make_plan`, a dry run)
+and can be applied later (:func:`secateur.pruner.surgery.apply_plan`), to the
+same model or a copy loaded from disk. Groups are matched by the origins of
+their spaces (the layer names that create them), so a plan survives a
+save/load round trip of the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from secateur.pruner.errors import EmptyGroupError, InvalidSpecError, PlanError
+from secateur.pruner.graph import ChannelGraph, Group, analyze
+from secateur.pruner.scoring import GroupScore, score_group
+from secateur.pruner.spec import PruneSpec
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """A weight axis of a group: ``layer.weights[weight]`` along ``axis``."""
+
+    layer: str
+    weight: str
+    axis: int
+    role: str
+
+
+@dataclass
+class GroupPlan:
+    """One channel group and what it keeps.
+
+    Attributes:
+        id: index of the group in trace order.
+        origins: names of the layers/inputs whose channels form the group.
+        members: the weight axes that lose the same channels.
+        size_before / size_after: channel counts.
+        kept: kept channel indices (sorted).
+        criterion: the criterion actually used, None for frozen groups.
+        fallback: why another criterion than the requested one was used.
+        frozen: reasons the group cannot be pruned (empty when prunable).
+        notes: caveats, e.g. a LayerNormalization over the channels.
+    """
+
+    id: int
+    origins: list[str]
+    members: list[Member]
+    size_before: int
+    size_after: int
+    kept: list[int]
+    criterion: str | None = None
+    fallback: str | None = None
+    frozen: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pruned(self) -> bool:
+        return self.size_after < self.size_before
+
+
+@dataclass
+class PruningPlan:
+    """Kept channels per group plus the predicted effect on the model."""
+
+    spec: dict[str, Any]
+    model_name: str
+    groups: list[GroupPlan]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    unsupported_layers: list[dict[str, str]] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    @property
+    def prunable_channels(self) -> int:
+        return sum(g.size_before for g in self.groups if not g.frozen)
+
+    @property
+    def removed_channels(self) -> int:
+        return sum(g.size_before - g.size_after for g in self.groups)
+
+    @property
+    def layer_widths(self) -> dict[str, tuple[int, int]]:
+        """Producer layer -> (channels before, after), for pruned groups."""
+        out: dict[str, tuple[int, int]] = {}
+        for g in self.groups:
+            for m in g.members:
+                if m.role == "out" and g.pruned:
+                    out[m.layer] = (g.size_before, g.size_after)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
+        """Rebuild a plan from :meth:`to_dict` output, validating it.
+
+        Raises:
+            PlanError: missing fields or an unknown version.
+            EmptyGroupError: a group keeps no channels.
+        """
+        try:
+            if data.get("version") != PLAN_VERSION:
+                raise PlanError(
+                    f"plan version must be {PLAN_VERSION}. Received: version={data.get('version')!r}"
+                )
+            groups = [
+                GroupPlan(**{**g, "members": [Member(**m) for m in g["members"]]})
+                for g in data["groups"]
+            ]
+            fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "groups" and k in data}
+            plan = cls(groups=groups, **fields)
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"malformed pruning plan: {exc}. Received keys: {sorted(data)}") from exc
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Check internal consistency; raise typed errors otherwise."""
+        for g in self.groups:
+            if len(g.kept) != g.size_after:
+                raise PlanError(
+                    f"group {g.id} lists {len(g.kept)} kept channels but size_after="
+                    f"{g.size_after}"
+                )
+            if g.size_after < 1:
+                raise EmptyGroupError(
+                    f"every group must keep at least one channel. Received: group {g.id} "
+                    f"({', '.join(g.origins)}) keeps {g.size_after} of {g.size_before}"
+                )
+            if any(not 0 <= k < g.size_before for k in g.kept) or len(set(g.kept)) != len(g.kept):
+                raise PlanError(
+                    f"kept indices of group {g.id} must be distinct and in "
+                    f"[0, {g.size_before}). Received: {g.kept[:10]}..."
+                )
+
+    def summary(self) -> str:
+        pruned = [g for g in self.groups if g.pruned]
+        return (
+            f"{len(pruned)} of {len(self.groups)} groups pruned, channels "
+            f"{self.prunable_channels} -> {self.prunable_channels - self.removed_channels} "
+            f"(prunable), params {self.params_before:,} -> {self.params_after:,}, FLOPs "
+            f"{self.flops_before:,} -> {self.flops_after:,}"
+        )
+
+
+# -- making a plan ---------------------------------------------------------
+
+
+def make_plan(model: Any, spec: PruneSpec, graph: ChannelGraph | None = None) -> PruningPlan:
+    """Score channels and choose the kept ones, without changing the model.
+
+    Args:
+        model: a functional or Sequential ``keras.Model``.
+        spec: the pruning request.
+        graph: the model's traced graph, if already computed.
+
+    Returns:
+        The plan; ``apply_plan(model, plan)`` builds the pruned model.
+
+    Raises:
+        UnsupportedModelError: the model cannot be traced.
+        InvalidSpecError: ``spec.exclude`` names a layer the model lacks.
+    """
+    graph = graph or analyze(model)
+    groups = graph.groups()
+    _freeze_excluded(graph, groups, spec.exclude)
+    cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def weights(path: str, idx: int) -> np.ndarray:
+        if (path, idx) not in cache:
+            cache[(path, idx)] = np.asarray(graph.layers[path].weights[idx].numpy())
+        return cache[(path, idx)]
+
+    rng = np.random.default_rng(spec.seed)
+    prunable = [g for g in groups if g.prunable]
+    scores = {g.id: score_group(graph, g, spec.criterion, weights, rng) for g in prunable}
+    keep_counts = _allocate(prunable, scores, spec)
+    kept: dict[int, np.ndarray] = {}
+    for g in prunable:
+        order = np.argsort(-scores[g.id].scores, kind="stable")
+        kept[g.id] = np.sort(order[: keep_counts[g.id]]).astype(np.int64)
+    return _build_plan(model, graph, spec, scores, kept)
+
+
+def _freeze_excluded(graph: ChannelGraph, groups: list[Group], exclude: tuple[str, ...]) -> None:
+    if not exclude:
+        return
+    paths = set(graph.touched) | {p for p, _ in graph.edits}
+    by_group = graph.space_to_group()
+    for name in exclude:
+        hits = [p for p in paths if p == name or p.rsplit("/", 1)[-1] == name]
+        if not hits:
+            raise InvalidSpecError(
+                "exclude must name layers of the model whose channels can change. "
+                f"Received: {name!r}",
+                "exclude",
+            )
+        for path in hits:
+            spaces = set(graph.touched.get(path, ()))
+            for (p, _), edit in graph.edits.items():
+                if p == path:
+                    spaces.update(s.space for s in _segs_of(edit.layout))
+            for sid in spaces:
+                grp = groups[by_group[sid]]
+                reason = f"layer '{path}' is excluded by the spec"
+                if reason not in grp.frozen:
+                    grp.frozen.append(reason)
+
+
+def _segs_of(layout: Any) -> list[Any]:
+    from secateur.pruner.graph import _segs
+
+    return list(_segs(layout))
+
+
+def _floor(size: int, spec: PruneSpec) -> int:
+    """Fewest channels a group of ``size`` may keep."""
+    return min(size, spec.min_channels)
+
+
+def _round(keep: int, size: int, spec: PruneSpec) -> int:
+    """Nearest legal kept count: a multiple of round_to, >= the floor."""
+    step = spec.round_to
+    if step > 1:
+        keep = max(step, int(round(keep / step)) * step)
+        while keep < _floor(size, spec):
+            keep += step
+    keep = max(keep, _floor(size, spec))
+    return size if keep >= size else keep
+
+
+def _allocate(groups: list[Group], scores: dict[int, GroupScore], spec: PruneSpec) -> dict[int, int]:
+    """How many channels each prunable group keeps."""
+    if spec.scope == "layerwise":
+        return {g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec) for g in groups}
+    # Global: rank channels of groups scored by the requested criterion
+    # together; scores of other criteria are not comparable, so groups that
+    # fell back are cut layerwise at the same ratio.
+    pooled = [g for g in groups if scores[g.id].fallback is None]
+    out = {
+        g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec)
+        for g in groups
+        if scores[g.id].fallback is not None
+    }
+    if not pooled:
+        return out
+    total = sum(g.size for g in pooled)
+    to_remove = int(round(spec.ratio * total))
+    flat = np.concatenate([scores[g.id].scores for g in pooled])
+    owner = np.concatenate([np.full(g.size, i) for i, g in enumerate(pooled)])
+    # Ties (an untrained model's gammas are all 1) are broken by each
+    # channel's relative rank inside its group, so equal scores are removed
+    # proportionally across groups instead of emptying the first group.
+    rel = np.concatenate([_relative_rank(scores[g.id].scores) for g in pooled])
+    removable = np.array([g.size - _floor(g.size, spec) for g in pooled])
+    removed = np.zeros(len(pooled), dtype=np.int64)
+    for pos in np.lexsort((rel, flat)):
+        if to_remove <= 0:
+            break
+        gi = owner[pos]
+        if removed[gi] < removable[gi]:
+            removed[gi] += 1
+            to_remove -= 1
+    for i, g in enumerate(pooled):
+        out[g.id] = _round(g.size - int(removed[i]), g.size, spec)
+    return out
+
+
+def _relative_rank(scores: np.ndarray) -> np.ndarray:
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[np.argsort(scores, kind="stable")] = np.arange(len(scores))
+    return ranks / max(len(scores), 1)
+
+
+def _build_plan(
+    model: Any,
+    graph: ChannelGraph,
+    spec: PruneSpec,
+    scores: dict[int, GroupScore],
+    kept: dict[int, np.ndarray],
+) -> PruningPlan:
+    groups = graph.groups()
+    group_plans = []
+    for g in groups:
+        keep = kept.get(g.id, np.arange(g.size))
+        sc = scores.get(g.id)
+        members = sorted(
+            {Member(m.layer, m.weight_name, m.axis, m.role) for m in g.members},
+            key=lambda m: (m.layer, m.weight, m.axis),
+        )
+        group_plans.append(
+            GroupPlan(
+                id=g.id,
+                origins=list(g.origins),
+                members=members,
+                size_before=g.size,
+                size_after=len(keep),
+                kept=[int(k) for k in keep],
+                criterion=sc.criterion if sc else None,
+                fallback=sc.fallback if sc else None,
+                frozen=list(g.frozen) or ([] if g.size > 1 else ["a single channel"]),
+                notes=list(g.notes),
+            )
+        )
+    params_before, flops_before = graph.count()
+    kept_fn = keep_function(graph, {g.id: np.asarray(g.kept) for g in group_plans})
+    params_after, flops_after = graph.count(kept_fn)
+    plan = PruningPlan(
+        spec=spec.to_dict(),
+        model_name=str(model.name),
+        groups=group_plans,
+        params_before=params_before,
+        params_after=params_after,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        unsupported_layers=[
+            {"layer": p, "class": c, "reason": r} for p, c, r in graph.unsupported
+        ],
+    )
+    plan.validate()
+    return plan
+
+
+def keep_function(graph: ChannelGraph, kept_by_group: Mapping[int, np.ndarray]) -> Any:
+    """A ``space id -> kept indices`` function from per-group kept indices."""
+    space_group = graph.space_to_group()
+    arrays = {gid: np.asarray(k, dtype=np.int64) for gid, k in kept_by_group.items()}
+
+    def kept(sid: int) -> np.ndarray:
+        return arrays[int(space_group[sid])]
+
+    return kept

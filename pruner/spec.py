@@ -1,0 +1,102 @@
+"""PruneSpec: what to prune, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from secateur.pruner.errors import InvalidSpecError
+
+CRITERIA = ("bn_scale", "l1", "l2", "random")
+SCOPES = ("global", "layerwise")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """A pruning request.
+
+    Args:
+        ratio: fraction of the prunable channels to remove, in [0, 1).
+        criterion: channel importance: ``bn_scale`` (|BatchNorm gamma|,
+            Network Slimming), ``l1`` / ``l2`` (filter norms, Li et al.),
+            or ``random``.
+        scope: ``global`` ranks all channels together; ``layerwise`` removes
+            ``ratio`` of every group.
+        round_to: kept channel counts are multiples of this (a group whose
+            size is not reachable is left whole); 1 disables rounding.
+        min_channels: no group keeps fewer channels than this.
+        exclude: layer names whose channels must not change.
+        reload_weights: copy the kept slices of the original weights (True)
+            or keep the new architecture's fresh initialisation (False).
+        seed: seed of the ``random`` criterion and of fresh initialisation.
+
+    Raises:
+        InvalidSpecError: any field out of range; the message names it.
+    """
+
+    ratio: float = 0.3
+    criterion: str = "bn_scale"
+    scope: str = "global"
+    round_to: int = 1
+    min_channels: int = 1
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    reload_weights: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise InvalidSpecError(
+                f"ratio must be a number in [0, 1). Received: ratio={ratio!r}", "ratio"
+            )
+        if not (math.isfinite(ratio) and 0 <= ratio < 1):
+            raise InvalidSpecError(f"ratio must be in [0, 1). Received: ratio={ratio}", "ratio")
+        if self.criterion not in CRITERIA:
+            raise InvalidSpecError(
+                f"criterion must be one of {', '.join(CRITERIA)}. "
+                f"Received: criterion={self.criterion!r}",
+                "criterion",
+            )
+        if self.scope not in SCOPES:
+            raise InvalidSpecError(
+                f"scope must be one of {', '.join(SCOPES)}. Received: scope={self.scope!r}",
+                "scope",
+            )
+        _check_int("round_to", self.round_to)
+        _check_int("min_channels", self.min_channels)
+        if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
+            raise InvalidSpecError(
+                f"exclude must be a list of layer names. Received: exclude={self.exclude!r}",
+                "exclude",
+            )
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "ratio", float(ratio))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise InvalidSpecError(f"seed must be an integer. Received: seed={self.seed!r}", "seed")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["exclude"] = list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruneSpec:
+        """Build a spec from plain data (JSON/YAML), rejecting unknown keys."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidSpecError(
+                f"unknown spec field(s); expected some of {sorted(known)}. Received: {unknown}",
+                unknown[0],
+            )
+        kwargs = dict(data)
+        if "exclude" in kwargs and isinstance(kwargs["exclude"], list):
+            kwargs["exclude"] = tuple(kwargs["exclude"])
+        return cls(**kwargs)
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidSpecError(f"{name} must be an integer >= 1. Received: {name}={value!r}", name)
