@@ -341,7 +341,9 @@ def analyze(model: Any) -> ChannelGraph:
     fn = functional_of(model)
     graph = ChannelGraph()
     inputs = [
-        graph.new_space(_last_dim(t), f"input:{t.name}", frozen="touches model input")
+        graph.new_space(
+            _last_dim(t), f"input:{t._keras_history[0].name}", frozen="touches model input"
+        )
         for t in fn.inputs
     ]
     outputs = trace_functional(graph, fn, "", inputs, trace_node)
