@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from secateur.pruner import layout as lay
 from secateur.pruner._keras import keras
 from secateur.pruner.graph import (
     ChannelGraph,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
@@ -43,7 +42,7 @@ class Inner:
     k: int
 
 
-Item = Union[Seg, Rep, Inner]
+Item = Seg | Rep | Inner
 Layout = tuple[Item, ...]
 
 

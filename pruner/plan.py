@@ -115,7 +115,8 @@ class PruningPlan:
         try:
             if data.get("version") != PLAN_VERSION:
                 raise PlanError(
-                    f"plan version must be {PLAN_VERSION}. Received: version={data.get('version')!r}"
+                    f"plan version must be {PLAN_VERSION}. "
+                    f"Received: version={data.get('version')!r}"
                 )
             groups = [
                 GroupPlan(**{**g, "members": [Member(**m) for m in g["members"]]})
@@ -124,7 +125,9 @@ class PruningPlan:
             fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "groups" and k in data}
             plan = cls(groups=groups, **fields)
         except (KeyError, TypeError) as exc:
-            raise PlanError(f"malformed pruning plan: {exc}. Received keys: {sorted(data)}") from exc
+            raise PlanError(
+                f"malformed pruning plan: {exc}. Received keys: {sorted(data)}"
+            ) from exc
         plan.validate()
         return plan
 
@@ -133,8 +136,7 @@ class PruningPlan:
         for g in self.groups:
             if len(g.kept) != g.size_after:
                 raise PlanError(
-                    f"group {g.id} lists {len(g.kept)} kept channels but size_after="
-                    f"{g.size_after}"
+                    f"group {g.id} lists {len(g.kept)} kept channels but size_after={g.size_after}"
                 )
             if g.size_after < 1:
                 raise EmptyGroupError(
@@ -243,10 +245,14 @@ def _round(keep: int, size: int, spec: PruneSpec) -> int:
     return size if keep >= size else keep
 
 
-def _allocate(groups: list[Group], scores: dict[int, GroupScore], spec: PruneSpec) -> dict[int, int]:
+def _allocate(
+    groups: list[Group], scores: dict[int, GroupScore], spec: PruneSpec
+) -> dict[int, int]:
     """How many channels each prunable group keeps."""
     if spec.scope == "layerwise":
-        return {g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec) for g in groups}
+        return {
+            g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec) for g in groups
+        }
     # Global: rank channels of groups scored by the requested criterion
     # together; scores of other criteria are not comparable, so groups that
     # fell back are cut layerwise at the same ratio.
@@ -327,9 +333,7 @@ def _build_plan(
         params_after=params_after,
         flops_before=flops_before,
         flops_after=flops_after,
-        unsupported_layers=[
-            {"layer": p, "class": c, "reason": r} for p, c, r in graph.unsupported
-        ],
+        unsupported_layers=[{"layer": p, "class": c, "reason": r} for p, c, r in graph.unsupported],
     )
     plan.validate()
     return plan

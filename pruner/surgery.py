@@ -61,7 +61,7 @@ def apply_plan(
     if getattr(model, "compiled", False):
         try:
             new_model.compile_from_config(model.get_compile_config())
-        except Exception:  # noqa: BLE001 - compile state is a convenience only
+        except Exception:
             pass
     return new_model
 

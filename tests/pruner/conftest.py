@@ -6,17 +6,17 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Callable
+from typing import Any
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import numpy as np
+import pytest
 
-from secateur.pruner.graph import PRODUCER_ROLES, analyze  # noqa: E402
-from secateur.pruner.layout import kept_positions  # noqa: E402
-from secateur.pruner.models import vgg16_bn  # noqa: E402
-from secateur.pruner.plan import PruningPlan, keep_function  # noqa: E402
+from secateur.pruner.graph import PRODUCER_ROLES, analyze
+from secateur.pruner.layout import kept_positions
+from secateur.pruner.models import vgg16_bn
+from secateur.pruner.plan import PruningPlan, keep_function
 
 layers = keras.layers
 
@@ -44,7 +44,10 @@ def randomize(model: Any, seed: int = 0) -> Any:
                 else:
                     values.append(rng.normal(0, 0.3, shape))
             layer.set_weights([v.astype("float32") for v in values])
-        elif isinstance(layer, (layers.Conv2D, layers.Dense)) and getattr(layer, "bias", None) is not None:
+        elif (
+            isinstance(layer, (layers.Conv2D, layers.Dense))
+            and getattr(layer, "bias", None) is not None
+        ):
             w = [v.numpy() for v in layer.weights]
             idx = next(i for i, v in enumerate(layer.weights) if v is layer.bias)
             w[idx] = rng.normal(0, 0.1, w[idx].shape).astype("float32")
@@ -80,7 +83,9 @@ def kill_pruned_channels(model: Any, plan: PruningPlan) -> None:
         layer = graph.layers[path]
         values = [w.numpy() for w in layer.weights]
         for axis, ax in per_axis.items():
-            if ax.role not in PRODUCER_ROLES:
+            # A BatchNorm without gamma (scale=False) maps a zero input to
+            # -mean/std + beta: zero its moving mean as well.
+            if ax.role not in PRODUCER_ROLES and ax.weight_name != "moving_mean":
                 continue
             keep = kept_positions(ax.layout, kept)
             dead = np.setdiff1d(np.arange(values[idx].shape[axis]), keep)
@@ -90,7 +95,9 @@ def kill_pruned_channels(model: Any, plan: PruningPlan) -> None:
         layer.set_weights(values)
 
 
-def assert_same_outputs(a: Any, b: Any, x: np.ndarray | list[np.ndarray], tol: float = 1e-4) -> None:
+def assert_same_outputs(
+    a: Any, b: Any, x: np.ndarray | list[np.ndarray], tol: float = 1e-4
+) -> None:
     ya = a(x, training=False)
     yb = b(x, training=False)
     ya = ya if isinstance(ya, (list, tuple)) else [ya]

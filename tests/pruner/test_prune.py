@@ -112,7 +112,10 @@ def test_plan_frozenGroups_touchingInputsAndOutputs() -> None:
     model = resnet_projection()
     plan = make_plan(model, PruneSpec(ratio=0.5))
     frozen = {o: g.frozen for g in plan.groups for o in g.origins if g.frozen}
-    assert any("touches model input" in r for r in frozen["input:" + model.inputs[0]._keras_history[0].name])
+    assert any(
+        "touches model input" in r
+        for r in frozen["input:" + model.inputs[0]._keras_history[0].name]
+    )
     assert any("touches model output" in r for r in frozen["head"])
     assert not any(g.pruned for g in plan.groups if g.frozen)
 

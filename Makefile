@@ -1,0 +1,35 @@
+# Everything runs from a virtual environment the first target creates.
+# `make bench` runs the main job, `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: bench test test-slow lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## The main job: time planning and applying a prune on five keras.applications models.
+bench: $(STAMP)
+	$(PY) benchmarks/prune_speed.py
+
+## Lint, type-check, then the default test suite (slow tests excluded).
+test: lint
+	$(PY) -m pytest
+
+## The heavy keras.applications models (ConvNeXt-XL, EfficientNet-B7, ...).
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	mkdir -p .typecheck/secateur && ln -sfn ../../pruner .typecheck/secateur/pruner
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache build *.egg-info
