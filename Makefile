@@ -26,7 +26,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 lint: $(STAMP)
-	mkdir -p .typecheck/secateur && ln -sfn ../../pruner .typecheck/secateur/pruner
+	mkdir -p .typecheck/secateur && for d in pruner server client; do ln -sfn ../../$$d .typecheck/secateur/$$d; done
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -6,6 +6,9 @@ never on message text::
     SecateurError
     ├── InvalidSpecError        a PruneSpec field is out of range or unknown
     ├── UnsupportedModelError   the model cannot be traced (subclassed, ...)
+    ├── ModelLoadError          a model file is missing, unreadable or corrupt
+    ├── DataError               training/eval data missing or not fitting the model
+    ├── CancelledError          a long operation was cancelled by its caller
     └── PlanError               a plan cannot be applied to a model
         ├── PlanMismatchError   the plan was made for a different model
         └── EmptyGroupError     a plan would leave a group with no channels
@@ -34,6 +37,18 @@ class InvalidSpecError(SecateurError, ValueError):
 
 class UnsupportedModelError(SecateurError, TypeError):
     """The model cannot be analysed (not a functional/Sequential Keras model)."""
+
+
+class ModelLoadError(SecateurError):
+    """A model file or directory is missing, unreadable or corrupt."""
+
+
+class DataError(SecateurError, ValueError):
+    """Training or evaluation data is missing, malformed or does not fit the model."""
+
+
+class CancelledError(SecateurError):
+    """A long operation (fine-tuning, measuring) was cancelled by its caller."""
 
 
 class PlanError(SecateurError, ValueError):

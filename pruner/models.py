@@ -21,6 +21,7 @@ def vgg16_bn(
     widths: Sequence[int | str] = VGG16_WIDTHS,
     dense: int = 512,
     dropout: float = 0.5,
+    bn_momentum: float = 0.9,
     name: str = "vgg16_bn",
 ) -> Any:
     """VGG-16 with BatchNormalization, as the study trains on CIFAR-10.
@@ -37,6 +38,9 @@ def vgg16_bn(
         widths: conv widths, "M" for max-pooling.
         dense: width of the hidden classifier layer.
         dropout: dropout rate before the last layer.
+        bn_momentum: BatchNorm moving-average momentum. 0.9 (PyTorch's
+            default, which the study's CIFAR VGG uses) rather than Keras's
+            0.99, so short fine-tunes leave usable inference statistics.
         name: model name.
 
     Returns:
@@ -53,12 +57,12 @@ def vgg16_bn(
         filters = max(1, int(round(int(w) * width)))
         prefix = f"block{block}_conv{conv}"
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=prefix)(x)
-        x = keras.layers.BatchNormalization(name=f"{prefix}_bn")(x)
+        x = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn")(x)
         x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
         conv += 1
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(max(1, int(round(dense * width))), use_bias=False, name="fc1")(x)
-    x = keras.layers.BatchNormalization(name="fc1_bn")(x)
+    x = keras.layers.BatchNormalization(momentum=bn_momentum, name="fc1_bn")(x)
     x = keras.layers.ReLU(name="fc1_relu")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(classes, name="logits")(x)

@@ -1,0 +1,1 @@
+"""Secateur client and the `secateur` CLI. Never imports TensorFlow at import time."""

@@ -1,0 +1,246 @@
+"""Fine-tune a (pruned) model with the study's recipe.
+
+SGD with momentum 0.9, learning rate 0.01, batch 128 by default. The
+distribution strategy follows what is attached: TPUStrategy when a TPU
+resolves, MirroredStrategy for GPUs, the default strategy otherwise. XLA is
+used where it helps: always on TPU and GPU; on CPU it was measured slower
+for these nets (DESIGN.md), so ``jit_compile="auto"`` leaves it off there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from secateur.pruner._keras import keras
+from secateur.pruner.errors import CancelledError, InvalidSpecError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning hyper-parameters (the study's defaults).
+
+    Raises:
+        InvalidSpecError: a non-positive epoch count, batch or learning rate.
+    """
+
+    epochs: int = 1
+    batch_size: int = 128
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    jit_compile: bool | str = "auto"
+    steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name == "epochs" else 1)
+            ):
+                raise InvalidSpecError(
+                    f"{name} must be a positive integer. Received: {name}={value!r}", name
+                )
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise InvalidSpecError(
+                f"learning_rate must be > 0. Received: learning_rate={self.learning_rate!r}",
+                "learning_rate",
+            )
+        if self.jit_compile not in (True, False, "auto"):
+            raise InvalidSpecError(
+                f"jit_compile must be true, false or 'auto'. Received: {self.jit_compile!r}",
+                "jit_compile",
+            )
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the job runs on and the strategy that drives it."""
+
+    kind: str  # "TPU", "GPU" or "CPU"
+    name: str
+    count: int
+    strategy: Any = field(repr=False, default=None)
+
+    def use_xla(self, setting: bool | str) -> bool:
+        return self.kind in ("TPU", "GPU") if setting == "auto" else bool(setting)
+
+
+def select_device(
+    tpu_resolver: Callable[[], Any] | None = None,
+    list_gpus: Callable[[], list[Any]] | None = None,
+    make_strategy: Callable[[str, Any], Any] | None = None,
+) -> Device:
+    """Choose the distribution strategy from what is attached.
+
+    Args:
+        tpu_resolver: returns a TPUClusterResolver or raises when no TPU
+            (default: ``tf.distribute.cluster_resolver.TPUClusterResolver``).
+        list_gpus: returns the visible GPUs (default: TensorFlow's list).
+        make_strategy: builds a strategy from ("TPU"|"GPU"|"CPU", arg);
+            injected by tests, real strategies otherwise.
+    """
+    import tensorflow as tf
+
+    def default_strategy(kind: str, arg: Any) -> Any:
+        if kind == "TPU":
+            tf.config.experimental_connect_to_cluster(arg)
+            tf.tpu.experimental.initialize_tpu_system(arg)
+            return tf.distribute.TPUStrategy(arg)
+        if kind == "GPU":
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.get_strategy()
+
+    make = make_strategy or default_strategy
+    resolve = tpu_resolver or (lambda: tf.distribute.cluster_resolver.TPUClusterResolver())
+    try:
+        resolver = resolve()
+        return Device(
+            "TPU", str(getattr(resolver, "master", lambda: "tpu")()), 1, make("TPU", resolver)
+        )
+    except (ValueError, RuntimeError, ImportError, tf.errors.NotFoundError):
+        pass
+    gpus = (list_gpus or (lambda: tf.config.list_physical_devices("GPU")))()
+    if gpus:
+        return Device("GPU", getattr(gpus[0], "name", "GPU:0"), len(gpus), make("GPU", gpus))
+    return Device("CPU", "CPU:0", 1, make("CPU", None))
+
+
+def outputs_probabilities(model: Any) -> bool:
+    """True when the model ends in a softmax (probabilities), False for logits."""
+    layer = model.outputs[0]._keras_history[0]
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
+
+
+def compile_for_training(model: Any, config: TrainConfig, device: Device) -> None:
+    """Compile with SGD(momentum) and the loss the model's output calls for."""
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            learning_rate=config.learning_rate, momentum=config.momentum
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=not outputs_probabilities(model)
+        ),
+        metrics=["accuracy"],
+        jit_compile=device.use_xla(config.jit_compile),
+    )
+
+
+def in_strategy(model: Any, device: Device) -> Any:
+    """The model rebuilt under the device's strategy scope (same weights)."""
+    import tensorflow as tf
+
+    if device.strategy is None or device.strategy is tf.distribute.get_strategy():
+        return model
+    with device.strategy.scope():
+        clone = model.__class__.from_config(model.get_config())
+        clone.set_weights(model.get_weights())
+    return clone
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A fine-tuning progress event."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int | None
+    loss: float | None
+    accuracy: float | None
+
+
+class _Hooks(keras.callbacks.Callback):
+    def __init__(
+        self,
+        epochs: int,
+        steps: int | None,
+        on_progress: Callable[[Progress], None] | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> None:
+        super().__init__()
+        self.epochs, self.steps = epochs, steps
+        self.on_progress, self.should_cancel = on_progress, should_cancel
+        self.epoch = 0
+        self.cancelled = False
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        logs = logs or {}
+        if self.on_progress:
+            self.on_progress(
+                Progress(
+                    self.epoch + 1,
+                    self.epochs,
+                    batch + 1,
+                    self.steps,
+                    _num(logs.get("loss")),
+                    _num(logs.get("accuracy")),
+                )
+            )
+        if self.should_cancel and self.should_cancel():
+            self.cancelled = True
+            self.model.stop_training = True
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def finetune(
+    model: Any,
+    train_ds: Any,
+    config: TrainConfig,
+    device: Device,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[Any, dict[str, list[float]]]:
+    """Train ``model`` on ``train_ds`` for ``config.epochs`` epochs.
+
+    Returns:
+        (the trained model — a clone when a strategy required one, history).
+
+    Raises:
+        CancelledError: ``should_cancel`` returned True during training.
+    """
+    model = in_strategy(model, device)
+    compile_for_training(model, config, device)
+    if config.epochs == 0:
+        return model, {}
+    steps = config.steps_per_epoch
+    if steps is None:
+        cardinality = int(train_ds.cardinality())
+        steps = cardinality if cardinality > 0 else None
+    hooks = _Hooks(config.epochs, steps, on_progress, should_cancel)
+    history = model.fit(
+        train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=config.steps_per_epoch,
+        callbacks=[hooks],
+        verbose=0,
+    )
+    if hooks.cancelled:
+        raise CancelledError("fine-tuning was cancelled")
+    return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def evaluate(model: Any, eval_ds: Any) -> float:
+    """Top-1 accuracy of ``model`` on ``eval_ds`` (compiled or not)."""
+    import numpy as np
+
+    correct = total = 0
+    for images, labels in eval_ds:
+        logits = model(images, training=False)
+        pred = np.argmax(np.asarray(logits), axis=-1)
+        correct += int(np.sum(pred == np.asarray(labels)))
+        total += int(pred.shape[0])
+    if total == 0:
+        raise ValueError("evaluation data is empty")
+    return correct / total

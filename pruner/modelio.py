@@ -1,0 +1,182 @@
+"""Read models from local files and write TF Serving SavedModels.
+
+Reading (``load_model``):
+
+- ``.keras`` archives (Keras 3) and ``.h5`` files;
+- SavedModel directories written by tf.keras / Keras 2 (``keras_metadata.pb``
+  present): loaded with ``tf_keras`` and carried into Keras 3 through the
+  legacy HDF5 format both understand, so the weights are the same;
+- a Secateur output version (``<version>/assets.extra/secateur/model.keras``);
+- a SavedModel without Keras metadata raises :class:`UnsupportedModelError`
+  naming the missing file and what to provide instead.
+
+Writing (``export_serving``): a SavedModel whose ``serving_default`` signature
+has the same input and output keys, dtypes and shapes as the original model
+(Keras 3's plain ``export()`` would rename them ``keras_tensor``/``output_0``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+from secateur.pruner._keras import keras
+from secateur.pruner.errors import ModelLoadError, UnsupportedModelError
+
+SECATEUR_ASSETS = os.path.join("assets.extra", "secateur")
+ARCHIVE_NAME = "model.keras"
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """One signature entry: key, dtype name and shape (None for unknown)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class ServingSignature:
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+
+
+def load_model(path: str) -> Any:
+    """Load a Keras 3 model from a local file or directory.
+
+    Args:
+        path: a ``.keras``/``.h5`` file, a tf.keras SavedModel directory or a
+            Secateur output version directory.
+
+    Returns:
+        An uncompiled ``keras.Model``.
+
+    Raises:
+        ModelLoadError: the path is missing, unreadable or corrupt.
+        UnsupportedModelError: a SavedModel without Keras metadata.
+    """
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path must exist. Received: {path}")
+    if os.path.isdir(path):
+        return _load_directory(path)
+    lower = path.lower()
+    if lower.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ModelLoadError(
+            f"a .keras file must be a zip archive; this one is corrupt. Received: {path}"
+        )
+    if not lower.endswith((".keras", ".h5", ".hdf5")):
+        raise ModelLoadError(
+            f"model files must end in .keras, .h5 or be a SavedModel directory. Received: {path}"
+        )
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not read the model ({type(exc).__name__}: {exc}). Received: {path}"
+        ) from exc
+
+
+def _load_directory(path: str) -> Any:
+    ours = os.path.join(path, SECATEUR_ASSETS, ARCHIVE_NAME)
+    if os.path.exists(ours):
+        return load_model(ours)
+    if os.path.exists(os.path.join(path, "keras_metadata.pb")):
+        return _load_tf_keras_savedmodel(path)
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        raise UnsupportedModelError(
+            "this SavedModel has no keras_metadata.pb, so its layers cannot be recovered "
+            "(it was not written by tf.keras Model.save). Provide the model as a .keras or .h5 "
+            "file, or a SavedModel saved by tf.keras / Keras 2. "
+            f"Received: {path}"
+        )
+    raise ModelLoadError(
+        "a model directory must hold saved_model.pb with keras_metadata.pb, or a Secateur "
+        f"output ({SECATEUR_ASSETS}/{ARCHIVE_NAME}). Received: {path}"
+    )
+
+
+def _load_tf_keras_savedmodel(path: str) -> Any:
+    import tf_keras
+
+    try:
+        legacy = tf_keras.models.load_model(path, compile=False)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"tf_keras could not load the SavedModel ({type(exc).__name__}: {exc}). "
+            f"Received: {path}"
+        ) from exc
+    if not isinstance(legacy, tf_keras.Model) or not hasattr(legacy, "_nested_inputs"):
+        raise UnsupportedModelError(
+            "only functional or Sequential tf.keras models can be converted. "
+            f"Received: {type(legacy).__name__} from {path}"
+        )
+    with tempfile.TemporaryDirectory(prefix="secateur-h5-") as tmp:
+        h5 = os.path.join(tmp, "model.h5")
+        legacy.save(h5, save_format="h5")
+        return load_model(h5)
+
+
+def signature_of(model: Any) -> ServingSignature:
+    """The serving signature Secateur writes for ``model``.
+
+    Input keys are the model's input layer names, output keys its output
+    layer names: what tf.keras wrote for Keras 2 SavedModels, so a pruned
+    model is a drop-in replacement for clients of the original.
+    """
+    ins = tuple(
+        TensorSig(t._keras_history[0].name, str(t.dtype), tuple(t.shape)) for t in model.inputs
+    )
+    outs = tuple(
+        TensorSig(t._keras_history[0].name, str(t.dtype), tuple(t.shape)) for t in model.outputs
+    )
+    return ServingSignature(ins, outs)
+
+
+def export_serving(model: Any, out_dir: str) -> ServingSignature:
+    """Write ``model`` as a TF Serving SavedModel into ``out_dir``.
+
+    Args:
+        model: the Keras 3 model.
+        out_dir: a directory that must not exist yet (the version directory).
+
+    Returns:
+        The ``serving_default`` signature written.
+    """
+    import tensorflow as tf
+
+    sig = signature_of(model)
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in sig.inputs]
+    out_names = [t.name for t in sig.outputs]
+    single_input = len(specs) == 1
+
+    def serve(*args: Any) -> dict[str, Any]:
+        outputs = model(args[0] if single_input else list(args), training=False)
+        flat = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        return dict(zip(out_names, flat, strict=True))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve, input_signature=specs)
+    archive.write_out(out_dir, verbose=False)
+    return sig
+
+
+def read_serving_signature(saved_model_dir: str) -> ServingSignature:
+    """The ``serving_default`` signature of any SavedModel on disk."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(saved_model_dir)
+    fn = loaded.signatures["serving_default"]
+    _, kwargs = fn.structured_input_signature
+    ins = tuple(
+        TensorSig(k, v.dtype.name, tuple(v.shape.as_list())) for k, v in sorted(kwargs.items())
+    )
+    outs = tuple(
+        TensorSig(k, v.dtype.name, tuple(v.shape.as_list()))
+        for k, v in sorted(fn.structured_outputs.items())
+    )
+    return ServingSignature(ins, outs)

@@ -1,0 +1,1 @@
+"""Secateur service side: storage, the end-to-end pipeline, (later) gRPC."""

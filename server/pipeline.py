@@ -1,0 +1,461 @@
+"""The whole job, as one local run: fetch, prune, fine-tune, measure, publish.
+
+``PruneJob(request, storage).run()`` is what ``secateur prune`` runs in
+process and what a service worker runs inside a job. Stages, in order:
+FETCHING, ANALYZING, SCORING, REBUILDING, FINE_TUNING, EVALUATING, MEASURING,
+EXPORTING; each reports through ``on_event``. A sweep (several ratios) makes
+one candidate per ratio and publishes at most one.
+
+Nothing is written to OUTPUT_URI until every candidate is built, trained and
+measured; the version is assembled in a private work directory and published
+by :meth:`Storage.publish_dir` (temporary prefix, then the final name), so a
+failure or a cancellation leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from secateur.pruner.data import DataSpec
+from secateur.pruner.errors import CancelledError, DataError, InvalidSpecError
+from secateur.pruner.finetune import TrainConfig
+from secateur.pruner.measure import MeasureConfig
+from secateur.pruner.spec import PruneSpec
+from secateur.server.storage import Storage, StorageExistsError
+
+STAGES = (
+    "FETCHING",
+    "ANALYZING",
+    "SCORING",
+    "REBUILDING",
+    "FINE_TUNING",
+    "EVALUATING",
+    "MEASURING",
+    "EXPORTING",
+)
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Everything one pruning job needs.
+
+    Attributes:
+        ratios: a sweep; empty means the single ``spec.ratio``.
+        max_accuracy_drop: accuracy budget (absolute, 0.02 = 2 points) that
+            gates publication; needs ``eval_data``.
+        version: the TF Serving version to publish; None = next free one.
+    """
+
+    model_uri: str
+    output_uri: str
+    spec: PruneSpec = PruneSpec()
+    ratios: tuple[float, ...] = ()
+    train: TrainConfig = TrainConfig()
+    train_data: str | None = None
+    eval_data: str | None = None
+    data: DataSpec = DataSpec()
+    max_accuracy_drop: float | None = None
+    measure: MeasureConfig = MeasureConfig()
+    version: int | None = None
+
+    def __post_init__(self) -> None:
+        for r in self.ratios:
+            PruneSpec(**{**self.spec.to_dict(), "ratio": r})  # validates each ratio
+        if self.max_accuracy_drop is not None:
+            if not 0 <= self.max_accuracy_drop <= 1:
+                raise InvalidSpecError(
+                    "max_accuracy_drop must be in [0, 1] (0.02 = two points). "
+                    f"Received: max_accuracy_drop={self.max_accuracy_drop}",
+                    "max_accuracy_drop",
+                )
+            if not self.eval_data:
+                raise InvalidSpecError(
+                    "max_accuracy_drop needs eval_data to measure accuracy. Received: no eval_data",
+                    "eval_data",
+                )
+        if self.version is not None and self.version < 1:
+            raise InvalidSpecError(
+                f"version must be >= 1. Received: version={self.version}", "version"
+            )
+
+    @property
+    def sweep(self) -> tuple[float, ...]:
+        return tuple(sorted(set(self.ratios))) if self.ratios else (self.spec.ratio,)
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    stage: str
+    message: str = ""
+    progress: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class GateFailed(Exception):
+    """No candidate met the accuracy budget; the report explains."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        super().__init__(report.get("decision", "accuracy gate failed"))
+        self.report = report
+
+
+class PruneJob:
+    """One end-to-end pruning job (see module docstring)."""
+
+    def __init__(
+        self,
+        request: JobRequest,
+        storage: Storage,
+        on_event: Callable[[StageEvent], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        device: Any | None = None,
+    ) -> None:
+        self.req = request
+        self.storage = storage
+        self.on_event = on_event or (lambda _e: None)
+        self.should_cancel = should_cancel or (lambda: False)
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self._stage_start = 0.0
+        self._stage = ""
+
+    # -- plumbing ----------------------------------------------------------
+    def _enter(self, stage: str, message: str = "", progress: float = 0.0, **detail: Any) -> None:
+        if self.should_cancel():
+            raise CancelledError(f"job cancelled before {stage}")
+        now = time.perf_counter()
+        if self._stage and self._stage != stage:
+            self.timings[self._stage] = self.timings.get(self._stage, 0.0) + now - self._stage_start
+        if self._stage != stage:
+            self._stage, self._stage_start = stage, now
+        self.on_event(StageEvent(stage, message, progress, detail))
+
+    def _close_stage(self) -> None:
+        if self._stage:
+            self.timings[self._stage] = (
+                self.timings.get(self._stage, 0.0) + time.perf_counter() - self._stage_start
+            )
+            self._stage = ""
+
+    # -- the job -----------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run every stage; return the report (also published with the model).
+
+        Raises:
+            GateFailed: no candidate within ``max_accuracy_drop``.
+            CancelledError: ``should_cancel`` became true.
+            SecateurError / StorageError subclasses: bad input.
+        """
+        with tempfile.TemporaryDirectory(prefix="secateur-job-") as work:
+            return self._run(work)
+
+    def _run(self, work: str) -> dict[str, Any]:
+        req = self.req
+        self._enter("FETCHING", f"checking {req.output_uri}")
+        self._preflight()
+        model_path = self.storage.download(req.model_uri, os.path.join(work, "model"))
+        train_files = self._fetch_data(req.train_data, os.path.join(work, "train"))
+        eval_files = self._fetch_data(req.eval_data, os.path.join(work, "eval"))
+
+        self._enter("ANALYZING", "loading the model")
+        from secateur.pruner.finetune import select_device
+        from secateur.pruner.graph import analyze
+        from secateur.pruner.modelio import load_model
+
+        original = load_model(model_path)
+        graph = analyze(original)
+        device = self.device or select_device()
+        data = _Data(original, train_files, eval_files, req, device)
+
+        candidates = [
+            self._candidate(original, graph, r, data, device, i) for i, r in enumerate(req.sweep)
+        ]
+
+        self._enter("MEASURING", "original vs pruned, interleaved")
+        from secateur.pruner.measure import measure_models
+
+        variants = {"original": original} | {
+            f"ratio={c['ratio']}": c.pop("_model") for c in candidates
+        }
+        figures = measure_models(
+            variants, data.batch(), req.train, device, data.eval_ds, req.measure, self.should_cancel
+        )
+        report = self._report(figures, candidates, device)
+        chosen = _choose(report, req)
+        self._enter("EXPORTING", "writing the SavedModel")
+        if chosen is None:
+            self._close_stage()
+            report["timings_seconds"] = dict(self.timings)
+            if req.max_accuracy_drop is not None:
+                raise GateFailed(report)
+            return report
+        model = variants[f"ratio={chosen['ratio']}"]
+        report["output_uri"] = self._publish(work, model, report)
+        self._close_stage()
+        report["timings_seconds"] = dict(self.timings)
+        return report
+
+    def _preflight(self) -> None:
+        """Fail before any heavy work when input or output cannot be used."""
+        req = self.req
+        existing = self.storage.list_versions(req.output_uri)  # allow-list and reachability
+        if not self.storage.exists(req.model_uri):
+            from secateur.server.storage import StorageNotFoundError
+
+            raise StorageNotFoundError(
+                f"the model must exist. Received: {req.model_uri}", req.model_uri
+            )
+        if req.version is not None and req.version in existing:
+            raise StorageExistsError(
+                f"output version {req.version} already exists; versions are never overwritten. "
+                f"Received: {req.output_uri}",
+                req.output_uri,
+            )
+
+    def _fetch_data(self, pattern: str | None, dest: str) -> list[str]:
+        if not pattern:
+            return []
+        os.makedirs(dest, exist_ok=True)
+        files = []
+        for i, uri in enumerate(self.storage.glob(pattern)):
+            sub = os.path.join(dest, str(i))
+            files.append(self.storage.download(uri, sub))
+        return files
+
+    def _candidate(
+        self, original: Any, graph: Any, ratio: float, data: _Data, device: Any, i: int
+    ) -> dict[str, Any]:
+        from secateur.pruner.finetune import evaluate, finetune
+        from secateur.pruner.plan import make_plan
+        from secateur.pruner.surgery import apply_plan
+
+        n = len(self.req.sweep)
+        spec = PruneSpec(**{**self.req.spec.to_dict(), "ratio": ratio})
+        self._enter("SCORING", f"ratio {ratio}", i / n, ratio=ratio)
+        plan = make_plan(original, spec, graph=graph)
+        self._enter("REBUILDING", f"ratio {ratio}", i / n, ratio=ratio)
+        model = apply_plan(original, plan, reload_weights=spec.reload_weights, graph=graph)
+        history: dict[str, list[float]] = {}
+        if data.train_ds is not None and self.req.train.epochs > 0:
+            self._enter("FINE_TUNING", f"ratio {ratio}", i / n, ratio=ratio)
+
+            def progress(p: Any) -> None:
+                frac = (p.epoch - 1 + (p.step / p.steps if p.steps else 0)) / p.epochs
+                self.on_event(
+                    StageEvent(
+                        "FINE_TUNING",
+                        f"ratio {ratio}",
+                        (i + frac) / n,
+                        asdict(p) | {"ratio": ratio},
+                    )
+                )
+
+            model, history = finetune(
+                model, data.train_ds, self.req.train, device, progress, self.should_cancel
+            )
+        accuracy = None
+        if data.eval_ds is not None:
+            self._enter("EVALUATING", f"ratio {ratio}", i / n, ratio=ratio)
+            accuracy = evaluate(model, data.eval_ds)
+        return {
+            "ratio": ratio,
+            "plan": plan.to_dict(),
+            "history": history,
+            "accuracy": accuracy,
+            "_model": model,
+        }
+
+    def _report(
+        self, figures: dict[str, Any], candidates: list[dict[str, Any]], device: Any
+    ) -> dict[str, Any]:
+        req = self.req
+        original = figures["original"].to_dict()
+        for c in candidates:
+            c["figures"] = figures[f"ratio={c['ratio']}"].to_dict()
+            # Accuracy right after fine-tuning equals the measured one; keep both honest.
+            c["accuracy_drop"] = (
+                None
+                if original["accuracy"] is None or c["figures"]["accuracy"] is None
+                else original["accuracy"] - c["figures"]["accuracy"]
+            )
+        return {
+            "report_version": REPORT_VERSION,
+            "model_uri": req.model_uri,
+            "output_uri": None,
+            "spec": req.spec.to_dict(),
+            "ratios": list(req.sweep),
+            "max_accuracy_drop": req.max_accuracy_drop,
+            "train": asdict(req.train),
+            "train_data": req.train_data,
+            "eval_data": req.eval_data,
+            "device": {"kind": device.kind, "name": device.name, "count": device.count},
+            "original": original,
+            "candidates": candidates,
+        }
+
+    def _publish(self, work: str, model: Any, report: dict[str, Any]) -> str:
+        from secateur.pruner.modelio import ARCHIVE_NAME, SECATEUR_ASSETS, export_serving
+
+        version_dir = os.path.join(work, "version")
+        sig = export_serving(model, version_dir)
+        assets = os.path.join(version_dir, SECATEUR_ASSETS)
+        os.makedirs(assets, exist_ok=True)
+        model.save(os.path.join(assets, ARCHIVE_NAME))
+        report["signature"] = asdict(sig)
+        if len(report["candidates"]) > 1:
+            write_curves(report, os.path.join(assets, "curves"))
+        with open(os.path.join(assets, "report.json"), "w") as fh:
+            json.dump(report, fh, indent=2, default=str)
+        uri = self.storage.publish_dir(version_dir, self.req.output_uri, self.req.version)
+        shutil.rmtree(version_dir, ignore_errors=True)
+        return uri
+
+
+class _Data:
+    """Training/eval datasets, built once and checked against the model."""
+
+    def __init__(
+        self, model: Any, train: list[str], evalf: list[str], req: JobRequest, device: Any
+    ) -> None:
+        from secateur.pruner.data import make_dataset
+
+        shape = tuple(model.inputs[0].shape[1:])
+        self.classes = int(model.outputs[0].shape[-1])
+        self.shape = shape
+        self.batch_size = req.train.batch_size
+        if (train or evalf) and (len(model.inputs) != 1 or len(shape) != 3):
+            raise DataError(
+                "training data is image classification (one (H, W, C) input). "
+                f"Received: a model with inputs {[tuple(t.shape) for t in model.inputs]}"
+            )
+        build = lambda files, shuffle: (  # noqa: E731
+            make_dataset(
+                files, shape, self.batch_size, req.data, shuffle, req.spec.seed, self.classes
+            )
+            if files
+            else None
+        )
+        self.train_ds = build(train, True)
+        self.eval_ds = build(evalf, False)
+
+    def batch(self) -> tuple[Any, Any]:
+        """One full training batch for measurement (synthetic when no data)."""
+        import numpy as np
+
+        source = self.train_ds or self.eval_ds
+        if source is not None:
+            images, labels = next(iter(source.unbatch().repeat().batch(self.batch_size)))
+            return np.asarray(images), np.asarray(labels)
+        if any(d is None for d in self.shape):
+            raise DataError(f"measuring needs a fixed input shape or data. Received: {self.shape}")
+        rng = np.random.default_rng(0)
+        images = rng.uniform(0, 255, (self.batch_size, *self.shape)).astype("float32")
+        return images, rng.integers(0, self.classes, self.batch_size)
+
+
+def _choose(report: dict[str, Any], req: JobRequest) -> dict[str, Any] | None:
+    """The candidate to publish, and the decision written into the report."""
+    cands = report["candidates"]
+    if req.max_accuracy_drop is None:
+        if len(cands) == 1:
+            report["decision"] = "single ratio, no accuracy gate: published"
+            report["selected_ratio"] = cands[0]["ratio"]
+            return cands[0]
+        report["decision"] = "sweep without max_accuracy_drop: curves only, nothing published"
+        report["selected_ratio"] = None
+        return None
+    ok = [
+        c
+        for c in cands
+        if c["accuracy_drop"] is not None and c["accuracy_drop"] <= req.max_accuracy_drop
+    ]
+    if not ok:
+        report["decision"] = (
+            f"no candidate within max_accuracy_drop={req.max_accuracy_drop}; nothing published"
+        )
+        report["selected_ratio"] = None
+        return None
+    best = max(ok, key=lambda c: c["ratio"])
+    report["decision"] = (
+        f"ratio {best['ratio']} is the largest within max_accuracy_drop={req.max_accuracy_drop}"
+    )
+    report["selected_ratio"] = best["ratio"]
+    return best
+
+
+CURVE_COLUMNS = (
+    "ratio",
+    "accuracy",
+    "accuracy_drop",
+    "params",
+    "flops",
+    "peak_memory_bytes",
+    "train_step_seconds",
+    "train_step_p90_seconds",
+)
+
+
+def curve_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per ratio, the unpruned model first at ratio 0."""
+    o = report["original"]
+    rows = [
+        {"ratio": 0.0, "accuracy_drop": 0.0 if o["accuracy"] is not None else None}
+        | {k: o[k] for k in CURVE_COLUMNS if k in o}
+    ]
+    for c in report["candidates"]:
+        f = c["figures"]
+        rows.append(
+            {"ratio": c["ratio"], "accuracy_drop": c["accuracy_drop"]}
+            | {k: f[k] for k in CURVE_COLUMNS if k in f}
+        )
+    return rows
+
+
+def write_curves(report: dict[str, Any], stem: str) -> list[str]:
+    """Write ``stem.csv`` and ``stem.png`` (accuracy, memory, step time, params vs ratio)."""
+    rows = curve_rows(report)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CURVE_COLUMNS))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k) for k in CURVE_COLUMNS})
+    with open(stem + ".csv", "w") as fh:
+        fh.write(buf.getvalue())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    ratios = [r["ratio"] for r in rows]
+    panels = [
+        ("accuracy", "top-1 accuracy", 1.0),
+        ("peak_memory_bytes", "peak training memory (MiB)", 1 / 2**20),
+        ("train_step_seconds", "train step (ms)", 1000.0),
+        ("params", "parameters (M)", 1e-6),
+    ]
+    for ax, (key, label, scale) in zip(axes.ravel(), panels, strict=True):
+        ys = [r.get(key) for r in rows]
+        pts = [(x, y * scale) for x, y in zip(ratios, ys, strict=True) if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        ax.set_xlabel("pruned ratio of channels")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"Secateur sweep: {os.path.basename(report['model_uri'])} ({report['device']['kind']})"
+    )
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=100)
+    plt.close(fig)
+    return [stem + ".csv", stem + ".png"]
