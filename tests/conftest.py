@@ -12,11 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Peak-memory figures need the BFC CPU allocator, chosen when TF starts.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 
 def digits(side: int = 32) -> tuple[np.ndarray, np.ndarray]:

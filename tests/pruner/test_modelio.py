@@ -34,9 +34,9 @@ def _tf_keras_model():
 
 def test_loadModel_keras2SavedModel_sameOutputsInKeras3(tmp_path) -> None:
     legacy = _tf_keras_model()
-    legacy.layers[2].set_weights(
-        [np.random.default_rng(0).uniform(0.5, 1.5, w.shape) for w in legacy.layers[2].get_weights()]
-    )
+    rng = np.random.default_rng(0)
+    bn = legacy.layers[2]
+    bn.set_weights([rng.uniform(0.5, 1.5, w.shape) for w in bn.get_weights()])
     path = str(tmp_path / "k2")
     legacy.save(path, save_format="tf")
     assert os.path.exists(os.path.join(path, "keras_metadata.pb"))
@@ -124,5 +124,5 @@ def test_loadModel_badFiles_raiseModelLoadError(tmp_path, name, content, match) 
 def test_loadModel_missingPathOrEmptyDir(tmp_path) -> None:
     with pytest.raises(ModelLoadError, match="must exist"):
         load_model(str(tmp_path / "nope.keras"))
-    with pytest.raises(ModelLoadError, match="saved_model.pb"):
+    with pytest.raises(ModelLoadError, match=r"saved_model\.pb"):
         load_model(str(tmp_path))
