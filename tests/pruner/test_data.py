@@ -39,7 +39,7 @@ def test_makeDataset_jpegKeysScaleAndResize(tmp_path) -> None:
 
 
 def test_makeDataset_shuffledTrainingIsAPermutation(tmp_path) -> None:
-    images, labels = _images(12)
+    images, _ = _images(12)
     paths = [str(tmp_path / f"s{i}.tfrecord") for i in range(2)]
     write_examples(paths[0], images[:6], np.arange(6))
     write_examples(paths[1], images[6:], np.arange(6, 12))

@@ -48,7 +48,7 @@ def test_measureModels_prunedIsSmallerOnEveryStaticFigure_andSaysHow() -> None:
 
 
 def test_measureModels_withoutAllocatorStats_saysHowToGetThem(monkeypatch) -> None:
-    model, pruned, batch = _pair()
+    _, pruned, batch = _pair()
     monkeypatch.setattr(measure_mod, "memory_stats_available", lambda device="CPU:0": False)
     figs = measure_models(
         {"p": pruned}, batch, TrainConfig(batch_size=16), select_device(), None, QUICK

@@ -61,7 +61,7 @@ def test_job_publishesServingVersionWithArchiveAndReport(digits_data, tmp_path) 
         assert pruned[key] < original[key], key
     assert original["accuracy"] == pytest.approx(digits_data.eval_accuracy, abs=1e-3)
     assert 0 <= pruned["accuracy"] <= 1
-    assert [e.stage for e in events if e.stage in STAGES][0] == "FETCHING"
+    assert events[0].stage == "FETCHING"
     assert {e.stage for e in events} == set(STAGES)
     # The published model serves with the original's keys and can be pruned again.
     original_model = load_model(digits_data.model_path)
@@ -178,7 +178,7 @@ def test_jobRequest_validation() -> None:
 
     with pytest.raises(InvalidSpecError, match="eval_data"):
         JobRequest("m.keras", "out", max_accuracy_drop=0.1)
-    with pytest.raises(InvalidSpecError, match="ratio=1.5"):
+    with pytest.raises(InvalidSpecError, match=r"ratio=1\.5"):
         JobRequest("m.keras", "out", ratios=(0.1, 1.5))
 
 
