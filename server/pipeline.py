@@ -192,6 +192,11 @@ class PruneJob:
         )
         report = self._report(figures, candidates, device)
         chosen = _choose(report, req)
+        # The headline pair: the published candidate, or the only one (so a
+        # failed gate still shows what was measured).
+        shown = chosen or (candidates[0] if len(candidates) == 1 else None)
+        report["pruned"] = shown["figures"] if shown else None
+        report["plan"] = shown["plan"] if shown else None
         self._enter("EXPORTING", "writing the SavedModel")
         if chosen is None:
             self._close_stage()
