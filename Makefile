@@ -1,11 +1,11 @@
 # Everything runs from a virtual environment the first target creates.
-# `make bench` runs the main job, `make test` runs the test suite.
+# `make run` runs the main job, `make test` runs the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test test-slow lint clean
+.PHONY: run bench bench-measure test test-slow lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## The main job: time planning and applying a prune on five keras.applications models.
+## The main job on the embedded default: train VGG-16-BN on bundled digits, prune
+## a sweep, fine-tune, measure original vs pruned, publish a TF Serving version.
+run: $(STAMP)
+	$(VENV)/bin/secateur demo
+
+## Time to plan and apply a prune on five keras.applications models.
 bench: $(STAMP)
 	$(PY) benchmarks/prune_speed.py
+
+## The study's VGG-16-BN: train step time and peak memory vs pruned ratio.
+bench-measure: $(STAMP)
+	$(PY) benchmarks/measure.py
 
 ## Lint, type-check, then the default test suite (slow tests excluded).
 test: lint

@@ -115,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=_positive, default=2, help="interleaved rounds")
     p.add_argument("--latency-runs", type=_positive, default=20, help="inference runs")
     p.add_argument("--xla", action="store_true", help="jit_compile the steps (off: slower here)")
+    p.add_argument(
+        "--round-to", type=_positive, default=1, help="kept widths multiple of this (study: 1)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     return p.parse_args(argv)
 
@@ -127,7 +130,7 @@ def _conv_widths(model: Any) -> list[int]:
     return [int(layer.filters) for layer in model.layers if hasattr(layer, "filters")]
 
 
-def build_variants(shape: Shape, ratios: list[float]) -> dict[float, Any]:
+def build_variants(shape: Shape, ratios: list[float], round_to: int = 1) -> dict[float, Any]:
     """Ratio -> model: the unpruned VGG-16-BN at 0, layerwise prunes of it otherwise."""
     from secateur.pruner import PruneSpec, prune
     from secateur.pruner.models import vgg16_bn
@@ -135,7 +138,7 @@ def build_variants(shape: Shape, ratios: list[float]) -> dict[float, Any]:
     original = vgg16_bn(input_shape=shape.input_shape, classes=shape.classes)
     models = {}
     for r in ratios:
-        spec = PruneSpec(ratio=r, criterion="bn_scale", scope="layerwise", round_to=1)
+        spec = PruneSpec(ratio=r, criterion="bn_scale", scope="layerwise", round_to=round_to)
         models[r] = original if r == 0 else prune(original, spec).model
     return models
 
@@ -153,7 +156,7 @@ def measure_shape(shape: Shape, batch: int, args: argparse.Namespace) -> dict[fl
     from secateur.pruner.measure import MeasureConfig, measure_models
 
     start = time.perf_counter()
-    models = build_variants(shape, args.ratios)
+    models = build_variants(shape, args.ratios, args.round_to)
     _log(f"[{shape.name}] built {len(models)} variants in {time.perf_counter() - start:.1f} s")
     config = TrainConfig(batch_size=batch, jit_compile=bool(args.xla))
     mconf = MeasureConfig(args.warmup, args.steps, args.rounds, args.latency_runs)
@@ -228,14 +231,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def header(shape: Shape, figs: dict[float, Figures]) -> str:
+def header(shape: Shape, figs: dict[float, Figures], round_to: int = 1) -> str:
     how = figs[0.0].how
     h, w, c = shape.input_shape
     return (
         f"== {shape.name} {h}x{w}x{c}, {shape.classes} classes | device {how['device']} | "
         f"batch {how['batch_size']} | steps {how['steps']} per variant | "
         f"warm-up {how['warmup_steps']} | rounds {how['rounds_interleaved']} | "
-        f"xla {'on' if how['xla'] else 'off'}\n   memory: {how['memory']}"
+        f"xla {'on' if how['xla'] else 'off'} | round_to {round_to}\n   memory: {how['memory']}"
     )
 
 
@@ -285,10 +288,10 @@ LAYOUT_NOTE = (
 )
 
 
-def report(shape: Shape, figs: dict[float, Figures]) -> dict[str, Any]:
+def report(shape: Shape, figs: dict[float, Figures], round_to: int = 1) -> dict[str, Any]:
     rows = table_rows(figs)
     checks = target_checks(rows)
-    print(header(shape, figs))
+    print(header(shape, figs, round_to))
     print(format_table(rows))
     for name, verdict, detail in checks:
         print(f"{verdict:4} {name}: {detail}")
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for shape in args.shapes:
         figs = measure_shape(shape, batches[shape.name], args)
-        results.append(report(shape, figs))
+        results.append(report(shape, figs, args.round_to))
         print()
         del figs
         _release()

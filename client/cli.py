@@ -283,6 +283,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tempfile
+
+    from secateur.server.demo import DemoConfig, run_demo
+    from secateur.server.pipeline import GateFailed
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="secateur-demo-")
+    cfg = DemoConfig(workdir=workdir, ratios=args.ratios, finetune_epochs=args.epochs)
+    bar = ProgressBar()
+    code = EXIT_OK
+    try:
+        report = run_demo(cfg, on_event=bar, log=lambda m: print(m, file=sys.stderr))
+    except GateFailed as gate:
+        report, code = gate.report, EXIT_GATE
+    bar.close()
+    print(format_table(report))
+    print(f"work directory: {workdir}")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secateur",
@@ -303,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="only read/write under these prefixes (repeatable; default: anywhere)",
     )
     p.set_defaults(func=cmd_prune)
+    d = sub.add_parser(
+        "demo", help="the embedded default: train VGG-16-BN on bundled digits, then prune it"
+    )
+    d.add_argument("--workdir", help="where data, model and output go (default: a temp dir)")
+    d.add_argument("--ratios", type=_ratios, default=(0.3, 0.5, 0.7))
+    d.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per candidate")
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -21,12 +21,9 @@ import pytest
 
 def digits(side: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits as (N, side, side, 3) floats in [0, 255] and labels."""
-    from sklearn.datasets import load_digits
+    from secateur.server.demo import digits_images
 
-    d = load_digits()
-    rep = side // 8
-    images = np.repeat(np.repeat(d.images / 16.0 * 255.0, rep, 1), rep, 2)
-    return images[..., None].repeat(3, -1).astype("float32"), d.target.astype("int64")
+    return digits_images(side)
 
 
 @dataclass(frozen=True)

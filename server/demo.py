@@ -1,0 +1,107 @@
+"""The embedded default job: no cloud account, no download.
+
+Trains the study's VGG-16-BN (narrowed) on scikit-learn's bundled digits
+(8x8 images upscaled to 32x32x3), writes the data as TFRecords, then runs
+the same :class:`PruneJob` that ``secateur prune`` runs: a sweep over pruned
+ratios with fine-tuning, measurement and publication of the largest ratio
+within the accuracy budget.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from secateur.pruner.data import write_examples
+from secateur.pruner.finetune import TrainConfig
+from secateur.pruner.measure import MeasureConfig
+from secateur.pruner.spec import PruneSpec
+from secateur.server.pipeline import JobRequest, PruneJob, StageEvent
+from secateur.server.storage import Storage
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    workdir: str
+    ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
+    width: float = 0.25
+    pretrain_epochs: int = 6
+    finetune_epochs: int = 2
+    max_accuracy_drop: float = 0.02
+    batch_size: int = 64
+
+
+def digits_images(side: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (N, side, side, 3) float32 in [0, 255], int64 labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rep = side // 8
+    images = np.repeat(np.repeat(d.images / 16.0 * 255.0, rep, 1), rep, 2)
+    return images[..., None].repeat(3, -1).astype("float32"), d.target.astype("int64")
+
+
+def prepare(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[str, str, str]:
+    """Write train/eval TFRecords and a trained model; return their paths."""
+    from secateur.pruner._keras import keras
+    from secateur.pruner.models import vgg16_bn
+
+    os.makedirs(cfg.workdir, exist_ok=True)
+    images, labels = digits_images()
+    order = np.random.default_rng(0).permutation(len(labels))
+    images, labels = images[order], labels[order]
+    split = int(0.8 * len(labels))
+    train, evalf = (
+        os.path.join(cfg.workdir, "train.tfrecord"),
+        os.path.join(cfg.workdir, "eval.tfrecord"),
+    )
+    write_examples(train, images[:split], labels[:split])
+    write_examples(evalf, images[split:], labels[split:])
+    keras.utils.set_random_seed(0)
+    model = vgg16_bn((32, 32, 3), 10, width=cfg.width, dense=128, name="digits_vgg16_bn")
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    log(
+        f"training {model.name} ({model.count_params():,} params) on digits, "
+        f"{cfg.pretrain_epochs} epochs"
+    )
+    model.fit(
+        images[:split],
+        labels[:split],
+        epochs=cfg.pretrain_epochs,
+        batch_size=cfg.batch_size,
+        verbose=0,
+    )
+    _, acc = model.evaluate(images[split:], labels[split:], verbose=0)
+    log(f"original accuracy on held-out digits: {acc:.4f}")
+    path = os.path.join(cfg.workdir, "digits_vgg16_bn.keras")
+    model.save(path)
+    return path, train, evalf
+
+
+def run_demo(
+    cfg: DemoConfig,
+    on_event: Callable[[StageEvent], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Prepare the embedded default and run the sweep job on it."""
+    model_path, train, evalf = prepare(cfg, log)
+    request = JobRequest(
+        model_uri=model_path,
+        output_uri=os.path.join(cfg.workdir, "served"),
+        spec=PruneSpec(criterion="bn_scale", scope="global"),
+        ratios=cfg.ratios,
+        train=TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size),
+        train_data=train,
+        eval_data=evalf,
+        max_accuracy_drop=cfg.max_accuracy_drop,
+        measure=MeasureConfig(steps=5, rounds=2, warmup_steps=2, latency_runs=5),
+    )
+    return PruneJob(request, Storage([cfg.workdir]), on_event).run()
