@@ -1,0 +1,301 @@
+import datetime
+
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Criterion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CRITERION_UNSPECIFIED: _ClassVar[Criterion]
+    BN_SCALE: _ClassVar[Criterion]
+    L1: _ClassVar[Criterion]
+    L2: _ClassVar[Criterion]
+    RANDOM: _ClassVar[Criterion]
+
+class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCOPE_UNSPECIFIED: _ClassVar[Scope]
+    GLOBAL: _ClassVar[Scope]
+    LAYERWISE: _ClassVar[Scope]
+CRITERION_UNSPECIFIED: Criterion
+BN_SCALE: Criterion
+L1: Criterion
+L2: Criterion
+RANDOM: Criterion
+SCOPE_UNSPECIFIED: Scope
+GLOBAL: Scope
+LAYERWISE: Scope
+
+class PruningSpec(_message.Message):
+    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "min_channels", "exclude", "no_reload", "seed")
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    RATIOS_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TO_FIELD_NUMBER: _ClassVar[int]
+    MIN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    NO_RELOAD_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ratio: float
+    ratios: _containers.RepeatedScalarFieldContainer[float]
+    criterion: Criterion
+    scope: Scope
+    round_to: int
+    min_channels: int
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    no_reload: bool
+    seed: int
+    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., no_reload: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class TrainingSpec(_message.Message):
+    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_DATA_FIELD_NUMBER: _ClassVar[int]
+    EVAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_KEY_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    train_data: str
+    eval_data: str
+    image_key: str
+    label_key: str
+    resize: bool
+    measure_steps: int
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version")
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_URI_FIELD_NUMBER: _ClassVar[int]
+    PRUNING_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_uri: str
+    output_uri: str
+    pruning: PruningSpec
+    training: TrainingSpec
+    max_accuracy_drop: float
+    version: int
+    def __init__(self, model_uri: _Optional[str] = ..., output_uri: _Optional[str] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., max_accuracy_drop: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("name", "spec", "state", "stage", "progress", "message", "error", "result", "create_time", "start_time", "end_time", "update_time", "request_id", "attempts")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Job.State]
+        QUEUED: _ClassVar[Job.State]
+        RUNNING: _ClassVar[Job.State]
+        SUCCEEDED: _ClassVar[Job.State]
+        FAILED: _ClassVar[Job.State]
+        CANCELLED: _ClassVar[Job.State]
+    STATE_UNSPECIFIED: Job.State
+    QUEUED: Job.State
+    RUNNING: Job.State
+    SUCCEEDED: Job.State
+    FAILED: Job.State
+    CANCELLED: Job.State
+    class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STAGE_UNSPECIFIED: _ClassVar[Job.Stage]
+        FETCHING: _ClassVar[Job.Stage]
+        ANALYZING: _ClassVar[Job.Stage]
+        SCORING: _ClassVar[Job.Stage]
+        REBUILDING: _ClassVar[Job.Stage]
+        FINE_TUNING: _ClassVar[Job.Stage]
+        EVALUATING: _ClassVar[Job.Stage]
+        MEASURING: _ClassVar[Job.Stage]
+        EXPORTING: _ClassVar[Job.Stage]
+    STAGE_UNSPECIFIED: Job.Stage
+    FETCHING: Job.Stage
+    ANALYZING: Job.Stage
+    SCORING: Job.Stage
+    REBUILDING: Job.Stage
+    FINE_TUNING: Job.Stage
+    EVALUATING: Job.Stage
+    MEASURING: Job.Stage
+    EXPORTING: Job.Stage
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: JobSpec
+    state: Job.State
+    stage: Job.Stage
+    progress: float
+    message: str
+    error: _status_pb2.Status
+    result: JobResult
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    request_id: str
+    attempts: int
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., stage: _Optional[_Union[Job.Stage, str]] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
+
+class Metrics(_message.Message):
+    __slots__ = ("params", "weight_bytes", "flops", "peak_memory_bytes", "train_step_seconds", "train_step_p90_seconds", "latency_batch1_seconds", "latency_batch_seconds", "accuracy", "how")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_STEP_P90_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BATCH1_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BATCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    HOW_FIELD_NUMBER: _ClassVar[int]
+    params: int
+    weight_bytes: int
+    flops: int
+    peak_memory_bytes: int
+    train_step_seconds: float
+    train_step_p90_seconds: float
+    latency_batch1_seconds: float
+    latency_batch_seconds: float
+    accuracy: float
+    how: _struct_pb2.Struct
+    def __init__(self, params: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., train_step_seconds: _Optional[float] = ..., train_step_p90_seconds: _Optional[float] = ..., latency_batch1_seconds: _Optional[float] = ..., latency_batch_seconds: _Optional[float] = ..., accuracy: _Optional[float] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("ratio", "metrics", "accuracy_drop", "plan")
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ratio: float
+    metrics: Metrics
+    accuracy_drop: float
+    plan: _struct_pb2.Struct
+    def __init__(self, ratio: _Optional[float] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., accuracy_drop: _Optional[float] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class JobResult(_message.Message):
+    __slots__ = ("output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision")
+    OUTPUT_URI_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_RATIO_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    output_uri: str
+    original: Metrics
+    pruned: Metrics
+    plan: _struct_pb2.Struct
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    selected_ratio: float
+    decision: str
+    def __init__(self, output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
+
+class CreateJobRequest(_message.Message):
+    __slots__ = ("spec", "request_id", "validate_only")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    request_id: str
+    validate_only: bool
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "state")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    state: Job.State
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class PlanPruningRequest(_message.Message):
+    __slots__ = ("model_uri", "pruning")
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    PRUNING_FIELD_NUMBER: _ClassVar[int]
+    model_uri: str
+    pruning: PruningSpec
+    def __init__(self, model_uri: _Optional[str] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ...) -> None: ...
+
+class ChannelGroup(_message.Message):
+    __slots__ = ("id", "origins", "size_before", "size_after", "criterion", "frozen_reasons")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_REASONS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    origins: _containers.RepeatedScalarFieldContainer[str]
+    size_before: int
+    size_after: int
+    criterion: str
+    frozen_reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[int] = ..., origins: _Optional[_Iterable[str]] = ..., size_before: _Optional[int] = ..., size_after: _Optional[int] = ..., criterion: _Optional[str] = ..., frozen_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PlanPruningResponse(_message.Message):
+    __slots__ = ("plan", "groups", "params_before", "params_after", "flops_before", "flops_after")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    plan: _struct_pb2.Struct
+    groups: _containers.RepeatedCompositeFieldContainer[ChannelGroup]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    def __init__(self, plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[ChannelGroup, _Mapping]]] = ..., params_before: _Optional[int] = ..., params_after: _Optional[int] = ..., flops_before: _Optional[int] = ..., flops_after: _Optional[int] = ...) -> None: ...
