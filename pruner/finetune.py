@@ -14,45 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from secateur.pruner._keras import keras
-from secateur.pruner.errors import CancelledError, InvalidSpecError
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Fine-tuning hyper-parameters (the study's defaults).
-
-    Raises:
-        InvalidSpecError: a non-positive epoch count, batch or learning rate.
-    """
-
-    epochs: int = 1
-    batch_size: int = 128
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    jit_compile: bool | str = "auto"
-    steps_per_epoch: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (0 if name == "epochs" else 1)
-            ):
-                raise InvalidSpecError(
-                    f"{name} must be a positive integer. Received: {name}={value!r}", name
-                )
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise InvalidSpecError(
-                f"learning_rate must be > 0. Received: learning_rate={self.learning_rate!r}",
-                "learning_rate",
-            )
-        if self.jit_compile not in (True, False, "auto"):
-            raise InvalidSpecError(
-                f"jit_compile must be true, false or 'auto'. Received: {self.jit_compile!r}",
-                "jit_compile",
-            )
+from secateur.pruner.config import TrainConfig
+from secateur.pruner.errors import CancelledError
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.errors import CancelledError
-from secateur.pruner.finetune import Device, TrainConfig, compile_for_training, evaluate
+from secateur.pruner.finetune import Device, compile_for_training, evaluate
 from secateur.pruner.graph import analyze
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    warmup_steps: int = 3
-    steps: int = 10
-    rounds: int = 2
-    latency_runs: int = 20
 
 
 @dataclass

@@ -25,10 +25,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.data import DataSpec
 from secateur.pruner.errors import CancelledError, DataError, InvalidSpecError
-from secateur.pruner.finetune import TrainConfig
-from secateur.pruner.measure import MeasureConfig
 from secateur.pruner.spec import PruneSpec
 from secateur.server.storage import Storage, StorageExistsError
 
