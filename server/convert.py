@@ -1,0 +1,186 @@
+"""Messages <-> domain objects. No TensorFlow: the service validates with these.
+
+Field violations name proto paths (``spec.pruning.ratio``) so a client can
+point at what it sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from secateur.pruner.config import MeasureConfig, TrainConfig
+from secateur.pruner.data import DataSpec
+from secateur.pruner.errors import InvalidSpecError
+from secateur.pruner.spec import PruneSpec
+from secateur.server.errors import ServiceError
+from secateur.server.pipeline import JobRequest
+from secateur.v1 import pruning_pb2 as pb
+
+CRITERIA = {
+    pb.CRITERION_UNSPECIFIED: "bn_scale",
+    pb.BN_SCALE: "bn_scale",
+    pb.L1: "l1",
+    pb.L2: "l2",
+    pb.RANDOM: "random",
+}
+SCOPES = {pb.SCOPE_UNSPECIFIED: "global", pb.GLOBAL: "global", pb.LAYERWISE: "layerwise"}
+_FIELD_PATHS = {
+    "ratio": "spec.pruning.ratio",
+    "criterion": "spec.pruning.criterion",
+    "scope": "spec.pruning.scope",
+    "round_to": "spec.pruning.round_to",
+    "min_channels": "spec.pruning.min_channels",
+    "exclude": "spec.pruning.exclude",
+    "seed": "spec.pruning.seed",
+    "epochs": "spec.training.epochs",
+    "batch_size": "spec.training.batch_size",
+    "learning_rate": "spec.training.learning_rate",
+    "steps": "spec.training.measure_steps",
+    "eval_data": "spec.training.eval_data",
+    "max_accuracy_drop": "spec.max_accuracy_drop",
+    "version": "spec.version",
+}
+
+
+def invalid(field: str, message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, [(field, message)])
+
+
+def prune_spec(p: pb.PruningSpec, ratio: float | None = None) -> PruneSpec:
+    if p.criterion not in CRITERIA:
+        raise InvalidSpecError(f"unknown criterion enum. Received: {p.criterion}", "criterion")
+    if p.scope not in SCOPES:
+        raise InvalidSpecError(f"unknown scope enum. Received: {p.scope}", "scope")
+    return PruneSpec(
+        ratio=p.ratio if ratio is None else ratio,
+        criterion=CRITERIA[p.criterion],
+        scope=SCOPES[p.scope],
+        round_to=p.round_to or 1,
+        min_channels=p.min_channels or 1,
+        exclude=tuple(p.exclude),
+        reload_weights=not p.no_reload,
+        seed=int(p.seed),
+    )
+
+
+def job_request(spec: pb.JobSpec) -> JobRequest:
+    """Validate a JobSpec into the pipeline's request.
+
+    Raises:
+        ServiceError: INVALID_ARGUMENT with the offending field's path.
+    """
+    for name in ("model_uri", "output_uri"):
+        if not getattr(spec, name).strip():
+            raise invalid(f"spec.{name}", f"{name} is required. Received: an empty string")
+    t = spec.training
+    try:
+        return JobRequest(
+            model_uri=spec.model_uri,
+            output_uri=spec.output_uri,
+            spec=prune_spec(spec.pruning),
+            ratios=tuple(spec.pruning.ratios),
+            train=TrainConfig(
+                epochs=t.epochs,
+                batch_size=t.batch_size or 128,
+                learning_rate=t.learning_rate or 0.01,
+            ),
+            train_data=t.train_data or None,
+            eval_data=t.eval_data or None,
+            data=DataSpec(
+                image_key=t.image_key or "image", label_key=t.label_key or "label", resize=t.resize
+            ),
+            max_accuracy_drop=spec.max_accuracy_drop
+            if spec.HasField("max_accuracy_drop")
+            else None,
+            measure=MeasureConfig(steps=t.measure_steps) if t.measure_steps else MeasureConfig(),
+            version=spec.version or None,
+        )
+    except InvalidSpecError as exc:
+        raise invalid(_FIELD_PATHS.get(exc.field, f"spec.{exc.field}"), str(exc)) from exc
+
+
+def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    # JSON round trip turns tuples, numpy scalars and None into Struct values.
+    out.update(json.loads(json.dumps(data, default=_jsonable)))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+_METRIC_FIELDS = (
+    "params",
+    "weight_bytes",
+    "flops",
+    "peak_memory_bytes",
+    "train_step_seconds",
+    "train_step_p90_seconds",
+    "latency_batch1_seconds",
+    "latency_batch_seconds",
+    "accuracy",
+)
+
+
+def metrics(figures: Mapping[str, Any] | None) -> pb.Metrics | None:
+    if not figures:
+        return None
+    m = pb.Metrics(**{k: figures[k] for k in _METRIC_FIELDS if figures.get(k) is not None})
+    m.how.CopyFrom(to_struct(figures.get("how") or {}))
+    return m
+
+
+def job_result(report: Mapping[str, Any]) -> pb.JobResult:
+    """The JobResult message of a pipeline report."""
+    result = pb.JobResult(
+        output_uri=report.get("output_uri") or "", decision=report.get("decision") or ""
+    )
+    for key in ("original", "pruned"):
+        m = metrics(report.get(key))
+        if m is not None:
+            getattr(result, key).CopyFrom(m)
+    if report.get("plan"):
+        result.plan.CopyFrom(to_struct(report["plan"]))
+    if report.get("selected_ratio") is not None:
+        result.selected_ratio = float(report["selected_ratio"])
+    for c in report.get("candidates", []):
+        cand = result.candidates.add(ratio=c["ratio"])
+        m = metrics(c.get("figures"))
+        if m is not None:
+            cand.metrics.CopyFrom(m)
+        if c.get("accuracy_drop") is not None:
+            cand.accuracy_drop = float(c["accuracy_drop"])
+        cand.plan.CopyFrom(to_struct(c.get("plan") or {}))
+    return result
+
+
+def plan_response(plan: Mapping[str, Any]) -> pb.PlanPruningResponse:
+    resp = pb.PlanPruningResponse(
+        params_before=plan["params_before"],
+        params_after=plan["params_after"],
+        flops_before=plan["flops_before"],
+        flops_after=plan["flops_after"],
+    )
+    resp.plan.CopyFrom(to_struct(plan))
+    for g in plan["groups"]:
+        resp.groups.add(
+            id=g["id"],
+            origins=g["origins"],
+            size_before=g["size_before"],
+            size_after=g["size_after"],
+            criterion=g.get("criterion") or "",
+            frozen_reasons=g.get("frozen") or [],
+        )
+    return resp
+
+
+def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(s)

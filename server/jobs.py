@@ -1,0 +1,475 @@
+"""The domain layer of the service: durable jobs run in worker subprocesses.
+
+``JobManager`` owns the store, the queue and the workers. The servicer only
+converts messages and calls it. Guarantees:
+
+- a job is stored before CreateJob returns; the same ``request_id`` returns
+  the same job;
+- at most ``max_concurrent`` workers run; beyond ``max_queued`` waiting jobs
+  CreateJob answers RESOURCE_EXHAUSTED;
+- on start, jobs left RUNNING by a dead server are started again (their
+  ``attempts`` grows) or, after ``max_attempts``, failed with the reason;
+  QUEUED jobs are queued again — a restart never loses or strands a job;
+- CancelJob stops a worker with SIGTERM (SIGKILL after a grace period);
+  publication is the last step of a job and atomic, so a cancelled job
+  leaves no output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from secateur.server import convert
+from secateur.server.errors import ServiceError, to_status_proto
+from secateur.server.storage import Storage
+from secateur.v1 import pruning_pb2 as pb
+
+log = logging.getLogger("secateur.server")
+Job = pb.Job
+TERMINAL = {Job.SUCCEEDED, Job.FAILED, Job.CANCELLED}
+STAGE_NAMES = frozenset(Job.Stage.keys())
+OUTCOMES = {Job.SUCCEEDED: "succeeded", Job.FAILED: "failed", Job.CANCELLED: "cancelled"}
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    state_dir: str
+    allowed_prefixes: tuple[str, ...] | None = None
+    max_concurrent: int = 1
+    max_queued: int = 100
+    max_attempts: int = 3
+    cancel_grace_s: float = 10.0
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def job_id(name: str) -> str:
+    if not name.startswith("jobs/") or not name[5:] or "/" in name[5:]:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"a job name has the form jobs/{{id}}. Received: {name!r}",
+            [("name", "must be jobs/{id}")],
+        )
+    return name[5:]
+
+
+class JobManager:
+    """Queue, run, watch and cancel jobs (see module docstring)."""
+
+    def __init__(self, config: ManagerConfig, store: Any, metrics: Any = None) -> None:
+        self.cfg = config
+        self.store = store
+        self.metrics = metrics
+        self.storage = Storage(list(config.allowed_prefixes) if config.allowed_prefixes else None)
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._cancel_requested: set[str] = set()
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._running = 0
+        self._closing = False
+        self._killers: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        for job in self.store.all():
+            jid = job.name[5:]
+            if job.state == Job.RUNNING:
+                self._recover(jid, job)
+            if self.store.get(jid).state == Job.QUEUED:
+                self._queue.put_nowait(jid)
+        self._tasks = [asyncio.create_task(self._runner()) for _ in range(self.cfg.max_concurrent)]
+        self._publish_queue_metrics()
+
+    def _recover(self, jid: str, job: Job) -> None:
+        job = Job.FromString(job.SerializeToString())
+        if job.attempts >= self.cfg.max_attempts:
+            job.state = Job.FAILED
+            job.end_time.CopyFrom(_now())
+            err = ServiceError(
+                grpc.StatusCode.ABORTED,
+                f"the server stopped {job.attempts} times while this job was running; giving up",
+            )
+            job.error.CopyFrom(to_status_proto(err))
+            job.message = err.message
+        else:
+            job.state = Job.QUEUED
+            job.stage = Job.STAGE_UNSPECIFIED
+            job.progress = 0.0
+            job.message = "the server restarted during this job; it will run again"
+        job.update_time.CopyFrom(_now())
+        self.store.save(jid, job)
+
+    async def shutdown(self) -> None:
+        """Stop workers; their jobs stay RUNNING in the store and resume on restart."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for proc in list(self._procs.values()):
+            if proc.returncode is None:
+                proc.kill()
+        for proc in list(self._procs.values()):
+            await proc.wait()
+
+    # -- queries -------------------------------------------------------------
+    def get(self, name: str) -> Job:
+        job = self.store.get(job_id(name))
+        if job is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no such job. Received: {name}")
+        return job
+
+    def list(self, state: int, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        if page_size < 0:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"page_size must be >= 0. Received: {page_size}",
+                [("page_size", "must be >= 0")],
+            )
+        try:
+            offset = (
+                int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else 0
+            )
+        except ValueError:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"page_token must come from a previous ListJobs. Received: {page_token!r}",
+                [("page_token", "not a token this server issued")],
+            ) from None
+        jobs, nxt = self.store.page(state, offset, min(page_size or 50, 1000))
+        token = base64.urlsafe_b64encode(str(nxt).encode()).decode() if nxt is not None else ""
+        return jobs, token
+
+    async def watch(self, name: str) -> AsyncIterator[Job]:
+        job = self.get(name)
+        jid = job.name[5:]
+        yield job
+        last = job
+        while last.state not in TERMINAL:
+            async with self._changed:
+                await self._changed.wait_for(_changed_from(self.store, jid, last))
+            last = self.store.get(jid)
+            yield last
+
+    # -- commands ----------------------------------------------------------
+    async def create(self, spec: pb.JobSpec, request_id: str, validate_only: bool) -> Job:
+        if request_id:
+            existing = self.store.by_request_id(request_id)
+            if existing is not None:
+                return existing
+        convert.job_request(spec)  # INVALID_ARGUMENT with field violations
+        await asyncio.to_thread(self._check_uris, spec)
+        if validate_only:
+            await self.plan(spec.model_uri, spec.pruning)  # model readable and supported
+            return Job(spec=spec, state=Job.STATE_UNSPECIFIED, request_id=request_id)
+        if self._queue.qsize() >= self.cfg.max_queued:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the queue is full ({self.cfg.max_queued} jobs waiting); retry later",
+            )
+        if request_id and self.store.by_request_id(request_id) is not None:
+            return self.store.by_request_id(request_id)  # a concurrent twin won the race
+        jid = uuid.uuid4().hex[:16]
+        now = _now()
+        job = Job(
+            name=f"jobs/{jid}",
+            spec=spec,
+            state=Job.QUEUED,
+            request_id=request_id,
+            create_time=now,
+            update_time=now,
+            message="queued",
+        )
+        self.store.insert(jid, job)
+        if self.metrics:
+            self.metrics.job_submitted()
+        self._queue.put_nowait(jid)
+        self._publish_queue_metrics()
+        await self._notify()
+        return job
+
+    def _check_uris(self, spec: pb.JobSpec) -> None:
+        """PERMISSION_DENIED / NOT_FOUND / ALREADY_EXISTS before queueing."""
+        from secateur.server.storage import StorageExistsError, StorageNotFoundError
+
+        self.storage.list_versions(spec.output_uri)  # allow-list and reachability
+        if not self.storage.exists(spec.model_uri):
+            raise StorageNotFoundError(
+                f"the model must exist. Received: {spec.model_uri}", spec.model_uri
+            )
+        for pattern in (spec.training.train_data, spec.training.eval_data):
+            if pattern:
+                self.storage.glob(pattern)  # NOT_FOUND when nothing matches
+        if spec.version and spec.version in self.storage.list_versions(spec.output_uri):
+            raise StorageExistsError(
+                f"output version {spec.version} already exists. Received: {spec.output_uri}",
+                spec.output_uri,
+            )
+
+    async def cancel(self, name: str) -> Job:
+        job = self.get(name)
+        jid = job.name[5:]
+        if job.state in TERMINAL:
+            return job
+        self._cancel_requested.add(jid)
+        proc = self._procs.get(jid)
+        if job.state == Job.QUEUED and proc is None:
+            err = ServiceError(grpc.StatusCode.CANCELLED, "cancelled while queued")
+            await self._finish(jid, Job.CANCELLED, error=err)
+            if self.metrics:
+                self.metrics.job_completed("cancelled", 0.0)
+        elif proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            self._killers.add(task := asyncio.create_task(self._kill_later(proc)))
+            task.add_done_callback(self._killers.discard)
+        return self.store.get(jid)
+
+    async def _kill_later(self, proc: asyncio.subprocess.Process) -> None:
+        try:
+            await asyncio.wait_for(proc.wait(), self.cfg.cancel_grace_s)
+        except TimeoutError:
+            proc.kill()
+
+    async def plan(self, model_uri: str, pruning: pb.PruningSpec) -> pb.PlanPruningResponse:
+        convert.prune_spec(pruning)
+        spec = pb.JobSpec(model_uri=model_uri, pruning=pruning)
+        await asyncio.to_thread(self.storage.exists, model_uri)  # allow-list first
+        outcome, _ = await self._spawn("plan", "plan-" + uuid.uuid4().hex[:8], spec)
+        if outcome.get("type") == "plan":
+            return convert.plan_response(outcome["plan"])
+        raise _error_of(outcome)
+
+    # -- running -------------------------------------------------------------
+    async def _runner(self) -> None:
+        while not self._closing:
+            jid = await self._queue.get()
+            job = self.store.get(jid)
+            if job is None or job.state != Job.QUEUED:
+                continue
+            self._running += 1
+            self._publish_queue_metrics()
+            try:
+                await self._run(jid)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("job %s crashed the runner", jid)
+                await self._finish(
+                    jid,
+                    Job.FAILED,
+                    error=ServiceError(
+                        grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+                    ),
+                )
+            finally:
+                self._running -= 1
+                self._publish_queue_metrics()
+
+    async def _run(self, jid: str) -> None:
+        job = Job.FromString(self.store.get(jid).SerializeToString())
+        job.state = Job.RUNNING
+        job.attempts += 1
+        job.start_time.CopyFrom(_now())
+        job.update_time.CopyFrom(job.start_time)
+        job.message = "starting"
+        self.store.save(jid, job)
+        await self._notify()
+        started = time.monotonic()
+        outcome, stage_times = await self._spawn("job", jid, job.spec)
+        if self._closing:
+            return  # left RUNNING on purpose: the next start resumes it
+        if self.metrics:
+            for stage, secs in stage_times.items():
+                self.metrics.stage_finished(stage, secs)
+        kind = outcome.get("type")
+        if jid in self._cancel_requested and kind != "result":
+            await self._finish(
+                jid, Job.CANCELLED, error=ServiceError(grpc.StatusCode.CANCELLED, "cancelled")
+            )
+        elif kind == "result":
+            await self._finish(jid, Job.SUCCEEDED, report=outcome["report"])
+        elif kind == "gate_failed":
+            report = outcome["report"]
+            err = ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"accuracy gate failed: {report.get('decision')}",
+            )
+            await self._finish(jid, Job.FAILED, error=err, report=report)
+        else:
+            await self._finish(jid, Job.FAILED, error=_error_of(outcome))
+        if self.metrics:
+            final = self.store.get(jid)
+            self.metrics.job_completed(_outcome_label(final, outcome), time.monotonic() - started)
+
+    async def _spawn(
+        self, mode: str, key: str, spec: pb.JobSpec
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Run a worker; stream its events into the job; return its outcome."""
+        work = os.path.join(self.cfg.state_dir, "work", key)
+        os.makedirs(work, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        payload = {
+            "mode": mode,
+            "spec": base64.b64encode(spec.SerializeToString()).decode(),
+            "allowed": list(self.cfg.allowed_prefixes or []),
+        }
+        env = os.environ | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "secateur.server.worker", "--events-fd", str(write_fd),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, pass_fds=(write_fd,), env=env,
+        )  # fmt: skip
+        os.close(write_fd)
+        if mode == "job":
+            self._procs[key] = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(payload).encode())
+        proc.stdin.close()
+        logs = asyncio.create_task(_drain(proc.stdout, key))
+        outcome: dict[str, Any] = {}
+        stage_times: dict[str, float] = {}
+        try:
+            outcome = await self._read_events(read_fd, key if mode == "job" else None, stage_times)
+            await proc.wait()
+            await logs
+        finally:
+            self._procs.pop(key, None)
+            shutil.rmtree(work, ignore_errors=True)
+        if not outcome:
+            outcome = {
+                "type": "error",
+                "code": "INTERNAL",
+                "message": f"worker exited with {proc.returncode} and no outcome",
+            }
+            if proc.returncode and proc.returncode < 0:
+                outcome["signal"] = -proc.returncode
+        return outcome, stage_times
+
+    async def _read_events(
+        self, fd: int, jid: str | None, stage_times: dict[str, float]
+    ) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**26)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb")
+        )
+        outcome: dict[str, Any] = {}
+        stage, stage_start = "", time.monotonic()
+        try:
+            async for raw in reader:
+                msg = json.loads(raw)
+                if msg.get("type") != "event":
+                    outcome = msg
+                    continue
+                if msg["stage"] != stage:
+                    if stage:
+                        stage_times[stage] = (
+                            stage_times.get(stage, 0.0) + time.monotonic() - stage_start
+                        )
+                    stage, stage_start = msg["stage"], time.monotonic()
+                if jid is not None:
+                    await self._progress(jid, msg)
+        finally:
+            transport.close()
+        if stage:
+            stage_times[stage] = stage_times.get(stage, 0.0) + time.monotonic() - stage_start
+        return outcome
+
+    async def _progress(self, jid: str, msg: dict[str, Any]) -> None:
+        old = self.store.get(jid)
+        job = Job.FromString(old.SerializeToString())
+        stage = Job.Stage.Value(msg["stage"]) if msg["stage"] in STAGE_NAMES else 0
+        durable = stage != old.stage
+        job.stage = stage
+        job.progress = _overall(msg["stage"], float(msg.get("progress") or 0.0))
+        job.message = f"{msg['stage'].lower()}: {msg.get('message', '')}".strip()
+        job.update_time.CopyFrom(_now())
+        self.store.save(jid, job, durable=durable)
+        await self._notify()
+
+    async def _finish(
+        self,
+        jid: str,
+        state: int,
+        error: ServiceError | None = None,
+        report: dict[str, Any] | None = None,
+    ) -> None:
+        job = Job.FromString(self.store.get(jid).SerializeToString())
+        job.state = state
+        job.end_time.CopyFrom(_now())
+        job.update_time.CopyFrom(job.end_time)
+        if state == Job.SUCCEEDED:
+            job.progress = 1.0
+            job.stage = Job.STAGE_UNSPECIFIED
+        if error is not None:
+            job.error.CopyFrom(to_status_proto(error))
+            job.message = error.message
+        if report is not None:
+            job.result.CopyFrom(convert.job_result(report))
+            job.message = report.get("decision") or job.message
+            if self.metrics:
+                self.metrics.record_figures(report.get("original"), report.get("pruned"))
+        self.store.save(jid, job)
+        self._cancel_requested.discard(jid)
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _publish_queue_metrics(self) -> None:
+        if self.metrics:
+            self.metrics.set_queue(self._queue.qsize(), self._running)
+
+
+def _changed_from(store: Any, jid: str, seen: Job) -> Callable[[], bool]:
+    return lambda: store.get(jid) is not seen
+
+
+def _overall(stage: str, within: float) -> float:
+    from secateur.server.pipeline import STAGES
+
+    if stage not in STAGES:
+        return 0.0
+    return (STAGES.index(stage) + min(max(within, 0.0), 1.0)) / len(STAGES)
+
+
+def _outcome_label(job: Job, outcome: dict[str, Any]) -> str:
+    if outcome.get("type") == "gate_failed" and job.state == Job.FAILED:
+        return "gate_failed"
+    return OUTCOMES.get(job.state, "failed")
+
+
+def _error_of(outcome: dict[str, Any]) -> ServiceError:
+    code_name = outcome.get("code", "INTERNAL")
+    code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.INTERNAL)
+    violations = [tuple(v) for v in outcome.get("violations") or []]
+    return ServiceError(code, outcome.get("message") or "worker failed", violations)  # type: ignore[arg-type]
+
+
+async def _drain(stream: asyncio.StreamReader, key: str) -> None:
+    """Log the worker's own output (TensorFlow chatter, tracebacks)."""
+    async for line in stream:
+        text = line.decode(errors="replace").rstrip()
+        if text:
+            log.debug("[worker %s] %s", key, text)
+            if "Traceback" in text or "Error" in text:
+                log.warning("[worker %s] %s", key, text)

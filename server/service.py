@@ -1,0 +1,251 @@
+"""The gRPC server: servicer, interceptors, health, reflection, TLS and tokens.
+
+``build_server(options)`` returns a started :class:`RunningServer` (grpc.aio
+on its own event loop thread when used from synchronous code, e.g. tests and
+``secateur demo``); ``serve(options)`` runs until SIGTERM/SIGINT and shuts
+down gracefully: health turns NOT_SERVING, new RPCs are refused, running
+workers are stopped and their jobs resume on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from secateur.server.errors import ErrorInterceptor
+from secateur.server.jobs import JobManager, ManagerConfig
+from secateur.server.store import JobStore
+from secateur.v1 import pruning_pb2 as pb
+from secateur.v1 import pruning_pb2_grpc as pb_grpc
+
+log = logging.getLogger("secateur.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PruningService"].full_name
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class PruningServicer(pb_grpc.PruningServiceServicer):
+    """Thin: converts messages and calls the JobManager."""
+
+    def __init__(self, manager: JobManager) -> None:
+        self.m = manager
+
+    async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.Job:
+        return await self.m.create(request.spec, request.request_id, request.validate_only)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
+        return self.m.get(request.name)
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        jobs, token = self.m.list(request.state, request.page_size, request.page_token)
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
+        return await self.m.cancel(request.name)
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.Job]:
+        async for job in self.m.watch(request.name):
+            yield job
+
+    async def PlanPruning(
+        self, request: pb.PlanPruningRequest, context: Any
+    ) -> pb.PlanPruningResponse:
+        return await self.m.plan(request.model_uri, request.pruning)
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer tokens: ``authorization: Bearer <token>`` on every call.
+
+    Health checks and reflection stay open so orchestrators can probe.
+    """
+
+    def __init__(self, tokens: set[str]) -> None:
+        self.tokens = {t.encode() for t in tokens}
+
+    async def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHODS):
+            return handler
+        meta = dict(details.invocation_metadata or ())
+        auth = str(meta.get("authorization", ""))
+        token = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
+        if token and any(hmac.compare_digest(token, t) for t in self.tokens):
+            return handler
+        why = "missing bearer token" if not token else "invalid bearer token"
+        return _deny(handler, why)
+
+
+def _deny(handler: Any, why: str) -> Any:
+    async def unary(request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+    async def stream(request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    state_dir: str
+    port: int = 50051
+    host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    allowed_prefixes: tuple[str, ...] | None = None
+    max_concurrent_jobs: int = 1
+    max_queued_jobs: int = 100
+    tokens: frozenset[str] = field(default_factory=frozenset)
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None
+    grace_s: float = 10.0
+    version: str = "0.1.0"
+
+
+class RunningServer:
+    """A started server; ``port`` and ``metrics_port`` are the bound ones."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.server: grpc.aio.Server | None = None
+        self.manager: JobManager | None = None
+        self.health = (
+            health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        )
+        self.metrics: Any = None
+        self.store: JobStore | None = None
+
+    async def start(self) -> None:
+        o = self.options
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if o.metrics_port is not None:
+            from secateur.server.metrics import MetricsInterceptor, ServerMetrics
+
+            self.metrics = ServerMetrics()
+            self.metrics.set_build_info(o.version)
+            self.metrics_port = self.metrics.serve(o.metrics_port, host=o.host)
+            interceptors.append(MetricsInterceptor(self.metrics))
+        if o.tokens:
+            interceptors.append(TokenInterceptor(set(o.tokens)))
+        interceptors.append(ErrorInterceptor())
+        self.store = JobStore(o.state_dir)
+        cfg = ManagerConfig(
+            o.state_dir, o.allowed_prefixes, o.max_concurrent_jobs, o.max_queued_jobs
+        )
+        self.manager = JobManager(cfg, self.store, self.metrics)
+        await self.manager.start()
+        self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)
+        pb_grpc.add_PruningServiceServicer_to_server(PruningServicer(self.manager), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        address = f"{o.host}:{o.port}"
+        if o.tls_cert and o.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(o.tls_key, o.tls_cert)],
+                root_certificates=o.tls_client_ca,
+                require_client_auth=o.tls_client_ca is not None,
+            )
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await _set_health(self.health, name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("secateur serving on %s:%d (metrics %s)", o.host, self.port, self.metrics_port)
+
+    async def stop(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await _set_health(self.health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.manager:
+            await self.manager.shutdown()
+        if self.server:
+            await self.server.stop(self.options.grace_s)
+        if self.metrics:
+            self.metrics.stop()
+        if self.store:
+            self.store.close()
+
+
+async def _set_health(servicer: Any, name: str, status: int) -> None:
+    result = servicer.set(name, status)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+class BackgroundServer:
+    """A RunningServer on its own event-loop thread (tests, the demo)."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.running = RunningServer(options)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="secateur-server", daemon=True
+        )
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.running.start(), self.loop).result(timeout=60)
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.running.metrics_port
+
+    @property
+    def target(self) -> str:
+        return f"{self.running.options.host}:{self.running.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(), self.loop).result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve(options: ServerOptions) -> int:
+    """Run until SIGTERM/SIGINT; exit code 0 after a graceful shutdown."""
+
+    async def main() -> None:
+        server = RunningServer(options)
+        await server.start()
+        print(
+            f"secateur serving on {options.host}:{server.port}"
+            + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""),
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await server.stop()
+
+    asyncio.run(main())
+    return 0

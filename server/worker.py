@@ -1,0 +1,127 @@
+"""A job's own process: ``python -m secateur.server.worker --events-fd N``.
+
+The service starts one per job (isolation, real cancellation, clean memory
+figures) and one per PlanPruning call. The request arrives on stdin as JSON;
+events and the outcome leave as JSON lines on the file descriptor
+``--events-fd`` (stdout and stderr stay free for TensorFlow's chatter, which
+the service logs). SIGTERM asks the job to stop at its next check point; the
+process also dies with the service (PR_SET_PDEATHSIG), so an orphan can never
+publish a model for a job the restarted service runs again.
+
+Lines written::
+
+    {"type": "event", "stage": ..., "progress": ..., "message": ...}
+    {"type": "result", "report": {...}}          success
+    {"type": "gate_failed", "report": {...}}     no candidate within budget
+    {"type": "plan", "plan": {...}}              PlanPruning
+    {"type": "error", "code": "NOT_FOUND", "message": ..., "violations": [...]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_cancelled = False
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the service still kills its workers itself
+        pass
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    global _cancelled
+    _cancelled = True
+
+
+class Emitter:
+    def __init__(self, fd: int) -> None:
+        self.out = os.fdopen(fd, "w", buffering=1)
+        self._last_tick = 0.0
+
+    def send(self, **payload: Any) -> None:
+        self.out.write(json.dumps(payload, default=str) + "\n")
+        self.out.flush()
+
+    def event(self, e: Any) -> None:
+        now = time.monotonic()
+        if "step" in e.detail and now - self._last_tick < 0.25:
+            return  # training ticks: at most four a second
+        self._last_tick = now
+        detail = {k: v for k, v in e.detail.items() if isinstance(v, (int, float, str))}
+        self.send(
+            type="event", stage=e.stage, progress=e.progress, message=e.message, detail=detail
+        )
+
+
+def run(payload: dict[str, Any], emit: Emitter) -> None:
+    from secateur.server.convert import job_request
+    from secateur.server.pipeline import GateFailed, PruneJob
+    from secateur.server.storage import Storage
+    from secateur.v1 import pruning_pb2 as pb
+
+    spec = pb.JobSpec.FromString(base64.b64decode(payload["spec"]))
+    storage = Storage(payload.get("allowed") or None)
+    if payload["mode"] == "plan":
+        emit.send(type="plan", plan=_plan(spec, storage))
+        return
+    request = job_request(spec)
+    try:
+        report = PruneJob(request, storage, emit.event, lambda: _cancelled).run()
+    except GateFailed as gate:
+        emit.send(type="gate_failed", report=gate.report)
+        return
+    emit.send(type="result", report=report)
+
+
+def _plan(spec: Any, storage: Any) -> dict[str, Any]:
+    from secateur.pruner.modelio import load_model
+    from secateur.pruner.plan import make_plan
+    from secateur.server.convert import prune_spec
+
+    with tempfile.TemporaryDirectory(prefix="secateur-plan-") as work:
+        path = storage.download(spec.model_uri, work)
+        model = load_model(path)
+        return make_plan(model, prune_spec(spec.pruning)).to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, _on_term)
+    emit = Emitter(args.events_fd)
+    try:
+        run(json.load(sys.stdin), emit)
+    except BaseException as exc:  # noqa: BLE001 - every outcome is reported
+        from secateur.server.errors import status_of
+
+        err = status_of(exc)
+        if err is None:
+            traceback.print_exc()  # the service logs stderr; clients get INTERNAL
+            emit.send(type="error", code="INTERNAL", message="internal error; see the server log")
+            return 1
+        emit.send(type="error", code=err.code.name, message=err.message, violations=err.violations)
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
