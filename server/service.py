@@ -141,6 +141,7 @@ class RunningServer:
 
             self.metrics = ServerMetrics()
             self.metrics.set_build_info(o.version)
+            self.metrics.init_service(pb.DESCRIPTOR.services_by_name["PruningService"])
             self.metrics_port = self.metrics.serve(o.metrics_port, host=o.host)
             interceptors.append(MetricsInterceptor(self.metrics))
         if o.tokens:

@@ -1,0 +1,343 @@
+"""``PruningClient``: the typed Python client of ``secateur.v1.PruningService``.
+
+::
+
+    with PruningClient("pruner:50051", token=token, tls=True, root_certificates=ca) as c:
+        job = c.prune("gs://b/model.keras", "gs://b/served", {"ratio": 0.3, "epochs": 3})
+        print(job.state, job.result.output_uri)
+
+Unary calls carry the deadline ``timeout`` and are retried with exponential
+backoff and jitter on UNAVAILABLE (and, for the idempotent reads ``get`` and
+``list``, on DEADLINE_EXCEEDED). ``create`` always sends a ``request_id``, so a
+retried create returns the job the first attempt made. ``watch`` re-opens a
+stream that breaks with UNAVAILABLE. Every error surfaces as ``ClientError``
+with the status code, the details and the ``google.rpc.BadRequest`` field
+violations the server attached. Imports grpc and protobuf only.
+"""
+
+from __future__ import annotations
+
+import builtins
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from secateur.v1 import pruning_pb2, pruning_pb2_grpc
+
+from .protospec import job_spec_from_options
+
+TERMINAL_STATES = frozenset(
+    {pruning_pb2.Job.SUCCEEDED, pruning_pb2.Job.FAILED, pruning_pb2.Job.CANCELLED}
+)
+MAX_BACKOFF_SECONDS = 10.0
+# Plans and sweep results travel as Structs; leave room above gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+def is_terminal(job: pruning_pb2.Job) -> bool:
+    return job.state in TERMINAL_STATES
+
+
+def job_name(text: str) -> str:
+    """``jobs/<id>`` from ``jobs/<id>`` or ``<id>``."""
+    text = text.strip()
+    if not text or text == "jobs/":
+        raise ValueError(f"a job name is jobs/<id> or <id>. Received: {text!r}")
+    return text if text.startswith("jobs/") else f"jobs/{text}"
+
+
+def parse_state(state: str | int | None) -> int:
+    """A ``Job.State`` number from a name (any case), a number, or None (= all)."""
+    if state is None:
+        return pruning_pb2.Job.STATE_UNSPECIFIED
+    if isinstance(state, int):
+        return state
+    try:
+        return pruning_pb2.Job.State.Value(state.strip().upper())
+    except ValueError:
+        names = [n for n, _ in pruning_pb2.Job.State.items() if n != "STATE_UNSPECIFIED"]
+        raise ValueError(f"state must be one of {names}. Received: {state!r}") from None
+
+
+def violations_from_status(status: Any) -> builtins.list[tuple[str, str]]:
+    """(field, description) of every ``google.rpc.BadRequest`` in a ``google.rpc.Status``."""
+    from google.rpc import error_details_pb2
+
+    out: builtins.list[tuple[str, str]] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out += [(v.field, v.description) for v in bad.field_violations]
+    return out
+
+
+class ClientError(Exception):
+    """A call that failed: ``code`` (grpc.StatusCode), ``details``, ``field_violations``."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        field_violations: builtins.list[tuple[str, str]] | None = None,
+        *,
+        method: str = "",
+        attempts: int = 1,
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.field_violations = list(field_violations or [])
+        self.method = method
+        self.attempts = attempts
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.code.name}: {self.details}"
+        for field, description in self.field_violations:
+            text += f"\n  {field}: {description}"
+        return text
+
+    @classmethod
+    def from_rpc_error(cls, exc: grpc.RpcError, method: str = "", attempts: int = 1) -> ClientError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if hasattr(exc, "details") else None) or ""
+        violations: builtins.list[tuple[str, str]] = []
+        try:
+            from grpc_status import rpc_status
+
+            status = rpc_status.from_call(exc)
+        except (ValueError, AttributeError, TypeError):
+            status = None  # details inconsistent with the status, or not a call
+        if status is not None:
+            violations = violations_from_status(status)
+        return cls(code, details, violations, method=method, attempts=attempts)
+
+
+class PruningClient:
+    """A connection to a Secateur server; see the module docstring."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.2,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        if retries < 0 or backoff < 0 or timeout <= 0:
+            raise ValueError(
+                "retries and backoff must be >= 0 and timeout > 0. "
+                f"Received: retries={retries}, backoff={backoff}, timeout={timeout}"
+            )
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._sleep: Callable[[float], None] = time.sleep  # tests replace it
+        self._owns_channel = channel is None
+        if channel is None:
+            options = [
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+            if tls or root_certificates or certificate_chain or private_key:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates, private_key, certificate_chain
+                )
+                channel = grpc.secure_channel(target, creds, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+        self._channel = channel
+        self._stub = pruning_pb2_grpc.PruningServiceStub(channel)
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter: uniform in [d/2, d], d = backoff * 2**attempt."""
+        d = min(self.backoff * 2**attempt, MAX_BACKOFF_SECONDS)
+        return random.uniform(d / 2, d)
+
+    def _call(
+        self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None
+    ) -> Any:
+        retry_on = {grpc.StatusCode.UNAVAILABLE}
+        if idempotent:
+            retry_on.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+        rpc = getattr(self._stub, method)
+        attempt = 0
+        while True:
+            try:
+                return rpc(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code not in retry_on or attempt >= self.retries:
+                    raise ClientError.from_rpc_error(exc, method, attempt + 1) from None
+            self._sleep(self._delay(attempt))
+            attempt += 1
+
+    # -- the API ----------------------------------------------------------
+
+    def create(
+        self,
+        spec: pruning_pb2.JobSpec,
+        request_id: str | None = None,
+        validate_only: bool = False,
+    ) -> pruning_pb2.Job:
+        """Create a job (or only validate it). Retries reuse the same ``request_id``."""
+        request = pruning_pb2.CreateJobRequest(
+            spec=spec, request_id=request_id or str(uuid.uuid4()), validate_only=validate_only
+        )
+        return self._call("CreateJob", request)
+
+    def prune(
+        self,
+        model_uri: str,
+        output_uri: str,
+        spec: pruning_pb2.JobSpec | Mapping[str, Any] | None = None,
+        wait: bool = True,
+        on_update: Callable[[pruning_pb2.Job], None] | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> pruning_pb2.Job:
+        """Submit a job; with ``wait``, watch it and return the terminal job.
+
+        ``spec`` is a ``JobSpec`` (its URIs are replaced by the arguments) or
+        the flat options of ``secateur prune`` (``{"ratio": 0.3, ...}``).
+        ``on_update`` sees every snapshot, the created job first.
+        """
+        if isinstance(spec, pruning_pb2.JobSpec):
+            job_spec = pruning_pb2.JobSpec()
+            job_spec.CopyFrom(spec)
+            job_spec.model_uri, job_spec.output_uri = model_uri, output_uri
+        else:
+            job_spec = job_spec_from_options(model_uri, output_uri, spec or {})
+        job = self.create(job_spec, request_id=request_id)
+        if on_update:
+            on_update(job)
+        if not wait or is_terminal(job):
+            return job
+        return self.wait(job.name, on_update)
+
+    def wait(
+        self, name: str, on_update: Callable[[pruning_pb2.Job], None] | None = None
+    ) -> pruning_pb2.Job:
+        """Watch ``name`` until it ends; the terminal job."""
+        last = None
+        for last in self.watch(name):
+            if on_update:
+                on_update(last)
+        if last is None:  # watch always yields a terminal job; be safe
+            last = self.get(name)
+        return last
+
+    def get(self, name: str) -> pruning_pb2.Job:
+        request = pruning_pb2.GetJobRequest(name=job_name(name))
+        return self._call("GetJob", request, idempotent=True)
+
+    def list(
+        self, state: str | int | None = None, page_size: int = 50
+    ) -> Iterator[pruning_pb2.Job]:
+        """Jobs, newest first, following page tokens (lazily: one page per request)."""
+        request = pruning_pb2.ListJobsRequest(
+            page_size=page_size,
+            state=parse_state(state),  # type: ignore[arg-type]
+        )
+        while True:
+            response = self._call("ListJobs", request, idempotent=True)
+            yield from response.jobs
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def cancel(self, name: str) -> pruning_pb2.Job:
+        request = pruning_pb2.CancelJobRequest(name=job_name(name))
+        return self._call("CancelJob", request)
+
+    def watch(self, name: str) -> Iterator[pruning_pb2.Job]:
+        """Snapshots of the job on every change, up to and including the terminal one.
+
+        A stream that breaks with UNAVAILABLE is re-opened after a backoff
+        (``retries`` times in a row at most; a message received resets the
+        count). Snapshots equal to the last one yielded are skipped.
+        """
+        request = pruning_pb2.WatchJobRequest(name=job_name(name))
+        last: pruning_pb2.Job | None = None
+        failures = 0  # re-opens in a row without a message in between
+        while True:
+            stream = self._stub.WatchJob(request, metadata=self._metadata)
+            try:
+                for job in stream:
+                    failures = 0
+                    if job != last:
+                        last = job
+                        yield job
+                    if is_terminal(job):
+                        return
+                broke: grpc.RpcError | None = None
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
+                    raise ClientError.from_rpc_error(exc, "WatchJob", failures + 1) from None
+                broke = exc
+            finally:
+                stream.cancel()
+            if broke is None and failures >= self.retries:
+                raise ClientError(
+                    grpc.StatusCode.UNKNOWN,
+                    f"the watch stream of {request.name} kept ending before the job did",
+                    method="WatchJob",
+                    attempts=failures + 1,
+                )
+            if last is not None:
+                # No terminal snapshot came: the job may have ended while no
+                # stream was open.
+                try:
+                    job = self.get(request.name)
+                except ClientError:
+                    job = last
+                if is_terminal(job):
+                    if job != last:
+                        yield job
+                    return
+            self._sleep(self._delay(failures))
+            failures += 1
+
+    def plan(
+        self,
+        model_uri: str,
+        pruning: pruning_pb2.PruningSpec | Mapping[str, Any] | None = None,
+    ) -> pruning_pb2.PlanPruningResponse:
+        """Dry run on a model: the plan, channel groups, params/FLOPs before and after."""
+        if not isinstance(pruning, pruning_pb2.PruningSpec):
+            pruning = job_spec_from_options(model_uri, "", pruning or {}).pruning
+        request = pruning_pb2.PlanPruningRequest(model_uri=model_uri, pruning=pruning)
+        return self._call("PlanPruning", request)
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> PruningClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
