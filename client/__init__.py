@@ -1,1 +1,10 @@
-"""Secateur client and the `secateur` CLI. Never imports TensorFlow at import time."""
+"""Secateur client and the `secateur` CLI. Never imports TensorFlow.
+
+from secateur.client import PruningClient
+with PruningClient("localhost:50051") as client:
+    job = client.prune("gs://models/vgg.keras", "gs://served/vgg", {"ratio": 0.3})
+"""
+
+from secateur.client.client import ClientError, PruningClient
+
+__all__ = ["ClientError", "PruningClient"]

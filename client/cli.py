@@ -369,21 +369,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tempfile
 
+    from secateur.client.protospec import report_from_job
     from secateur.server.demo import DemoConfig, run_demo
-    from secateur.server.pipeline import GateFailed
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="secateur-demo-")
     cfg = DemoConfig(workdir=workdir, ratios=args.ratios, finetune_epochs=args.epochs)
     bar = ProgressBar()
-    code = EXIT_OK
-    try:
-        report = run_demo(cfg, on_event=bar, log=lambda m: print(m, file=sys.stderr))
-    except GateFailed as gate:
-        report, code = gate.report, EXIT_GATE
+    job = run_demo(cfg, on_update=bar.job, log=lambda m: print(m, file=sys.stderr))
     bar.close()
-    print(format_table(report))
+    if job.result.HasField("original"):
+        print(format_table(report_from_job(job)))
+    else:
+        print(f"job {job.name} ended {job.error.message}", file=sys.stderr)
     print(f"work directory: {workdir}")
-    return code
+    return exit_code_for_job(job)
 
 
 # -- against a server: submit, status, watch, cancel, list ---------------------
@@ -768,6 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ratios", type=_ratios, default=(0.3, 0.5, 0.7))
     d.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per candidate")
     d.set_defaults(func=cmd_demo)
+    sv = sub.add_parser(
+        "serve",
+        help="run the gRPC pruning service (see `secateur serve --help`)",
+        add_help=False,
+    )
+    sv.add_argument("serve_args", nargs=argparse.REMAINDER)  # handled in main()
     _add_server_commands(sub)
     return parser
 
@@ -848,6 +853,12 @@ def _add_server_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        # The server owns its flags; argparse's REMAINDER cannot pass "--help" through.
+        from secateur.server.main import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

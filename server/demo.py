@@ -1,10 +1,11 @@
 """The embedded default job: no cloud account, no download.
 
 Trains the study's VGG-16-BN (narrowed) on scikit-learn's bundled digits
-(8x8 images upscaled to 32x32x3), writes the data as TFRecords, then runs
-the same :class:`PruneJob` that ``secateur prune`` runs: a sweep over pruned
-ratios with fine-tuning, measurement and publication of the largest ratio
-within the accuracy budget.
+(8x8 images upscaled to 32x32x3) and writes the data as TFRecords; then
+starts the gRPC service in-process on a free loopback port and submits the
+job through the Python client, exactly as a CI stage would: a sweep over
+pruned ratios with fine-tuning, measurement and publication of the largest
+ratio within the accuracy budget.
 """
 
 from __future__ import annotations
@@ -12,16 +13,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from secateur.pruner.data import write_examples
-from secateur.pruner.finetune import TrainConfig
-from secateur.pruner.measure import MeasureConfig
-from secateur.pruner.spec import PruneSpec
-from secateur.server.pipeline import JobRequest, PruneJob, StageEvent
-from secateur.server.storage import Storage
+from secateur.v1 import pruning_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -88,20 +84,35 @@ def prepare(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[str, s
 
 def run_demo(
     cfg: DemoConfig,
-    on_event: Callable[[StageEvent], None] | None = None,
+    on_update: Callable[[pb.Job], None] | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Prepare the embedded default and run the sweep job on it."""
+) -> pb.Job:
+    """Prepare the embedded default, serve in-process, prune through gRPC.
+
+    Returns:
+        The finished job as the service reports it.
+    """
+    from secateur.client.client import PruningClient
+    from secateur.server.service import BackgroundServer, ServerOptions
+
     model_path, train, evalf = prepare(cfg, log)
-    request = JobRequest(
+    spec = pb.JobSpec(
         model_uri=model_path,
         output_uri=os.path.join(cfg.workdir, "served"),
-        spec=PruneSpec(criterion="bn_scale", scope="global"),
-        ratios=cfg.ratios,
-        train=TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size),
-        train_data=train,
-        eval_data=evalf,
+        pruning=pb.PruningSpec(ratios=list(cfg.ratios), criterion=pb.BN_SCALE, scope=pb.GLOBAL),
+        training=pb.TrainingSpec(
+            epochs=cfg.finetune_epochs,
+            batch_size=cfg.batch_size,
+            train_data=train,
+            eval_data=evalf,
+            measure_steps=5,
+        ),
         max_accuracy_drop=cfg.max_accuracy_drop,
-        measure=MeasureConfig(steps=5, rounds=2, warmup_steps=2, latency_runs=5),
     )
-    return PruneJob(request, Storage([cfg.workdir]), on_event).run()
+    options = ServerOptions(
+        state_dir=os.path.join(cfg.workdir, "state"), port=0, allowed_prefixes=(cfg.workdir,)
+    )
+    with BackgroundServer(options) as server:
+        log(f"secateur service listening on {server.target}; submitting the job over gRPC")
+        with PruningClient(server.target) as client:
+            return client.prune(model_path, spec.output_uri, spec, wait=True, on_update=on_update)
