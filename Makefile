@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run bench bench-measure test test-slow lint clean
+.PHONY: run bench bench-measure test test-slow lint system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,17 @@ bench-measure: $(STAMP)
 	$(PY) benchmarks/measure.py
 
 ## Lint, type-check, then the default test suite (slow tests excluded).
-test: lint
+test: lint system-deps
 	$(PY) -m pytest
+
+## A real Prometheus server for the metrics tests (Debian package; root only,
+## otherwise those tests skip and say why). Node.js/npm come with the machine.
+system-deps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "note: prometheus is not installed; the Prometheus scrape tests will skip"; fi; }
 
 ## The heavy keras.applications models (ConvNeXt-XL, EfficientNet-B7, ...).
 test-slow: $(STAMP)
