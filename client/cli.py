@@ -88,6 +88,17 @@ def _ratios(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"round-to must be an integer or 'auto': {text!r}"
+        ) from None
+
+
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``prune`` and (later) ``submit``; defaults live in the spec."""
     g = p.add_argument_group("pruning spec (flags override --spec)")
@@ -98,7 +109,12 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--criterion", choices=["bn_scale", "l1", "l2", "random"])
     g.add_argument("--scope", choices=["global", "layerwise"])
-    g.add_argument("--round-to", type=int, dest="round_to")
+    g.add_argument(
+        "--round-to",
+        type=_round_to,
+        dest="round_to",
+        help="kept channel counts are multiples of N; 'auto' = the device's layout multiple",
+    )
     g.add_argument("--min-channels", type=int, dest="min_channels")
     g.add_argument("--exclude", action="append", help="layer name to leave whole (repeatable)")
     g.add_argument(

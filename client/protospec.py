@@ -104,6 +104,9 @@ def job_spec_from_options(
     spec = pruning_pb2.JobSpec(model_uri=model_uri, output_uri=output_uri)
     given = {k: v for k, v in opts.items() if v is not None}
     pruning, training = spec.pruning, spec.training
+    if given.get("round_to") == "auto":
+        pruning.round_to_auto = True
+        given.pop("round_to")
     for name, kind in _PRUNING_SCALARS.items():
         if name in given:
             setattr(pruning, name, _convert(name, given[name], kind))

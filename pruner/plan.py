@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from secateur.pruner.errors import EmptyGroupError, InvalidSpecError, PlanError
 from secateur.pruner.graph import ChannelGraph, Group, analyze
+from secateur.pruner.hardware import detect_device_kind, resolve_round_to
 from secateur.pruner.scoring import GroupScore, score_group
 from secateur.pruner.spec import PruneSpec
 
@@ -78,6 +79,8 @@ class PruningPlan:
     flops_before: int
     flops_after: int
     unsupported_layers: list[dict[str, str]] = field(default_factory=list)
+    round_to: int = 1
+    device_kind: str | None = None
     version: int = PLAN_VERSION
 
     @property
@@ -162,13 +165,20 @@ class PruningPlan:
 # -- making a plan ---------------------------------------------------------
 
 
-def make_plan(model: Any, spec: PruneSpec, graph: ChannelGraph | None = None) -> PruningPlan:
+def make_plan(
+    model: Any,
+    spec: PruneSpec,
+    graph: ChannelGraph | None = None,
+    device_kind: str | None = None,
+) -> PruningPlan:
     """Score channels and choose the kept ones, without changing the model.
 
     Args:
         model: a functional or Sequential ``keras.Model``.
         spec: the pruning request.
         graph: the model's traced graph, if already computed.
+        device_kind: ``TPU``/``GPU``/``CPU`` for ``round_to="auto"``
+            (default: what is attached).
 
     Returns:
         The plan; ``apply_plan(model, plan)`` builds the pruned model.
@@ -180,6 +190,10 @@ def make_plan(model: Any, spec: PruneSpec, graph: ChannelGraph | None = None) ->
     graph = graph or analyze(model)
     groups = graph.groups()
     _freeze_excluded(graph, groups, spec.exclude)
+    if spec.round_to == "auto":
+        device_kind = device_kind or detect_device_kind()
+    requested = spec
+    spec = replace(spec, round_to=resolve_round_to(spec.round_to, device_kind))
     cache: dict[tuple[str, int], np.ndarray] = {}
 
     def weights(path: str, idx: int) -> np.ndarray:
@@ -195,7 +209,10 @@ def make_plan(model: Any, spec: PruneSpec, graph: ChannelGraph | None = None) ->
     for g in prunable:
         order = np.argsort(-scores[g.id].scores, kind="stable")
         kept[g.id] = np.sort(order[: keep_counts[g.id]]).astype(np.int64)
-    return _build_plan(model, graph, spec, scores, kept)
+    plan = _build_plan(model, graph, requested, scores, kept)
+    plan.round_to = int(spec.round_to)
+    plan.device_kind = device_kind
+    return plan
 
 
 def _freeze_excluded(graph: ChannelGraph, groups: list[Group], exclude: tuple[str, ...]) -> None:
@@ -236,7 +253,7 @@ def _floor(size: int, spec: PruneSpec) -> int:
 
 def _round(keep: int, size: int, spec: PruneSpec) -> int:
     """Nearest legal kept count: a multiple of round_to, >= the floor."""
-    step = spec.round_to
+    step = int(spec.round_to)  # resolved by make_plan
     if step > 1:
         keep = max(step, int(round(keep / step)) * step)
         while keep < _floor(size, spec):

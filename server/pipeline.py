@@ -186,10 +186,12 @@ class PruneJob:
         variants = {"original": original} | {
             f"ratio={c['ratio']}": c.pop("_model") for c in candidates
         }
+        layout = _layout(variants, device.kind)
         figures = measure_models(
             variants, data.batch(), req.train, device, data.eval_ds, req.measure, self.should_cancel
         )
         report = self._report(figures, candidates, device)
+        report["layout"] = layout
         chosen = _choose(report, req)
         # The headline pair: the published candidate, or the only one (so a
         # failed gate still shows what was measured).
@@ -246,7 +248,7 @@ class PruneJob:
         n = len(self.req.sweep)
         spec = PruneSpec(**{**self.req.spec.to_dict(), "ratio": ratio})
         self._enter("SCORING", f"ratio {ratio}", i / n, ratio=ratio)
-        plan = make_plan(original, spec, graph=graph)
+        plan = make_plan(original, spec, graph=graph, device_kind=device.kind)
         self._enter("REBUILDING", f"ratio {ratio}", i / n, ratio=ratio)
         model = apply_plan(original, plan, reload_weights=spec.reload_weights, graph=graph)
         history: dict[str, list[float]] = {}
@@ -323,6 +325,17 @@ class PruneJob:
         uri = self.storage.publish_dir(version_dir, self.req.output_uri, self.req.version)
         shutil.rmtree(version_dir, ignore_errors=True)
         return uri
+
+
+def _layout(variants: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Logical vs padded params per layer on the device's tile (see hardware.py)."""
+    from secateur.pruner.hardware import TILES, layer_params
+
+    return {
+        "device": kind,
+        "tile": list(TILES[kind]),
+        "variants": {name: layer_params(model, kind) for name, model in variants.items()},
+    }
 
 
 class _Data:

@@ -60,6 +60,11 @@ def test_job_publishesServingVersionWithArchiveAndReport(digits_data, tmp_path) 
     for key in ("params", "weight_bytes", "flops", "peak_memory_bytes", "train_step_seconds"):
         assert pruned[key] < original[key], key
     assert original["accuracy"] == pytest.approx(digits_data.eval_accuracy, abs=1e-3)
+    layout = report["layout"]
+    assert layout["device"] == "CPU" and layout["tile"] == [1, 16]
+    rows = layout["variants"]["ratio=0.3"]
+    assert all(r["padded_params"] >= r["params"] for r in rows)
+    assert sum(r["params"] for r in rows) == pruned["params"]
     assert 0 <= pruned["accuracy"] <= 1
     assert events[0].stage == "FETCHING"
     assert {e.stage for e in events} == set(STAGES)

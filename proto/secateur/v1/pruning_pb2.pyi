@@ -35,7 +35,7 @@ GLOBAL: Scope
 LAYERWISE: Scope
 
 class PruningSpec(_message.Message):
-    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "min_channels", "exclude", "no_reload", "seed")
+    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "min_channels", "exclude", "no_reload", "seed", "round_to_auto")
     RATIO_FIELD_NUMBER: _ClassVar[int]
     RATIOS_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class PruningSpec(_message.Message):
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     NO_RELOAD_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TO_AUTO_FIELD_NUMBER: _ClassVar[int]
     ratio: float
     ratios: _containers.RepeatedScalarFieldContainer[float]
     criterion: Criterion
@@ -54,7 +55,8 @@ class PruningSpec(_message.Message):
     exclude: _containers.RepeatedScalarFieldContainer[str]
     no_reload: bool
     seed: int
-    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., no_reload: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    round_to_auto: bool
+    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., no_reload: _Optional[bool] = ..., seed: _Optional[int] = ..., round_to_auto: _Optional[bool] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps")
