@@ -1,0 +1,97 @@
+# syntax=docker/dockerfile:1
+#
+# Secateur's gRPC pruning service (`secateur serve`) as a container image.
+#
+# Targets (docker build --target NAME; the default is the last one, `runtime`):
+#   runtime  CPU, or GPU with the CUDA libraries from pip:
+#              docker build -t secateur:0.1.0 .
+#              docker build -t secateur:0.1.0-gpu --build-arg TF_EXTRA='[and-cuda]' .
+#            (a GPU host also needs the NVIDIA driver and container toolkit;
+#            `docker run --gpus all ...`; on GKE the driver is installed by the node)
+#   tpu      Cloud TPU VMs / GKE TPU node pools, with tensorflow-tpu and libtpu:
+#              docker build --target tpu -t secateur:0.1.0-tpu .
+#            tensorflow-tpu and libtpu come from Google's libtpu release index
+#            (-f https://storage.googleapis.com/libtpu-releases/index.html), which
+#            must be reachable from wherever the image is built. tensorflow-tpu is
+#            released separately from tensorflow and can lag behind it: if the index
+#            has no tensorflow-tpu matching the project's tensorflow pin yet, the
+#            build fails at that step (TF_TPU_VERSION selects another one, at your
+#            own risk: tf-keras is pinned to the same minor version as tensorflow).
+#
+# The image runs as the unprivileged user `secateur` (uid/gid 10001). State (the
+# SQLite job store and the jobs' work folders) lives in /var/lib/secateur: mount a
+# volume there. Extra `secateur serve` flags go after the image name, e.g.
+#   docker run -p 50051:50051 -p 9464:9464 -v secateur-state:/var/lib/secateur \
+#     secateur:0.1.0 --allowed-uri-prefix gs://models --auth-token-file /run/secrets/tokens
+# A repeated flag overrides the one in ENTRYPOINT (the last one wins).
+#
+# The HEALTHCHECK asks grpc.health.v1 over plaintext on 127.0.0.1:50051; with
+# --port set it to SECATEUR_HEALTH_ADDR (docker run -e SECATEUR_HEALTH_ADDR=...).
+# With --tls-cert it cannot connect: run with --no-healthcheck or another --health-cmd.
+
+# -- builder: the project's wheel ----------------------------------------------
+FROM python:3.11-slim AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+# Only what the wheel is built from: pyproject.toml maps these folders into the
+# secateur.* namespace (the generated protobuf modules are committed in proto/).
+COPY pyproject.toml README.md ./
+COPY pruner/ pruner/
+COPY server/ server/
+COPY client/ client/
+COPY proto/ proto/
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .
+
+# -- venv: the project and TensorFlow (CPU, or CUDA with TF_EXTRA='[and-cuda]') --
+FROM builder AS venv
+# '' (CPU; uses a GPU only if CUDA libraries are present) or '[and-cuda]'.
+ARG TF_EXTRA=""
+RUN /opt/venv/bin/pip install /wheels/secateur-*.whl "tensorflow${TF_EXTRA}==2.21.0"
+
+# -- venv-tpu: the project with tensorflow-tpu in place of tensorflow -----------
+FROM builder AS venv-tpu
+ARG TF_TPU_VERSION=2.21.0
+# tensorflow-tpu provides the same `tensorflow` module as the tensorflow
+# distribution, so the one pulled in by the project's dependencies is removed
+# before it is installed (pip check then reports tensorflow as missing; at run
+# time nothing asks for the distribution, only for the module).
+RUN /opt/venv/bin/pip install /wheels/secateur-*.whl \
+    && /opt/venv/bin/pip uninstall --yes tensorflow \
+    && /opt/venv/bin/pip install "tensorflow-tpu==${TF_TPU_VERSION}" \
+        -f https://storage.googleapis.com/libtpu-releases/index.html
+
+# -- runtime-base: what both runtime images share ------------------------------
+FROM python:3.11-slim AS runtime-base
+LABEL org.opencontainers.image.title="secateur" \
+      org.opencontainers.image.description="Structured channel pruning for TensorFlow/Keras as a gRPC service" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SECATEUR_HEALTH_ADDR=127.0.0.1:50051
+# /var/lib/secateur: the state dir; its models/ folder is the server's default
+# allow-listed prefix. /models: a mount point for a models volume (compose).
+# A fresh named volume mounted on either takes over this ownership.
+RUN groupadd --system --gid 10001 secateur \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/secateur \
+        --shell /usr/sbin/nologin secateur \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/secateur /var/lib/secateur/models /models
+WORKDIR /home/secateur
+USER 10001:10001
+# gRPC (--port) and Prometheus /metrics (--metrics-port).
+EXPOSE 50051 9464
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; ch = grpc.insecure_channel(os.environ.get('SECATEUR_HEALTH_ADDR', '127.0.0.1:50051')); r = hg.HealthStub(ch).Check(h.HealthCheckRequest(service='secateur.v1.PruningService'), timeout=5); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+ENTRYPOINT ["secateur", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", "--state-dir", "/var/lib/secateur"]
+CMD []
+
+# -- tpu: for Cloud TPU VMs and GKE TPU node pools -------------------------------
+FROM runtime-base AS tpu
+COPY --from=venv-tpu /opt/venv /opt/venv
+
+# -- runtime (default): CPU, or GPU when built with TF_EXTRA='[and-cuda]' --------
+FROM runtime-base AS runtime
+COPY --from=venv /opt/venv /opt/venv

@@ -1,0 +1,181 @@
+"""deploy/docker-compose.yml: the server, Prometheus and Grafana on one network.
+
+Validated against the Compose Specification's schema, parsed with PyYAML and
+checked against the Dockerfile (target, ENTRYPOINT, state dir) and ``secateur
+serve``'s parser. The Prometheus and Grafana files it
+mounts belong to deploy/prometheus and deploy/grafana; only their paths are
+checked here. ``docker compose config`` runs too where the compose plugin is
+installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy import (
+    DEPLOY,
+    DOCKERFILE,
+    ROOT,
+    effective,
+    exec_form,
+    parse_serve_args,
+    read_stages,
+)
+
+COMPOSE = DEPLOY / "docker-compose.yml"
+SPEC: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+SERVICES: dict[str, Any] = SPEC["services"]
+# The local (bind-mounted) paths, relative to deploy/, that compose may mount.
+LOCAL_MOUNTS = {
+    "prometheus": {
+        "./prometheus/prometheus.yml": "/etc/prometheus/prometheus.yml",
+        "./prometheus/rules/": "/etc/prometheus/rules/",
+    },
+    "grafana": {
+        "./grafana/provisioning/": "/etc/grafana/provisioning/",
+        "./grafana/dashboards/": "/var/lib/grafana/dashboards/",
+    },
+}
+
+
+def _volumes(service: str) -> list[tuple[str, str, str]]:
+    """(source, target, mode) of a service's short-syntax volumes."""
+    out = []
+    for v in SERVICES[service].get("volumes", []):
+        assert isinstance(v, str), f"{service}: use the short volume syntax: {v}"
+        src, target, *mode = v.split(":")
+        out.append((src, target, mode[0] if mode else "rw"))
+    return out
+
+
+def _ports(service: str) -> dict[int, str]:
+    """container port -> the host address:port it is published on."""
+    out = {}
+    for p in SERVICES[service].get("ports", []):
+        assert isinstance(p, str), p
+        host, _, container = p.rpartition(":")
+        out[int(container)] = host
+    return out
+
+
+def _server_argv() -> list[str]:
+    """What the secateur container runs: the image's ENTRYPOINT + compose's command."""
+    target = SERVICES["secateur"]["build"]["target"]
+    entry = effective(read_stages(), target, "ENTRYPOINT")
+    assert entry is not None
+    argv = exec_form(entry.value)
+    assert argv[:2] == ["secateur", "serve"]
+    command = SERVICES["secateur"].get("command", [])
+    assert isinstance(command, list), "command in list form: no shell splitting surprises"
+    return [*argv[2:], *command]
+
+
+def test_services() -> None:
+    assert set(SERVICES) == {"secateur", "prometheus", "grafana"}
+    assert SERVICES["prometheus"]["image"].startswith("prom/prometheus:")
+    assert SERVICES["grafana"]["image"].startswith("grafana/grafana:")
+    for name, svc in SERVICES.items():
+        if "image" in svc and "build" not in svc:
+            tag = svc["image"].rpartition(":")[2]
+            assert tag and tag != "latest" and "/" not in tag, f"{name}: pin the image tag"
+    assert "secateur" in SERVICES["prometheus"]["depends_on"]
+    assert "prometheus" in SERVICES["grafana"]["depends_on"]
+
+
+def test_server_is_built_from_the_dockerfile() -> None:
+    build = SERVICES["secateur"]["build"]
+    context = (DEPLOY / build["context"]).resolve()
+    assert context == ROOT
+    assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+    assert build["target"] in {s.name for s in read_stages()}
+
+
+def test_server_command_uses_serve_flags() -> None:
+    ns = parse_serve_args(_server_argv())
+    assert ns.host == "0.0.0.0"
+    assert _ports("secateur") == {
+        ns.port: f"127.0.0.1:{ns.port}",
+        ns.metrics_port: f"127.0.0.1:{ns.metrics_port}",
+    }
+    assert {ns.port, ns.metrics_port} == {50051, 9464}
+    # The state dir and the models folder are named volumes; the models folder is
+    # allow-listed (it replaces the default allow-list, the state dir's models/).
+    named = {target.rstrip("/"): src for src, target, _ in _volumes("secateur")}
+    assert named[ns.state_dir] in SPEC["volumes"]
+    assert ns.allowed_uri_prefix
+    for prefix in ns.allowed_uri_prefix:
+        if prefix.startswith("/"):
+            assert named[prefix] in SPEC["volumes"], f"{prefix} is not on a named volume"
+
+
+def test_named_volumes_are_declared_and_local_mounts_are_the_documented_ones() -> None:
+    for name in SERVICES:
+        for src, target, mode in _volumes(name):
+            if src.startswith(("./", "../", "/")):
+                assert LOCAL_MOUNTS.get(name, {}).get(src) == target, f"{name}: {src}:{target}"
+                assert mode == "ro", f"{name}: mount {src} read-only"
+            else:
+                assert src in SPEC["volumes"], f"{name}: volume {src} is not declared"
+    for name, mounts in LOCAL_MOUNTS.items():
+        mounted = {src: target for src, target, _ in _volumes(name)}
+        assert mounted.items() >= mounts.items(), name
+    # The files themselves live beside this file (written with deploy/prometheus
+    # and deploy/grafana); they must stay inside deploy/.
+    for mounts in LOCAL_MOUNTS.values():
+        for src in mounts:
+            assert DEPLOY in (DEPLOY / src).resolve().parents
+
+
+def test_prometheus_reads_the_mounted_config() -> None:
+    command = SERVICES["prometheus"]["command"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in command
+    assert _ports("prometheus") == {9090: "127.0.0.1:9090"}
+    assert _ports("grafana") == {3000: "127.0.0.1:3000"}
+
+
+def test_one_network() -> None:
+    assert len(SPEC["networks"]) == 1
+    (network,) = SPEC["networks"]
+    for name, svc in SERVICES.items():
+        assert svc["networks"] == [network], name
+
+
+def test_matches_the_compose_specification() -> None:
+    """The Compose Specification's JSON schema, as vendored by check-jsonschema (offline)."""
+    pytest.importorskip("check_jsonschema")
+    check = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
+    proc = subprocess.run(
+        [*check, str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_docker_compose_config() -> None:
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("docker is not installed")
+    probe = subprocess.run(
+        [docker, "compose", "version"], capture_output=True, text=True, timeout=30
+    )
+    if probe.returncode != 0:
+        pytest.skip("the docker compose plugin is not installed")
+    # `config` only reads and resolves the file; the bind-mounted sources may be
+    # written by other parts of deploy/ and need not exist for it.
+    proc = subprocess.run(
+        [docker, "compose", "-f", str(COMPOSE), "config", "--quiet", "--no-path-resolution"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(DEPLOY),
+    )
+    assert proc.returncode == 0, proc.stderr
