@@ -57,6 +57,18 @@ __all__ = [
 ]
 
 OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "cancelled", "gate_failed")
+# The pipeline's stages (secateur.server.pipeline.STAGES, repeated here so
+# this module stays free of the pipeline's imports).
+JOB_STAGES: tuple[str, ...] = (
+    "FETCHING",
+    "ANALYZING",
+    "SCORING",
+    "REBUILDING",
+    "FINE_TUNING",
+    "EVALUATING",
+    "MEASURING",
+    "EXPORTING",
+)
 VARIANTS: tuple[str, ...] = ("original", "pruned")
 GRPC_TYPES: tuple[str, ...] = ("unary", "client_stream", "server_stream", "bidi_stream")
 #: Keys of the figure mappings given to :meth:`ServerMetrics.record_figures`.
@@ -178,6 +190,12 @@ class ServerMetrics:
             buckets=JOB_DURATION_BUCKETS,
             registry=r,
         )
+        # Zero series from the start, so the first job after a restart shows in
+        # rate() and histogram_quantile() (a series' first sample is invisible).
+        for stage in JOB_STAGES:
+            self.stage_duration.labels(stage=stage)
+        for outcome in OUTCOMES:
+            self.job_duration.labels(outcome=outcome)
         # Figures of the last finished job, by variant (original|pruned).
         self.train_step_seconds = Gauge(
             "secateur_train_step_seconds",
