@@ -282,9 +282,9 @@ def target_checks(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 LAYOUT_NOTE = (
     "note: FLOPs ratio is analytic (2 x multiply-adds per example); step ratio is measured\n"
-    "      wall clock on this CPU. DESIGN.md measured power-of-two widths (64..512) as slow on\n"
-    "      this CPU for layout reasons (a 1%-narrower VGG-16-BN stepped 2x faster), so the\n"
-    "      measured step-time saving can exceed the FLOPs saving (step/FLOPs < 1): both shown."
+    "      wall clock on this CPU. Widths off oneDNN's 16-float vector multiple step slower\n"
+    "      than their FLOPs (step/FLOPs > 1); --round-to 16 keeps widths on it and the step\n"
+    "      ratio tracks, or beats, the FLOPs ratio. Both are shown; neither is inferred."
 )
 
 
