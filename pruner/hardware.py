@@ -6,8 +6,9 @@ what one of 128 does. GPUs' tensor cores want channel counts in multiples of
 8. On CPU, oneDNN's blocked formats work in 16-float vectors (AVX-512).
 Measured here (VGG-16-BN, CIFAR shape, batch 128, ``benchmarks/measure.py``):
 with ``--round-to 1`` the step-time ratio runs 1.04-1.5x the FLOPs ratio,
-with ``--round-to 16`` 0.95-0.97x (1.15x at 70%), so 16 is the CPU default. ``round_to="auto"`` picks the device's multiple so pruning
-removes channels the hardware would otherwise pad back.
+with ``--round-to 16`` 0.95-0.97x (1.15x at 70%), so 16 is the CPU default.
+``round_to="auto"`` picks the device's multiple so pruning removes channels
+the hardware would otherwise pad back.
 """
 
 from __future__ import annotations
