@@ -38,25 +38,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from secateur.v1 import pruning_pb2
+
 if TYPE_CHECKING:
     from secateur.client.client import ClientError, PruningClient
-    from secateur.v1 import pruning_pb2
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE, EXIT_CANCELLED = 0, 1, 2, 3, 4
 
 DEFAULT_SERVER = "localhost:50051"
-# The pipeline's stages, in order (as secateur.server.pipeline.STAGES and the
-# proto's Job.Stage); kept here so the progress bar imports nothing heavy.
-STAGES = (
-    "FETCHING",
-    "ANALYZING",
-    "SCORING",
-    "REBUILDING",
-    "FINE_TUNING",
-    "EVALUATING",
-    "MEASURING",
-    "EXPORTING",
-)
+# The job stages in order, from the contract (the pipeline's STAGES match it:
+# tests/test_proto.py); protobuf only, nothing heavy.
+STAGES: tuple[str, ...] = tuple(pruning_pb2.Job.Stage.keys()[1:])
 # google.rpc.Code numbers that mean the request or its inputs were wrong.
 BAD_INPUT_CODES = frozenset(
     {

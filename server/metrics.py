@@ -45,6 +45,8 @@ import prometheus_client
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from secateur.v1 import pruning_pb2
+
 __all__ = [
     "FIGURE_KEYS",
     "GRPC_TYPES",
@@ -57,18 +59,8 @@ __all__ = [
 ]
 
 OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "cancelled", "gate_failed")
-# The pipeline's stages (secateur.server.pipeline.STAGES, repeated here so
-# this module stays free of the pipeline's imports).
-JOB_STAGES: tuple[str, ...] = (
-    "FETCHING",
-    "ANALYZING",
-    "SCORING",
-    "REBUILDING",
-    "FINE_TUNING",
-    "EVALUATING",
-    "MEASURING",
-    "EXPORTING",
-)
+# The job stages, from the contract (the pipeline's STAGES match it).
+JOB_STAGES: tuple[str, ...] = tuple(pruning_pb2.Job.Stage.keys()[1:])
 VARIANTS: tuple[str, ...] = ("original", "pruned")
 GRPC_TYPES: tuple[str, ...] = ("unary", "client_stream", "server_stream", "bidi_stream")
 #: Keys of the figure mappings given to :meth:`ServerMetrics.record_figures`.

@@ -32,3 +32,10 @@ def test_contract_importsWithoutTensorflow() -> None:
         "assert pruning_pb2.Job.State.Name(3) == 'SUCCEEDED'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pipelineStages_matchTheContractsStageEnum() -> None:
+    from secateur.server.pipeline import STAGES
+    from secateur.v1 import pruning_pb2
+
+    assert tuple(pruning_pb2.Job.Stage.keys()[1:]) == STAGES

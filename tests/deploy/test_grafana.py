@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,12 @@ from secateur.server.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 
-from ..server.prometheus_fixture import PrometheusServer, Sample, prometheus_binary
+from ..server.prometheus_fixture import (
+    PrometheusServer,
+    Sample,
+    prometheus_binary,
+    run_prometheus,
+)
 from .test_prometheus_config import (
     CONFIG,
     SYNTHETIC_METRICS,
@@ -166,15 +171,6 @@ class Live:
     server: BackgroundServer
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _deploy_config(target: str) -> dict[str, Any]:
     """deploy/prometheus/prometheus.yml aimed at ``target``, scraping every second."""
     config: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
@@ -193,48 +189,16 @@ def deploy_prometheus(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Any]:
     """Factory: a real Prometheus running deploy/prometheus's config (rules included)."""
-    binary = prometheus_binary()
-    started: list[PrometheusServer] = []
+    prometheus_binary()
+    with ExitStack() as stack:
 
-    def start(target: str) -> PrometheusServer:
-        workdir = tmp_path_factory.mktemp("deploy-prometheus")
-        config = workdir / "prometheus.yml"
-        config.write_text(json.dumps(_deploy_config(target), indent=2))  # JSON is YAML
-        for attempt in range(3):  # the free port may be taken before Prometheus binds it
-            port = _free_port()
-            log_path = workdir / f"prometheus-{attempt}.log"
-            with log_path.open("wb") as log:
-                process = subprocess.Popen(
-                    [
-                        binary,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={workdir / f'tsdb-{attempt}'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
-                        "--log.level=warn",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                )
-            server = PrometheusServer(f"http://127.0.0.1:{port}", process, log_path, (target,))
-            started.append(server)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and process.poll() is None:
-                try:
-                    server.api("status/buildinfo")
-                    return server
-                except (OSError, AssertionError, ValueError):
-                    time.sleep(0.1)
-            server.stop()
-            if "address already in use" not in server.log_tail():
-                raise RuntimeError(f"prometheus did not become ready:\n{server.log_tail()}")
-        raise RuntimeError("prometheus could not bind a port")
+        def start(target: str) -> PrometheusServer:
+            workdir = tmp_path_factory.mktemp("deploy-prometheus")
+            return stack.enter_context(
+                run_prometheus([target], workdir, config_data=_deploy_config(target))
+            )
 
-    try:
         yield start
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,16 +188,21 @@ def run_prometheus(
     scrape_interval: str = "1s",
     job: str = SCRAPE_JOB,
     ready_timeout: float = 30.0,
+    config_data: Mapping[str, Any] | None = None,
 ) -> Iterator[PrometheusServer]:
     """Run Prometheus on a free 127.0.0.1 port scraping ``targets`` ("host:port").
 
-    Config, TSDB and log live under ``workdir``. Yields once ``/-/ready``
-    answers 200; the process is always terminated on exit.
+    Config, TSDB and log live under ``workdir``. ``config_data`` replaces the
+    generated config (e.g. deploy/prometheus's, rules included). Yields once
+    ``/-/ready`` answers 200; the process is always terminated on exit.
     """
     binary = prometheus_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    _write_config(config, targets, scrape_interval, job)
+    if config_data is None:
+        _write_config(config, targets, scrape_interval, job)
+    else:
+        config.write_text(json.dumps(config_data, indent=2))  # JSON is YAML
     last_log = ""
     for attempt in range(3):  # the free port may be taken before Prometheus binds it
         port = _free_port()
