@@ -220,13 +220,6 @@ class ChannelGraph:
         self._groups = list(by_root.values())
         return self._groups
 
-    def group_of(self, sid: int) -> Group:
-        root = self.find(sid)
-        for grp in self.groups():
-            if self.find(grp.spaces[0]) == root:
-                return grp
-        raise KeyError(sid)
-
     def space_to_group(self) -> np.ndarray:
         """Array mapping space id -> group id."""
         out = np.zeros(len(self.spaces), dtype=np.int64)

@@ -19,6 +19,7 @@ import numpy as np
 from secateur.pruner.errors import EmptyGroupError, InvalidSpecError, PlanError
 from secateur.pruner.graph import ChannelGraph, Group, analyze
 from secateur.pruner.hardware import detect_device_kind, resolve_round_to
+from secateur.pruner.layout import spaces as layout_spaces
 from secateur.pruner.scoring import GroupScore, score_group
 from secateur.pruner.spec import PruneSpec
 
@@ -232,18 +233,12 @@ def _freeze_excluded(graph: ChannelGraph, groups: list[Group], exclude: tuple[st
             spaces = set(graph.touched.get(path, ()))
             for (p, _), edit in graph.edits.items():
                 if p == path:
-                    spaces.update(s.space for s in _segs_of(edit.layout))
+                    spaces.update(layout_spaces(edit.layout))
             for sid in spaces:
                 grp = groups[by_group[sid]]
                 reason = f"layer '{path}' is excluded by the spec"
                 if reason not in grp.frozen:
                     grp.frozen.append(reason)
-
-
-def _segs_of(layout: Any) -> list[Any]:
-    from secateur.pruner.graph import _segs
-
-    return list(_segs(layout))
 
 
 def _floor(size: int, spec: PruneSpec) -> int:
