@@ -71,37 +71,6 @@ def run_arm(
     return report
 
 
-def rows_of(report: dict[str, Any]) -> list[dict[str, Any]]:
-    o = report["original"]
-    rows = [
-        {
-            "ratio": 0.0,
-            **{
-                k: o[k]
-                for k in ("accuracy", "params", "peak_memory_bytes", "train_step_seconds", "flops")
-            },
-        }
-    ]
-    for c in report["candidates"]:
-        f = c["figures"]
-        rows.append(
-            {
-                "ratio": c["ratio"],
-                **{
-                    k: f[k]
-                    for k in (
-                        "accuracy",
-                        "params",
-                        "peak_memory_bytes",
-                        "train_step_seconds",
-                        "flops",
-                    )
-                },
-            }
-        )
-    return rows
-
-
 def plot(results: dict[str, list[dict[str, Any]]], out: str) -> list[str]:
     import matplotlib
 
@@ -215,6 +184,7 @@ def main() -> int:
     args.work = args.work or tempfile.mkdtemp(prefix="secateur-study-")
     os.makedirs(args.out, exist_ok=True)
     from secateur.server.demo import DemoConfig, prepare
+    from secateur.server.pipeline import curve_rows
 
     cfg = DemoConfig(
         workdir=args.work,
@@ -227,7 +197,7 @@ def main() -> int:
     reports = {}
     for name, criterion, reload in ARMS:
         reports[name] = run_arm(name, criterion, reload, model_path, (train, evalf), args)
-        results[name] = rows_of(reports[name])
+        results[name] = curve_rows(reports[name])
     for path in plot(results, args.out):
         print(f"wrote {path}")
     how = reports[ARMS[0][0]]["original"]["how"]

@@ -117,17 +117,8 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-_METRIC_FIELDS = (
-    "params",
-    "weight_bytes",
-    "flops",
-    "peak_memory_bytes",
-    "train_step_seconds",
-    "train_step_p90_seconds",
-    "latency_batch1_seconds",
-    "latency_batch_seconds",
-    "accuracy",
-)
+# Every scalar figure of the contract's Metrics (``how`` is a Struct, set apart).
+_METRIC_FIELDS = tuple(f.name for f in pb.Metrics.DESCRIPTOR.fields if f.name != "how")
 
 
 def metrics(figures: Mapping[str, Any] | None) -> pb.Metrics | None:

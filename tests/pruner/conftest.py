@@ -64,13 +64,6 @@ def _all_layers(model: Any) -> list[Any]:
     return out
 
 
-def resolve(model: Any, path: str) -> Any:
-    layer = model
-    for name in path.split("/"):
-        layer = layer.get_layer(name)
-    return layer
-
-
 def kill_pruned_channels(model: Any, plan: PruningPlan) -> None:
     """Zero every parameter that produces a channel the plan removes.
 
