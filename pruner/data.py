@@ -5,13 +5,17 @@ raw floats in a float_list) and an int64 class under ``label_key``. Images
 reach the model as float32 in [0, 255] by default (``scale`` changes that):
 models carry their own preprocessing, as keras.applications do.
 
-The first records are decoded eagerly before any training so that missing
-keys, a wrong image size or labels the model cannot output fail at once with
-a :class:`DataError` that says what was found.
+Every record of every file is checked before any training (:func:`check_file`,
+one tf.data pass per file, so it works the same on a file streamed from a
+URI): missing keys, an undecodable image or one of the wrong size, a label the
+model cannot output, and a corrupt or truncated record all fail at once with a
+:class:`DataError` naming the file and the record (counted from 0). Bad
+records are never skipped.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,67 +91,79 @@ def write_examples(
             writer.write(example.SerializeToString())
 
 
-def _inspect(files: Sequence[str], spec: DataSpec) -> str:
+def _inspect(path: str, name: str, spec: DataSpec) -> str:
     """Check the first record's keys; return ``bytes`` or ``floats``."""
     tf = _tf()
     try:
-        first = next(iter(tf.data.TFRecordDataset(list(files[:1]))))
+        first = next(iter(tf.data.TFRecordDataset([path])))
     except StopIteration:
-        raise DataError(f"data files must hold at least one record. Received: {files[0]}") from None
-    except Exception as exc:
-        raise DataError(f"data must be TFRecord files ({exc}). Received: {files[0]}") from exc
-    example = tf.train.Example()
-    try:
-        example.ParseFromString(first.numpy())
-    except Exception as exc:
-        raise DataError(f"records must be tf.train.Example. Received: {files[0]}") from exc
-    feats = example.features.feature
-    for key in (spec.image_key, spec.label_key):
-        if key not in feats:
-            raise DataError(
-                f"every example needs features '{spec.image_key}' and '{spec.label_key}'. "
-                f"Received: features {sorted(feats)} in {files[0]}"
-            )
-    if feats[spec.label_key].WhichOneof("kind") != "int64_list":
-        raise DataError(f"label '{spec.label_key}' must be int64. Received: {files[0]}")
-    kind = feats[spec.image_key].WhichOneof("kind")
-    if kind == "bytes_list":
-        return "bytes"
-    if kind == "float_list":
-        return "floats"
-    raise DataError(
-        f"image '{spec.image_key}' must be encoded bytes or raw floats. Received: {kind}"
-    )
+        raise DataError(
+            f"data files must hold at least one record. Received: {name}", file=name
+        ) from None
+    except tf.errors.OpError as exc:
+        raise DataError(
+            f"data must be TFRecord files ({tf_reason(exc)}). Received: {name}", file=name
+        ) from exc
+    problem = _example_problem(first.numpy(), spec, None)
+    if problem:
+        raise DataError(f"{problem} in {name}", file=name, record=0)
+    kind = tf.train.Example.FromString(first.numpy()).features.feature[spec.image_key]
+    return "bytes" if kind.WhichOneof("kind") == "bytes_list" else "floats"
 
 
-def make_dataset(
-    files: Sequence[str],
-    image_shape: Sequence[int],
-    batch_size: int,
-    spec: DataSpec = DataSpec(),
-    shuffle: bool = False,
-    seed: int = 0,
-    num_classes: int | None = None,
-) -> Any:
-    """A batched, prefetched ``tf.data.Dataset`` of (images, labels).
-
-    Args:
-        files: local TFRecord paths.
-        image_shape: (H, W, C) the model expects.
-        batch_size: examples per batch.
-        spec: feature keys and scaling.
-        shuffle: shuffle files and examples (training).
-        seed: shuffle seed.
-        num_classes: when given, labels are checked to be in [0, num_classes).
-
-    Raises:
-        DataError: no files, missing keys, images that do not fit the model.
-    """
+def _example_problem(raw: bytes, spec: DataSpec, kind: str | None) -> str:
+    """What makes one record unusable, as "constraint. Received: what"; "" if nothing."""
     tf = _tf()
-    if not files:
-        raise DataError("data needs at least one TFRecord file. Received: no files")
-    kind = _inspect(files, spec)
-    h, w, c = (int(d) for d in image_shape)
+    from google.protobuf.message import DecodeError
+
+    try:
+        feats = tf.train.Example.FromString(raw).features.feature
+    except DecodeError:
+        return f"records must be tf.train.Example. Received: {len(raw)} bytes that are not one"
+    if spec.image_key not in feats or spec.label_key not in feats:
+        return (
+            f"every example needs features '{spec.image_key}' and '{spec.label_key}'. "
+            f"Received: features {sorted(feats)}"
+        )
+    label = feats[spec.label_key]
+    if label.WhichOneof("kind") != "int64_list" or len(label.int64_list.value) != 1:
+        return (
+            f"label '{spec.label_key}' must be one int64. "
+            f"Received: {label.WhichOneof('kind')} {_values(label)}"
+        )
+    found = feats[spec.image_key].WhichOneof("kind")
+    expected = {"bytes": ("bytes_list",), "floats": ("float_list",), None: _IMAGE_KINDS}[kind]
+    if found not in expected:
+        return (
+            f"image '{spec.image_key}' must be encoded bytes or raw floats, the same in "
+            f"every record. Received: {found}"
+        )
+    return ""
+
+
+_IMAGE_KINDS = ("bytes_list", "float_list")
+
+
+def _values(feature: Any) -> str:
+    kind = feature.WhichOneof("kind")
+    return str(list(getattr(feature, kind).value)[:5]) if kind else "(no value)"
+
+
+def tf_reason(exc: Any) -> str:
+    """TensorFlow's own words for an op error, without its graph-node decoration."""
+    lines = [ln for ln in str(getattr(exc, "message", exc)).splitlines() if ln.strip()] or [""]
+    if lines[0].startswith("Graph execution error"):
+        # Then "Detected at node", a traceback (indented), the reason, "\t[[{{node ...}}]]".
+        reasons = [ln for ln in lines[1:] if not ln[0].isspace()]
+        lines = [r for r in reasons if not r.startswith("Detected at node")] or lines
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", "", lines[0])
+    return text.strip().rstrip(".")[:200]
+
+
+def _parser(spec: DataSpec, kind: str, shape: tuple[int, int, int]) -> Any:
+    """record -> (image float32 (H, W, C), label int64)."""
+    tf = _tf()
+    h, w, c = shape
 
     def parse(record: Any) -> tuple[Any, Any]:
         img_feature = (
@@ -169,7 +185,48 @@ def make_dataset(
         image = tf.ensure_shape(image * spec.scale, (h, w, c))
         return image, parsed[spec.label_key]
 
-    _check_first(files, parse, (h, w, c), num_classes)
+    return parse
+
+
+def make_dataset(
+    files: Sequence[str],
+    image_shape: Sequence[int],
+    batch_size: int,
+    spec: DataSpec = DataSpec(),
+    shuffle: bool = False,
+    seed: int = 0,
+    num_classes: int | None = None,
+    names: Sequence[str] | None = None,
+) -> Any:
+    """A batched, prefetched ``tf.data.Dataset`` of (images, labels), every record checked.
+
+    Args:
+        files: TFRecord paths TensorFlow can open.
+        image_shape: (H, W, C) the model expects.
+        batch_size: examples per batch.
+        spec: feature keys and scaling.
+        shuffle: shuffle files and examples (training).
+        seed: shuffle seed.
+        num_classes: when given, labels are checked to be in [0, num_classes).
+        names: what to call each file in errors (the user's URI for a local
+            copy); defaults to ``files``.
+
+    Raises:
+        DataError: no files, missing keys, images that do not fit the model,
+            labels out of range, corrupt or truncated records (the error names
+            the file and the record).
+    """
+    tf = _tf()
+    if not files:
+        raise DataError("data needs at least one TFRecord file. Received: no files")
+    names = list(names) if names is not None else list(files)
+    if len(names) != len(files):
+        raise ValueError(f"names must match files one to one. Received: {len(names)} names")
+    kind = _inspect(files[0], names[0], spec)
+    shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
+    parse = _parser(spec, kind, shape)
+    for path, name in zip(files, names, strict=True):
+        check_file(path, name, spec, kind, shape, num_classes)
     ds = tf.data.Dataset.from_tensor_slices(list(files))
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed)
@@ -180,23 +237,127 @@ def make_dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def _check_first(
-    files: Sequence[str], parse: Any, shape: tuple[int, int, int], num_classes: int | None
-) -> None:
+_CHUNK = 512
+# Bytes a TFRecord adds around each record: length (8), its CRC (4), data CRC (4).
+_FRAMING = 16
+
+
+def check_file(
+    path: str,
+    name: str,
+    spec: DataSpec,
+    kind: str,
+    shape: tuple[int, int, int],
+    num_classes: int | None,
+) -> int:
+    """Decode every record of one file as training will; return how many there are.
+
+    One tf.data pass, in chunks. A chunk that fails is read again record by
+    record to name the first bad one. TensorFlow stops quietly at a record
+    cut off by the end of the file, so the bytes the records account for are
+    compared with the file's size as well.
+
+    Raises:
+        DataError: naming ``name`` and the record (counted from 0).
+    """
     tf = _tf()
-    sample = tf.data.TFRecordDataset(list(files[:1])).take(256)
-    try:
-        for _image, label in sample.map(parse):
-            if num_classes is not None and not 0 <= int(label) < num_classes:
+    parse = _parser(spec, kind, shape)
+
+    def summary(record: Any) -> tuple[Any, Any, Any]:
+        image, label = parse(record)
+        # The image's max keeps its decoding and shape check in the graph.
+        return label, tf.reduce_max(image), tf.strings.length(record)
+
+    chunks = iter(
+        tf.data.TFRecordDataset([path])
+        .map(summary, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(_CHUNK)
+        .prefetch(1)
+    )
+    done = payload = 0
+    while True:
+        try:
+            labels, _, lengths = next(chunks)
+        except StopIteration:
+            break
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: TensorFlow quotes a non-Example record's bytes in its message.
+            raise _locate(path, name, spec, kind, shape, num_classes, done, exc) from exc
+        labels = labels.numpy()
+        if num_classes is not None:
+            bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+            if bad.size:
+                record = done + int(bad[0])
                 raise DataError(
                     f"labels must be in [0, {num_classes}) for this model's output. "
-                    f"Received: label {int(label)} in {files[0]}"
+                    f"Received: label {int(labels[bad[0]])} at record {record} of {name}",
+                    file=name,
+                    record=record,
                 )
-    except tf.errors.InvalidArgumentError as exc:
+        done += len(labels)
+        payload += int(np.sum(lengths.numpy())) + _FRAMING * len(labels)
+    size = int(tf.io.gfile.stat(path).length)
+    if payload != size:
         raise DataError(
+            "a TFRecord file must end where its last record ends; corrupt or truncated "
+            f"records are not skipped. Received: {size - payload} trailing bytes after "
+            f"{done} readable records (the file is cut or corrupt at record {done}) in {name}",
+            file=name,
+            record=done,
+        )
+    return done
+
+
+def _locate(
+    path: str,
+    name: str,
+    spec: DataSpec,
+    kind: str,
+    shape: tuple[int, int, int],
+    num_classes: int | None,
+    start: int,
+    exc: Exception,
+) -> DataError:
+    """The DataError for the first bad record at or after ``start``."""
+    tf = _tf()
+    parse = _parser(spec, kind, shape)
+    record = start
+    try:
+        for raw in tf.data.TFRecordDataset([path]).skip(start):
+            problem = _example_problem(raw.numpy(), spec, kind)
+            if not problem:
+                problem = _decode_problem(parse, raw, shape, num_classes)
+            if problem:
+                message = f"{problem} at record {record} of {name}"
+                return DataError(message, file=name, record=record)
+            record += 1
+    except tf.errors.DataLossError as loss:
+        exc = loss
+    return DataError(
+        "every record must be readable; corrupt or truncated records are not skipped. "
+        f"Received: {tf_reason(exc)} at record {record} of {name}",
+        file=name,
+        record=record,
+    )
+
+
+def _decode_problem(
+    parse: Any, raw: Any, shape: tuple[int, int, int], num_classes: int | None
+) -> str:
+    tf = _tf()
+    try:
+        _image, label = parse(raw)
+    except tf.errors.InvalidArgumentError as bad:
+        return (
             f"images must decode to the model's input shape {shape} "
-            f"(set resize to scale them). Received: {exc.message.splitlines()[0]} in {files[0]}"
-        ) from exc
+            f"(set resize to scale them). Received: {tf_reason(bad)}"
+        )
+    if num_classes is not None and not 0 <= int(label) < num_classes:
+        return (
+            f"labels must be in [0, {num_classes}) for this model's output. "
+            f"Received: label {int(label)}"
+        )
+    return ""
 
 
 def count_examples(files: Sequence[str]) -> int:

@@ -44,7 +44,21 @@ class ModelLoadError(SecateurError):
 
 
 class DataError(SecateurError, ValueError):
-    """Training or evaluation data is missing, malformed or does not fit the model."""
+    """Training or evaluation data is missing, malformed or does not fit the model.
+
+    Attributes:
+        file: the data file to blame, as the user named it ("" when none).
+        record: the bad record's index in ``file``, counted from 0 (None when
+            the file as a whole is to blame).
+        field: the request field holding that data (``train_data`` or
+            ``eval_data``), for field-violation details; "" when unknown.
+    """
+
+    def __init__(
+        self, message: str, file: str = "", record: int | None = None, field: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.file, self.record, self.field = file, record, field
 
 
 class CancelledError(SecateurError):

@@ -9,13 +9,14 @@ for these nets (DESIGN.md), so ``jit_compile="auto"`` leaves it off there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from secateur.pruner._keras import keras
 from secateur.pruner.config import TrainConfig
-from secateur.pruner.errors import CancelledError
+from secateur.pruner.errors import CancelledError, DataError
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def finetune(
 
     Raises:
         CancelledError: ``should_cancel`` returned True during training.
+        DataError: a record became unreadable during training.
     """
     model = in_strategy(model, device)
     compile_for_training(model, config, device)
@@ -182,16 +184,37 @@ def finetune(
         cardinality = int(train_ds.cardinality())
         steps = cardinality if cardinality > 0 else None
     hooks = _Hooks(config.epochs, steps, on_progress, should_cancel)
-    history = model.fit(
-        train_ds,
-        epochs=config.epochs,
-        steps_per_epoch=config.steps_per_epoch,
-        callbacks=[hooks],
-        verbose=0,
-    )
+    with data_loss_as_data_error():
+        history = model.fit(
+            train_ds,
+            epochs=config.epochs,
+            steps_per_epoch=config.steps_per_epoch,
+            callbacks=[hooks],
+            verbose=0,
+        )
     if hooks.cancelled:
         raise CancelledError("fine-tuning was cancelled")
     return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+@contextmanager
+def data_loss_as_data_error() -> Iterator[None]:
+    """A record that became unreadable after the data was checked: DataError, not a crash.
+
+    make_dataset checks every record first; this covers data that changes
+    under a running job (a file rewritten, or streamed and cut off).
+    """
+    import tensorflow as tf
+
+    from secateur.pruner.data import tf_reason
+
+    try:
+        yield
+    except tf.errors.DataLossError as exc:
+        raise DataError(
+            "data must stay readable while training; corrupt or truncated records are not "
+            f"skipped. Received: {tf_reason(exc)}"
+        ) from exc
 
 
 def evaluate(model: Any, eval_ds: Any) -> float:
@@ -199,11 +222,12 @@ def evaluate(model: Any, eval_ds: Any) -> float:
     import numpy as np
 
     correct = total = 0
-    for images, labels in eval_ds:
-        logits = model(images, training=False)
-        pred = np.argmax(np.asarray(logits), axis=-1)
-        correct += int(np.sum(pred == np.asarray(labels)))
-        total += int(pred.shape[0])
+    with data_loss_as_data_error():
+        for images, labels in eval_ds:
+            logits = model(images, training=False)
+            pred = np.argmax(np.asarray(logits), axis=-1)
+            correct += int(np.sum(pred == np.asarray(labels)))
+            total += int(pred.shape[0])
     if total == 0:
         raise ValueError("evaluation data is empty")
     return correct / total
