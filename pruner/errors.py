@@ -7,6 +7,7 @@ never on message text::
     ├── InvalidSpecError        a PruneSpec field is out of range or unknown
     ├── UnsupportedModelError   the model cannot be traced (subclassed, ...)
     ├── ModelLoadError          a model file is missing, unreadable or corrupt
+    │   └── UnsafeModelError    loading it would run code from the file (Lambda, custom object)
     ├── DataError               training/eval data missing or not fitting the model
     ├── CancelledError          a long operation was cancelled by its caller
     └── PlanError               a plan cannot be applied to a model
@@ -41,6 +42,23 @@ class UnsupportedModelError(SecateurError, TypeError):
 
 class ModelLoadError(SecateurError):
     """A model file or directory is missing, unreadable or corrupt."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """Loading the model would run code the file carries.
+
+    A ``Lambda`` layer, a serialised Python function or a custom (non-Keras)
+    object; refused before any deserialisation (see ``secateur.pruner.safety``).
+
+    Attributes:
+        layer: the offending layer's path in the model (``outer/inner/evil``).
+        class_name: the refused class (``Lambda``, a custom class name, ...).
+    """
+
+    def __init__(self, message: str, layer: str = "", class_name: str = "") -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.class_name = class_name
 
 
 class DataError(SecateurError, ValueError):

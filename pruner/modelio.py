@@ -10,6 +10,11 @@ Reading (``load_model``):
 - a SavedModel without Keras metadata raises :class:`UnsupportedModelError`
   naming the missing file and what to provide instead.
 
+Nothing from the file runs: every format's Keras config is inspected by
+:mod:`secateur.pruner.safety` before any deserialisation (Lambda layers and
+custom objects raise :class:`UnsafeModelError`), and Keras 3 then loads with
+``safe_mode=True``.
+
 Writing (``export_serving``): a SavedModel whose ``serving_default`` signature
 has the same input and output keys, dtypes and shapes as the original model
 (Keras 3's plain ``export()`` would rename them ``keras_tensor``/``output_0``).
@@ -25,6 +30,7 @@ from typing import Any
 
 from secateur.pruner._keras import keras
 from secateur.pruner.errors import ModelLoadError, UnsupportedModelError
+from secateur.pruner.safety import check_model_file
 
 SECATEUR_ASSETS = os.path.join("assets.extra", "secateur")
 ARCHIVE_NAME = "model.keras"
@@ -58,25 +64,33 @@ def load_model(path: str) -> Any:
     Raises:
         ModelLoadError: the path is missing, unreadable or corrupt.
         UnsupportedModelError: a SavedModel without Keras metadata.
+        UnsafeModelError: loading would run code from the file (Lambda layers,
+            custom objects); checked before anything is deserialised.
     """
     if not os.path.exists(path):
         raise ModelLoadError(f"model path must exist. Received: {path}")
     if os.path.isdir(path):
         return _load_directory(path)
+    return _load_file(path, path)
+
+
+def _load_file(path: str, shown: str) -> Any:
+    """Load a ``.keras``/``.h5`` file; errors name ``shown``, the user's path."""
     lower = path.lower()
     if lower.endswith(".keras") and not zipfile.is_zipfile(path):
         raise ModelLoadError(
-            f"a .keras file must be a zip archive; this one is corrupt. Received: {path}"
+            f"a .keras file must be a zip archive; this one is corrupt. Received: {shown}"
         )
     if not lower.endswith((".keras", ".h5", ".hdf5")):
         raise ModelLoadError(
-            f"model files must end in .keras, .h5 or be a SavedModel directory. Received: {path}"
+            f"model files must end in .keras, .h5 or be a SavedModel directory. Received: {shown}"
         )
+    check_model_file(path, shown)
     try:
-        return keras.saving.load_model(path, compile=False)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
         raise ModelLoadError(
-            f"could not read the model ({type(exc).__name__}: {exc}). Received: {path}"
+            f"could not read the model ({type(exc).__name__}: {exc}). Received: {shown}"
         ) from exc
 
 
@@ -100,6 +114,7 @@ def _load_directory(path: str) -> Any:
 
 
 def _load_tf_keras_savedmodel(path: str) -> Any:
+    check_model_file(path)  # tf_keras ignores safe_mode for SavedModels
     import tf_keras
 
     try:
@@ -117,7 +132,7 @@ def _load_tf_keras_savedmodel(path: str) -> Any:
     with tempfile.TemporaryDirectory(prefix="secateur-h5-") as tmp:
         h5 = os.path.join(tmp, "model.h5")
         legacy.save(h5, save_format="h5")
-        return load_model(h5)
+        return _load_file(h5, path)
 
 
 def signature_of(model: Any) -> ServingSignature:

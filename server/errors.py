@@ -25,13 +25,57 @@ from grpc_status import rpc_status
 log = logging.getLogger("secateur.server")
 
 
+# gRPC carries a status in headers (grpc-message, percent-encoded, and
+# grpc-status-details-bin, base64) whose whole size a peer caps at 8-16 KiB;
+# beyond that the client gets RESOURCE_EXHAUSTED instead of the error. These
+# caps (UTF-8 bytes) keep a status under 7 KiB however much input it echoes,
+# even all non-ASCII (3 bytes percent-encoded per byte of grpc-message).
+MAX_MESSAGE_BYTES = 1024
+MAX_DESCRIPTION_BYTES = 200
+MAX_FIELD_BYTES = 100
+MAX_VIOLATIONS = 6
+#: How much of a received value a message echoes (``Received: ...``).
+MAX_ECHO_CHARS = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, the cut marked ``…(N more chars)``."""
+    if len(text.encode()) <= limit:
+        return text
+    keep = text.encode()[: max(limit - 24, 0)].decode(errors="ignore")
+    return f"{keep}…({len(text) - len(keep)} more chars)"
+
+
+def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """A received value as a message shows it (``repr`` for strings), cut to ``limit`` chars."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text) - limit} more chars)"
+
+
 @dataclass
 class ServiceError(Exception):
-    """An error the service raises on purpose, with its status code."""
+    """An error the service raises on purpose, with its status code.
+
+    Messages and violations are clipped (see ``MAX_MESSAGE_BYTES``) so that
+    an error echoing a huge input still reaches the client as itself.
+    """
 
     code: grpc.StatusCode
     message: str
     violations: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.message = clip(self.message, MAX_MESSAGE_BYTES)
+        kept = self.violations[:MAX_VIOLATIONS]
+        notes = [""] * len(kept)
+        if len(self.violations) > MAX_VIOLATIONS:
+            notes[-1] = f" (and {len(self.violations) - MAX_VIOLATIONS} more violations)"
+        self.violations = [
+            (clip(f, MAX_FIELD_BYTES), clip(d, MAX_DESCRIPTION_BYTES - len(note)) + note)
+            for (f, d), note in zip(kept, notes, strict=True)
+        ]
 
     def __str__(self) -> str:
         return self.message
@@ -45,6 +89,7 @@ def _by_name() -> dict[str, grpc.StatusCode]:
         "DataError": c.INVALID_ARGUMENT,
         "InvalidUriError": c.INVALID_ARGUMENT,
         "ModelLoadError": c.INVALID_ARGUMENT,
+        "UnsafeModelError": c.INVALID_ARGUMENT,  # the file itself is refused, whatever the state
         "StorageNotFoundError": c.NOT_FOUND,
         "StoragePermissionError": c.PERMISSION_DENIED,
         "StorageExistsError": c.ALREADY_EXISTS,
@@ -77,6 +122,7 @@ def status_of(exc: BaseException) -> ServiceError | None:
 
 def to_status_proto(err: ServiceError) -> status_pb2.Status:
     """google.rpc.Status with BadRequest details when fields are to blame."""
+    err = ServiceError(err.code, err.message, list(err.violations))  # clipped, even if mutated
     status = status_pb2.Status(code=err.code.value[0], message=err.message)
     if err.violations:
         detail = any_pb2.Any()
@@ -105,7 +151,15 @@ def code_name(code: int) -> str:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions raised by handlers into statuses (see module docstring)."""
+    """Turns exceptions raised by handlers into statuses (see module docstring).
+
+    Args:
+        validate: called with every request before its handler runs (the
+            service bounds request sizes with it); what it raises is mapped too.
+    """
+
+    def __init__(self, validate: Callable[[Any], None] | None = None) -> None:
+        self.validate = validate or (lambda _request: None)
 
     async def intercept_service(
         self,
@@ -118,17 +172,53 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(handler.unary_unary, method, self.validate),
+                request_deserializer=_safe_deserializer(handler.request_deserializer, method),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(handler.unary_stream, method, self.validate),
+                request_deserializer=_safe_deserializer(handler.request_deserializer, method),
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """Stands in for a request whose bytes did not decode (see _safe_deserializer)."""
+
+    message_type: str
+    size: int
+
+    def error(self) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {self.message_type} message (protobuf decoding "
+            f"failed). Received: {self.size} bytes",
+        )
+
+
+def _safe_deserializer(deserializer: Any, method: str) -> Any:
+    """``deserializer`` returning a :class:`_Malformed` instead of raising.
+
+    grpc answers an exception raised while decoding with UNKNOWN and the Python
+    exception's class and text, before any handler runs; the wrapped handlers
+    turn the stand-in into INVALID_ARGUMENT instead.
+    """
+    if deserializer is None:
+        return None
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    message_type = getattr(descriptor, "full_name", "") or f"{method} request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - DecodeError, or whatever else bad bytes raise
+            return _Malformed(message_type, len(data))
+
+    return deserialize
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
@@ -136,9 +226,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
     await context.abort_with_status(rpc_status.to_status(to_status_proto(err)))
 
 
-def _wrap_unary(behavior: Any, method: str) -> Any:
+def _wrap_unary(behavior: Any, method: str, validate: Callable[[Any], None]) -> Any:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Malformed):
+                raise request.error()
+            validate(request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -148,9 +241,12 @@ def _wrap_unary(behavior: Any, method: str) -> Any:
     return wrapped
 
 
-def _wrap_stream(behavior: Any, method: str) -> Any:
+def _wrap_stream(behavior: Any, method: str, validate: Callable[[Any], None]) -> Any:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Malformed):
+                raise request.error()
+            validate(request)
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
