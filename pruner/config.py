@@ -6,9 +6,19 @@ modules that run them (:mod:`finetune`, :mod:`measure`) import them from here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from secateur.pruner.errors import InvalidSpecError
+
+# Upper bounds well beyond any sensible job; they stop a typo (or a hostile
+# request) from asking for a billion epochs or a 2**31 batch.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 65_536
+MAX_LEARNING_RATE = 10.0
+MAX_STEPS = 100_000
+MAX_ROUNDS = 100
 
 
 @dataclass(frozen=True)
@@ -16,7 +26,8 @@ class TrainConfig:
     """Fine-tuning hyper-parameters (the study's defaults).
 
     Raises:
-        InvalidSpecError: a non-positive epoch count, batch or learning rate.
+        InvalidSpecError: a value out of range (see the ``MAX_*`` bounds), a
+            learning rate that is not a finite number in (0, 10].
     """
 
     epochs: int = 1
@@ -27,21 +38,12 @@ class TrainConfig:
     steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (0 if name == "epochs" else 1)
-            ):
-                raise InvalidSpecError(
-                    f"{name} must be a positive integer. Received: {name}={value!r}", name
-                )
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise InvalidSpecError(
-                f"learning_rate must be > 0. Received: learning_rate={self.learning_rate!r}",
-                "learning_rate",
-            )
+        check_int("epochs", self.epochs, 0, MAX_EPOCHS)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_float("learning_rate", self.learning_rate, 0.0, MAX_LEARNING_RATE, low_open=True)
+        check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        if self.steps_per_epoch is not None:
+            check_int("steps_per_epoch", self.steps_per_epoch, 1, MAX_STEPS)
         if self.jit_compile not in (True, False, "auto"):
             raise InvalidSpecError(
                 f"jit_compile must be true, false or 'auto'. Received: {self.jit_compile!r}",
@@ -57,9 +59,50 @@ class MeasureConfig:
     latency_runs: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("steps", "rounds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidSpecError(
-                    f"{name} must be a positive integer. Received: {name}={value!r}", name
-                )
+        check_int("warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("rounds", self.rounds, 1, MAX_ROUNDS)
+        check_int("latency_runs", self.latency_runs, 1, MAX_STEPS)
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> None:
+    """Raise InvalidSpecError unless ``value`` is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidSpecError(
+            f"{name} must be an integer in [{low}, {high}]. Received: {name}={_shown(value)}",
+            name,
+        )
+
+
+def check_float(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise InvalidSpecError unless ``value`` is a finite number within the bounds.
+
+    NaN and infinities are refused whatever the bounds (``nan > 0`` is False,
+    but ``inf > 0`` is True: a range check alone lets infinity through).
+    """
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (low < value if low_open else low <= value)
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise InvalidSpecError(
+            f"{name} must be a finite number in {interval}. Received: {name}={_shown(value)}",
+            name,
+        )
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else f"{text[:100]}…({len(text) - 100} more chars)"

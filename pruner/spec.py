@@ -7,10 +7,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from secateur.pruner.config import check_int
 from secateur.pruner.errors import InvalidSpecError
 
 CRITERIA = ("bn_scale", "l1", "l2", "random")
 SCOPES = ("global", "layerwise")
+# Beyond any layer's width (the widest Keras models have a few thousand channels).
+MAX_ROUND_TO = 4096
+MAX_CHANNELS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,8 @@ class PruneSpec:
                 "scope",
             )
         if self.round_to != "auto":
-            _check_int("round_to", self.round_to)
-        _check_int("min_channels", self.min_channels)
+            _check_int("round_to", self.round_to, MAX_ROUND_TO)
+        _check_int("min_channels", self.min_channels, MAX_CHANNELS)
         if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
             raise InvalidSpecError(
                 f"exclude must be a list of layer names. Received: exclude={self.exclude!r}",
@@ -76,8 +80,8 @@ class PruneSpec:
             )
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "ratio", float(ratio))
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise InvalidSpecError(f"seed must be an integer. Received: seed={self.seed!r}", "seed")
+        # np.random.default_rng and tf.data take non-negative 64-bit seeds.
+        check_int("seed", self.seed, 0, 2**63 - 1)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -100,7 +104,7 @@ class PruneSpec:
         return cls(**kwargs)
 
 
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "an integer >= 1 or 'auto'" if name == "round_to" else "an integer >= 1"
+def _check_int(name: str, value: Any, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        allowed = f"an integer in [1, {high}]" + (" or 'auto'" if name == "round_to" else "")
         raise InvalidSpecError(f"{name} must be {allowed}. Received: {name}={value!r}", name)

@@ -7,18 +7,19 @@ point at what it sent.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 
 from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.data import DataSpec
 from secateur.pruner.errors import InvalidSpecError
 from secateur.pruner.spec import PruneSpec
 from secateur.server.errors import ServiceError
-from secateur.server.pipeline import JobRequest
+from secateur.server.pipeline import MAX_RATIOS, JobRequest
 from secateur.v1 import pruning_pb2 as pb
 
 CRITERIA = {
@@ -30,7 +31,10 @@ CRITERIA = {
 }
 SCOPES = {pb.SCOPE_UNSPECIFIED: "global", pb.GLOBAL: "global", pb.LAYERWISE: "layerwise"}
 _FIELD_PATHS = {
+    "model_uri": "spec.model_uri",
+    "output_uri": "spec.output_uri",
     "ratio": "spec.pruning.ratio",
+    "ratios": "spec.pruning.ratios",
     "criterion": "spec.pruning.criterion",
     "scope": "spec.pruning.scope",
     "round_to": "spec.pruning.round_to",
@@ -45,6 +49,66 @@ _FIELD_PATHS = {
     "max_accuracy_drop": "spec.max_accuracy_drop",
     "version": "spec.version",
 }
+
+
+# What a request may carry, checked before any work: an unbounded string
+# would travel on into worker payloads, log lines, paths and error messages.
+# Strings are bounded by field name (every message), others by DEFAULT_TEXT_CHARS;
+# repeated fields by count. Keep these in step with the contract's comments.
+MAX_URI_CHARS = 4096  # PATH_MAX on Linux; far beyond any real gs:// object name
+DEFAULT_TEXT_CHARS = 256  # names, request_id, feature keys, one excluded layer name
+STRING_LIMITS = {
+    "model_uri": MAX_URI_CHARS,
+    "output_uri": MAX_URI_CHARS,
+    "train_data": MAX_URI_CHARS,
+    "eval_data": MAX_URI_CHARS,
+    "page_token": 1024,
+}
+REPEATED_LIMITS = {"ratios": MAX_RATIOS, "exclude": 1024}
+
+
+def check_sizes(request: Message) -> None:
+    """Refuse a contract message with an over-long string or repeated field.
+
+    Raises:
+        ServiceError: INVALID_ARGUMENT stating the limit, with one violation
+            per offending field (``spec.pruning.exclude[3]``).
+    """
+    if not request.DESCRIPTOR.full_name.startswith("secateur."):
+        return
+    violations = list(_size_violations(request, ""))
+    if violations:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, violations[0][1], violations)
+
+
+def _size_violations(msg: Message, prefix: str) -> Iterator[tuple[str, str]]:
+    for fd, value in msg.ListFields():
+        path = prefix + fd.name
+        repeated = fd.is_repeated
+        items = list(value) if repeated else [value]
+        limit = REPEATED_LIMITS.get(fd.name)
+        if repeated and limit is not None and len(items) > limit:
+            yield path, (f"{path} may hold at most {limit} entries. Received: {len(items)} entries")
+            continue
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]" if repeated else path
+            if fd.type == fd.TYPE_MESSAGE:
+                yield from _size_violations(item, where + ".")
+            elif fd.type in (fd.TYPE_STRING, fd.TYPE_BYTES):
+                most = STRING_LIMITS.get(fd.name, DEFAULT_TEXT_CHARS)
+                if len(item) > most:
+                    yield (
+                        where,
+                        (
+                            f"{where} must be at most {most} characters. "
+                            f"Received: {len(item)} characters"
+                        ),
+                    )
+
+
+def field_path(name: str) -> str:
+    """The request path of a library field name (``learning_rate`` -> ``spec.training...``)."""
+    return _FIELD_PATHS.get(name, f"spec.{name}")
 
 
 def invalid(field: str, message: str) -> ServiceError:
@@ -101,7 +165,7 @@ def job_request(spec: pb.JobSpec) -> JobRequest:
             version=spec.version or None,
         )
     except InvalidSpecError as exc:
-        raise invalid(_FIELD_PATHS.get(exc.field, f"spec.{exc.field}"), str(exc)) from exc
+        raise invalid(field_path(exc.field), str(exc)) from exc
 
 
 def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:

@@ -35,7 +35,8 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from secateur.server import convert
-from secateur.server.errors import ServiceError, to_status_proto
+from secateur.server.errors import ServiceError, echo, to_status_proto
+from secateur.server.pipeline import JobRequest
 from secateur.server.storage import Storage
 from secateur.v1 import pruning_pb2 as pb
 
@@ -66,7 +67,7 @@ def job_id(name: str) -> str:
     if not name.startswith("jobs/") or not name[5:] or "/" in name[5:]:
         raise ServiceError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"a job name has the form jobs/{{id}}. Received: {name!r}",
+            f"a job name has the form jobs/{{id}}. Received: {echo(name)}",
             [("name", "must be jobs/{id}")],
         )
     return name[5:]
@@ -134,7 +135,7 @@ class JobManager:
     def get(self, name: str) -> Job:
         job = self.store.get(job_id(name))
         if job is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no such job. Received: {name}")
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no such job. Received: {echo(name)}")
         return job
 
     def list(self, state: int, page_size: int, page_token: str) -> tuple[list[Job], str]:
@@ -175,8 +176,8 @@ class JobManager:
             existing = self.store.by_request_id(request_id)
             if existing is not None:
                 return existing
-        convert.job_request(spec)  # INVALID_ARGUMENT with field violations
-        await asyncio.to_thread(self._check_uris, spec)
+        request = convert.job_request(spec)  # INVALID_ARGUMENT with field violations
+        await asyncio.to_thread(self._check_uris, request)
         if validate_only:
             await self.plan(spec.model_uri, spec.pruning)  # model readable and supported
             return Job(spec=spec, state=Job.STATE_UNSPECIFIED, request_id=request_id)
@@ -206,23 +207,16 @@ class JobManager:
         await self._notify()
         return job
 
-    def _check_uris(self, spec: pb.JobSpec) -> None:
-        """PERMISSION_DENIED / NOT_FOUND / ALREADY_EXISTS before queueing."""
-        from secateur.server.storage import StorageExistsError, StorageNotFoundError
+    def _check_uris(self, request: JobRequest) -> None:
+        """The pipeline's own pre-flight, before queueing: PERMISSION_DENIED,
+        NOT_FOUND, ALREADY_EXISTS, or INVALID_ARGUMENT for an output inside the model."""
+        from secateur.pruner.errors import InvalidSpecError
+        from secateur.server.boundary import preflight
 
-        self.storage.list_versions(spec.output_uri)  # allow-list and reachability
-        if not self.storage.exists(spec.model_uri):
-            raise StorageNotFoundError(
-                f"the model must exist. Received: {spec.model_uri}", spec.model_uri
-            )
-        for pattern in (spec.training.train_data, spec.training.eval_data):
-            if pattern:
-                self.storage.glob(pattern)  # NOT_FOUND when nothing matches
-        if spec.version and spec.version in self.storage.list_versions(spec.output_uri):
-            raise StorageExistsError(
-                f"output version {spec.version} already exists. Received: {spec.output_uri}",
-                spec.output_uri,
-            )
+        try:
+            preflight(self.storage, request)
+        except InvalidSpecError as exc:
+            raise convert.invalid(convert.field_path(exc.field), str(exc)) from exc
 
     async def cancel(self, name: str) -> Job:
         job = self.get(name)
@@ -249,9 +243,20 @@ class JobManager:
             proc.kill()
 
     async def plan(self, model_uri: str, pruning: pb.PruningSpec) -> pb.PlanPruningResponse:
-        convert.prune_spec(pruning)
+        from secateur.pruner.errors import InvalidSpecError
+
+        if not model_uri.strip():
+            raise convert.invalid("model_uri", "model_uri is required. Received: an empty string")
+        try:
+            convert.prune_spec(pruning)
+        except InvalidSpecError as exc:
+            path = convert.field_path(exc.field).removeprefix("spec.")
+            raise convert.invalid(path, str(exc)) from exc
         spec = pb.JobSpec(model_uri=model_uri, pruning=pruning)
-        await asyncio.to_thread(self.storage.exists, model_uri)  # allow-list first
+        if not await asyncio.to_thread(self.storage.exists, model_uri):  # allow-list first
+            from secateur.server.storage import StorageNotFoundError
+
+            raise StorageNotFoundError("the model must exist.", model_uri)
         outcome, _ = await self._spawn("plan", "plan-" + uuid.uuid4().hex[:8], spec)
         if outcome.get("type") == "plan":
             return convert.plan_response(outcome["plan"])

@@ -25,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from secateur.pruner.config import MeasureConfig, TrainConfig
+from secateur.pruner.config import MeasureConfig, TrainConfig, check_float, check_int
 from secateur.pruner.data import DataSpec
 from secateur.pruner.errors import CancelledError, DataError, InvalidSpecError
 from secateur.pruner.spec import PruneSpec
-from secateur.server.storage import Storage, StorageExistsError
+from secateur.server.boundary import preflight, user_paths
+from secateur.server.storage import Storage
 
 STAGES = (
     "FETCHING",
@@ -42,6 +43,8 @@ STAGES = (
     "EXPORTING",
 )
 REPORT_VERSION = 1
+#: Candidates one sweep may ask for (each is pruned, trained and measured).
+MAX_RATIOS = 64
 
 
 @dataclass(frozen=True)
@@ -68,24 +71,25 @@ class JobRequest:
     version: int | None = None
 
     def __post_init__(self) -> None:
-        for r in self.ratios:
-            PruneSpec(**{**self.spec.to_dict(), "ratio": r})  # validates each ratio
+        if len(self.ratios) > MAX_RATIOS:
+            raise InvalidSpecError(
+                f"a sweep may hold at most {MAX_RATIOS} ratios. Received: {len(self.ratios)}",
+                "ratios",
+            )
+        for i, r in enumerate(self.ratios):
+            try:
+                PruneSpec(**{**self.spec.to_dict(), "ratio": r})  # validates each ratio
+            except InvalidSpecError as exc:
+                raise InvalidSpecError(f"ratios[{i}]: {exc}", "ratios") from None
         if self.max_accuracy_drop is not None:
-            if not 0 <= self.max_accuracy_drop <= 1:
-                raise InvalidSpecError(
-                    "max_accuracy_drop must be in [0, 1] (0.02 = two points). "
-                    f"Received: max_accuracy_drop={self.max_accuracy_drop}",
-                    "max_accuracy_drop",
-                )
+            check_float("max_accuracy_drop", self.max_accuracy_drop, 0.0, 1.0)
             if not self.eval_data:
                 raise InvalidSpecError(
                     "max_accuracy_drop needs eval_data to measure accuracy. Received: no eval_data",
                     "eval_data",
                 )
-        if self.version is not None and self.version < 1:
-            raise InvalidSpecError(
-                f"version must be >= 1. Received: version={self.version}", "version"
-            )
+        if self.version is not None:
+            check_int("version", self.version, 1, 2**63 - 1)
 
     @property
     def sweep(self) -> tuple[float, ...]:
@@ -125,6 +129,8 @@ class PruneJob:
         self.should_cancel = should_cancel or (lambda: False)
         self.device = device
         self.timings: dict[str, float] = {}
+        #: local copy -> the URI it came from (see :func:`boundary.user_paths`).
+        self.names: dict[str, str] = {}
         self._stage_start = 0.0
         self._stage = ""
 
@@ -155,14 +161,16 @@ class PruneJob:
             CancelledError: ``should_cancel`` became true.
             SecateurError / StorageError subclasses: bad input.
         """
-        with tempfile.TemporaryDirectory(prefix="secateur-job-") as work:
+        # Errors name the user's URIs, never the local copies in ``work``.
+        with tempfile.TemporaryDirectory(prefix="secateur-job-") as work, user_paths(self.names):
             return self._run(work)
 
     def _run(self, work: str) -> dict[str, Any]:
         req = self.req
         self._enter("FETCHING", f"checking {req.output_uri}")
-        self._preflight()
+        preflight(self.storage, req)
         model_path = self.storage.download(req.model_uri, os.path.join(work, "model"))
+        self.names[model_path] = req.model_uri
         train_files = self._fetch_data(req.train_data, os.path.join(work, "train"))
         eval_files = self._fetch_data(req.eval_data, os.path.join(work, "eval"))
 
@@ -171,8 +179,9 @@ class PruneJob:
         from secateur.pruner.graph import analyze
         from secateur.pruner.modelio import load_model
 
-        original = load_model(model_path)
-        graph = analyze(original)
+        with user_paths(self.names, fallback=req.model_uri):  # conversions' temporary files
+            original = load_model(model_path)
+            graph = analyze(original)
         device = self.device or select_device()
         data = _Data(original, train_files, eval_files, req, device)
 
@@ -211,23 +220,6 @@ class PruneJob:
         report["timings_seconds"] = dict(self.timings)
         return report
 
-    def _preflight(self) -> None:
-        """Fail before any heavy work when input or output cannot be used."""
-        req = self.req
-        existing = self.storage.list_versions(req.output_uri)  # allow-list and reachability
-        if not self.storage.exists(req.model_uri):
-            from secateur.server.storage import StorageNotFoundError
-
-            raise StorageNotFoundError(
-                f"the model must exist. Received: {req.model_uri}", req.model_uri
-            )
-        if req.version is not None and req.version in existing:
-            raise StorageExistsError(
-                f"output version {req.version} already exists; versions are never overwritten. "
-                f"Received: {req.output_uri}",
-                req.output_uri,
-            )
-
     def _fetch_data(self, pattern: str | None, dest: str) -> list[str]:
         if not pattern:
             return []
@@ -236,6 +228,7 @@ class PruneJob:
         for i, uri in enumerate(self.storage.glob(pattern)):
             sub = os.path.join(dest, str(i))
             files.append(self.storage.download(uri, sub))
+            self.names[files[-1]] = uri
         return files
 
     def _candidate(

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from secateur.server import convert
 from secateur.server.errors import ErrorInterceptor
 from secateur.server.jobs import JobManager, ManagerConfig
 from secateur.server.store import JobStore
@@ -146,7 +147,7 @@ class RunningServer:
             interceptors.append(MetricsInterceptor(self.metrics))
         if o.tokens:
             interceptors.append(TokenInterceptor(set(o.tokens)))
-        interceptors.append(ErrorInterceptor())
+        interceptors.append(ErrorInterceptor(validate=convert.check_sizes))
         self.store = JobStore(o.state_dir)
         cfg = ManagerConfig(
             o.state_dir, o.allowed_prefixes, o.max_concurrent_jobs, o.max_queued_jobs

@@ -464,6 +464,16 @@ class Storage:
         """The normalised form of ``uri`` (real absolute path, or ``gs://bucket/key``)."""
         return self._check(uri).uri
 
+    def within(self, uri: str, container: str) -> bool:
+        """True when ``uri`` is ``container`` or lies under it, both normalised.
+
+        ``file://``, trailing slashes, ``..`` and symlinks (locally) are
+        resolved first, so two spellings of one place compare equal; a local
+        path never lies within a ``gs://`` URI or the other way round.
+        """
+        inner, outer = self._check(uri), self._check(container)
+        return inner.kind == outer.kind and _is_under(inner.uri, outer.uri)
+
     def is_allowed(self, uri: str) -> bool:
         """True when ``uri`` is valid and lies within the allow-list."""
         try:

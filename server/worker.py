@@ -93,10 +93,16 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
 def _plan(spec: Any, storage: Any) -> dict[str, Any]:
     from secateur.pruner.modelio import load_model
     from secateur.pruner.plan import make_plan
+    from secateur.server.boundary import user_paths
     from secateur.server.convert import prune_spec
 
-    with tempfile.TemporaryDirectory(prefix="secateur-plan-") as work:
+    names: dict[str, str] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="secateur-plan-") as work,
+        user_paths(names, fallback=spec.model_uri),  # errors name the URI, not the copy
+    ):
         path = storage.download(spec.model_uri, work)
+        names[path] = spec.model_uri
         model = load_model(path)
         return make_plan(model, prune_spec(spec.pruning)).to_dict()
 
