@@ -1,18 +1,32 @@
-"""``secateur serve``: flags -> ServerOptions -> serve()."""
+"""``secateur serve``: flags -> ServerOptions -> serve().
+
+Start-up problems (bad flags, an unreadable token file, a state database that
+cannot be opened, a port in use) end the process with one line on stderr that
+names the file or flag and what to do, and exit status 2; never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
-from secateur.server.service import ServerOptions, serve
+from secateur.server.service import ServerOptions, StartupError, serve
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only); any other address "
+        "needs --auth-token-file or --tls-client-ca, or --allow-unauthenticated",
+    )
     p.add_argument(
         "--metrics-port", type=int, default=9464, help="Prometheus /metrics port; -1 disables"
     )
@@ -31,30 +45,91 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="PEM server private key")
     p.add_argument("--tls-client-ca", help="PEM CA for client certificates (enables mTLS)")
     p.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen on a non-loopback --host without tokens or mTLS (only on a network "
+        "where every client is trusted)",
+    )
+    p.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        default=5.0,
+        help="on SIGTERM/SIGINT, report NOT_SERVING this long while calls are still "
+        "answered, then stop (a second signal stops at once; default 5)",
+    )
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
 
 
-def _read(path: str | None) -> bytes | None:
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (``localhost``, 127/8, ``::1``)."""
+    h = host.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: assume it is reachable
+
+
+def exposure_problem(args: argparse.Namespace) -> str | None:
+    """Why these flags would expose an unauthenticated server; None when they don't."""
+    if is_loopback(args.host) or args.auth_token_file or args.tls_client_ca:
+        return None
+    if args.allow_unauthenticated:
+        return None
+    return (
+        f"refusing to listen on {args.host or 'all interfaces'} without authentication: pass "
+        "--auth-token-file FILE (bearer tokens) or --tls-cert/--tls-key/--tls-client-ca "
+        "(mutual TLS), or --allow-unauthenticated if every client that can reach it is "
+        f"trusted. Received: --host {args.host!r}"
+    )
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
     if not path:
         return None
-    with open(path, "rb") as fh:
-        return fh.read()
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot read {flag} {path}: {exc.strerror or exc}; check the path and its permissions"
+        ) from exc
+
+
+def _tokens(path: str | None) -> frozenset[str]:
+    if not path:
+        return frozenset()
+    data = _read(path, "--auth-token-file") or b""
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise StartupError(f"--auth-token-file {path} is not UTF-8 text") from exc
+    tokens = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    if not tokens:
+        raise StartupError(
+            f"no tokens in {path}: put one bearer token per line (lines starting with # "
+            "are ignored)"
+        )
+    return tokens
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    """Check the flags and read the files they name; StartupError if they won't do."""
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("secateur serve: --tls-cert and --tls-key go together")
+        raise StartupError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
-        raise SystemExit("secateur serve: --tls-client-ca needs --tls-cert/--tls-key")
-    tokens: frozenset[str] = frozenset()
-    if args.auth_token_file:
-        with open(args.auth_token_file) as fh:
-            tokens = frozenset(
-                line.strip() for line in fh if line.strip() and not line.startswith("#")
-            )
-        if not tokens:
-            raise SystemExit(f"secateur serve: no tokens in {args.auth_token_file}")
-    state_dir = os.path.abspath(args.state_dir)
+        raise StartupError("--tls-client-ca needs --tls-cert/--tls-key")
+    if not args.shutdown_grace_seconds >= 0:  # also refuses nan
+        raise StartupError(
+            f"--shutdown-grace-seconds must be >= 0. Received: {args.shutdown_grace_seconds}"
+        )
+    problem = exposure_problem(args)
+    if problem:
+        raise StartupError(problem)
+    tokens = _tokens(args.auth_token_file)
+    state_dir = os.path.abspath(os.path.expanduser(args.state_dir))
     allowed = tuple(args.allowed_uri_prefix or [os.path.join(state_dir, "models")])
     return ServerOptions(
         state_dir=state_dir,
@@ -65,9 +140,10 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         max_concurrent_jobs=args.max_concurrent_jobs,
         max_queued_jobs=args.max_queued_jobs,
         tokens=tokens,
-        tls_cert=_read(args.tls_cert),
-        tls_key=_read(args.tls_key),
-        tls_client_ca=_read(args.tls_client_ca),
+        tls_cert=_read(args.tls_cert, "--tls-cert"),
+        tls_key=_read(args.tls_key, "--tls-key"),
+        tls_client_ca=_read(args.tls_client_ca, "--tls-client-ca"),
+        shutdown_grace_s=args.shutdown_grace_seconds,
     )
 
 
@@ -76,9 +152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return serve(options_from_args(args))
+    try:
+        options = options_from_args(args)
+        if not is_loopback(options.host) and not (options.tokens or options.tls_client_ca):
+            logging.getLogger("secateur.server").warning(
+                "--allow-unauthenticated: anyone who can reach %s:%d may use this server",
+                options.host,
+                options.port,
+            )
+        return serve(options)
+    except StartupError as exc:
+        print(f"secateur serve: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 ``build_server(options)`` returns a started :class:`RunningServer` (grpc.aio
 on its own event loop thread when used from synchronous code, e.g. tests and
 ``secateur demo``); ``serve(options)`` runs until SIGTERM/SIGINT and shuts
-down gracefully: health turns NOT_SERVING, new RPCs are refused, running
-workers are stopped and their jobs resume on the next start.
+down gracefully: health turns NOT_SERVING for ``shutdown_grace_s`` while calls
+are still answered (a second signal cuts it short), then new RPCs are refused,
+running workers are stopped and their jobs resume on the next start.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ from grpc_reflection.v1alpha import reflection
 from secateur.server import convert
 from secateur.server.errors import ErrorInterceptor
 from secateur.server.jobs import JobManager, ManagerConfig
-from secateur.server.store import JobStore
+from secateur.server.store import JobStore, StoreOpenError
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pb_grpc
 
 log = logging.getLogger("secateur.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PruningService"].full_name
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class StartupError(Exception):
+    """The server cannot start: a file, port or flag to fix, named in the message."""
 
 
 class PruningServicer(pb_grpc.PruningServiceServicer):
@@ -115,7 +120,8 @@ class ServerOptions:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     tls_client_ca: bytes | None = None
-    grace_s: float = 10.0
+    grace_s: float = 10.0  # after stopping: how long in-flight calls may still finish
+    shutdown_grace_s: float = 0.0  # serve(): NOT_SERVING this long before stopping
     version: str = "0.1.0"
 
 
@@ -135,45 +141,93 @@ class RunningServer:
         self.store: JobStore | None = None
 
     async def start(self) -> None:
-        o = self.options
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        if o.metrics_port is not None:
-            from secateur.server.metrics import MetricsInterceptor, ServerMetrics
+        """Open the store, bind the ports, start the jobs; StartupError if one can't be.
 
-            self.metrics = ServerMetrics()
-            self.metrics.set_build_info(o.version)
-            self.metrics.init_service(pb.DESCRIPTOR.services_by_name["PruningService"])
-            self.metrics_port = self.metrics.serve(o.metrics_port, host=o.host)
-            interceptors.append(MetricsInterceptor(self.metrics))
-        if o.tokens:
-            interceptors.append(TokenInterceptor(set(o.tokens)))
-        interceptors.append(ErrorInterceptor(validate=convert.check_sizes))
-        self.store = JobStore(o.state_dir)
-        cfg = ManagerConfig(
-            o.state_dir, o.allowed_prefixes, o.max_concurrent_jobs, o.max_queued_jobs
-        )
-        self.manager = JobManager(cfg, self.store, self.metrics)
-        await self.manager.start()
-        self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)
-        pb_grpc.add_PruningServiceServicer_to_server(PruningServicer(self.manager), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        address = f"{o.host}:{o.port}"
-        if o.tls_cert and o.tls_key:
-            creds = grpc.ssl_server_credentials(
-                [(o.tls_key, o.tls_cert)],
-                root_certificates=o.tls_client_ca,
-                require_client_auth=o.tls_client_ca is not None,
+        Anything already started is stopped again when a later step fails.
+        """
+        o = self.options
+        try:
+            self.store = JobStore(o.state_dir)
+        except StoreOpenError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            interceptors = self._start_metrics()
+            if o.tokens:
+                interceptors.append(TokenInterceptor(set(o.tokens)))
+            interceptors.append(ErrorInterceptor(validate=convert.check_sizes))
+            cfg = ManagerConfig(
+                o.state_dir, o.allowed_prefixes, o.max_concurrent_jobs, o.max_queued_jobs
             )
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        await self.server.start()
+            self.manager = JobManager(cfg, self.store, self.metrics)
+            self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)
+            pb_grpc.add_PruningServiceServicer_to_server(PruningServicer(self.manager), self.server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
+            self.port = self._bind(self.server)
+            await self.manager.start()
+            await self.server.start()
+        except BaseException:
+            await self.stop()
+            raise
         for name in ("", SERVICE_NAME):
             await _set_health(self.health, name, health_pb2.HealthCheckResponse.SERVING)
         log.info("secateur serving on %s:%d (metrics %s)", o.host, self.port, self.metrics_port)
+
+    def _start_metrics(self) -> list[grpc.aio.ServerInterceptor]:
+        """Serve /metrics when asked to; the interceptor list starts with its counter."""
+        o = self.options
+        if o.metrics_port is None:
+            return []
+        from secateur.server.metrics import MetricsInterceptor, ServerMetrics
+
+        self.metrics = ServerMetrics()
+        self.metrics.set_build_info(o.version)
+        self.metrics.init_service(pb.DESCRIPTOR.services_by_name["PruningService"])
+        try:
+            self.metrics_port = self.metrics.serve(o.metrics_port, host=o.host)
+        except OSError as exc:
+            self.metrics = None
+            raise StartupError(
+                f"cannot serve metrics on {o.host}:{o.metrics_port}: {exc.strerror or exc}; "
+                "choose another --metrics-port (-1 disables it)"
+            ) from exc
+        return [MetricsInterceptor(self.metrics)]
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        o = self.options
+        address = f"{o.host}:{o.port}"
+        try:
+            if o.tls_cert and o.tls_key:
+                creds = grpc.ssl_server_credentials(
+                    [(o.tls_key, o.tls_cert)],
+                    root_certificates=o.tls_client_ca,
+                    require_client_auth=o.tls_client_ca is not None,
+                )
+                return server.add_secure_port(address, creds)
+            return server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            raise StartupError(
+                f"cannot listen on {address}: the port is in use or the address is not one "
+                "of this machine's; choose another --port or --host"
+            ) from exc
+
+    async def drain(self, grace_s: float, cut_short: asyncio.Event | None = None) -> None:
+        """Report NOT_SERVING for ``grace_s`` seconds while calls are still answered.
+
+        Load balancers and probes see the server going away and send new work
+        elsewhere before it stops; ``cut_short`` being set ends the wait early.
+        """
+        for name in ("", SERVICE_NAME):
+            await _set_health(self.health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if grace_s <= 0:
+            return
+        log.info("NOT_SERVING; stopping in %gs (signal again to stop now)", grace_s)
+        try:
+            await asyncio.wait_for((cut_short or asyncio.Event()).wait(), grace_s)
+        except TimeoutError:
+            pass
 
     async def stop(self) -> None:
         for name in ("", SERVICE_NAME):
@@ -231,7 +285,11 @@ class BackgroundServer:
 
 
 def serve(options: ServerOptions) -> int:
-    """Run until SIGTERM/SIGINT; exit code 0 after a graceful shutdown."""
+    """Run until SIGTERM/SIGINT; exit code 0 after a graceful shutdown.
+
+    Raises:
+        StartupError: the server could not start (the message says why and what to do).
+    """
 
     async def main() -> None:
         server = RunningServer(options)
@@ -241,12 +299,17 @@ def serve(options: ServerOptions) -> int:
             + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""),
             flush=True,
         )
-        stop = asyncio.Event()
+        stop, now = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:  # the first signal drains, a second one cuts it short
+            (now if stop.is_set() else stop).set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await stop.wait()
         log.info("shutting down")
+        await server.drain(options.shutdown_grace_s, now)
         await server.stop()
 
     asyncio.run(main())
