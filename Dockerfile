@@ -25,6 +25,16 @@
 #     secateur:0.1.0 --allowed-uri-prefix gs://models --auth-token-file /run/secrets/tokens
 # A repeated flag overrides the one in ENTRYPOINT (the last one wins).
 #
+# Authentication: the ENTRYPOINT listens on all interfaces (--host 0.0.0.0) and
+# names no authentication, so the server refuses to start (exit 2) until a run
+# adds one: --auth-token-file FILE (bearer tokens, e.g. a mounted secret; what
+# deploy/k8s uses), mTLS (--tls-cert, --tls-key, --tls-client-ca), or
+# --allow-unauthenticated where only trusted clients can reach the port (what
+# deploy/docker-compose.yml uses, published on 127.0.0.1 only).
+#
+# On `docker stop` (SIGTERM) health reports NOT_SERVING for --shutdown-grace-seconds
+# (default 5) before the server stops: keep docker's stop timeout above it plus 10 s.
+#
 # The HEALTHCHECK asks grpc.health.v1 over plaintext on 127.0.0.1:50051; with
 # --port set it to SECATEUR_HEALTH_ADDR (docker run -e SECATEUR_HEALTH_ADDR=...).
 # With --tls-cert it cannot connect: run with --no-healthcheck or another --health-cmd.

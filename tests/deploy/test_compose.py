@@ -115,6 +115,17 @@ def test_server_command_uses_serve_flags() -> None:
             assert named[prefix] in SPEC["volumes"], f"{prefix} is not on a named volume"
 
 
+def test_server_authentication_isChosen_unauthenticatedOnlyOnLoopbackPorts() -> None:
+    """The server starts (the exposure check passes); without auth it is published on 127.0.0.1."""
+    from secateur.server.main import exposure_problem
+
+    ns = parse_serve_args(_server_argv())
+    assert exposure_problem(ns) is None
+    if ns.allow_unauthenticated and not (ns.auth_token_file or ns.tls_client_ca):
+        hosts = _ports("secateur").values()
+        assert hosts and all(h.startswith("127.0.0.1:") for h in hosts), hosts
+
+
 def test_named_volumes_are_declared_and_local_mounts_are_the_documented_ones() -> None:
     for name in SERVICES:
         for src, target, mode in _volumes(name):

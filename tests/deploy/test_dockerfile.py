@@ -211,6 +211,24 @@ def test_entrypoint_is_secateur_serve(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", RUNTIME_TARGETS)
+def test_entrypoint_leavesAuthenticationToEachRun(target: str) -> None:
+    """The image alone refuses to start on 0.0.0.0; each run says how clients authenticate."""
+    from secateur.server.main import exposure_problem
+
+    ns = parse_serve_args(_entrypoint(target)[2:])
+    assert not ns.allow_unauthenticated and not ns.auth_token_file
+    assert exposure_problem(ns) is not None
+    # The documented choices each satisfy the check.
+    for extra in (
+        ["--auth-token-file", "/run/secrets/tokens"],
+        ["--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca"],
+        ["--allow-unauthenticated"],
+    ):
+        assert exposure_problem(parse_serve_args([*_entrypoint(target)[2:], *extra])) is None
+        assert all(f in DOCKERFILE.read_text() for f in extra if f.startswith("--")), extra
+
+
+@pytest.mark.parametrize("target", RUNTIME_TARGETS)
 def test_expose_matches_the_serve_ports(target: str) -> None:
     ns = parse_serve_args(_entrypoint(target)[2:])
     exposed = {

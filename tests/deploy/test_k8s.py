@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from secateur.server.main import exposure_problem
 from tests.deploy import DEPLOY, parse_serve_args
 
 K8S = DEPLOY / "k8s"
@@ -176,8 +177,9 @@ def test_serve_flags_match_the_volumes(overlay: str) -> None:
     assert mount["mountPath"] == ns.state_dir and not mount.get("readOnly")
     pvc = one(docs, "PersistentVolumeClaim")["metadata"]["name"]
     assert volume["persistentVolumeClaim"]["claimName"] == pvc
-    # --auth-token-file is a key of the mounted Secret.
-    assert ns.auth_token_file
+    # --auth-token-file is a key of the mounted Secret: authenticated, never opted out.
+    assert ns.auth_token_file and not ns.allow_unauthenticated
+    assert exposure_problem(ns) is None
     mount, volume = mount_of(docs, ns.auth_token_file)
     secret = one(docs, "Secret")
     assert mount.get("readOnly") is True
@@ -188,6 +190,19 @@ def test_serve_flags_match_the_volumes(overlay: str) -> None:
     assert ns.allowed_uri_prefix and all(ns.allowed_uri_prefix)
     configmap = one(docs, "ConfigMap")["data"]
     assert set(ns.allowed_uri_prefix) == set(configmap.values())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_covers_the_drain(overlay: str) -> None:
+    """NOT_SERVING for --shutdown-grace-seconds, then 10 s for in-flight calls, before SIGKILL."""
+    from secateur.server.service import ServerOptions
+
+    docs = render(overlay)
+    ns = parse_serve_args(expanded_args(docs))
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    rpc_grace = ServerOptions(state_dir="/").grace_s
+    assert ns.shutdown_grace_seconds > 0
+    assert ns.shutdown_grace_seconds + rpc_grace + 10 <= pod["terminationGracePeriodSeconds"]
 
 
 def test_placeholder_tokens_hold_no_token() -> None:
