@@ -35,9 +35,19 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from secateur.server import convert
-from secateur.server.errors import ServiceError, echo, to_status_proto
+from secateur.server.errors import ServiceError, echo, internal_error, to_status_proto
+from secateur.server.page_tokens import Cursor, PageTokens
 from secateur.server.pipeline import JobRequest
 from secateur.server.storage import Storage
+from secateur.server.worker_pipes import (
+    MAX_EVENT_LINE,
+    WorkerOutput,
+    incident_message,
+    lines,
+    new_incident,
+    parse_event,
+    reap,
+)
 from secateur.v1 import pruning_pb2 as pb
 
 log = logging.getLogger("secateur.server")
@@ -55,6 +65,11 @@ class ManagerConfig:
     max_queued: int = 100
     max_attempts: int = 3
     cancel_grace_s: float = 10.0
+    #: Pauses between tries of a store write that failed (disk full, locked);
+    #: after the last one the job fails (see JobManager._save).
+    store_retry_delays: tuple[float, ...] = (0.1, 0.5, 2.0)
+    #: The command a worker runs, ``--events-fd N`` appended (tests wrap it).
+    worker_command: tuple[str, ...] = (sys.executable, "-m", "secateur.server.worker")
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -89,6 +104,9 @@ class JobManager:
         self._running = 0
         self._closing = False
         self._killers: set[asyncio.Task[None]] = set()
+        self._tokens = PageTokens(config.state_dir)
+        self._unsaved: set[str] = set()  # ended in memory, not yet in the store
+        self._persister: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -123,13 +141,18 @@ class JobManager:
     async def shutdown(self) -> None:
         """Stop workers; their jobs stay RUNNING in the store and resume on restart."""
         self._closing = True
-        for task in self._tasks:
+        for task in [*self._tasks, *([self._persister] if self._persister else [])]:
             task.cancel()
         for proc in list(self._procs.values()):
             if proc.returncode is None:
                 proc.kill()
         for proc in list(self._procs.values()):
             await proc.wait()
+        for jid in self._unsaved:  # a last try; a job still unsaved runs again on restart
+            try:
+                self.store.save(jid, self.store.get(jid))
+            except Exception as exc:  # noqa: BLE001 - shutting down: log and go on
+                log.error("job %s: its end could not be stored (%s)", jid, exc)
 
     # -- queries -------------------------------------------------------------
     def get(self, name: str) -> Job:
@@ -139,25 +162,16 @@ class JobManager:
         return job
 
     def list(self, state: int, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        """Jobs newest first; the token continues after the page's last job (see page_tokens)."""
         if page_size < 0:
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"page_size must be >= 0. Received: {page_size}",
                 [("page_size", "must be >= 0")],
             )
-        try:
-            offset = (
-                int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else 0
-            )
-        except ValueError:
-            raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"page_token must come from a previous ListJobs. Received: {page_token!r}",
-                [("page_token", "not a token this server issued")],
-            ) from None
-        jobs, nxt = self.store.page(state, offset, min(page_size or 50, 1000))
-        token = base64.urlsafe_b64encode(str(nxt).encode()).decode() if nxt is not None else ""
-        return jobs, token
+        after = self._tokens.parse(page_token, state) if page_token else None
+        jobs, last = self.store.page(state, after, min(page_size or 50, 1000))
+        return jobs, self._tokens.issue(state, Cursor(*last)) if last is not None else ""
 
     async def watch(self, name: str) -> AsyncIterator[Job]:
         job = self.get(name)
@@ -264,29 +278,33 @@ class JobManager:
 
     # -- running -------------------------------------------------------------
     async def _runner(self) -> None:
+        """Run queued jobs one at a time; nothing one job does stops this loop."""
         while not self._closing:
             jid = await self._queue.get()
-            job = self.store.get(jid)
-            if job is None or job.state != Job.QUEUED:
-                continue
-            self._running += 1
-            self._publish_queue_metrics()
             try:
-                await self._run(jid)
+                await self._run_queued(jid)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.exception("job %s crashed the runner", jid)
-                await self._finish(
-                    jid,
-                    Job.FAILED,
-                    error=ServiceError(
-                        grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
-                    ),
-                )
-            finally:
-                self._running -= 1
-                self._publish_queue_metrics()
+            except Exception:  # the runner must outlive any one job
+                log.exception("the runner could not finish job %s; taking the next one", jid)
+
+    async def _run_queued(self, jid: str) -> None:
+        job = self.store.get(jid)
+        if job is None or job.state != Job.QUEUED:
+            return
+        self._running += 1
+        self._publish_queue_metrics()
+        try:
+            await self._run(jid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a store or reader failure fails the job
+            await self._finish(jid, Job.FAILED, error=internal_error(exc, f"job {jid}"))
+            if self.metrics:
+                self.metrics.job_completed("failed", 0.0)
+        finally:
+            self._running -= 1
+            self._publish_queue_metrics()
 
     async def _run(self, jid: str) -> None:
         job = Job.FromString(self.store.get(jid).SerializeToString())
@@ -295,7 +313,7 @@ class JobManager:
         job.start_time.CopyFrom(_now())
         job.update_time.CopyFrom(job.start_time)
         job.message = "starting"
-        self.store.save(jid, job)
+        await self._save(jid, job)
         await self._notify()
         started = time.monotonic()
         outcome, stage_times = await self._spawn("job", jid, job.spec)
@@ -327,7 +345,12 @@ class JobManager:
     async def _spawn(
         self, mode: str, key: str, spec: pb.JobSpec
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        """Run a worker; stream its events into the job; return its outcome."""
+        """Run a worker; stream its events into the job; return its outcome.
+
+        If reading it fails (a store write, a reader), the worker is killed
+        and reaped before the error propagates: no job waits on a worker
+        that nobody reads any more.
+        """
         work = os.path.join(self.cfg.state_dir, "work", key)
         os.makedirs(work, exist_ok=True)
         read_fd, write_fd = os.pipe()
@@ -337,50 +360,80 @@ class JobManager:
             "allowed": list(self.cfg.allowed_prefixes or []),
         }
         env = os.environ | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "secateur.server.worker", "--events-fd", str(write_fd),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, pass_fds=(write_fd,), env=env,
-        )  # fmt: skip
-        os.close(write_fd)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.cfg.worker_command, "--events-fd", str(write_fd),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, pass_fds=(write_fd,), env=env,
+            )  # fmt: skip
+        except BaseException:
+            os.close(read_fd)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            os.close(write_fd)
         if mode == "job":
             self._procs[key] = proc
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps(payload).encode())
         proc.stdin.close()
-        logs = asyncio.create_task(_drain(proc.stdout, key))
-        outcome: dict[str, Any] = {}
+        output = WorkerOutput(key)
+        logs = asyncio.create_task(output.drain(proc.stdout))
         stage_times: dict[str, float] = {}
         try:
-            outcome = await self._read_events(read_fd, key if mode == "job" else None, stage_times)
-            await proc.wait()
-            await logs
+            outcome = await self._read_events(read_fd, key, mode == "job", stage_times)
+            await reap(proc, logs)
+        except Exception:
+            if proc.returncode is None:
+                proc.kill()
+            await reap(proc, logs)
+            raise
         finally:
             self._procs.pop(key, None)
             shutil.rmtree(work, ignore_errors=True)
-        if not outcome:
-            outcome = {
-                "type": "error",
-                "code": "INTERNAL",
-                "message": f"worker exited with {proc.returncode} and no outcome",
-            }
-            if proc.returncode and proc.returncode < 0:
-                outcome["signal"] = -proc.returncode
-        return outcome, stage_times
+        return self._checked(key, outcome, proc.returncode, output), stage_times
+
+    def _checked(
+        self, key: str, outcome: dict[str, Any], returncode: int | None, output: WorkerOutput
+    ) -> dict[str, Any]:
+        """The worker's outcome; an internal failure is logged with an incident id.
+
+        The log entry carries the worker's last output lines (its traceback),
+        the outcome's message the same incident id.
+        """
+        if outcome.get("type") != "error" and outcome:
+            return outcome
+        if outcome and outcome.get("code") != "INTERNAL":
+            return outcome
+        how = f"signal {-returncode}" if returncode and returncode < 0 else f"code {returncode}"
+        if not outcome and key in self._cancel_requested:
+            return {"type": "error", "code": "CANCELLED", "message": f"cancelled ({how})"}
+        incident = str(outcome.get("incident") or new_incident())
+        if not outcome or not outcome.get("incident"):
+            what = outcome.get("message") or f"the worker exited with {how} and no outcome"
+            outcome = {"type": "error", "code": "INTERNAL", "incident": incident,
+                       "message": incident_message(what, incident)}  # fmt: skip
+        log.error(
+            "worker %s failed: %s (incident %s, exit %s); its last output:\n%s",
+            key, outcome["message"], incident, how, output.tail_text(),
+        )  # fmt: skip
+        return outcome
 
     async def _read_events(
-        self, fd: int, jid: str | None, stage_times: dict[str, float]
+        self, fd: int, key: str, is_job: bool, stage_times: dict[str, float]
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=2**26)
+        reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb")
         )
         outcome: dict[str, Any] = {}
         stage, stage_start = "", time.monotonic()
         try:
-            async for raw in reader:
-                msg = json.loads(raw)
+            async for raw, dropped in lines(reader, MAX_EVENT_LINE):
+                msg = parse_event(raw, dropped, key)
+                if msg is None:
+                    continue
                 if msg.get("type") != "event":
                     outcome = msg
                     continue
@@ -390,8 +443,8 @@ class JobManager:
                             stage_times.get(stage, 0.0) + time.monotonic() - stage_start
                         )
                     stage, stage_start = msg["stage"], time.monotonic()
-                if jid is not None:
-                    await self._progress(jid, msg)
+                if is_job:
+                    await self._progress(key, msg)
         finally:
             transport.close()
         if stage:
@@ -407,7 +460,7 @@ class JobManager:
         job.progress = _overall(msg["stage"], float(msg.get("progress") or 0.0))
         job.message = f"{msg['stage'].lower()}: {msg.get('message', '')}".strip()
         job.update_time.CopyFrom(_now())
-        self.store.save(jid, job, durable=durable)
+        await self._save(jid, job, durable=durable)
         await self._notify()
 
     async def _finish(
@@ -432,9 +485,60 @@ class JobManager:
             job.message = report.get("decision") or job.message
             if self.metrics:
                 self.metrics.record_figures(report.get("original"), report.get("pruned"))
-        self.store.save(jid, job)
+        await self._save_end(jid, job)
         self._cancel_requested.discard(jid)
         await self._notify()
+
+    async def _save(self, jid: str, job: Job, durable: bool = True) -> None:
+        """``store.save``, tried again after each of ``store_retry_delays``; then raises.
+
+        The store changes memory only once the database took the write, so a
+        failure here leaves the two in agreement.
+        """
+        for delay in (*self.cfg.store_retry_delays, None):
+            try:
+                self.store.save(jid, job, durable=durable)
+                return
+            except Exception as exc:  # disk full, locked, I/O error
+                if delay is None:
+                    raise
+                log.warning("storing job %s failed (%s); retrying in %.1f s", jid, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _save_end(self, jid: str, job: Job) -> None:
+        """Store a job's end; never raises.
+
+        When the store stays unwritable, the job ends in memory anyway (its
+        watchers return, its slot frees) and a background task writes it as
+        soon as the store takes writes again.
+        """
+        try:
+            await self._save(jid, job)
+            return
+        except Exception as exc:  # see docstring
+            log.error(
+                "job %s ended %s but the store refused the write (incident %s); "
+                "retrying in the background",
+                jid, Job.State.Name(job.state), new_incident(), exc_info=exc,
+            )  # fmt: skip
+        self.store.save(jid, job, durable=False)
+        self._unsaved.add(jid)
+        if self._persister is None or self._persister.done():
+            self._persister = asyncio.create_task(self._persist_unsaved())
+
+    async def _persist_unsaved(self) -> None:
+        delay = max(self.cfg.store_retry_delays, default=1.0)
+        while self._unsaved:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+            for jid in list(self._unsaved):
+                try:
+                    self.store.save(jid, self.store.get(jid))
+                except Exception as exc:  # noqa: BLE001 - still unwritable: later
+                    log.warning("storing the end of job %s failed again (%s)", jid, exc)
+                else:
+                    self._unsaved.discard(jid)
+                    log.info("job %s: its end is stored now", jid)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -468,13 +572,3 @@ def _error_of(outcome: dict[str, Any]) -> ServiceError:
     code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.INTERNAL)
     violations = [tuple(v) for v in outcome.get("violations") or []]
     return ServiceError(code, outcome.get("message") or "worker failed", violations)  # type: ignore[arg-type]
-
-
-async def _drain(stream: asyncio.StreamReader, key: str) -> None:
-    """Log the worker's own output (TensorFlow chatter, tracebacks)."""
-    async for line in stream:
-        text = line.decode(errors="replace").rstrip()
-        if text:
-            log.debug("[worker %s] %s", key, text)
-            if "Traceback" in text or "Error" in text:
-                log.warning("[worker %s] %s", key, text)

@@ -15,6 +15,8 @@ Lines written::
     {"type": "gate_failed", "report": {...}}     no candidate within budget
     {"type": "plan", "plan": {...}}              PlanPruning
     {"type": "error", "code": "NOT_FOUND", "message": ..., "violations": [...]}
+    {"type": "error", "code": "INTERNAL", "message": ..., "incident": ID}
+                                                 traceback on stderr with ID
 """
 
 from __future__ import annotations
@@ -107,6 +109,23 @@ def _plan(spec: Any, storage: Any) -> dict[str, Any]:
         return make_plan(model, prune_spec(spec.pruning)).to_dict()
 
 
+def _internal(exc: BaseException, emit: Emitter) -> int:
+    """Report an unexpected error: traceback on stderr, the same incident id in the outcome.
+
+    The service logs stderr; the client gets INTERNAL naming the incident to
+    look up there, never the traceback.
+    """
+    from secateur.server.worker_pipes import incident_message, new_incident
+
+    incident = new_incident()
+    print(f"internal error in the worker (incident {incident}):", file=sys.stderr)
+    traceback.print_exception(exc)
+    sys.stderr.flush()
+    message = incident_message("the worker failed", incident)
+    emit.send(type="error", code="INTERNAL", incident=incident, message=message)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events-fd", type=int, required=True)
@@ -121,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
         err = status_of(exc)
         if err is None:
-            traceback.print_exc()  # the service logs stderr; clients get INTERNAL
-            emit.send(type="error", code="INTERNAL", message="internal error; see the server log")
-            return 1
+            return _internal(exc, emit)
         emit.send(type="error", code=err.code.name, message=err.message, violations=err.violations)
         return 0
     return 0
