@@ -169,6 +169,12 @@ class JobManager:
                 f"page_size must be >= 0. Received: {page_size}",
                 [("page_size", "must be >= 0")],
             )
+        if state not in Job.State.values():  # proto3 enums accept any number on the wire
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"state must be one of {', '.join(Job.State.keys())}. Received: {state}",
+                [("state", "not a Job.State")],
+            )
         after = self._tokens.parse(page_token, state) if page_token else None
         jobs, last = self.store.page(state, after, min(page_size or 50, 1000))
         return jobs, self._tokens.issue(state, Cursor(*last)) if last is not None else ""
@@ -299,9 +305,11 @@ class JobManager:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a store or reader failure fails the job
-            await self._finish(jid, Job.FAILED, error=internal_error(exc, f"job {jid}"))
-            if self.metrics:
-                self.metrics.job_completed("failed", 0.0)
+            err = internal_error(exc, f"job {jid}")
+            if self.store.get(jid).state not in TERMINAL:  # not after it ended
+                await self._finish(jid, Job.FAILED, error=err)
+                if self.metrics:
+                    self.metrics.job_completed("failed", 0.0)
         finally:
             self._running -= 1
             self._publish_queue_metrics()

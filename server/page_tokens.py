@@ -28,7 +28,7 @@ log = logging.getLogger("secateur.server")
 SECRET_FILE = "page-token.key"
 SECRET_BYTES = 32
 MAC_BYTES = 16
-MAX_TOKEN_CHARS = 512  # tokens this server issues are far shorter
+MAX_TOKEN_CHARS = 1024  # as convert bounds the field; tokens issued are ~100 characters
 VERSION = 1
 
 
