@@ -16,13 +16,13 @@ records are never skipped.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from secateur.pruner.errors import DataError
+from secateur.pruner.errors import CancelledError, DataError
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,7 @@ def make_dataset(
     seed: int = 0,
     num_classes: int | None = None,
     names: Sequence[str] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> Any:
     """A batched, prefetched ``tf.data.Dataset`` of (images, labels), every record checked.
 
@@ -210,11 +211,13 @@ def make_dataset(
         num_classes: when given, labels are checked to be in [0, num_classes).
         names: what to call each file in errors (the user's URI for a local
             copy); defaults to ``files``.
+        should_cancel: polled between chunks of the check.
 
     Raises:
         DataError: no files, missing keys, images that do not fit the model,
             labels out of range, corrupt or truncated records (the error names
             the file and the record).
+        CancelledError: ``should_cancel`` returned True during the check.
     """
     tf = _tf()
     if not files:
@@ -226,7 +229,7 @@ def make_dataset(
     shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
     parse = _parser(spec, kind, shape)
     for path, name in zip(files, names, strict=True):
-        check_file(path, name, spec, kind, shape, num_classes)
+        check_file(path, name, spec, kind, shape, num_classes, should_cancel)
     ds = tf.data.Dataset.from_tensor_slices(list(files))
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed)
@@ -249,6 +252,7 @@ def check_file(
     kind: str,
     shape: tuple[int, int, int],
     num_classes: int | None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> int:
     """Decode every record of one file as training will; return how many there are.
 
@@ -259,6 +263,7 @@ def check_file(
 
     Raises:
         DataError: naming ``name`` and the record (counted from 0).
+        CancelledError: ``should_cancel`` returned True.
     """
     tf = _tf()
     parse = _parser(spec, kind, shape)
@@ -276,6 +281,8 @@ def check_file(
     )
     done = payload = 0
     while True:
+        if should_cancel is not None and should_cancel():
+            raise CancelledError(f"the data check was cancelled at record {done} of {name}")
         try:
             labels, _, lengths = next(chunks)
         except StopIteration:

@@ -183,7 +183,7 @@ class PruneJob:
             original = load_model(model_path)
             graph = analyze(original)
         device = self.device or select_device()
-        data = _Data(original, train_files, eval_files, req, device)
+        data = _Data(original, train_files, eval_files, req, device, self.names, self.should_cancel)
 
         candidates = [
             self._candidate(original, graph, r, data, device, i) for i, r in enumerate(req.sweep)
@@ -315,6 +315,8 @@ class PruneJob:
             write_curves(report, os.path.join(assets, "curves"))
         with open(os.path.join(assets, "report.json"), "w") as fh:
             json.dump(report, fh, indent=2, default=str)
+        if self.should_cancel():  # the last moment a stop can still leave nothing behind
+            raise CancelledError("job cancelled before publishing")
         uri = self.storage.publish_dir(version_dir, self.req.output_uri, self.req.version)
         shutil.rmtree(version_dir, ignore_errors=True)
         return uri
@@ -335,9 +337,15 @@ class _Data:
     """Training/eval datasets, built once and checked against the model."""
 
     def __init__(
-        self, model: Any, train: list[str], evalf: list[str], req: JobRequest, device: Any
+        self,
+        model: Any,
+        train: list[str],
+        evalf: list[str],
+        req: JobRequest,
+        device: Any,
+        names: dict[str, str],
+        should_cancel: Callable[[], bool],
     ) -> None:
-        from secateur.pruner.data import make_dataset
 
         shape = tuple(model.inputs[0].shape[1:])
         self.classes = int(model.outputs[0].shape[-1])
@@ -348,15 +356,33 @@ class _Data:
                 "training data is image classification (one (H, W, C) input). "
                 f"Received: a model with inputs {[tuple(t.shape) for t in model.inputs]}"
             )
-        build = lambda files, shuffle: (  # noqa: E731
-            make_dataset(
-                files, shape, self.batch_size, req.data, shuffle, req.spec.seed, self.classes
+        self.should_cancel = should_cancel
+        self.train_ds = self._build(train, names, req, True, "train_data")
+        self.eval_ds = self._build(evalf, names, req, False, "eval_data")
+
+    def _build(
+        self, files: list[str], names: dict[str, str], req: JobRequest, train: bool, field: str
+    ) -> Any:
+        """Every record checked here, before any training; errors name the user's URIs."""
+        from secateur.pruner.data import make_dataset
+
+        if not files:
+            return None
+        try:
+            return make_dataset(
+                files,
+                self.shape,
+                self.batch_size,
+                req.data,
+                train,
+                req.spec.seed,
+                self.classes,
+                names=[names.get(f, f) for f in files],
+                should_cancel=self.should_cancel,
             )
-            if files
-            else None
-        )
-        self.train_ds = build(train, True)
-        self.eval_ds = build(evalf, False)
+        except DataError as exc:
+            exc.field = exc.field or field
+            raise
 
     def batch(self) -> tuple[Any, Any]:
         """One full training batch for measurement (synthetic when no data)."""
