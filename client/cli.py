@@ -24,7 +24,10 @@ Exit codes (stable; CI stages gate on them):
       RESOURCE_EXHAUSTED, UNAUTHENTICATED
 3     accuracy gate failed: no candidate within --max-accuracy-drop
       (nothing published)
-4     cancelled (Ctrl-C / SIGTERM; a job that ended CANCELLED)
+4     cancelled: Ctrl-C / SIGTERM (``prune``, ``demo``: the run
+      stops, nothing is published; ``submit --wait``, ``watch``:
+      the job goes on unless --cancel-on-interrupt); a job that
+      ended CANCELLED
 ====  =========================================================
 """
 
@@ -340,25 +343,31 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from secateur.server.storage import Storage, StorageError
 
     bar = ProgressBar()
+    stop = _StopOnSignals()
     try:
         request = build_request(args)
         storage = Storage(args.allowed_uri_prefix or None)
-        report = PruneJob(request, storage, on_event=bar).run()
+        with stop.installed():
+            report = PruneJob(request, storage, on_event=bar, should_cancel=stop).run()
         code = EXIT_OK
     except GateFailed as gate:
         report, code = gate.report, EXIT_GATE
     except (SecateurError, StorageError, ValueError, OSError) as exc:
         bar.close()
         if isinstance(exc, CancelledError):
-            print(f"secateur: cancelled: {exc}", file=sys.stderr)
+            print(
+                f"secateur: {stop.what()}cancelled: {exc}; nothing was published", file=sys.stderr
+            )
             return EXIT_CANCELLED
         print(f"secateur: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         bar.close()
-        print("secateur: cancelled; nothing was published", file=sys.stderr)
+        print(f"secateur: {stop.what()}cancelled; nothing was published", file=sys.stderr)
         return EXIT_CANCELLED
     bar.close()
+    if stop():
+        print(f"secateur: {stop.what()}came after publishing; the version stands", file=sys.stderr)
     print(format_table(report))
     if args.report:
         with open(args.report, "w") as fh:
@@ -383,7 +392,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="secateur-demo-")
     cfg = DemoConfig(workdir=workdir, ratios=args.ratios, finetune_epochs=args.epochs)
     bar = ProgressBar()
-    job = run_demo(cfg, on_update=bar.job, log=lambda m: print(m, file=sys.stderr))
+    try:
+        with _sigterm_as_interrupt():
+            job = run_demo(cfg, on_update=bar.job, log=lambda m: print(m, file=sys.stderr))
+    except KeyboardInterrupt:
+        # Leaving run_demo stopped its in-process service, and with it the job's worker.
+        bar.close()
+        print("secateur: demo interrupted; its job was stopped, nothing published", file=sys.stderr)
+        print(f"work directory: {workdir}")
+        return EXIT_CANCELLED
     bar.close()
     if job.result.HasField("original"):
         print(format_table(report_from_job(job)))
@@ -624,6 +641,47 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _StopOnSignals:
+    """SIGINT and SIGTERM for a local run, alike: the first asks the run to stop
+    at its next check point (a training step, a stage, a data chunk), so that
+    it unwinds and publishes nothing; a second one stops it at once.
+
+    Called, it says whether a stop was asked (the job's ``should_cancel``).
+    Nothing is printed from the handler: the progress bar may be mid-write.
+    """
+
+    def __init__(self) -> None:
+        self.signal = ""
+
+    def __call__(self) -> bool:
+        return bool(self.signal)
+
+    def what(self) -> str:
+        return f"{self.signal}: " if self.signal else ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def _wait_and_finish(client: PruningClient, name: str, args: argparse.Namespace) -> int:
