@@ -14,7 +14,6 @@ from google.api_core import exceptions as gexc
 from google.cloud.storage.blob import Blob
 from google.cloud.storage.bucket import Bucket
 
-from secateur.server import storage as storage_mod
 from secateur.server.storage import (
     InvalidUriError,
     Storage,
@@ -24,6 +23,7 @@ from secateur.server.storage import (
     StoragePermissionError,
     StorageUnreachableError,
 )
+from secateur.server.storage import local as storage_local
 
 # --------------------------------------------------------------------------- helpers
 
@@ -363,7 +363,7 @@ def test_local_publish_failure_leaves_nothing(
     base = tmp_path / "served"
     store.publish_dir(str(model), str(base))
     calls = []
-    original = storage_mod._copy_file
+    original = storage_local._copy_file
 
     def flaky(src: str, dst: str) -> None:
         calls.append(src)
@@ -371,7 +371,7 @@ def test_local_publish_failure_leaves_nothing(
             raise OSError(5, "Input/output error (injected)")
         original(src, dst)
 
-    monkeypatch.setattr(storage_mod, "_copy_file", flaky)
+    monkeypatch.setattr(storage_local, "_copy_file", flaky)
     with pytest.raises(StorageError):
         store.publish_dir(str(model), str(base))
     assert len(calls) >= 3  # shutil.copytree copies the rest before raising
@@ -391,14 +391,14 @@ def test_local_publish_rechecks_before_rename(
     model = make_model_dir(tmp_path / "src")
     base = tmp_path / "served"
     base.mkdir()
-    original = storage_mod._copy_file
+    original = storage_local._copy_file
 
     def racing(src: str, dst: str) -> None:
         (base / "1").mkdir(exist_ok=True)
         (base / "1" / "theirs.txt").write_text("other writer")
         original(src, dst)
 
-    monkeypatch.setattr(storage_mod, "_copy_file", racing)
+    monkeypatch.setattr(storage_local, "_copy_file", racing)
     with pytest.raises(StorageExistsError):
         store.publish_dir(str(model), str(base), version=1)
     assert sorted(os.listdir(base)) == ["1"]

@@ -1,0 +1,115 @@
+"""The interface every storage backend implements, and the publish hand-over.
+
+A backend moves bytes for one scheme. It receives :class:`Location` objects
+the facade (:class:`~secateur.server.storage.Storage`) has already parsed and
+checked against the allow-list, and raises only the typed
+:mod:`~secateur.server.storage.errors`, naming ``loc.text``.
+
+Publishing is split into primitives so the rule itself -- assemble privately,
+check the version is still free, make it visible last, never overwrite, undo
+everything on failure -- lives once, in the facade::
+
+    staging = backend.begin(base)
+    try:
+        backend.stage(local_dir, staging)    # private copy, invisible to readers
+        <check the version is still free>
+        backend.commit(staging, final)       # visible; never overwrites
+    except BaseException:
+        backend.rollback(staging)            # nothing of this publish remains
+        raise
+    backend.cleanup(staging)                 # drop the private copy
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from secateur.server.storage.location import Location
+
+__all__ = ["SAVED_MODEL_FILE", "TMP_PREFIX", "Backend", "Staging", "ordered_for_publish"]
+
+#: Name of the file TF Serving waits for; made visible last where that matters.
+SAVED_MODEL_FILE = "saved_model.pb"
+#: Prefix of the temporary siblings used while publishing or downloading.
+TMP_PREFIX = ".tmp-"
+VERSION_RE = re.compile(r"^[0-9]+$")
+
+
+@dataclass
+class Staging:
+    """One publish in progress: where its private copy is and what it wrote.
+
+    Attributes:
+        base: the ``<base>`` of ``<base>/<version>/``.
+        tmp: the private sibling (``<base>/.tmp-<uuid>``) the tree is staged in.
+        written: what this publish created so far (backend-specific names),
+            so a rollback removes exactly that and nothing of another writer.
+        committed: what :meth:`Backend.commit` made visible so far.
+        created_base: the publish created ``base`` itself (removed on rollback
+            if still empty).
+        files: the staged files' relative paths, in publish order.
+    """
+
+    base: Location
+    tmp: Location
+    files: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    committed: list[str] = field(default_factory=list)
+    created_base: bool = False
+
+
+def new_staging(base: Location) -> Staging:
+    return Staging(base, base.child(f"{TMP_PREFIX}{uuid.uuid4().hex}"))
+
+
+def ordered_for_publish(rel_paths: Sequence[str]) -> list[str]:
+    """Sorted relative paths with every ``saved_model.pb`` moved to the end.
+
+    TF Serving treats a version as ready once its ``saved_model.pb`` exists, so
+    a backend that cannot rename a tree atomically writes that file last.
+    """
+    ordered = sorted(rel_paths)
+    last = [p for p in ordered if p.rsplit("/", 1)[-1] == SAVED_MODEL_FILE]
+    return [p for p in ordered if p not in last] + last
+
+
+class Backend(Protocol):
+    """Byte moving for one URI scheme (see the module docstring for publishing)."""
+
+    def exists(self, loc: Location) -> bool:
+        """A file or a directory (on GCS: an object, or any blob under ``key/``)."""
+        ...
+
+    def glob(self, pattern: Location) -> list[Location]:
+        """Matches of ``*``, ``?``, ``[...]`` within one segment; hidden names only
+        for a segment starting with ``.``; [] when none."""
+        ...
+
+    def read_bytes(self, loc: Location) -> bytes: ...
+
+    def write_bytes(self, loc: Location, data: bytes) -> None: ...
+
+    def download(self, loc: Location, target: str) -> None:
+        """Copy a file or tree to the local path ``target``, replacing it, never
+        leaving a partial copy."""
+        ...
+
+    def list_versions(self, base: Location) -> list[int]:
+        """Sorted integer-named children of ``base``; [] when ``base`` is missing."""
+        ...
+
+    def delete(self, loc: Location, *, missing_ok: bool) -> None: ...
+
+    def begin(self, base: Location) -> Staging: ...
+
+    def stage(self, local_dir: str, staging: Staging) -> None: ...
+
+    def commit(self, staging: Staging, final: Location) -> None: ...
+
+    def rollback(self, staging: Staging) -> None: ...
+
+    def cleanup(self, staging: Staging) -> None: ...
