@@ -9,8 +9,10 @@ from typing import Any
 
 from secateur.pruner.config import check_int
 from secateur.pruner.errors import InvalidSpecError
+from secateur.pruner.scoring import criteria
 
-CRITERIA = ("bn_scale", "l1", "l2", "random")
+# The built-in criteria; validation reads the live registry (scoring.criteria()).
+CRITERIA = criteria()
 SCOPES = ("global", "layerwise")
 # Beyond any layer's width (the widest Keras models have a few thousand channels).
 MAX_ROUND_TO = 4096
@@ -59,9 +61,9 @@ class PruneSpec:
             )
         if not (math.isfinite(ratio) and 0 <= ratio < 1):
             raise InvalidSpecError(f"ratio must be in [0, 1). Received: ratio={ratio}", "ratio")
-        if self.criterion not in CRITERIA:
+        if self.criterion not in criteria():
             raise InvalidSpecError(
-                f"criterion must be one of {', '.join(CRITERIA)}. "
+                f"criterion must be one of {', '.join(criteria())}. "
                 f"Received: criterion={self.criterion!r}",
                 "criterion",
             )
