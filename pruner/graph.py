@@ -106,6 +106,7 @@ class ChannelGraph:
         edits: (layer path, config key) -> ConfigEdit.
         flops: every multiply-add term, once per call of a layer.
         unsupported: (layer path, class name, reason) for each frozen layer.
+        tensor_layouts: ``id(tensor)`` -> channel layout of every traced tensor.
     """
 
     def __init__(self) -> None:
@@ -118,6 +119,8 @@ class ChannelGraph:
         self.flops: list[FlopTerm] = []
         self.unsupported: list[tuple[str, str, str]] = []
         self.touched: dict[str, set[int]] = {}
+        # id(KerasTensor) -> layout of its channel axis, for every traced tensor.
+        self.tensor_layouts: dict[int, Layout] = {}
         self._groups: list[Group] | None = None
 
     # -- spaces and union-find -------------------------------------------
@@ -362,6 +365,7 @@ def trace_functional(
             outs = trace_node(graph, node, prefix, ins)
             for t, lo in zip(node.outputs, outs):
                 tensors[id(t)] = lo
+    graph.tensor_layouts.update(tensors)
     return [tensors[id(t)] for t in fn.outputs]
 
 

@@ -16,6 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from secateur.pruner.compensation import (
+    cached_weights,
+    fold,
+    live_channels,
+    new_bias_params,
+    new_biases,
+)
+from secateur.pruner.constants import ConstantTrace, WeightGetter, trace_constants
 from secateur.pruner.errors import EmptyGroupError, InvalidSpecError, PlanError
 from secateur.pruner.graph import ChannelGraph, Group, analyze
 from secateur.pruner.hardware import detect_device_kind, resolve_round_to
@@ -50,6 +58,8 @@ class GroupPlan:
         fallback: why another criterion than the requested one was used.
         frozen: reasons the group cannot be pruned (empty when prunable).
         notes: caveats, e.g. a LayerNormalization over the channels.
+        compensated: removed channels whose constant output was folded into
+            the next layer's bias (see :mod:`secateur.pruner.compensation`).
     """
 
     id: int
@@ -62,6 +72,7 @@ class GroupPlan:
     fallback: str | None = None
     frozen: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    compensated: list[int] = field(default_factory=list)
 
     @property
     def pruned(self) -> bool:
@@ -70,7 +81,11 @@ class GroupPlan:
 
 @dataclass
 class PruningPlan:
-    """Kept channels per group plus the predicted effect on the model."""
+    """Kept channels per group plus the predicted effect on the model.
+
+    ``bias_added`` lists the layers that gain a bias from bias compensation
+    (``params_after`` counts it).
+    """
 
     spec: dict[str, Any]
     model_name: str
@@ -83,6 +98,7 @@ class PruningPlan:
     round_to: int = 1
     device_kind: str | None = None
     version: int = PLAN_VERSION
+    bias_added: list[str] = field(default_factory=list)
 
     @property
     def prunable_channels(self) -> int:
@@ -195,22 +211,23 @@ def make_plan(
         device_kind = device_kind or detect_device_kind()
     requested = spec
     spec = replace(spec, round_to=resolve_round_to(spec.round_to, device_kind))
-    cache: dict[tuple[str, int], np.ndarray] = {}
-
-    def weights(path: str, idx: int) -> np.ndarray:
-        if (path, idx) not in cache:
-            cache[(path, idx)] = np.asarray(graph.layers[path].weights[idx].numpy())
-        return cache[(path, idx)]
-
+    weights = cached_weights(graph)
     rng = np.random.default_rng(spec.seed)
     prunable = [g for g in groups if g.prunable]
     scores = {g.id: score_group(graph, g, spec.criterion, weights, rng) for g in prunable}
+    trace, live = None, {}
+    if spec.bias_compensation and spec.reload_weights:
+        trace = trace_constants(model, graph, weights)
+        live = live_channels(graph, trace)
+        scores = _score_live(scores, live)
     keep_counts = _allocate(prunable, scores, spec)
     kept: dict[int, np.ndarray] = {}
     for g in prunable:
         order = np.argsort(-scores[g.id].scores, kind="stable")
         kept[g.id] = np.sort(order[: keep_counts[g.id]]).astype(np.int64)
     plan = _build_plan(model, graph, requested, scores, kept)
+    if trace is not None:
+        _record_compensation(plan, graph, trace, weights, live)
     plan.round_to = int(spec.round_to)
     plan.device_kind = device_kind
     return plan
@@ -239,6 +256,42 @@ def _freeze_excluded(graph: ChannelGraph, groups: list[Group], exclude: tuple[st
                 reason = f"layer '{path}' is excluded by the spec"
                 if reason not in grp.frozen:
                     grp.frozen.append(reason)
+
+
+def _score_live(
+    scores: dict[int, GroupScore], live: Mapping[int, Mapping[int, str]]
+) -> dict[int, GroupScore]:
+    """Rank channels whose removal would drop a constant inexactly as most important."""
+    out = dict(scores)
+    for gid, channels in live.items():
+        if gid in out and channels:
+            values = np.array(out[gid].scores, dtype=np.float64)
+            values[sorted(channels)] = np.inf
+            out[gid] = replace(out[gid], scores=values)
+    return out
+
+
+def _record_compensation(
+    plan: PruningPlan,
+    graph: ChannelGraph,
+    trace: ConstantTrace,
+    weights: WeightGetter,
+    live: Mapping[int, Mapping[int, str]],
+) -> None:
+    """Write which channels bias compensation folds, and its caveats, into the plan."""
+    kept = keep_function(graph, {g.id: np.asarray(g.kept) for g in plan.groups})
+    comp = fold(graph, trace, kept, weights)
+    for gp in plan.groups:
+        gp.compensated = sorted(comp.channels.get(gp.id, ()))
+        gp.notes.extend(n for n in comp.notes.get(gp.id, []) if n not in gp.notes)
+        held = sorted(set(live.get(gp.id, {})) & set(gp.kept))
+        if held and not gp.frozen:
+            gp.notes.append(
+                f"channels {held} kept as live: each outputs a non-zero constant that "
+                f"no bias can take in ({live[gp.id][held[0]]})"
+            )
+    plan.bias_added = new_biases(graph, comp)
+    plan.params_after += new_bias_params(graph, comp, kept)
 
 
 def _floor(size: int, spec: PruneSpec) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,10 @@ class PruneSpec:
         reload_weights: copy the kept slices of the original weights (True)
             or keep the new architecture's fresh initialisation (False).
         seed: seed of the ``random`` criterion and of fresh initialisation.
+        bias_compensation: fold the constant output of removed channels
+            (zero filters, zero or small BatchNorm gammas) into the next
+            layer's bias instead of dropping it (see
+            :mod:`secateur.pruner.compensation`).
 
     Raises:
         InvalidSpecError: any field out of range; the message names it.
@@ -52,15 +57,10 @@ class PruneSpec:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     reload_weights: bool = True
     seed: int = 0
+    bias_compensation: bool = True
 
     def __post_init__(self) -> None:
-        ratio = self.ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise InvalidSpecError(
-                f"ratio must be a number in [0, 1). Received: ratio={ratio!r}", "ratio"
-            )
-        if not (math.isfinite(ratio) and 0 <= ratio < 1):
-            raise InvalidSpecError(f"ratio must be in [0, 1). Received: ratio={ratio}", "ratio")
+        ratio = _checked_ratio(self.ratio)
         if self.criterion not in criteria():
             raise InvalidSpecError(
                 f"criterion must be one of {', '.join(criteria())}. "
@@ -84,6 +84,22 @@ class PruneSpec:
         object.__setattr__(self, "ratio", float(ratio))
         # np.random.default_rng and tf.data take non-negative 64-bit seeds.
         check_int("seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.bias_compensation, bool):
+            raise InvalidSpecError(
+                "bias_compensation must be true or false. "
+                f"Received: bias_compensation={self.bias_compensation!r}",
+                "bias_compensation",
+            )
+
+    def with_ratio(self, ratio: float) -> PruneSpec:
+        """This spec at another ratio; only the ratio is checked (the rest was, once).
+
+        Raises:
+            InvalidSpecError: ``ratio`` is not a number in [0, 1).
+        """
+        out = copy.copy(self)
+        object.__setattr__(out, "ratio", _checked_ratio(ratio))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,6 +120,16 @@ class PruneSpec:
         if "exclude" in kwargs and isinstance(kwargs["exclude"], list):
             kwargs["exclude"] = tuple(kwargs["exclude"])
         return cls(**kwargs)
+
+
+def _checked_ratio(ratio: Any) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise InvalidSpecError(
+            f"ratio must be a number in [0, 1). Received: ratio={ratio!r}", "ratio"
+        )
+    if not (math.isfinite(ratio) and 0 <= ratio < 1):
+        raise InvalidSpecError(f"ratio must be in [0, 1). Received: ratio={ratio}", "ratio")
+    return float(ratio)
 
 
 def _check_int(name: str, value: Any, high: int) -> None:

@@ -9,6 +9,7 @@ wrappers: the result is an ordinary Keras model of smaller shapes.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,14 @@ import numpy as np
 
 from secateur.pruner import layout as lay
 from secateur.pruner._keras import keras
+from secateur.pruner.compensation import (
+    Compensation,
+    bias_values,
+    cached_weights,
+    fold,
+    new_biases,
+)
+from secateur.pruner.constants import trace_constants
 from secateur.pruner.errors import PlanMismatchError
 from secateur.pruner.graph import ChannelGraph, ConfigEdit, analyze
 from secateur.pruner.plan import PruningPlan, keep_function
@@ -28,6 +37,7 @@ def apply_plan(
     plan: PruningPlan,
     reload_weights: bool = True,
     graph: ChannelGraph | None = None,
+    bias_compensation: bool | None = None,
 ) -> Any:
     """Build the pruned model that ``plan`` describes.
 
@@ -38,9 +48,17 @@ def apply_plan(
             False the new model keeps its fresh initialisation (the study's
             no-reload arm).
         graph: the model's traced graph, if already computed.
+        bias_compensation: fold removed channels' constant outputs into the
+            next layer's bias, computed from ``model``'s current weights
+            (default: as the plan's spec says; off for plans that predate it).
 
     Returns:
         A new ``keras.Model``; ``model`` is left untouched.
+
+    Warns:
+        UserWarning: compensation found a caveat the plan does not carry
+            (the weights changed since planning), e.g. a constant that a
+            zero-padded Conv can only take in approximately.
 
     Raises:
         PlanMismatchError: the plan's groups do not match the model's.
@@ -53,11 +71,19 @@ def apply_plan(
     _drop_build_configs(config)
     for edit in graph.edits.values():
         _apply_edit(config, edit, kept)
+    if bias_compensation is None:
+        bias_compensation = bool(plan.spec.get("bias_compensation", False))
+    comp = None
+    if bias_compensation:
+        comp = _compensation(model, graph, plan, kept) if reload_weights else None
+        # Fresh weights get the planned architecture, biases included.
+        for path in new_biases(graph, comp) if comp else plan.bias_added:
+            _layer_config(config, path)["config"]["use_bias"] = True
     custom = _custom_objects(model)
     with keras.saving.custom_object_scope(custom):
         new_model = model.__class__.from_config(config)
     if reload_weights:
-        _copy_weights(graph, new_model, kept)
+        _copy_weights(graph, new_model, kept, comp)
     if getattr(model, "compiled", False):
         # Compile state is a convenience: a custom loss that cannot be rebuilt
         # from config must not fail the prune.
@@ -171,12 +197,31 @@ def _resolve(model: Any, path: str) -> Any:
     return layer
 
 
-def _copy_weights(graph: ChannelGraph, new_model: Any, kept: KeptFn) -> None:
+def _compensation(model: Any, graph: ChannelGraph, plan: PruningPlan, kept: KeptFn) -> Compensation:
+    weights = cached_weights(graph)
+    comp = fold(graph, trace_constants(model, graph, weights), kept, weights)
+    planned = {n for g in plan.groups for n in g.notes}
+    fresh = [n for notes in comp.notes.values() for n in notes if n not in planned]
+    if fresh:
+        warnings.warn(
+            "bias compensation cannot keep outputs exact: " + "; ".join(fresh[:5]),
+            stacklevel=3,
+        )
+    return comp
+
+
+def _copy_weights(
+    graph: ChannelGraph, new_model: Any, kept: KeptFn, comp: Compensation | None
+) -> None:
     positions: dict[int, np.ndarray] = {}
+    deltas = comp.deltas if comp is not None else {}
     for path, layer in graph.layers.items():
         values = []
+        bias = getattr(layer, "bias", None) if path in deltas else None
         for idx, var in enumerate(layer.weights):
             value = var.numpy()
+            if bias is not None and var is bias:
+                value = value + deltas[path].astype(value.dtype)
             for axis, ax in sorted(graph.axes.get((path, idx), {}).items()):
                 key = id(ax.layout)
                 if key not in positions:
@@ -184,4 +229,7 @@ def _copy_weights(graph: ChannelGraph, new_model: Any, kept: KeptFn) -> None:
                 if len(positions[key]) != value.shape[axis]:
                     value = np.take(value, positions[key], axis=axis)
             values.append(value)
+        added = bias_values(graph, comp, path, kept) if comp is not None else None
+        if added is not None:
+            values.append(added)  # Conv/Dense create their bias last
         _resolve(new_model, path).set_weights(values)
