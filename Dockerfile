@@ -51,6 +51,7 @@ COPY pyproject.toml README.md ./
 COPY pruner/ pruner/
 COPY server/ server/
 COPY client/ client/
+COPY cli/ cli/
 COPY proto/ proto/
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .

@@ -44,7 +44,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 lint: $(STAMP)
-	mkdir -p .typecheck/secateur && for d in pruner server client; do ln -sfn ../../$$d .typecheck/secateur/$$d; done; ln -sfn ../../proto/secateur/v1 .typecheck/secateur/v1
+	mkdir -p .typecheck/secateur && for d in pruner server client cli; do ln -sfn ../../$$d .typecheck/secateur/$$d; done; ln -sfn ../../proto/secateur/v1 .typecheck/secateur/v1
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -183,7 +183,7 @@ def main() -> int:
     args = parser.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="secateur-study-")
     os.makedirs(args.out, exist_ok=True)
-    from secateur.server.demo import DemoConfig, prepare
+    from secateur.cli.demo import DemoConfig, prepare
     from secateur.server.pipeline import curve_rows
 
     cfg = DemoConfig(

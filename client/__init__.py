@@ -1,4 +1,4 @@
-"""Secateur client and the `secateur` CLI. Never imports TensorFlow.
+"""Secateur client (grpc and secateur.v1 only): never imports TensorFlow, server or pruner.
 
 from secateur.client import PruningClient
 with PruningClient("localhost:50051") as client:

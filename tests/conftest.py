@@ -21,7 +21,7 @@ import pytest
 
 def digits(side: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits as (N, side, side, 3) floats in [0, 255] and labels."""
-    from secateur.server.demo import digits_images
+    from secateur.pruner.datasets import digits_images
 
     return digits_images(side)
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from secateur.client.cli import EXIT_CANCELLED, EXIT_GATE, build_parser
+from secateur.cli.outcome import EXIT_CANCELLED, EXIT_GATE
+from secateur.cli.parser import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 CI = REPO / "examples" / "ci"

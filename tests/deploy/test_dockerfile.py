@@ -130,6 +130,21 @@ def test_copied_sources_exist_and_are_in_the_build_context() -> None:
                         assert not is_ignored(r), f".dockerignore excludes {r}"
 
 
+def test_every_mapped_package_folder_is_copied_into_the_builder() -> None:
+    """A folder pyproject maps into secateur.* but the builder lacks builds a broken wheel."""
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        folders = set(tomllib.load(fh)["tool"]["setuptools"]["package-dir"].values())
+    copied = {
+        src.rstrip("/")
+        for s in STAGES
+        for i in s.instructions
+        if i.keyword == "COPY"
+        for src in copy_sources(i)[1]
+    }
+    top = {f.split("/")[0] for f in folders}
+    assert top <= copied, f"not copied: {sorted(top - copied)}"
+
+
 def test_dockerignore_keeps_local_clutter_out() -> None:
     for rel in (
         ".venv",

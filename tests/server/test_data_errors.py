@@ -122,11 +122,11 @@ def test_serverJob_badLabelAtRecord281_failsInvalidArgumentNamingFileAndRecord(
 def test_cli_badLabelAtRecord281_exit2_noTraceback_nothingPublished(
     digits_data, bad_data, tmp_path
 ) -> None:
-    from secateur.client.cli import EXIT_BAD_INPUT
+    from secateur.cli.outcome import EXIT_BAD_INPUT
 
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "secateur.client.cli", "prune", digits_data.model_path, str(out),
+        [sys.executable, "-m", "secateur.cli", "prune", digits_data.model_path, str(out),
          "--ratio", "0.3", "--epochs", "1", "--batch-size", "64",
          "--train-data", bad_data["label"], "--measure-steps", "1"],
         capture_output=True, text=True, timeout=300,

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from secateur.client.cli import EXIT_BAD_INPUT
+from secateur.cli.outcome import EXIT_BAD_INPUT
 from secateur.server.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
@@ -98,7 +98,7 @@ def test_createJob_lambdaSavedModel_jobFailsInvalidArgument_noCodeRuns(stub, hos
 def test_cliPrune_lambdaSavedModel_exit2_noCodeRuns(hostile, tmp_path) -> None:
     env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"}
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "secateur.client.cli", "prune", hostile.model, str(out)]
+    cmd = [sys.executable, "-m", "secateur.cli", "prune", hostile.model, str(out)]
     proc = subprocess.run(
         [*cmd, "--ratio", "0.3"],
         capture_output=True,

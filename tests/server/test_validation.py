@@ -303,7 +303,7 @@ def test_outputBesideOrAboveModel_isFine_andGcsFormsNormalised(env) -> None:
 
 
 def test_outputInsideModel_cliExits2_nothingWritten(env, capsys) -> None:
-    from secateur.client.cli import main
+    from secateur.cli.main import main
 
     saved = env.models / "saved"
     code = main(["prune", str(saved), str(saved / "out"), "--allowed-uri-prefix", str(env.root)])
@@ -377,7 +377,7 @@ def test_corruptModel_failedJobNamesTheUri(env) -> None:
 
 
 def test_corruptModel_cliNamesTheUri(env, capsys) -> None:
-    from secateur.client.cli import main
+    from secateur.cli.main import main
 
     uri = str(env.models / "bad.h5")
     assert main(["prune", uri, str(env.out / "cli"), "--measure-steps", "1"]) == 2

@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
-from secateur.client.cli import EXIT_BAD_INPUT, EXIT_GATE, EXIT_OK, build_parser, merged_options
+from secateur.cli.options import merged_options
+from secateur.cli.outcome import EXIT_BAD_INPUT, EXIT_GATE, EXIT_OK
+from secateur.cli.parser import build_parser
 
-SECATEUR = [sys.executable, "-m", "secateur.client.cli"]
+SECATEUR = [sys.executable, "-m", "secateur.cli"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -97,7 +99,7 @@ def test_cli_specFile_flagsOverrideIt(tmp_path) -> None:
 
 def test_cli_helpAndImport_doNotLoadTensorflow() -> None:
     code = (
-        "import sys, secateur.client, secateur.client.cli as c\n"
+        "import sys, secateur.client, secateur.cli.parser as c\n"
         "c.build_parser().format_help()\n"
         "heavy = {'tensorflow', 'keras'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"

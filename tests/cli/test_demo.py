@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from secateur.server.demo import DemoConfig, run_demo
+from secateur.cli.demo import DemoConfig, run_demo
 from secateur.v1 import pruning_pb2 as pb
 
 
@@ -15,8 +15,8 @@ def test_demo_trainsServesAndPrunesThroughGrpc(tmp_path) -> None:
     )  # fmt: skip
     updates: list[pb.Job] = []
     job = run_demo(cfg, on_update=updates.append, log=lambda _m: None)
-    assert job.state == pb.Job.SUCCEEDED, job.error
-    assert any(u.state == pb.Job.RUNNING for u in updates)
+    assert job.state == pb.Job.STATE_SUCCEEDED, job.error
+    assert any(u.state == pb.Job.STATE_RUNNING for u in updates)
     assert job.result.original.accuracy > 0.5  # real learning on real digits
     assert job.result.pruned.params < job.result.original.params
     assert os.path.exists(os.path.join(tmp_path, "served", "1", "saved_model.pb"))

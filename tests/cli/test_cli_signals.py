@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from secateur.client.cli import EXIT_CANCELLED
+from secateur.cli.outcome import EXIT_CANCELLED
 
 
 def _start_and_wait_for_fine_tuning(digits_data, out) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "secateur.client.cli", "prune", digits_data.model_path, str(out),
+        [sys.executable, "-m", "secateur.cli", "prune", digits_data.model_path, str(out),
          "--ratio", "0.3", "--epochs", "50", "--batch-size", "32",
          "--train-data", digits_data.train_glob, "--measure-steps", "1"],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

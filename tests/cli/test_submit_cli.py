@@ -11,15 +11,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from secateur.client import cli
-from secateur.client.cli import (
+from secateur import cli
+from secateur.cli.main import main
+from secateur.cli.outcome import (
     EXIT_BAD_INPUT,
     EXIT_CANCELLED,
     EXIT_GATE,
     EXIT_INTERNAL,
     EXIT_OK,
-    main,
 )
+from secateur.cli.parser import build_parser
+from secateur.cli.remote import server_address
 from secateur.v1 import pruning_pb2
 from tests.client.fake_server import FakePruningService, FakeServer
 
@@ -48,7 +50,7 @@ def test_submit_noWait_printsTheJobName(server: FakeServer, capsys) -> None:
     code, out, _ = submit(capsys, "--criterion", "l2", "--no-reload", "--epochs", "2")
     assert code == EXIT_OK and out.strip() == "jobs/job0001"
     spec = server.service.job("jobs/job0001").spec
-    assert spec.pruning.criterion == pruning_pb2.L2 and spec.pruning.no_reload
+    assert spec.pruning.criterion == pruning_pb2.CRITERION_L2 and spec.pruning.no_reload
     assert spec.training.epochs == 2 and spec.model_uri == "/m/model.keras"
 
 
@@ -179,9 +181,9 @@ def test_submit_wait_interrupted(server: FakeServer, capsys, monkeypatch, cancel
     assert code == EXIT_CANCELLED
     state = server.service.job("jobs/job0001").state
     if cancel:
-        assert state == Job.CANCELLED and "cancelled jobs/job0001" in err
+        assert state == Job.STATE_CANCELLED and "cancelled jobs/job0001" in err
     else:
-        assert state == Job.QUEUED and "secateur cancel jobs/job0001" in err
+        assert state == Job.STATE_QUEUED and "secateur cancel jobs/job0001" in err
 
 
 def test_status_runningThenFinished(server: FakeServer, capsys, tmp_path) -> None:
@@ -266,8 +268,8 @@ def test_help_documentsExitCodes(capsys) -> None:
 
 def test_defaultServer(monkeypatch) -> None:
     monkeypatch.delenv("SECATEUR_SERVER", raising=False)
-    args = cli.build_parser().parse_args(["list"])
-    assert cli.server_address(args) == "localhost:50051"
+    args = build_parser().parse_args(["list"])
+    assert server_address(args) == "localhost:50051"
 
 
 @pytest.mark.parametrize("outcome,expected", [("succeeded", EXIT_OK), ("gate", EXIT_GATE)])
@@ -277,7 +279,7 @@ def test_submit_asASubprocess(server: FakeServer, tmp_path, outcome, expected) -
     env = os.environ | {"SECATEUR_SERVER": "127.0.0.1:1"}  # --server given: this is unused
     args = ["--ratio", "0.3", "--server", server.target, "--wait", "--report", str(report)]
     proc = subprocess.run(
-        [sys.executable, "-m", "secateur.client.cli", "submit", "/m/model.keras", "/served", *args],
+        [sys.executable, "-m", "secateur.cli", "submit", "/m/model.keras", "/served", *args],
         capture_output=True,
         text=True,
         env=env,

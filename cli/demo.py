@@ -1,4 +1,4 @@
-"""The embedded default job: no cloud account, no download.
+"""The embedded default job (``secateur demo``): no cloud account, no download.
 
 Trains the study's VGG-16-BN (narrowed) on scikit-learn's bundled digits
 (8x8 images upscaled to 32x32x3) and writes the data as TFRecords; then
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from secateur.pruner.data import write_examples
+from secateur.pruner.datasets import digits_images
 from secateur.v1 import pruning_pb2 as pb
 
 
@@ -29,16 +30,6 @@ class DemoConfig:
     finetune_epochs: int = 2
     max_accuracy_drop: float = 0.02
     batch_size: int = 64
-
-
-def digits_images(side: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as (N, side, side, 3) float32 in [0, 255], int64 labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    rep = side // 8
-    images = np.repeat(np.repeat(d.images / 16.0 * 255.0, rep, 1), rep, 2)
-    return images[..., None].repeat(3, -1).astype("float32"), d.target.astype("int64")
 
 
 def prepare(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[str, str, str]:
@@ -99,7 +90,7 @@ def run_demo(
     spec = pb.JobSpec(
         model_uri=model_path,
         output_uri=os.path.join(cfg.workdir, "served"),
-        pruning=pb.PruningSpec(ratios=list(cfg.ratios), criterion=pb.BN_SCALE, scope=pb.GLOBAL),
+        pruning=pb.PruningSpec(ratios=list(cfg.ratios), criterion=pb.CRITERION_BN_SCALE, scope=pb.SCOPE_GLOBAL),
         training=pb.TrainingSpec(
             epochs=cfg.finetune_epochs,
             batch_size=cfg.batch_size,

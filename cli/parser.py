@@ -1,0 +1,210 @@
+"""The ``secateur`` argument definitions: every subcommand and its flags.
+
+Building the parser imports the command modules but nothing heavy: they load
+the pruner and the server only when a local subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from secateur.cli import local, remote
+from secateur.cli.options import parse_ratios, parse_round_to
+from secateur.cli.outcome import EXIT_CODES_EPILOG
+
+JOB_STATES = ["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+
+
+def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``prune`` and ``submit``; defaults live in the spec."""
+    g = p.add_argument_group("pruning spec (flags override --spec)")
+    g.add_argument("--spec", help="YAML or JSON file with any of the fields below")
+    g.add_argument("--ratio", type=float, help="fraction of prunable channels to remove [0, 1)")
+    g.add_argument(
+        "--ratios", type=parse_ratios, help="sweep: comma-separated ratios, one candidate each"
+    )
+    g.add_argument("--criterion", choices=["bn_scale", "l1", "l2", "random"])
+    g.add_argument("--scope", choices=["global", "layerwise"])
+    g.add_argument(
+        "--round-to",
+        type=parse_round_to,
+        dest="round_to",
+        help="kept channel counts are multiples of N; 'auto' = the device's layout multiple",
+    )
+    g.add_argument("--min-channels", type=int, dest="min_channels")
+    g.add_argument("--exclude", action="append", help="layer name to leave whole (repeatable)")
+    g.add_argument(
+        "--no-reload",
+        action="store_false",
+        dest="reload_weights",
+        default=None,
+        help="fresh initialisation instead of the original weights",
+    )
+    g.add_argument("--seed", type=int)
+    t = p.add_argument_group("fine-tuning and data")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int, dest="batch_size")
+    t.add_argument("--learning-rate", type=float, dest="learning_rate")
+    t.add_argument("--train-data", dest="train_data", help="TFRecord path, glob or gs:// pattern")
+    t.add_argument("--eval-data", dest="eval_data", help="TFRecord path, glob or gs:// pattern")
+    t.add_argument("--image-key", dest="image_key")
+    t.add_argument("--label-key", dest="label_key")
+    t.add_argument(
+        "--resize", action="store_true", default=None, help="resize images to the model input"
+    )
+    t.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        dest="max_accuracy_drop",
+        help="publish the largest ratio whose accuracy drop is within this (0.02 = 2 points)",
+    )
+    t.add_argument("--measure-steps", type=int, dest="measure_steps", help="timed steps per round")
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the server is and how to reach it (``submit``, ``status``, ...)."""
+    g = p.add_argument_group("server connection")
+    g.add_argument(
+        "--server",
+        help="HOST:PORT of the Secateur server "
+        f"(default: $SECATEUR_SERVER or {remote.DEFAULT_SERVER})",
+    )
+    g.add_argument(
+        "--token-file",
+        dest="token_file",
+        help="file holding the bearer token (default: $SECATEUR_TOKEN, if set)",
+    )
+    g.add_argument("--tls", action="store_true", help="connect with TLS")
+    g.add_argument("--ca-cert", dest="ca_cert", help="PEM root certificates (implies --tls)")
+    g.add_argument("--client-cert", dest="client_cert", help="PEM client certificate (mTLS)")
+    g.add_argument("--client-key", dest="client_key", help="PEM client private key (mTLS)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="deadline of each request in seconds (default 30; watching has none)",
+    )
+    g.add_argument(
+        "--retries",
+        type=int,
+        default=4,
+        help="retries of a call the server could not take (UNAVAILABLE; default 4)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secateur",
+        description="Structured channel pruning for Keras models.",
+        epilog=EXIT_CODES_EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_local_commands(sub)
+    _add_submit(sub)
+    _add_job_commands(sub)
+    return parser
+
+
+def _add_local_commands(sub: Any) -> None:
+    p = sub.add_parser("prune", help="prune, fine-tune, measure and publish locally (no server)")
+    p.add_argument("model_uri", help=".keras/.h5 file or SavedModel dir: path, file:// or gs://")
+    p.add_argument("output_uri", help="base URI; the model is written to OUTPUT_URI/<version>/")
+    add_spec_arguments(p)
+    p.add_argument("--version", type=int, help="TF Serving version to write (default: next free)")
+    p.add_argument("--report", help="write the JSON report here (and curves beside it for a sweep)")
+    p.add_argument(
+        "--allowed-uri-prefix",
+        action="append",
+        help="only read/write under these prefixes (repeatable; default: anywhere)",
+    )
+    p.set_defaults(func=local.cmd_prune)
+    d = sub.add_parser(
+        "demo", help="the embedded default: train VGG-16-BN on bundled digits, then prune it"
+    )
+    d.add_argument("--workdir", help="where data, model and output go (default: a temp dir)")
+    d.add_argument("--ratios", type=parse_ratios, default=(0.3, 0.5, 0.7))
+    d.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per candidate")
+    d.set_defaults(func=local.cmd_demo)
+    sv = sub.add_parser(
+        "serve",
+        help="run the gRPC pruning service (see `secateur serve --help`)",
+        add_help=False,
+    )
+    sv.add_argument("serve_args", nargs=argparse.REMAINDER)  # handled in main()
+
+
+def _add_submit(sub: Any) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="submit a pruning job to a server (--wait: follow it, exit by its outcome)",
+        epilog=EXIT_CODES_EPILOG,
+    )
+    p.add_argument("model_uri", help=".keras/.h5 file or SavedModel dir, as the server sees it")
+    p.add_argument("output_uri", help="base URI; the model is published to OUTPUT_URI/<version>/")
+    add_spec_arguments(p)
+    p.add_argument("--version", type=int, help="TF Serving version to publish (default: next free)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="show progress until the job ends, print the table, exit by the outcome",
+    )
+    p.add_argument("--report", help="with --wait: write the JSON report here")
+    p.add_argument(
+        "--request-id",
+        dest="request_id",
+        help="idempotency key: submitting it again returns the same job (default: random)",
+    )
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        dest="validate_only",
+        help="have the server check the request (URIs, spec, model) without creating a job",
+    )
+    p.add_argument(
+        "--cancel-on-interrupt",
+        action="store_true",
+        dest="cancel_on_interrupt",
+        help="with --wait: Ctrl-C / SIGTERM cancels the job (default: it goes on)",
+    )
+    add_connection_arguments(p)
+    p.set_defaults(func=remote.cmd_submit)
+
+
+def _add_job_commands(sub: Any) -> None:
+    st = sub.add_parser(
+        "status",
+        help="a job's state; its table once it has ended",
+        epilog=EXIT_CODES_EPILOG,
+    )
+    st.add_argument("job", help="jobs/<id> or <id>")
+    st.add_argument("--report", help="write the JSON report here when the job has ended")
+    add_connection_arguments(st)
+    st.set_defaults(func=remote.cmd_status)
+
+    w = sub.add_parser(
+        "watch",
+        help="follow a job until it ends; its table and exit code",
+        epilog=EXIT_CODES_EPILOG,
+    )
+    w.add_argument("job", help="jobs/<id> or <id>")
+    w.add_argument("--report", help="write the JSON report here")
+    w.add_argument(
+        "--cancel-on-interrupt",
+        action="store_true",
+        dest="cancel_on_interrupt",
+        help="Ctrl-C / SIGTERM cancels the job (default: it goes on)",
+    )
+    add_connection_arguments(w)
+    w.set_defaults(func=remote.cmd_watch)
+
+    c = sub.add_parser("cancel", help="cancel a queued or running job", epilog=EXIT_CODES_EPILOG)
+    c.add_argument("job", help="jobs/<id> or <id>")
+    add_connection_arguments(c)
+    c.set_defaults(func=remote.cmd_cancel)
+
+    ls = sub.add_parser("list", help="jobs on the server, newest first", epilog=EXIT_CODES_EPILOG)
+    ls.add_argument("--state", type=str.upper, choices=JOB_STATES, help="only jobs in this state")
+    ls.add_argument("--limit", type=int, default=20, help="at most this many jobs (default 20)")
+    add_connection_arguments(ls)
+    ls.set_defaults(func=remote.cmd_list)
