@@ -1,0 +1,174 @@
+"""The packages' dependencies point one way (DESIGN.md, Layout).
+
+client -> v1; server -> pruner, v1; pruner -> tensorflow/keras only; cli -> all
+of them, loading the server and the pruner only inside the subcommands that
+need them. Every import in every module counts, function-level and
+TYPE_CHECKING ones included: read from the source, not from what one run
+happens to load.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Folder -> its name in the secateur namespace (pyproject's package-dir).
+PACKAGES = {"pruner": "pruner", "server": "server", "client": "client", "cli": "cli"}
+# The secateur packages each one may import (besides itself).
+ALLOWED = {
+    "client": {"v1"},
+    "server": {"pruner", "v1"},
+    "pruner": set(),
+    "cli": {"client", "server", "pruner", "v1"},
+}
+# Third-party top-level modules each one must not import.
+FORBIDDEN_THIRD_PARTY = {
+    "client": {"tensorflow", "keras", "tf_keras"},
+    "pruner": {"grpc", "grpc_status", "grpc_health", "prometheus_client", "google.cloud"},
+    "server": set(),
+    "cli": set(),
+}
+# cli modules that may import the server or the pruner at module level: only
+# modules that themselves are imported inside a subcommand's function.
+CLI_HEAVY_AT_TOP = {"demo"}
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # absolute dotted name
+    path: Path
+    line: int
+    top_level: bool  # executed when the importing module is loaded
+
+
+def _module_name(path: Path) -> str:
+    folder = path.relative_to(ROOT).parts[0]
+    rel = path.relative_to(ROOT / folder).with_suffix("").parts
+    parts = ["secateur", PACKAGES[folder], *rel]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(node: ast.ImportFrom, path: Path) -> str:
+    if not node.level:
+        return node.module or ""
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def _imports(path: Path) -> list[Import]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top = {id(n) for n in tree.body}
+    # Statements under a module-level `if`/`try` run at import time too.
+    for n in tree.body:
+        if isinstance(n, ast.If | ast.Try):
+            top |= {id(c) for c in ast.walk(n)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(node, path)
+            # A name may be a submodule (`from secateur.cli import demo`): keep both.
+            names = [base] if base != "secateur" else []
+            names += [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found += [Import(n, path, node.lineno, id(node) in top) for n in names]
+    return found
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted(p for p in (ROOT / folder).rglob("*.py") if "node_modules" not in p.parts)
+
+
+def _secateur_package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "secateur" and len(parts) > 1 else None
+
+
+def _where(imp: Import) -> str:
+    return f"{imp.path.relative_to(ROOT)}:{imp.line} imports {imp.module}"
+
+
+@pytest.mark.parametrize("folder", sorted(PACKAGES))
+def test_package_imports_only_its_allowed_secateur_packages(folder: str) -> None:
+    own = PACKAGES[folder]
+    bad = [
+        _where(imp)
+        for path in _modules(folder)
+        for imp in _imports(path)
+        if (pkg := _secateur_package(imp.module)) not in (None, own) and pkg not in ALLOWED[folder]
+    ]
+    assert not bad, f"{folder}/ may import only {sorted(ALLOWED[folder])}:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("folder", sorted(PACKAGES))
+def test_package_avoids_forbidden_third_party_modules(folder: str) -> None:
+    forbidden = FORBIDDEN_THIRD_PARTY[folder]
+    bad = [
+        _where(imp)
+        for path in _modules(folder)
+        for imp in _imports(path)
+        if any(imp.module == f or imp.module.startswith(f + ".") for f in forbidden)
+    ]
+    assert not bad, f"{folder}/ must not import {sorted(forbidden)}:\n" + "\n".join(bad)
+
+
+def test_cli_loads_server_and_pruner_only_inside_subcommands() -> None:
+    bad = []
+    for path in _modules("cli"):
+        heavy_allowed = path.stem in CLI_HEAVY_AT_TOP
+        for imp in _imports(path):
+            pkg = _secateur_package(imp.module)
+            if imp.top_level and not heavy_allowed and pkg in ("server", "pruner"):
+                bad.append(_where(imp))
+            lazy = imp.module.removeprefix("secateur.cli.") in CLI_HEAVY_AT_TOP
+            if imp.top_level and imp.module.startswith("secateur.cli.") and lazy:
+                bad.append(_where(imp) + " at module level")
+    assert not bad, "import these inside the subcommand that needs them:\n" + "\n".join(bad)
+
+
+def test_the_scan_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
+    """The checks above would pass vacuously if the scan missed these forms."""
+    imports = {(i.module, i.top_level) for i in _imports(ROOT / "cli" / "local.py")}
+    assert ("secateur.server.pipeline", False) in imports  # inside cmd_prune
+    assert ("secateur.cli.render", True) in imports
+    client = {i.module for i in _imports(ROOT / "client" / "client.py")}
+    assert "secateur.client.protospec" in client  # `from .protospec import ...`
+
+
+def _loaded_after(code: str) -> list[str]:
+    probe = (
+        f"{code}\n"
+        "import sys\n"
+        "heavy = ('tensorflow', 'keras', 'tf_keras', 'secateur.server', 'secateur.pruner')\n"
+        "print('\\n'.join(m for m in sys.modules if m.split('.')[0] in heavy[:3]"
+        " or m.startswith(heavy[3:])))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    return out.stdout.split()
+
+
+def test_importing_the_client_loads_no_tensorflow_server_or_pruner() -> None:
+    loaded = _loaded_after("import secateur.client.client, secateur.client.protospec")
+    assert loaded == [], loaded
+
+
+def test_cli_parser_and_remote_commands_load_no_tensorflow_server_or_pruner() -> None:
+    loaded = _loaded_after(
+        "import secateur.cli.main, secateur.cli.remote\n"
+        "from secateur.cli.parser import build_parser\n"
+        "build_parser().format_help()"
+    )
+    assert loaded == [], loaded
