@@ -31,13 +31,18 @@ test: lint system-deps
 	$(PY) -m pytest
 
 ## A real Prometheus server for the metrics tests (Debian package; root only,
-## otherwise those tests skip and say why). Node.js/npm come with the machine.
+## otherwise those tests skip and say why), and buf (npm @bufbuild/buf, into
+## .tools/) for the contract's lint test. Node.js/npm come with the machine.
 system-deps:
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "note: prometheus is not installed; the Prometheus scrape tests will skip"; fi; }
+	@test -x .tools/node_modules/.bin/buf || { \
+	  if command -v npm >/dev/null 2>&1; then \
+	    npm install --silent --no-save --prefix .tools @bufbuild/buf >/dev/null; \
+	  else echo "note: npm is missing; the buf lint test (tests/test_buf_lint.py) will skip"; fi; }
 
 ## The heavy keras.applications models (ConvNeXt-XL, EfficientNet-B7, ...).
 test-slow: $(STAMP)

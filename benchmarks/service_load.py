@@ -160,7 +160,7 @@ async def create_jobs(stub: pbg.PruningServiceStub, workdir: Path, n: int) -> li
             )
         except grpc.RpcError as exc:
             raise BenchmarkError(f"CreateJob failed: {_describe(exc)}") from exc
-        if job.state != pb.Job.QUEUED:
+        if job.state != pb.Job.STATE_QUEUED:
             raise BenchmarkError(f"a new job should be QUEUED. Received: {job}")
         names.append(job.name)
     return names
@@ -172,7 +172,7 @@ async def _hold(watch: Watch) -> None:
         async for job in watch.call:
             if not watch.opened.is_set():
                 watch.opened.set()
-            elif job.state != pb.Job.QUEUED:
+            elif job.state != pb.Job.STATE_QUEUED:
                 watch.failure = f"job changed to {pb.Job.State.Name(job.state)}"
         watch.failure = watch.failure or "the stream ended early"
     except asyncio.CancelledError:

@@ -27,12 +27,12 @@ from typing import Any
 
 import grpc
 
-from secateur.v1 import pruning_pb2, pruning_pb2_grpc
+from secateur.v1 import enums, pruning_pb2, pruning_pb2_grpc
 
 from .protospec import job_spec_from_options
 
 TERMINAL_STATES = frozenset(
-    {pruning_pb2.Job.SUCCEEDED, pruning_pb2.Job.FAILED, pruning_pb2.Job.CANCELLED}
+    {pruning_pb2.Job.STATE_SUCCEEDED, pruning_pb2.Job.STATE_FAILED, pruning_pb2.Job.STATE_CANCELLED}
 )
 MAX_BACKOFF_SECONDS = 10.0
 # Plans and sweep results travel as Structs; leave room above gRPC's 4 MiB default.
@@ -52,16 +52,17 @@ def job_name(text: str) -> str:
 
 
 def parse_state(state: str | int | None) -> int:
-    """A ``Job.State`` number from a name (any case), a number, or None (= all)."""
+    """A ``Job.State`` number from a name (``succeeded`` or ``STATE_SUCCEEDED``,
+    any case), a number, or None (= all).
+
+    Raises:
+        ValueError: no such state; the message lists them.
+    """
     if state is None:
         return pruning_pb2.Job.STATE_UNSPECIFIED
     if isinstance(state, int):
         return state
-    try:
-        return pruning_pb2.Job.State.Value(state.strip().upper())
-    except ValueError:
-        names = [n for n, _ in pruning_pb2.Job.State.items() if n != "STATE_UNSPECIFIED"]
-        raise ValueError(f"state must be one of {names}. Received: {state!r}") from None
+    return enums.from_short_name(pruning_pb2.Job.State, state)
 
 
 def violations_from_status(status: Any) -> builtins.list[tuple[str, str]]:

@@ -1,140 +1,34 @@
-"""Between the CLI's flat options and the ``secateur.v1`` messages.
+"""Between the ``secateur.v1`` messages and plain data.
 
-``job_spec_from_options`` turns the dict ``cli.merged_options`` makes (flags
-over a ``--spec`` file) into a ``JobSpec``; ``report_from_job`` turns a finished
-job's ``JobResult`` back into the report dict ``cli.format_table`` prints (the
-same shape ``secateur prune`` writes). Imports protobuf only.
+``job_spec_from_options`` (from :mod:`secateur.client.schema`) turns flat
+options (flags over a ``--spec`` file) into a ``JobSpec``; ``report_from_job``
+turns a finished job's ``JobResult`` back into the report dict the CLI prints
+(the same shape ``secateur prune`` writes). Imports protobuf only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format
 
-from secateur.v1 import pruning_pb2
+from secateur.v1 import enums, pruning_pb2
 
-CRITERIA: dict[str, int] = {
-    "bn_scale": pruning_pb2.BN_SCALE,
-    "l1": pruning_pb2.L1,
-    "l2": pruning_pb2.L2,
-    "random": pruning_pb2.RANDOM,
-}
-SCOPES: dict[str, int] = {"global": pruning_pb2.GLOBAL, "layerwise": pruning_pb2.LAYERWISE}
+from .schema import KNOWN_OPTIONS, job_spec_from_options
 
-# Metrics field -> Python type of the figures value (``how`` is a plain dict).
+__all__ = ["KNOWN_OPTIONS", "job_spec_from_options", "report_from_job"]
+
+# Metrics field -> Python type of the figures value, from the contract
+# (``how`` is a Struct, a plain dict in the report).
 FIGURE_TYPES: dict[str, type] = {
-    "params": int,
-    "weight_bytes": int,
-    "flops": int,
-    "peak_memory_bytes": int,
-    "train_step_seconds": float,
-    "train_step_p90_seconds": float,
-    "latency_batch1_seconds": float,
-    "latency_batch_seconds": float,
-    "accuracy": float,
+    f.name: float if f.type == f.TYPE_DOUBLE else int
+    for f in pruning_pb2.Metrics.DESCRIPTOR.fields
+    if f.name != "how"
 }
 # Fields with explicit presence: absent means "not measured" (None), not 0.
-OPTIONAL_FIGURES = frozenset({"peak_memory_bytes", "accuracy"})
-
-_PRUNING_SCALARS = {"ratio": float, "round_to": int, "min_channels": int, "seed": int}
-_TRAINING_SCALARS = {
-    "epochs": int,
-    "batch_size": int,
-    "learning_rate": float,
-    "train_data": str,
-    "eval_data": str,
-    "image_key": str,
-    "label_key": str,
-    "measure_steps": int,
-}
-KNOWN_OPTIONS = frozenset(
-    set(_PRUNING_SCALARS)
-    | set(_TRAINING_SCALARS)
-    | {
-        "ratios",
-        "criterion",
-        "scope",
-        "exclude",
-        "reload_weights",
-        "resize",
-        "max_accuracy_drop",
-        "version",
-    }
+OPTIONAL_FIGURES = frozenset(
+    f.name for f in pruning_pb2.Metrics.DESCRIPTOR.fields if f.has_presence and f.name != "how"
 )
-
-
-def _convert(name: str, value: Any, kind: type) -> Any:
-    """``value`` as ``kind``; a ValueError naming the field otherwise (bools are not numbers)."""
-    if kind is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string. Received: {name}={value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number. Received: {name}={value!r}")
-    if kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{name} must be an integer. Received: {name}={value!r}")
-        return int(value)
-    return float(value)
-
-
-def _choice(name: str, value: Any, choices: Mapping[str, int]) -> int:
-    key = str(value).lower()
-    if key not in choices:
-        raise ValueError(f"{name} must be one of {sorted(choices)}. Received: {name}={value!r}")
-    return choices[key]
-
-
-def job_spec_from_options(
-    model_uri: str, output_uri: str, opts: Mapping[str, Any]
-) -> pruning_pb2.JobSpec:
-    """A ``JobSpec`` from the flat options of ``cli.merged_options`` (None = not given).
-
-    Raises:
-        ValueError: an unknown field, or a value of the wrong type or out of
-            the choices, naming the field and the value received. Range checks
-            (ratio in [0, 1), ...) are the server's, which answers with
-            INVALID_ARGUMENT and field violations.
-    """
-    unknown = sorted(set(opts) - KNOWN_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown option(s); known: {sorted(KNOWN_OPTIONS)}. Received: {unknown}")
-    spec = pruning_pb2.JobSpec(model_uri=model_uri, output_uri=output_uri)
-    given = {k: v for k, v in opts.items() if v is not None}
-    pruning, training = spec.pruning, spec.training
-    if given.get("round_to") == "auto":
-        pruning.round_to_auto = True
-        given.pop("round_to")
-    for name, kind in _PRUNING_SCALARS.items():
-        if name in given:
-            setattr(pruning, name, _convert(name, given[name], kind))
-    if "ratios" in given:
-        ratios = given["ratios"]
-        if isinstance(ratios, str | bytes) or not hasattr(ratios, "__iter__"):
-            raise ValueError(f"ratios must be a list of numbers. Received: ratios={ratios!r}")
-        pruning.ratios.extend(_convert("ratios", r, float) for r in ratios)
-    if "criterion" in given:
-        pruning.criterion = _choice("criterion", given["criterion"], CRITERIA)  # type: ignore[assignment]
-    if "scope" in given:
-        pruning.scope = _choice("scope", given["scope"], SCOPES)  # type: ignore[assignment]
-    if "exclude" in given:
-        exclude = given["exclude"]
-        names = [exclude] if isinstance(exclude, str) else list(exclude)
-        pruning.exclude.extend(_convert("exclude", n, str) for n in names)
-    if "reload_weights" in given:
-        pruning.no_reload = not bool(given["reload_weights"])
-    for name, kind in _TRAINING_SCALARS.items():
-        if name in given:
-            setattr(training, name, _convert(name, given[name], kind))
-    if "resize" in given:
-        training.resize = bool(given["resize"])
-    if "max_accuracy_drop" in given:
-        spec.max_accuracy_drop = _convert("max_accuracy_drop", given["max_accuracy_drop"], float)
-    if "version" in given:
-        spec.version = _convert("version", given["version"], int)
-    return spec
 
 
 def _plain(value: Any) -> Any:
@@ -179,11 +73,17 @@ def _struct(message: Any, field: str) -> Any:
     return _plain(json_format.MessageToDict(getattr(message, field)))
 
 
+def _optional(message: Any, field: str) -> Any:
+    return getattr(message, field) if message.HasField(field) else None
+
+
 def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
     """The report dict ``cli.format_table`` prints, from a job's ``JobResult``.
 
     Keys: ``original``, ``candidates`` (``ratio``, ``figures``,
     ``accuracy_drop``, ``plan``), ``pruned``, ``plan``, ``decision``,
+    ``outcome`` (``published``, ``gate_failed``, ``curves_only`` or None),
+    ``max_accuracy_drop``, ``best_ratio``, ``best_accuracy_drop``,
     ``output_uri`` (None when nothing was published), ``selected_ratio``, and
     the job's ``job``, ``state``, ``model_uri`` and ``error`` (None or
     ``{"code", "message"}``). ``original`` is None when the job has no result
@@ -205,7 +105,7 @@ def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
         error = {"code": code_name(job.error.code), "message": job.error.message}
     return {
         "job": job.name,
-        "state": pruning_pb2.Job.State.Name(job.state),
+        "state": enums.short_name(pruning_pb2.Job.State, job.state),
         "model_uri": job.spec.model_uri,
         "original": (
             figures_from_metrics(result.original) if has and result.HasField("original") else None
@@ -215,6 +115,14 @@ def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
         "plan": _struct(result, "plan"),
         "selected_ratio": result.selected_ratio if result.HasField("selected_ratio") else None,
         "decision": result.decision or None,
+        "outcome": (
+            enums.short_name(pruning_pb2.JobResult.Outcome, result.outcome).lower()
+            if result.outcome
+            else None
+        ),
+        "max_accuracy_drop": _optional(result, "max_accuracy_drop"),
+        "best_ratio": _optional(result, "best_ratio"),
+        "best_accuracy_drop": _optional(result, "best_accuracy_drop"),
         "output_uri": result.output_uri or None,
         "error": error,
     }

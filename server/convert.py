@@ -6,6 +6,7 @@ point at what it sent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -20,35 +21,53 @@ from secateur.pruner.errors import InvalidSpecError
 from secateur.pruner.spec import PruneSpec
 from secateur.server.errors import ServiceError
 from secateur.server.pipeline import MAX_RATIOS, JobRequest
+from secateur.v1 import enums
 from secateur.v1 import pruning_pb2 as pb
 
-CRITERIA = {
-    pb.CRITERION_UNSPECIFIED: "bn_scale",
-    pb.BN_SCALE: "bn_scale",
-    pb.L1: "l1",
-    pb.L2: "l2",
-    pb.RANDOM: "random",
+# Where each JobSpec field goes in the library: proto path (under JobSpec)
+# -> (the TF-free dataclass that owns it and defines its default, its field
+# there). Unset fields are simply not passed, so the dataclass default applies:
+# the library's defaults are the only ones, for `secateur prune` and a job alike.
+LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
+    "pruning.ratio": (PruneSpec, "ratio"),
+    "pruning.ratios": (JobRequest, "ratios"),
+    "pruning.criterion": (PruneSpec, "criterion"),
+    "pruning.scope": (PruneSpec, "scope"),
+    "pruning.round_to": (PruneSpec, "round_to"),
+    "pruning.round_to_auto": (PruneSpec, "round_to"),
+    "pruning.min_channels": (PruneSpec, "min_channels"),
+    "pruning.exclude": (PruneSpec, "exclude"),
+    "pruning.reload_weights": (PruneSpec, "reload_weights"),
+    "pruning.seed": (PruneSpec, "seed"),
+    "pruning.bias_compensation": (PruneSpec, "bias_compensation"),
+    "training.epochs": (TrainConfig, "epochs"),
+    "training.batch_size": (TrainConfig, "batch_size"),
+    "training.learning_rate": (TrainConfig, "learning_rate"),
+    "training.train_data": (JobRequest, "train_data"),
+    "training.eval_data": (JobRequest, "eval_data"),
+    "training.image_key": (DataSpec, "image_key"),
+    "training.label_key": (DataSpec, "label_key"),
+    "training.resize": (DataSpec, "resize"),
+    "training.measure_steps": (MeasureConfig, "steps"),
+    "max_accuracy_drop": (JobRequest, "max_accuracy_drop"),
+    "version": (JobRequest, "version"),
 }
-SCOPES = {pb.SCOPE_UNSPECIFIED: "global", pb.GLOBAL: "global", pb.LAYERWISE: "layerwise"}
+# A library field's name -> its request path, for the field violations of
+# the library's InvalidSpecError (which names its own field).
 _FIELD_PATHS = {
     "model_uri": "spec.model_uri",
     "output_uri": "spec.output_uri",
-    "ratio": "spec.pruning.ratio",
-    "ratios": "spec.pruning.ratios",
-    "criterion": "spec.pruning.criterion",
-    "scope": "spec.pruning.scope",
-    "round_to": "spec.pruning.round_to",
-    "min_channels": "spec.pruning.min_channels",
-    "exclude": "spec.pruning.exclude",
-    "seed": "spec.pruning.seed",
-    "epochs": "spec.training.epochs",
-    "batch_size": "spec.training.batch_size",
-    "learning_rate": "spec.training.learning_rate",
-    "steps": "spec.training.measure_steps",
-    "eval_data": "spec.training.eval_data",
-    "max_accuracy_drop": "spec.max_accuracy_drop",
-    "version": "spec.version",
-}
+} | {field: f"spec.{path}" for path, (_, field) in LIBRARY_FIELDS.items() if "auto" not in path}
+
+
+def defaults() -> dict[str, Any]:
+    """Proto path -> the library default an unset field takes (None: absent)."""
+    out: dict[str, Any] = {}
+    for path, (owner, name) in LIBRARY_FIELDS.items():
+        f = {f.name: f for f in dataclasses.fields(owner)}[name]
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        out[path] = False if path.endswith("round_to_auto") else default
+    return out
 
 
 # What a request may carry, checked before any work: an unbounded string
@@ -115,25 +134,58 @@ def invalid(field: str, message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, [(field, message)])
 
 
-def prune_spec(p: pb.PruningSpec, ratio: float | None = None) -> PruneSpec:
-    if p.criterion not in CRITERIA:
-        raise InvalidSpecError(f"unknown criterion enum. Received: {p.criterion}", "criterion")
-    if p.scope not in SCOPES:
-        raise InvalidSpecError(f"unknown scope enum. Received: {p.scope}", "scope")
-    return PruneSpec(
-        ratio=p.ratio if ratio is None else ratio,
-        criterion=CRITERIA[p.criterion],
-        scope=SCOPES[p.scope],
-        round_to="auto" if p.round_to_auto else (p.round_to or 1),
-        min_channels=p.min_channels or 1,
-        exclude=tuple(p.exclude),
-        reload_weights=not p.no_reload,
-        seed=int(p.seed),
-    )
+def enum_choice(enum: Any, number: int, field: str) -> str | None:
+    """The library name of a Criterion/Scope number (``l1``); None for UNSPECIFIED.
+
+    Raises:
+        InvalidSpecError: a number the contract does not define (proto3 takes any).
+    """
+    if number == 0:
+        return None
+    try:
+        return enums.short_name(enum, number).lower()
+    except ValueError:
+        names = ", ".join(n.lower() for n in enums.short_names(enum))
+        raise InvalidSpecError(
+            f"{field} must be one of {names}. Received: {field}={number}", field
+        ) from None
+
+
+def prune_spec(p: pb.PruningSpec) -> PruneSpec:
+    """The library's PruneSpec of a PruningSpec: set fields only, defaults otherwise.
+
+    Raises:
+        InvalidSpecError: a value the library refuses (the field named).
+    """
+    kwargs: dict[str, Any] = {
+        name: getattr(p, name)
+        for name in ("ratio", "min_channels", "reload_weights", "seed", "bias_compensation")
+        if p.HasField(name)
+    }
+    for name, enum in (("criterion", pb.Criterion), ("scope", pb.Scope)):
+        choice = enum_choice(enum, getattr(p, name), name)
+        if choice is not None:
+            kwargs[name] = choice
+    rounding = p.WhichOneof("rounding")
+    if rounding == "round_to":
+        kwargs["round_to"] = p.round_to
+    elif rounding == "round_to_auto" and p.round_to_auto:
+        kwargs["round_to"] = "auto"
+    if p.exclude:
+        kwargs["exclude"] = tuple(p.exclude)
+    return PruneSpec(**kwargs)
+
+
+def _present(msg: Message, names: Mapping[str, str]) -> dict[str, Any]:
+    """``{library name: value}`` of the fields of ``msg`` that were set."""
+    return {lib: getattr(msg, name) for name, lib in names.items() if msg.HasField(name)}
 
 
 def job_request(spec: pb.JobSpec) -> JobRequest:
-    """Validate a JobSpec into the pipeline's request.
+    """Validate a JobSpec into the pipeline's request: the one conversion and check.
+
+    ``secateur prune`` (local) and the service both call this; unset fields
+    take the library dataclasses' defaults.
 
     Raises:
         ServiceError: INVALID_ARGUMENT with the offending field's path.
@@ -143,26 +195,23 @@ def job_request(spec: pb.JobSpec) -> JobRequest:
             raise invalid(f"spec.{name}", f"{name} is required. Received: an empty string")
     t = spec.training
     try:
+        measure = _present(t, {"measure_steps": "steps"})
         return JobRequest(
             model_uri=spec.model_uri,
             output_uri=spec.output_uri,
             spec=prune_spec(spec.pruning),
             ratios=tuple(spec.pruning.ratios),
             train=TrainConfig(
-                epochs=t.epochs,
-                batch_size=t.batch_size or 128,
-                learning_rate=t.learning_rate or 0.01,
+                **_present(t, {n: n for n in ("epochs", "batch_size", "learning_rate")})
             ),
             train_data=t.train_data or None,
             eval_data=t.eval_data or None,
-            data=DataSpec(
-                image_key=t.image_key or "image", label_key=t.label_key or "label", resize=t.resize
+            data=DataSpec(**_present(t, {n: n for n in ("image_key", "label_key", "resize")})),
+            max_accuracy_drop=(
+                spec.max_accuracy_drop if spec.HasField("max_accuracy_drop") else None
             ),
-            max_accuracy_drop=spec.max_accuracy_drop
-            if spec.HasField("max_accuracy_drop")
-            else None,
-            measure=MeasureConfig(steps=t.measure_steps) if t.measure_steps else MeasureConfig(),
-            version=spec.version or None,
+            measure=MeasureConfig(**measure),
+            version=spec.version if spec.HasField("version") else None,
         )
     except InvalidSpecError as exc:
         raise invalid(field_path(exc.field), str(exc)) from exc
@@ -204,8 +253,11 @@ def job_result(report: Mapping[str, Any]) -> pb.JobResult:
             getattr(result, key).CopyFrom(m)
     if report.get("plan"):
         result.plan.CopyFrom(to_struct(report["plan"]))
-    if report.get("selected_ratio") is not None:
-        result.selected_ratio = float(report["selected_ratio"])
+    if report.get("outcome"):
+        result.outcome = enums.from_short_name(pb.JobResult.Outcome, report["outcome"])  # type: ignore[assignment]
+    for key in ("selected_ratio", "max_accuracy_drop", "best_ratio", "best_accuracy_drop"):
+        if report.get(key) is not None:
+            setattr(result, key, float(report[key]))
     for c in report.get("candidates", []):
         cand = result.candidates.add(ratio=c["ratio"])
         m = metrics(c.get("figures"))

@@ -48,13 +48,17 @@ from secateur.server.worker_pipes import (
     parse_event,
     reap,
 )
+from secateur.v1 import enums
 from secateur.v1 import pruning_pb2 as pb
 
 log = logging.getLogger("secateur.server")
 Job = pb.Job
-TERMINAL = {Job.SUCCEEDED, Job.FAILED, Job.CANCELLED}
-STAGE_NAMES = frozenset(Job.Stage.keys())
-OUTCOMES = {Job.SUCCEEDED: "succeeded", Job.FAILED: "failed", Job.CANCELLED: "cancelled"}
+TERMINAL = {Job.STATE_SUCCEEDED, Job.STATE_FAILED, Job.STATE_CANCELLED}
+OUTCOMES = {
+    Job.STATE_SUCCEEDED: "succeeded",
+    Job.STATE_FAILED: "failed",
+    Job.STATE_CANCELLED: "cancelled",
+}
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,9 @@ class JobManager:
     async def start(self) -> None:
         for job in self.store.all():
             jid = job.name[5:]
-            if job.state == Job.RUNNING:
+            if job.state == Job.STATE_RUNNING:
                 self._recover(jid, job)
-            if self.store.get(jid).state == Job.QUEUED:
+            if self.store.get(jid).state == Job.STATE_QUEUED:
                 self._queue.put_nowait(jid)
         self._tasks = [asyncio.create_task(self._runner()) for _ in range(self.cfg.max_concurrent)]
         self._publish_queue_metrics()
@@ -122,7 +126,7 @@ class JobManager:
     def _recover(self, jid: str, job: Job) -> None:
         job = Job.FromString(job.SerializeToString())
         if job.attempts >= self.cfg.max_attempts:
-            job.state = Job.FAILED
+            job.state = Job.STATE_FAILED
             job.end_time.CopyFrom(_now())
             err = ServiceError(
                 grpc.StatusCode.ABORTED,
@@ -131,7 +135,7 @@ class JobManager:
             job.error.CopyFrom(to_status_proto(err))
             job.message = err.message
         else:
-            job.state = Job.QUEUED
+            job.state = Job.STATE_QUEUED
             job.stage = Job.STAGE_UNSPECIFIED
             job.progress = 0.0
             job.message = "the server restarted during this job; it will run again"
@@ -213,7 +217,7 @@ class JobManager:
         job = Job(
             name=f"jobs/{jid}",
             spec=spec,
-            state=Job.QUEUED,
+            state=Job.STATE_QUEUED,
             request_id=request_id,
             create_time=now,
             update_time=now,
@@ -245,9 +249,9 @@ class JobManager:
             return job
         self._cancel_requested.add(jid)
         proc = self._procs.get(jid)
-        if job.state == Job.QUEUED and proc is None:
+        if job.state == Job.STATE_QUEUED and proc is None:
             err = ServiceError(grpc.StatusCode.CANCELLED, "cancelled while queued")
-            await self._finish(jid, Job.CANCELLED, error=err)
+            await self._finish(jid, Job.STATE_CANCELLED, error=err)
             if self.metrics:
                 self.metrics.job_completed("cancelled", 0.0)
         elif proc is not None and proc.returncode is None:
@@ -296,7 +300,7 @@ class JobManager:
 
     async def _run_queued(self, jid: str) -> None:
         job = self.store.get(jid)
-        if job is None or job.state != Job.QUEUED:
+        if job is None or job.state != Job.STATE_QUEUED:
             return
         self._running += 1
         self._publish_queue_metrics()
@@ -307,7 +311,7 @@ class JobManager:
         except Exception as exc:  # noqa: BLE001 - a store or reader failure fails the job
             err = internal_error(exc, f"job {jid}")
             if self.store.get(jid).state not in TERMINAL:  # not after it ended
-                await self._finish(jid, Job.FAILED, error=err)
+                await self._finish(jid, Job.STATE_FAILED, error=err)
                 if self.metrics:
                     self.metrics.job_completed("failed", 0.0)
         finally:
@@ -316,7 +320,7 @@ class JobManager:
 
     async def _run(self, jid: str) -> None:
         job = Job.FromString(self.store.get(jid).SerializeToString())
-        job.state = Job.RUNNING
+        job.state = Job.STATE_RUNNING
         job.attempts += 1
         job.start_time.CopyFrom(_now())
         job.update_time.CopyFrom(job.start_time)
@@ -333,19 +337,19 @@ class JobManager:
         kind = outcome.get("type")
         if jid in self._cancel_requested and kind != "result":
             await self._finish(
-                jid, Job.CANCELLED, error=ServiceError(grpc.StatusCode.CANCELLED, "cancelled")
+                jid, Job.STATE_CANCELLED, error=ServiceError(grpc.StatusCode.CANCELLED, "cancelled")
             )
         elif kind == "result":
-            await self._finish(jid, Job.SUCCEEDED, report=outcome["report"])
+            await self._finish(jid, Job.STATE_SUCCEEDED, report=outcome["report"])
         elif kind == "gate_failed":
             report = outcome["report"]
             err = ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"accuracy gate failed: {report.get('decision')}",
             )
-            await self._finish(jid, Job.FAILED, error=err, report=report)
+            await self._finish(jid, Job.STATE_FAILED, error=err, report=report)
         else:
-            await self._finish(jid, Job.FAILED, error=_error_of(outcome))
+            await self._finish(jid, Job.STATE_FAILED, error=_error_of(outcome))
         if self.metrics:
             final = self.store.get(jid)
             self.metrics.job_completed(_outcome_label(final, outcome), time.monotonic() - started)
@@ -462,7 +466,7 @@ class JobManager:
     async def _progress(self, jid: str, msg: dict[str, Any]) -> None:
         old = self.store.get(jid)
         job = Job.FromString(old.SerializeToString())
-        stage = Job.Stage.Value(msg["stage"]) if msg["stage"] in STAGE_NAMES else 0
+        stage = enums.stage_number(msg["stage"])
         durable = stage != old.stage
         job.stage = stage
         job.progress = _overall(msg["stage"], float(msg.get("progress") or 0.0))
@@ -482,7 +486,7 @@ class JobManager:
         job.state = state
         job.end_time.CopyFrom(_now())
         job.update_time.CopyFrom(job.end_time)
-        if state == Job.SUCCEEDED:
+        if state == Job.STATE_SUCCEEDED:
             job.progress = 1.0
             job.stage = Job.STAGE_UNSPECIFIED
         if error is not None:
@@ -570,7 +574,7 @@ def _overall(stage: str, within: float) -> float:
 
 
 def _outcome_label(job: Job, outcome: dict[str, Any]) -> str:
-    if outcome.get("type") == "gate_failed" and job.state == Job.FAILED:
+    if outcome.get("type") == "gate_failed" and job.state == Job.STATE_FAILED:
         return "gate_failed"
     return OUTCOMES.get(job.state, "failed")
 

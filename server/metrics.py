@@ -45,7 +45,7 @@ import prometheus_client
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from secateur.v1 import pruning_pb2
+from secateur.v1 import enums
 
 __all__ = [
     "FIGURE_KEYS",
@@ -59,8 +59,8 @@ __all__ = [
 ]
 
 OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "cancelled", "gate_failed")
-# The job stages, from the contract (the pipeline's STAGES match it).
-JOB_STAGES: tuple[str, ...] = tuple(pruning_pb2.Job.Stage.keys()[1:])
+# The job stages, from the contract without their prefix (the pipeline's STAGES).
+JOB_STAGES: tuple[str, ...] = enums.STAGES
 VARIANTS: tuple[str, ...] = ("original", "pruned")
 GRPC_TYPES: tuple[str, ...] = ("unary", "client_stream", "server_stream", "bidi_stream")
 #: Keys of the figure mappings given to :meth:`ServerMetrics.record_figures`.

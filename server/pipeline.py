@@ -31,17 +31,43 @@ from secateur.pruner.errors import CancelledError, DataError, InvalidSpecError
 from secateur.pruner.spec import PruneSpec
 from secateur.server.boundary import preflight, user_paths
 from secateur.server.storage import Storage
+from secateur.v1 import enums
 
-STAGES = (
-    "FETCHING",
-    "ANALYZING",
-    "SCORING",
-    "REBUILDING",
-    "FINE_TUNING",
-    "EVALUATING",
-    "MEASURING",
-    "EXPORTING",
-)
+# The contract's Job.Stage names without their prefix, in order.
+STAGES = enums.STAGES
+#: The stages every candidate of a sweep goes through, in order. Their events
+#: carry the fraction of the whole sweep done (candidate i of n starts at i/n),
+#: so together they fill one block of the overall progress.
+CANDIDATE_STAGES = ("SCORING", "REBUILDING", "FINE_TUNING", "EVALUATING")
+# Where each candidate stage starts within its candidate's share of the sweep.
+_CANDIDATE_START = {"SCORING": 0.0, "REBUILDING": 0.1, "FINE_TUNING": 0.2, "EVALUATING": 0.9}
+
+
+def overall_progress(stage: str, within: float) -> float:
+    """The fraction of the whole job done, from an event's stage and progress.
+
+    Every stage gets an equal slot in order, except the candidate stages
+    (:data:`CANDIDATE_STAGES`), which share one block that the sweep fills
+    candidate after candidate (their ``within`` is the fraction of the sweep
+    done): the value never goes back from one candidate to the next.
+    """
+    if stage not in STAGES:
+        return 0.0
+    within = min(max(within, 0.0), 1.0)
+    if stage in CANDIDATE_STAGES:
+        first = STAGES.index(CANDIDATE_STAGES[0])
+        return (first + len(CANDIDATE_STAGES) * within) / len(STAGES)
+    return (STAGES.index(stage) + within) / len(STAGES)
+
+
+def _in_sweep(stage: str, i: int, n: int, frac: float = 0.0) -> float:
+    """A candidate stage's progress: candidate ``i`` of ``n``, ``frac`` through the stage."""
+    start = _CANDIDATE_START[stage]
+    order = list(_CANDIDATE_START)
+    end = _CANDIDATE_START[order[order.index(stage) + 1]] if stage != order[-1] else 1.0
+    return (i + start + (end - start) * frac) / n
+
+
 REPORT_VERSION = 1
 #: Candidates one sweep may ask for (each is pruned, trained and measured).
 MAX_RATIOS = 64
@@ -69,6 +95,8 @@ class JobRequest:
     max_accuracy_drop: float | None = None
     measure: MeasureConfig = MeasureConfig()
     version: int | None = None
+    #: One spec per candidate, in ``sweep`` order (made here, checked once).
+    specs: tuple[PruneSpec, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         if len(self.ratios) > MAX_RATIOS:
@@ -76,11 +104,14 @@ class JobRequest:
                 f"a sweep may hold at most {MAX_RATIOS} ratios. Received: {len(self.ratios)}",
                 "ratios",
             )
+        checked: dict[float, PruneSpec] = {}
         for i, r in enumerate(self.ratios):
-            try:
-                PruneSpec(**{**self.spec.to_dict(), "ratio": r})  # validates each ratio
+            try:  # the ratio only: the rest of the spec was checked when it was built
+                checked[r] = self.spec.with_ratio(r)
             except InvalidSpecError as exc:
                 raise InvalidSpecError(f"ratios[{i}]: {exc}", "ratios") from None
+        specs = tuple(checked[r] for r in self.sweep) if self.ratios else (self.spec,)
+        object.__setattr__(self, "specs", specs)
         if self.max_accuracy_drop is not None:
             check_float("max_accuracy_drop", self.max_accuracy_drop, 0.0, 1.0)
             if not self.eval_data:
@@ -239,7 +270,7 @@ class PruneJob:
         from secateur.pruner.surgery import apply_plan
 
         n = len(self.req.sweep)
-        spec = PruneSpec(**{**self.req.spec.to_dict(), "ratio": ratio})
+        spec = self.req.specs[i]  # checked once, when the request was made
         self._enter("SCORING", f"ratio {ratio}", i / n, ratio=ratio)
         plan = make_plan(original, spec, graph=graph, device_kind=device.kind)
         self._enter("REBUILDING", f"ratio {ratio}", i / n, ratio=ratio)
@@ -399,33 +430,43 @@ class _Data:
         return images, rng.integers(0, self.classes, self.batch_size)
 
 
+#: What a job did with its candidates: the report's ``outcome``, the short
+#: names of the contract's JobResult.Outcome (lower case).
+OUTCOMES = tuple(n.lower() for n in enums.OUTCOMES)
+
+
+def _decide(
+    report: dict[str, Any], outcome: str, decision: str, best: dict[str, Any] | None
+) -> None:
+    assert outcome in OUTCOMES, outcome
+    report["outcome"], report["decision"] = outcome, decision
+    report["selected_ratio"] = best["ratio"] if best and outcome == "published" else None
+    report["best_ratio"] = best["ratio"] if best else None
+    report["best_accuracy_drop"] = best.get("accuracy_drop") if best else None
+
+
 def _choose(report: dict[str, Any], req: JobRequest) -> dict[str, Any] | None:
-    """The candidate to publish, and the decision written into the report."""
+    """The candidate to publish; the outcome and decision written into the report."""
     cands = report["candidates"]
-    if req.max_accuracy_drop is None:
+    budget = req.max_accuracy_drop
+    if budget is None:
         if len(cands) == 1:
-            report["decision"] = "single ratio, no accuracy gate: published"
-            report["selected_ratio"] = cands[0]["ratio"]
+            _decide(report, "published", "single ratio, no accuracy gate: published", cands[0])
             return cands[0]
-        report["decision"] = "sweep without max_accuracy_drop: curves only, nothing published"
-        report["selected_ratio"] = None
+        decision = "sweep without max_accuracy_drop: curves only, nothing published"
+        _decide(report, "curves_only", decision, None)
         return None
-    ok = [
-        c
-        for c in cands
-        if c["accuracy_drop"] is not None and c["accuracy_drop"] <= req.max_accuracy_drop
-    ]
+    measured = [c for c in cands if c["accuracy_drop"] is not None]
+    ok = [c for c in measured if c["accuracy_drop"] <= budget]
     if not ok:
-        report["decision"] = (
-            f"no candidate within max_accuracy_drop={req.max_accuracy_drop}; nothing published"
-        )
-        report["selected_ratio"] = None
+        # The closest miss: the smallest drop (the largest ratio among equals).
+        near = min(measured, key=lambda c: (c["accuracy_drop"], -c["ratio"]), default=None)
+        decision = f"no candidate within max_accuracy_drop={budget}; nothing published"
+        _decide(report, "gate_failed", decision, near)
         return None
     best = max(ok, key=lambda c: c["ratio"])
-    report["decision"] = (
-        f"ratio {best['ratio']} is the largest within max_accuracy_drop={req.max_accuracy_drop}"
-    )
-    report["selected_ratio"] = best["ratio"]
+    decision = f"ratio {best['ratio']} is the largest within max_accuracy_drop={budget}"
+    _decide(report, "published", decision, best)
     return best
 
 

@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+
+# Served through reflection (the default descriptor pool) so generic clients
+# (buf curl, grpcurl) can decode the google.rpc.Status details our errors
+# carry: BadRequest field violations and the rest of error_details.
+from google.rpc import error_details_pb2, status_pb2  # noqa: F401
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 

@@ -97,7 +97,7 @@ class JobStore:
             job_id,
             self.path,
         )
-        job = Job(name=f"jobs/{job_id}", state=Job.FAILED, message=QUARANTINE_MESSAGE)
+        job = Job(name=f"jobs/{job_id}", state=Job.STATE_FAILED, message=QUARANTINE_MESSAGE)
         job.request_id = request_id or ""
         if isinstance(create, int | float):
             job.create_time.FromNanoseconds(int(create * 1e9))

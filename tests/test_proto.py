@@ -29,7 +29,7 @@ def test_contract_importsWithoutTensorflow() -> None:
         "import sys\n"
         "from secateur.v1 import pruning_pb2, pruning_pb2_grpc\n"
         "assert 'tensorflow' not in sys.modules\n"
-        "assert pruning_pb2.Job.State.Name(3) == 'SUCCEEDED'\n"
+        "assert pruning_pb2.Job.State.Name(3) == 'STATE_SUCCEEDED'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -38,4 +38,46 @@ def test_pipelineStages_matchTheContractsStageEnum() -> None:
     from secateur.server.pipeline import STAGES
     from secateur.v1 import pruning_pb2
 
-    assert tuple(pruning_pb2.Job.Stage.keys()[1:]) == STAGES
+    names = pruning_pb2.Job.Stage.keys()[1:]
+    assert tuple(n.removeprefix("STAGE_") for n in names) == STAGES
+
+
+def test_criteria_theRegistryAndTheContractEnumAgree() -> None:
+    """Criterion names have one source, the pruner's registry; the enum spells them."""
+    from secateur.pruner.scoring import criteria
+    from secateur.v1 import enums, pruning_pb2
+
+    assert tuple(n.lower() for n in enums.short_names(pruning_pb2.Criterion)) == criteria()
+
+
+def test_scopesAndOutcomes_matchTheLibrarysNames() -> None:
+    from secateur.pruner.spec import SCOPES
+    from secateur.server.pipeline import OUTCOMES
+    from secateur.v1 import enums, pruning_pb2
+
+    assert tuple(n.lower() for n in enums.short_names(pruning_pb2.Scope)) == SCOPES
+    assert tuple(n.lower() for n in enums.OUTCOMES) == OUTCOMES
+
+
+def test_metricsFields_areTheFiguresTheLibraryMeasures() -> None:
+    """Figure names come from the Metrics descriptor; the library's Figures has them all."""
+    import dataclasses
+
+    from secateur.client.protospec import FIGURE_TYPES
+    from secateur.pruner.measure import Figures
+    from secateur.v1 import pruning_pb2
+
+    names = [f.name for f in pruning_pb2.Metrics.DESCRIPTOR.fields if f.name != "how"]
+    assert list(FIGURE_TYPES) == names
+    assert set(names) <= {f.name for f in dataclasses.fields(Figures)}
+
+
+def test_enums_everyValueIsPrefixedWithItsEnumName() -> None:
+    """buf's ENUM_VALUE_PREFIX, checked without buf: short names round-trip."""
+    from secateur.v1 import enums, pruning_pb2
+
+    for enum in (pruning_pb2.Criterion, pruning_pb2.Scope, pruning_pb2.Job.State,
+                 pruning_pb2.Job.Stage, pruning_pb2.JobResult.Outcome):  # fmt: skip
+        for short in enums.short_names(enum):
+            number = enums.from_short_name(enum, short.lower())
+            assert enums.short_name(enum, number) == short

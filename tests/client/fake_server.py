@@ -40,7 +40,7 @@ from secateur.v1 import pruning_pb2, pruning_pb2_grpc
 Job = pruning_pb2.Job
 OUTCOMES = ("succeeded", "gate", "bad_input", "internal", "cancelled", "hang")
 STAGES = [s for s in Job.Stage.values() if s != Job.STAGE_UNSPECIFIED]
-TERMINAL = (Job.SUCCEEDED, Job.FAILED, Job.CANCELLED)
+TERMINAL = (Job.STATE_SUCCEEDED, Job.STATE_FAILED, Job.STATE_CANCELLED)
 
 
 def bad_request(message: str, violations: list[tuple[str, str]]) -> grpc.Status:
@@ -196,10 +196,10 @@ class FakePruningService(pruning_pb2_grpc.PruningServiceServicer):
             now = _now()
             job.update_time.CopyFrom(now)
             if record.step <= len(STAGES):
-                if job.state == Job.QUEUED:
+                if job.state == Job.STATE_QUEUED:
                     job.start_time.CopyFrom(now)
                     job.attempts = 1
-                job.state = Job.RUNNING
+                job.state = Job.STATE_RUNNING
                 job.stage = STAGES[record.step - 1]
                 job.progress = (record.step - 1) / len(STAGES)
                 job.message = f"stage {Job.Stage.Name(job.stage).lower()}"
@@ -214,15 +214,15 @@ class FakePruningService(pruning_pb2_grpc.PruningServiceServicer):
         job.stage = Job.STAGE_UNSPECIFIED
         job.end_time.CopyFrom(_now())
         if outcome == "succeeded":
-            job.state, job.progress, job.message = Job.SUCCEEDED, 1.0, "published"
+            job.state, job.progress, job.message = Job.STATE_SUCCEEDED, 1.0, "published"
             job.result.CopyFrom(result_for(job.spec, publish=True))
         elif outcome == "gate":
-            job.state, job.message = Job.FAILED, "accuracy gate failed"
+            job.state, job.message = Job.STATE_FAILED, "accuracy gate failed"
             job.result.CopyFrom(result_for(job.spec, publish=False))
             job.error.code = code_pb2.FAILED_PRECONDITION
             job.error.message = job.result.decision
         elif outcome == "bad_input":
-            job.state = Job.FAILED
+            job.state = Job.STATE_FAILED
             detail = any_pb2.Any()
             detail.Pack(
                 error_details_pb2.BadRequest(
@@ -242,10 +242,10 @@ class FakePruningService(pruning_pb2_grpc.PruningServiceServicer):
                 )
             )
         elif outcome == "internal":
-            job.state = Job.FAILED
+            job.state = Job.STATE_FAILED
             job.error.code, job.error.message = code_pb2.INTERNAL, "worker crashed"
         else:  # cancelled
-            job.state = Job.CANCELLED
+            job.state = Job.STATE_CANCELLED
             job.error.code, job.error.message = code_pb2.CANCELLED, "cancelled by an operator"
 
     # -- the service ---------------------------------------------------------
@@ -277,7 +277,7 @@ class FakePruningService(pruning_pb2_grpc.PruningServiceServicer):
             job = pruning_pb2.Job(
                 name=name,
                 spec=spec,
-                state=Job.QUEUED,
+                state=Job.STATE_QUEUED,
                 create_time=now,
                 update_time=now,
                 request_id=request.request_id,
@@ -325,7 +325,7 @@ class FakePruningService(pruning_pb2_grpc.PruningServiceServicer):
         with record.changed:
             job = record.job
             if job.state not in TERMINAL:
-                job.state, job.stage = Job.CANCELLED, Job.STAGE_UNSPECIFIED
+                job.state, job.stage = Job.STATE_CANCELLED, Job.STAGE_UNSPECIFIED
                 job.error.code, job.error.message = code_pb2.CANCELLED, "cancelled by request"
                 job.end_time.CopyFrom(_now())
                 job.update_time.CopyFrom(_now())

@@ -61,7 +61,7 @@ def test_jobSpecFromOptions_mapsEveryField() -> None:
     p, t = spec.pruning, spec.training
     assert (spec.model_uri, spec.output_uri, spec.version) == ("gs://b/m.keras", "gs://b/out", 4)
     assert p.ratio == 0.3 and list(p.ratios) == [0.1, 0.5]
-    assert p.criterion == pruning_pb2.L1 and p.scope == pruning_pb2.LAYERWISE
+    assert p.criterion == pruning_pb2.CRITERION_L1 and p.scope == pruning_pb2.SCOPE_LAYERWISE
     assert (p.round_to, p.min_channels, p.seed, p.no_reload) == (8, 2, 7, True)
     assert list(p.exclude) == ["conv1", "fc"]
     assert (t.epochs, t.batch_size, t.learning_rate, t.measure_steps) == (3, 64, 0.02, 5)
@@ -102,7 +102,7 @@ def test_reportFromJob_matchesTheLocalReportShape(client: PruningClient) -> None
 
 
 def test_reportFromJob_unmeasuredIsNone() -> None:
-    job = Job(name="jobs/x", state=Job.SUCCEEDED)
+    job = Job(name="jobs/x", state=Job.STATE_SUCCEEDED)
     c = job.result.candidates.add(ratio=0.3)
     c.metrics.params = 5
     job.result.original.params = 10
@@ -214,7 +214,7 @@ def test_list_followsPages_newestFirst_andFiltersByState(client: PruningClient) 
     client.cancel(names[4])
     cancelled = list(client.list("cancelled", page_size=1))
     assert [j.name for j in cancelled] == [names[4], names[2]]
-    assert list(client.list(Job.RUNNING)) == []
+    assert list(client.list(Job.STATE_RUNNING)) == []
     with pytest.raises(ValueError, match="state must be one of"):
         list(client.list("done"))
 
@@ -230,10 +230,10 @@ def test_list_isLazy_onePagePerRequest(server: FakeServer, client: PruningClient
 def test_cancel_endsAQueuedJob_andLeavesAFinishedOneAlone(client: PruningClient) -> None:
     job = client.create(_spec())
     cancelled = client.cancel(job.name)
-    assert cancelled.state == Job.CANCELLED
+    assert cancelled.state == Job.STATE_CANCELLED
     assert cancelled.error.code == grpc.StatusCode.CANCELLED.value[0]
     done = client.prune("/m/model.keras", "/served", {"ratio": 0.2})
-    assert client.cancel(done.name).state == Job.SUCCEEDED
+    assert client.cancel(done.name).state == Job.STATE_SUCCEEDED
 
 
 def test_plan_returnsTheDryRun(client: PruningClient) -> None:
@@ -249,8 +249,8 @@ def test_plan_returnsTheDryRun(client: PruningClient) -> None:
 def test_watch_yieldsEveryStage_untilTerminal(client: PruningClient) -> None:
     job = client.create(_spec())
     snapshots = list(client.watch(job.name))
-    assert snapshots[0].state == Job.QUEUED and snapshots[-1].state == Job.SUCCEEDED
-    stages = [Job.Stage.Name(s.stage) for s in snapshots if s.state == Job.RUNNING]
+    assert snapshots[0].state == Job.STATE_QUEUED and snapshots[-1].state == Job.STATE_SUCCEEDED
+    stages = [Job.Stage.Name(s.stage) for s in snapshots if s.state == Job.STATE_RUNNING]
     assert stages == [Job.Stage.Name(s) for s in Job.Stage.values()][1:]
     progress = [s.progress for s in snapshots]
     assert progress == sorted(progress) and progress[-1] == 1.0
@@ -260,7 +260,7 @@ def test_watch_reopensABrokenStream(server: FakeServer, client: PruningClient) -
     server.service.watch_breaks = 2
     job = client.create(_spec())
     snapshots = list(client.watch(job.name))
-    assert snapshots[-1].state == Job.SUCCEEDED
+    assert snapshots[-1].state == Job.STATE_SUCCEEDED
     assert server.service.count("WatchJob") == 3
     assert len({s.SerializeToString() for s in snapshots}) == len(snapshots)  # no repeats
 
@@ -285,10 +285,10 @@ def test_watch_unknownJob_raisesNotFound(client: PruningClient) -> None:
 @pytest.mark.parametrize(
     "outcome,state,code",
     [
-        ("succeeded", Job.SUCCEEDED, 0),
-        ("gate", Job.FAILED, grpc.StatusCode.FAILED_PRECONDITION.value[0]),
-        ("internal", Job.FAILED, grpc.StatusCode.INTERNAL.value[0]),
-        ("cancelled", Job.CANCELLED, grpc.StatusCode.CANCELLED.value[0]),
+        ("succeeded", Job.STATE_SUCCEEDED, 0),
+        ("gate", Job.STATE_FAILED, grpc.StatusCode.FAILED_PRECONDITION.value[0]),
+        ("internal", Job.STATE_FAILED, grpc.StatusCode.INTERNAL.value[0]),
+        ("cancelled", Job.STATE_CANCELLED, grpc.StatusCode.CANCELLED.value[0]),
     ],
 )
 def test_prune_wait_returnsTheTerminalJob(
@@ -298,20 +298,20 @@ def test_prune_wait_returnsTheTerminalJob(
     seen: list[pruning_pb2.Job] = []
     job = client.prune("/m/model.keras", "/served", _spec(), on_update=seen.append)
     assert job.state == state and job.error.code == code
-    assert seen[0].state == Job.QUEUED and seen[-1] == job
+    assert seen[0].state == Job.STATE_QUEUED and seen[-1] == job
     assert job.spec.model_uri == "/m/model.keras"
 
 
 def test_prune_noWait_returnsTheCreatedJob(client: PruningClient) -> None:
     job = client.prune("/m/model.keras", "/served", None, wait=False)
-    assert job.state == Job.QUEUED and job.name.startswith("jobs/")
+    assert job.state == Job.STATE_QUEUED and job.name.startswith("jobs/")
 
 
 def test_helpers() -> None:
     assert job_name("abc") == "jobs/abc" and job_name("jobs/abc") == "jobs/abc"
     with pytest.raises(ValueError):
         job_name(" ")
-    assert parse_state("running") == Job.RUNNING and parse_state(None) == 0
+    assert parse_state("running") == Job.STATE_RUNNING and parse_state(None) == 0
     err = ClientError(grpc.StatusCode.INVALID_ARGUMENT, "bad", [("spec.x", "no")])
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "spec.x: no" in str(err)
 

@@ -111,7 +111,7 @@ def test_nodeCreateAndGet_jobRoundTripsAndPythonSeesIt(
         stub = pruning_pb2_grpc.PruningServiceStub(channel)
         job = stub.GetJob(pruning_pb2.GetJobRequest(name=created["name"]), timeout=10)
     assert job.name == created["name"]
-    assert job.state == pruning_pb2.Job.QUEUED
+    assert job.state == pruning_pb2.Job.STATE_QUEUED
     assert job.request_id == created["request_id"]
     assert job.spec.model_uri == paths["model"]
     assert job.spec.output_uri == paths["out"]

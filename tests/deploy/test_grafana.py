@@ -233,7 +233,7 @@ def live(
             )
             job = stub.CreateJob(pb.CreateJobRequest(spec=spec))
             final = list(stub.WatchJob(pb.WatchJobRequest(name=job.name), timeout=240))[-1]
-            assert final.state == pb.Job.SUCCEEDED, final.error
+            assert final.state == pb.Job.STATE_SUCCEEDED, final.error
             with pytest.raises(grpc.RpcError) as missing:
                 stub.GetJob(pb.GetJobRequest(name="jobs/missing"))
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND

@@ -45,7 +45,11 @@ Job = pb.Job
 OK = grpc.StatusCode.OK
 MAX_MESSAGE = 2048
 MAX_DETAILS = 4096
-SEEDED = {"seed-done": Job.SUCCEEDED, "seed-failed": Job.FAILED, "seed-cancelled": Job.CANCELLED}
+SEEDED = {
+    "seed-done": Job.STATE_SUCCEEDED,
+    "seed-failed": Job.STATE_FAILED,
+    "seed-cancelled": Job.STATE_CANCELLED,
+}
 PYTHON_TEXT = re.compile(
     r"Traceback|File \"|<class |\b[A-Z]\w*(Error|Exception)\b|\.py\b|site-packages"
     r"|\bsecateur\.(server|pruner|client)\b"  # modules; proto names (secateur.v1.X) are the API
@@ -267,7 +271,10 @@ def _after(e: Env, case: Case, before: tuple[set[str], set[str]]) -> list[str]:
     serving = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
     if serving.status != health_pb2.HealthCheckResponse.SERVING:
         problems.append(f"health is {serving.status} after the case")
-    if e.stub.GetJob(pb.GetJobRequest(name="jobs/seed-done"), timeout=10).state != Job.SUCCEEDED:
+    if (
+        e.stub.GetJob(pb.GetJobRequest(name="jobs/seed-done"), timeout=10).state
+        != Job.STATE_SUCCEEDED
+    ):
         problems.append("a seeded job changed")
     if os.path.exists(e.marker):
         problems.append("code from a model file ran (marker written)")
@@ -309,7 +316,7 @@ def run_case(e: Env, case: Case) -> list[str]:
 def _wait(e: Env, name: str, timeout: float = 150) -> Job:
     deadline = time.monotonic() + timeout
     job = e.stub.GetJob(pb.GetJobRequest(name=name))
-    while job.state not in (Job.SUCCEEDED, Job.FAILED, Job.CANCELLED):
+    while job.state not in (Job.STATE_SUCCEEDED, Job.STATE_FAILED, Job.STATE_CANCELLED):
         if time.monotonic() > deadline:
             e.stub.CancelJob(pb.CancelJobRequest(name=name))
             raise AssertionError(f"{name} still {Job.State.Name(job.state)} after {timeout}s")
@@ -332,7 +339,7 @@ def _same_job_again(e: Env, job: Job) -> list[str]:
     same = [j for j in e.stub.ListJobs(pb.ListJobsRequest()).jobs if j.request_id == req.request_id]
     if len(same) != 1:
         problems.append(f"{len(same)} jobs carry the request_id")
-    if final.state != Job.CANCELLED or os.path.exists(os.path.join(e.allowed, "out")):
+    if final.state != Job.STATE_CANCELLED or os.path.exists(os.path.join(e.allowed, "out")):
         problems.append(f"cancelled job ended {Job.State.Name(final.state)} or published")
     return problems
 
@@ -341,7 +348,7 @@ def _fails_naming_data(e: Env, job: Job) -> list[str]:
     final = _wait(e, job.name)
     msg = final.error.message
     problems = []
-    if final.state != Job.FAILED or final.error.code != IA.value[0]:
+    if final.state != Job.STATE_FAILED or final.error.code != IA.value[0]:
         problems.append(f"job ended {Job.State.Name(final.state)} code {final.error.code}: {msg!r}")
     if "train-corrupt.tfrecord" not in msg or e.state in msg or "secateur-job-" in msg:
         problems.append(f"job error does not name the client's file only: {msg[:300]!r}")
@@ -369,8 +376,8 @@ def _special() -> list[Case]:
     lambda_model = {"model_uri": lambda e: os.path.join(e.allowed, "models", "lambda.keras")}
     return [
         Case("list-page-size-huge", "ListJobs", {"page_size": 2**31 - 1}, (OK,)),
-        Case("cancel-finished-job", "CancelJob", {}, (OK,), then=_unchanged(Job.SUCCEEDED)),
-        Case("watch-finished-job", "WatchJob", {}, (OK,), then=_unchanged(Job.SUCCEEDED)),
+        Case("cancel-finished-job", "CancelJob", {}, (OK,), then=_unchanged(Job.STATE_SUCCEEDED)),
+        Case("watch-finished-job", "WatchJob", {}, (OK,), then=_unchanged(Job.STATE_SUCCEEDED)),
         Case("create-validate-only-good", "CreateJob", {"validate_only": True}, (OK,),
              worker=True, then=_validated_nothing),
         Case("create-duplicate-request-id", "CreateJob", {"request_id": "adversarial-dup-1"},

@@ -108,7 +108,7 @@ def test_serverJob_badLabelAtRecord281_failsInvalidArgumentNamingFileAndRecord(
     )
     job = stub.CreateJob(pb.CreateJobRequest(spec=spec))
     deadline = time.time() + 240
-    while job.state not in (pb.Job.SUCCEEDED, pb.Job.FAILED, pb.Job.CANCELLED):
+    while job.state not in (pb.Job.STATE_SUCCEEDED, pb.Job.STATE_FAILED, pb.Job.STATE_CANCELLED):
         assert time.time() < deadline, pb.Job.State.Name(job.state)
         time.sleep(0.3)
         job = stub.GetJob(pb.GetJobRequest(name=job.name))

@@ -148,7 +148,7 @@ class FakeServicer(pb_grpc.PruningServiceServicer):
     async def GetJob(self, request: pb.GetJobRequest, context: aio.ServicerContext) -> pb.Job:
         if request.name == "jobs/missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such job")
-        return pb.Job(name=request.name, state=pb.Job.SUCCEEDED)
+        return pb.Job(name=request.name, state=pb.Job.STATE_SUCCEEDED)
 
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: aio.ServicerContext
@@ -164,9 +164,9 @@ class FakeServicer(pb_grpc.PruningServiceServicer):
         self, request: pb.WatchJobRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.Job]:
         if request.name == "jobs/forever":
-            yield pb.Job(name=request.name, state=pb.Job.RUNNING)
+            yield pb.Job(name=request.name, state=pb.Job.STATE_RUNNING)
             await asyncio.Event().wait()
-        for state in (pb.Job.QUEUED, pb.Job.RUNNING, pb.Job.SUCCEEDED):
+        for state in (pb.Job.STATE_QUEUED, pb.Job.STATE_RUNNING, pb.Job.STATE_SUCCEEDED):
             yield pb.Job(name=request.name, state=state)
 
 
@@ -235,11 +235,11 @@ async def exercise_pruning_service(metrics: ServerMetrics) -> PassThroughInterce
                 await stub.CancelJob(pb.CancelJobRequest(name="jobs/1"))
             assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
             states = [j.state async for j in stub.WatchJob(pb.WatchJobRequest(name="jobs/1"))]
-            assert states == [pb.Job.QUEUED, pb.Job.RUNNING, pb.Job.SUCCEEDED]
+            assert states == [pb.Job.STATE_QUEUED, pb.Job.STATE_RUNNING, pb.Job.STATE_SUCCEEDED]
             # A client that cancels a stream it is reading.
             call = stub.WatchJob(pb.WatchJobRequest(name="jobs/forever"))
             first = await call.read()
-            assert first.state == pb.Job.RUNNING
+            assert first.state == pb.Job.STATE_RUNNING
             call.cancel()
             await wait_until(
                 lambda: (

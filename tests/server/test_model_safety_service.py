@@ -84,11 +84,11 @@ def test_createJob_lambdaSavedModel_jobFailsInvalidArgument_noCodeRuns(stub, hos
     name = stub.CreateJob(pb.CreateJobRequest(spec=_spec(hostile))).name
     deadline = time.time() + 180
     job = stub.GetJob(pb.GetJobRequest(name=name))
-    while job.state not in (pb.Job.SUCCEEDED, pb.Job.FAILED, pb.Job.CANCELLED):
+    while job.state not in (pb.Job.STATE_SUCCEEDED, pb.Job.STATE_FAILED, pb.Job.STATE_CANCELLED):
         assert time.time() < deadline, job
         time.sleep(0.5)
         job = stub.GetJob(pb.GetJobRequest(name=name))
-    assert job.state == pb.Job.FAILED
+    assert job.state == pb.Job.STATE_FAILED
     assert job.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], job.error
     assert "Lambda" in job.error.message
     assert not hostile.marker.exists()

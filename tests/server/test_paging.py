@@ -86,13 +86,17 @@ def test_pageToken_survivesRestart_andIsBoundToItsFilter(digits_data, tmp_path) 
     with BackgroundServer(opts) as s:
         stub = pbg.PruningServiceStub(grpc.insecure_channel(s.target))
         names = _create(stub, digits_data, tmp_path, 3)
-        token = stub.ListJobs(pb.ListJobsRequest(page_size=2, state=Job.QUEUED)).next_page_token
+        token = stub.ListJobs(
+            pb.ListJobsRequest(page_size=2, state=Job.STATE_QUEUED)
+        ).next_page_token
     with BackgroundServer(opts) as s:
         stub = pbg.PruningServiceStub(grpc.insecure_channel(s.target))
-        rest = stub.ListJobs(pb.ListJobsRequest(page_size=2, state=Job.QUEUED, page_token=token))
+        rest = stub.ListJobs(
+            pb.ListJobsRequest(page_size=2, state=Job.STATE_QUEUED, page_token=token)
+        )
         assert _names(rest) == names[:1] and not rest.next_page_token
         err, fields = _refusal(
-            lambda: stub.ListJobs(pb.ListJobsRequest(state=Job.FAILED, page_token=token))
+            lambda: stub.ListJobs(pb.ListJobsRequest(state=Job.STATE_FAILED, page_token=token))
         )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and fields == ["page_token"]
         assert "state=QUEUED" in err.details()

@@ -18,14 +18,17 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 import pytest
 
-from secateur.server.jobs import TERMINAL, JobManager, ManagerConfig
+from secateur.server.jobs import JobManager, ManagerConfig
+from secateur.server.jobs_pb import submission, to_pb
+from secateur.server.records import TERMINAL, JobRecord, JobState
 from secateur.server.service import BackgroundServer, ServerOptions
-from secateur.server.store import JobStore
+from secateur.server.store import SqliteJobStore
 from secateur.server.worker_pipes import lines
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
@@ -51,19 +54,19 @@ GARBLED_WORKER = (
 )
 
 
-class FlakyStore(JobStore):
-    """A JobStore whose durable writes fail, like a full disk, while ``fail_when`` says so."""
+class FlakyStore(SqliteJobStore):
+    """A store whose durable writes fail, like a full disk, while ``fail_when`` says so."""
 
     def __init__(self, state_dir: str) -> None:
         super().__init__(state_dir)
-        self.fail_when: Callable[[Job], bool] = lambda job: False
+        self.fail_when: Callable[[JobRecord], bool] = lambda job: False
         self.failures = 0  # how many more writes to refuse
 
-    def save(self, job_id: str, job: Job, durable: bool = True) -> None:
-        if durable and self.failures > 0 and self.fail_when(job):
+    def save(self, record: JobRecord, durable: bool = True) -> None:
+        if durable and self.failures > 0 and self.fail_when(record):
             self.failures -= 1
             raise sqlite3.OperationalError("database or disk is full")
-        super().save(job_id, job, durable)
+        super().save(record, durable)
 
 
 def _spec(digits_data, out: Path) -> pb.JobSpec:
@@ -75,7 +78,11 @@ def _spec(digits_data, out: Path) -> pb.JobSpec:
     )
 
 
-def _manager(digits_data, tmp_path: Path, store: JobStore, **config) -> JobManager:
+def _create(manager: JobManager, spec: pb.JobSpec) -> Any:
+    return manager.create(submission(pb.CreateJobRequest(spec=spec)))
+
+
+def _manager(digits_data, tmp_path: Path, store: SqliteJobStore, **config) -> JobManager:
     cfg = ManagerConfig(
         str(tmp_path / "state"),
         (str(digits_data.root), str(tmp_path / "out")),
@@ -90,9 +97,9 @@ async def _until_ended(manager: JobManager, name: str, timeout: float = 240) -> 
     while time.monotonic() < deadline:
         job = manager.get(name)
         if job.state in TERMINAL:
-            return job
+            return to_pb(job)
         await asyncio.sleep(0.1)
-    raise AssertionError(f"{name} still {Job.State.Name(job.state)}: {job.message}")
+    raise AssertionError(f"{name} still {job.state.value}: {job.message}")
 
 
 async def _until_stored(path: str, job_id: str, state: int, timeout: float = 30) -> None:
@@ -114,20 +121,22 @@ def _logged_with(caplog: pytest.LogCaptureFixture, incident: str) -> list[str]:
 
 def test_hugeWorkerOutputLines_jobStillEnds_andNextJobRuns(digits_data, tmp_path) -> None:
     async def scenario() -> list[Job]:
-        store = JobStore(str(tmp_path / "state"))
+        store = SqliteJobStore(str(tmp_path / "state"))
         command = (sys.executable, "-c", CHATTY_WORKER)
         manager = _manager(digits_data, tmp_path, store, worker_command=command)
         await manager.start()
         try:
             spec = _spec(digits_data, tmp_path / "out")
-            names = [(await manager.create(spec, "", False)).name for _ in range(2)]
+            names = [(await _create(manager, spec)).name for _ in range(2)]
             return [await _until_ended(manager, name) for name in names]
         finally:
             await manager.shutdown()
             store.close()
 
     jobs = asyncio.run(scenario())
-    assert [j.state for j in jobs] == [Job.SUCCEEDED, Job.SUCCEEDED], [j.message for j in jobs]
+    assert [j.state for j in jobs] == [Job.STATE_SUCCEEDED, Job.STATE_SUCCEEDED], [
+        j.message for j in jobs
+    ]
     assert sorted(os.listdir(tmp_path / "out")) == ["1", "2"]
 
 
@@ -145,34 +154,34 @@ def test_storeWriteFailures_failTheJobConsistently_andTheRunnerGoesOn(
         ended: dict[str, Job] = {}
         try:
             # every try of the RUNNING write fails: the job fails before any worker
-            store.fail_when, store.failures = (lambda j: j.state == Job.RUNNING), 3
-            job = await manager.create(spec, "", False)
+            store.fail_when, store.failures = (lambda j: j.state == JobState.RUNNING), 3
+            job = await _create(manager, spec)
             ended["at_start"] = await _until_ended(manager, job.name)
             # the write of a stage change fails mid-job: its worker is stopped
-            store.fail_when, store.failures = (lambda j: j.stage == Job.ANALYZING), 3
-            job = await manager.create(spec, "", False)
+            store.fail_when, store.failures = (lambda j: j.stage == "ANALYZING"), 3
+            job = await _create(manager, spec)
             ended["mid_job"] = await _until_ended(manager, job.name)
             # the end write fails beyond the retries: memory ends at once, the store catches up
             store.fail_when, store.failures = (lambda j: j.state in TERMINAL), 5
-            job = await manager.create(spec, "", False)
+            job = await _create(manager, spec)
             ended["at_end"] = await _until_ended(manager, job.name)
-            assert ended["at_end"].state == Job.SUCCEEDED, ended["at_end"].message
-            await _until_stored(store.path, job.name[5:], Job.SUCCEEDED)
+            assert ended["at_end"].state == Job.STATE_SUCCEEDED, ended["at_end"].message
+            await _until_stored(store.path, job.name[5:], Job.STATE_SUCCEEDED)
         finally:
             await manager.shutdown()
             store.close()
         return ended
 
     ended = asyncio.run(scenario())
-    on_disk = JobStore(state)
+    on_disk = SqliteJobStore(state)
     for case in ("at_start", "mid_job"):
         job = ended[case]
-        assert job.state == Job.FAILED and job.error.code == INTERNAL, (case, job.message)
-        stored = on_disk.get(job.name[5:])
-        assert stored.state == Job.FAILED and stored.error == job.error, case
+        assert job.state == Job.STATE_FAILED and job.error.code == INTERNAL, (case, job.message)
+        stored = to_pb(on_disk.get(job.name[5:]))
+        assert stored.state == Job.STATE_FAILED and stored.error == job.error, case
         incident = INCIDENT.search(job.error.message).group(1)
         assert any("OperationalError" in m for m in _logged_with(caplog, incident)), case
-    assert on_disk.get(ended["at_end"].name[5:]).state == Job.SUCCEEDED
+    assert on_disk.get(ended["at_end"].name[5:]).state == JobState.SUCCEEDED
     assert sorted(os.listdir(tmp_path / "out")) == ["1"]  # only the job that got to export
     on_disk.close()
 
@@ -190,7 +199,7 @@ def test_workerKilled_failsInternalWithIncidentInLog(digits_data, tmp_path, capl
         spec.training.epochs, spec.training.train_data = 50, digits_data.train_glob
         job = stub.CreateJob(pb.CreateJobRequest(spec=spec))
         for snap in stub.WatchJob(pb.WatchJobRequest(name=job.name), timeout=120):
-            if snap.stage == Job.FINE_TUNING:
+            if snap.stage == Job.STAGE_FINE_TUNING:
                 break
         workers = [
             p
@@ -200,7 +209,7 @@ def test_workerKilled_failsInternalWithIncidentInLog(digits_data, tmp_path, capl
         assert len(workers) == 1
         workers[0].send_signal(signal.SIGKILL)
         final = list(stub.WatchJob(pb.WatchJobRequest(name=job.name), timeout=60))[-1]
-    assert final.state == Job.FAILED and final.error.code == INTERNAL
+    assert final.state == Job.STATE_FAILED and final.error.code == INTERNAL
     assert "signal 9" in final.error.message
     incident = INCIDENT.search(final.error.message).group(1)
     assert _logged_with(caplog, incident)  # with the worker's last output lines
@@ -212,19 +221,19 @@ def test_workerInternalError_sameIncidentInOutcomeAndServerLog(
     caplog.set_level(logging.WARNING, "secateur.server")
 
     async def scenario() -> Job:
-        store = JobStore(str(tmp_path / "state"))
+        store = SqliteJobStore(str(tmp_path / "state"))
         command = (sys.executable, "-c", GARBLED_WORKER)
         manager = _manager(digits_data, tmp_path, store, worker_command=command)
         await manager.start()
         try:
-            job = await manager.create(_spec(digits_data, tmp_path / "out"), "", False)
+            job = await _create(manager, _spec(digits_data, tmp_path / "out"))
             return await _until_ended(manager, job.name)
         finally:
             await manager.shutdown()
             store.close()
 
     job = asyncio.run(scenario())
-    assert job.state == Job.FAILED and job.error.code == INTERNAL
+    assert job.state == Job.STATE_FAILED and job.error.code == INTERNAL
     assert "Traceback" not in job.error.message and "JSONDecodeError" not in job.error.message
     incident = INCIDENT.search(job.error.message).group(1)
     logged = "\n".join(_logged_with(caplog, incident))

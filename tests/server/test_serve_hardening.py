@@ -315,10 +315,10 @@ def _job(job_id: str, state: int) -> Job:
 def test_undecodableRow_isQuarantinedFailed_othersServed(tmp_path) -> None:
     state = str(tmp_path / "state")
     store = JobStore(state)
-    store.insert("good1", _job("good1", Job.SUCCEEDED))
-    store.insert("bad", _job("bad", Job.RUNNING))
-    store.insert("stray", _job("stray", Job.QUEUED))
-    store.insert("good2", _job("good2", Job.CANCELLED))
+    store.insert("good1", _job("good1", Job.STATE_SUCCEEDED))
+    store.insert("bad", _job("bad", Job.STATE_RUNNING))
+    store.insert("stray", _job("stray", Job.STATE_QUEUED))
+    store.insert("good2", _job("good2", Job.STATE_CANCELLED))
     store.close()
     with sqlite3.connect(os.path.join(state, "jobs.sqlite")) as db:
         db.execute("UPDATE jobs SET data = ? WHERE id = 'bad'", (b"\xff\x00garbage",))
@@ -331,15 +331,15 @@ def test_undecodableRow_isQuarantinedFailed_othersServed(tmp_path) -> None:
         stub = pbg.PruningServiceStub(grpc.insecure_channel(s.target))
         for job_id in ("bad", "stray"):
             job = stub.GetJob(pb.GetJobRequest(name=f"jobs/{job_id}"), timeout=10)
-            assert job.state == Job.FAILED and job.error.code == code_pb2.DATA_LOSS
+            assert job.state == Job.STATE_FAILED and job.error.code == code_pb2.DATA_LOSS
             assert "could not read this job's stored record" in job.error.message
-        assert stub.GetJob(pb.GetJobRequest(name="jobs/good1")).state == Job.SUCCEEDED
-        assert stub.GetJob(pb.GetJobRequest(name="jobs/good2")).state == Job.CANCELLED
+        assert stub.GetJob(pb.GetJobRequest(name="jobs/good1")).state == Job.STATE_SUCCEEDED
+        assert stub.GetJob(pb.GetJobRequest(name="jobs/good2")).state == Job.STATE_CANCELLED
         listed = stub.ListJobs(pb.ListJobsRequest(page_size=10)).jobs
         assert {j.name for j in listed} == {f"jobs/{i}" for i in ("good1", "bad", "stray", "good2")}
     # FAILED is stored; the original bytes are kept aside.
     reopened = JobStore(state)
-    assert reopened.get("bad").state == Job.FAILED
+    assert reopened.get("bad").state == Job.STATE_FAILED
     reopened.close()
     with sqlite3.connect(os.path.join(state, "jobs.sqlite")) as db:
         kept = dict(db.execute("SELECT id, data FROM quarantine").fetchall())

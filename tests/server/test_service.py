@@ -16,8 +16,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from secateur.server.jobs_pb import from_pb
+from secateur.server.records import JobState
 from secateur.server.service import BackgroundServer, ServerOptions
-from secateur.server.store import JobStore
+from secateur.server.store import SqliteJobStore
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 
@@ -53,7 +55,12 @@ def _stub(target: str, creds: grpc.ChannelCredentials | None = None) -> pbg.Prun
     return pbg.PruningServiceStub(channel)
 
 
-def _wait(stub, name: str, states=(Job.SUCCEEDED, Job.FAILED, Job.CANCELLED), timeout=240) -> Job:
+def _wait(
+    stub,
+    name: str,
+    states=(Job.STATE_SUCCEEDED, Job.STATE_FAILED, Job.STATE_CANCELLED),
+    timeout=240,
+) -> Job:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = stub.GetJob(pb.GetJobRequest(name=name))
@@ -83,14 +90,19 @@ def test_job_lifecycle_watchToSuccess_idempotentCreate_list(server, digits_data,
     stub = _stub(server.target)
     spec = _spec(digits_data, tmp_path / "out")
     job = stub.CreateJob(pb.CreateJobRequest(spec=spec, request_id="ci-build-42"))
-    assert job.name.startswith("jobs/") and job.state == Job.QUEUED
+    assert job.name.startswith("jobs/") and job.state == Job.STATE_QUEUED
     again = stub.CreateJob(pb.CreateJobRequest(spec=spec, request_id="ci-build-42"))
     assert again.name == job.name
     snapshots = list(stub.WatchJob(pb.WatchJobRequest(name=job.name), timeout=240))
     states = [s.state for s in snapshots]
-    assert states[-1] == Job.SUCCEEDED and Job.RUNNING in states
-    stages = {s.stage for s in snapshots if s.state == Job.RUNNING}
-    assert {Job.FETCHING, Job.ANALYZING, Job.MEASURING, Job.EXPORTING} <= stages
+    assert states[-1] == Job.STATE_SUCCEEDED and Job.STATE_RUNNING in states
+    stages = {s.stage for s in snapshots if s.state == Job.STATE_RUNNING}
+    assert {
+        Job.STAGE_FETCHING,
+        Job.STAGE_ANALYZING,
+        Job.STAGE_MEASURING,
+        Job.STAGE_EXPORTING,
+    } <= stages
     progress = [s.progress for s in snapshots]
     assert progress == sorted(progress) and progress[-1] == 1.0
     done = snapshots[-1]
@@ -102,7 +114,7 @@ def test_job_lifecycle_watchToSuccess_idempotentCreate_list(server, digits_data,
     assert done.start_time.seconds and done.end_time.seconds
     page = stub.ListJobs(pb.ListJobsRequest(page_size=10))
     assert [j.name for j in page.jobs] == [job.name] and not page.next_page_token
-    assert not stub.ListJobs(pb.ListJobsRequest(state=Job.FAILED)).jobs
+    assert not stub.ListJobs(pb.ListJobsRequest(state=Job.STATE_FAILED)).jobs
 
 
 def test_cancel_runningAndQueued_leavesNoOutput(server, digits_data, tmp_path) -> None:
@@ -111,16 +123,16 @@ def test_cancel_runningAndQueued_leavesNoOutput(server, digits_data, tmp_path) -
     first = stub.CreateJob(pb.CreateJobRequest(spec=spec))
     second = stub.CreateJob(pb.CreateJobRequest(spec=spec))
     cancelled = stub.CancelJob(pb.CancelJobRequest(name=second.name))
-    assert cancelled.state == Job.CANCELLED  # queued: at once
+    assert cancelled.state == Job.STATE_CANCELLED  # queued: at once
     for snap in stub.WatchJob(pb.WatchJobRequest(name=first.name), timeout=120):
-        if snap.stage == Job.FINE_TUNING:
+        if snap.stage == Job.STAGE_FINE_TUNING:
             break
     stub.CancelJob(pb.CancelJobRequest(name=first.name))
     final = _wait(stub, first.name)
-    assert final.state == Job.CANCELLED
+    assert final.state == Job.STATE_CANCELLED
     assert final.error.code == grpc.StatusCode.CANCELLED.value[0]
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
-    assert stub.CancelJob(pb.CancelJobRequest(name=first.name)).state == Job.CANCELLED
+    assert stub.CancelJob(pb.CancelJobRequest(name=first.name)).state == Job.STATE_CANCELLED
 
 
 def test_errors_mapToCodesWithDetails(server, digits_data, tmp_path) -> None:
@@ -194,7 +206,7 @@ def test_queueFull_resourceExhausted_andValidateOnlyCreatesNothing(
     assert not checked.name and not stub.ListJobs(pb.ListJobsRequest()).jobs
     names = [stub.CreateJob(pb.CreateJobRequest(spec=spec)).name for _ in range(3)]
     # one running (after it leaves the queue) + two queued fill max_queued_jobs=2
-    _wait(stub, names[0], states=(Job.RUNNING,))
+    _wait(stub, names[0], states=(Job.STATE_RUNNING,))
     err = _error(lambda: stub.CreateJob(pb.CreateJobRequest(spec=spec)))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     for name in names:
@@ -298,18 +310,18 @@ def test_restart_runningJobIsRunAgainToSuccess(digits_data, tmp_path) -> None:
         grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=60)
         spec = _spec(digits_data, tmp_path / "out", epochs=2, train_data=digits_data.train_glob)
         job = stub.CreateJob(pb.CreateJobRequest(spec=spec))
-        _wait(stub, job.name, states=(Job.RUNNING,))
+        _wait(stub, job.name, states=(Job.STATE_RUNNING,))
         first.send_signal(signal.SIGKILL)  # a crash, not a graceful stop
         first.wait(10)
     finally:
         first.kill()
-    stored = JobStore(state).get(job.name[5:])
-    assert stored.state == Job.RUNNING  # what the crash left behind
+    stored = SqliteJobStore(state).get(job.name[5:])
+    assert stored.state == JobState.RUNNING  # what the crash left behind
     second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=60)
         final = _wait(stub, job.name)
-        assert final.state == Job.SUCCEEDED and final.attempts == 2
+        assert final.state == Job.STATE_SUCCEEDED and final.attempts == 2
         assert sorted(os.listdir(tmp_path / "out")) == ["1"]  # the killed attempt published nothing
     finally:
         second.send_signal(signal.SIGTERM)
@@ -318,19 +330,19 @@ def test_restart_runningJobIsRunAgainToSuccess(digits_data, tmp_path) -> None:
 
 def test_restart_givesUpAfterMaxAttempts(tmp_path) -> None:
     state = str(tmp_path / "state")
-    store = JobStore(state)
+    store = SqliteJobStore(state)
     job = Job(
         name="jobs/stuck",
-        state=Job.RUNNING,
+        state=Job.STATE_RUNNING,
         attempts=3,
         spec=pb.JobSpec(model_uri="m", output_uri="o"),
     )
     job.create_time.GetCurrentTime()
-    store.insert("stuck", job)
+    store.insert(from_pb(job))
     store.close()
     with BackgroundServer(ServerOptions(state_dir=state, port=0)) as s:
         final = _stub(s.target).GetJob(pb.GetJobRequest(name="jobs/stuck"))
-    assert final.state == Job.FAILED and "3 times" in final.error.message
+    assert final.state == Job.STATE_FAILED and "3 times" in final.error.message
     assert final.error.code == grpc.StatusCode.ABORTED.value[0]
 
 

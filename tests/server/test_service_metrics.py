@@ -25,7 +25,7 @@ def test_prometheus_scrapesServerThatRanAJob(digits_data, tmp_path) -> None:
         )  # fmt: skip
         job = stub.CreateJob(pb.CreateJobRequest(spec=spec))
         final = list(stub.WatchJob(pb.WatchJobRequest(name=job.name), timeout=240))[-1]
-        assert final.state == pb.Job.SUCCEEDED
+        assert final.state == pb.Job.STATE_SUCCEEDED
         try:
             stub.GetJob(pb.GetJobRequest(name="jobs/missing"))
         except grpc.RpcError:

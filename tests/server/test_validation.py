@@ -371,7 +371,10 @@ def test_corruptModel_failedJobNamesTheUri(env) -> None:
     uri = "file://" + str(env.models / "bad.h5")
     name = env.create(model_uri=uri, output_uri=str(env.out / "h5")).name
     job = list(env.stub.WatchJob(pb.WatchJobRequest(name=name), timeout=180))[-1]
-    assert job.state == Job.FAILED and job.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert (
+        job.state == Job.STATE_FAILED
+        and job.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    )
     _names_only_the_uri(job.error.message, uri, env)
     assert not (env.out / "h5").exists()
 

@@ -27,53 +27,55 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19secateur/v1/pruning.proto\x12\x0bsecateur.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xeb\x01\n\x0bPruningSpec\x12\r\n\x05ratio\x18\x01 \x01(\x01\x12\x0e\n\x06ratios\x18\x02 \x03(\x01\x12)\n\tcriterion\x18\x03 \x01(\x0e\x32\x16.secateur.v1.Criterion\x12!\n\x05scope\x18\x04 \x01(\x0e\x32\x12.secateur.v1.Scope\x12\x10\n\x08round_to\x18\x05 \x01(\x05\x12\x14\n\x0cmin_channels\x18\x06 \x01(\x05\x12\x0f\n\x07\x65xclude\x18\x07 \x03(\t\x12\x11\n\tno_reload\x18\x08 \x01(\x08\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x15\n\rround_to_auto\x18\n \x01(\x08\"\xbd\x01\n\x0cTrainingSpec\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x12\n\ntrain_data\x18\x04 \x01(\t\x12\x11\n\teval_data\x18\x05 \x01(\t\x12\x11\n\timage_key\x18\x06 \x01(\t\x12\x11\n\tlabel_key\x18\x07 \x01(\t\x12\x0e\n\x06resize\x18\x08 \x01(\x08\x12\x15\n\rmeasure_steps\x18\t \x01(\x05\"\xcf\x01\n\x07JobSpec\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x12\n\noutput_uri\x18\x02 \x01(\t\x12)\n\x07pruning\x18\x03 \x01(\x0b\x32\x18.secateur.v1.PruningSpec\x12+\n\x08training\x18\x04 \x01(\x0b\x32\x19.secateur.v1.TrainingSpec\x12\x1e\n\x11max_accuracy_drop\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07version\x18\x06 \x01(\x05\x42\x14\n\x12_max_accuracy_drop\"\xd6\x05\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.secateur.v1.JobSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.secateur.v1.Job.State\x12%\n\x05stage\x18\x04 \x01(\x0e\x32\x16.secateur.v1.Job.Stage\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\x12&\n\x06result\x18\x08 \x01(\x0b\x32\x16.secateur.v1.JobResult\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\x05\"a\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\"\x97\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46\x45TCHING\x10\x01\x12\r\n\tANALYZING\x10\x02\x12\x0b\n\x07SCORING\x10\x03\x12\x0e\n\nREBUILDING\x10\x04\x12\x0f\n\x0b\x46INE_TUNING\x10\x05\x12\x0e\n\nEVALUATING\x10\x06\x12\r\n\tMEASURING\x10\x07\x12\r\n\tEXPORTING\x10\x08\"\xb9\x02\n\x07Metrics\x12\x0e\n\x06params\x18\x01 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x66lops\x18\x03 \x01(\x03\x12\x1e\n\x11peak_memory_bytes\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12train_step_seconds\x18\x05 \x01(\x01\x12\x1e\n\x16train_step_p90_seconds\x18\x06 \x01(\x01\x12\x1e\n\x16latency_batch1_seconds\x18\x07 \x01(\x01\x12\x1d\n\x15latency_batch_seconds\x18\x08 \x01(\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\t \x01(\x01H\x01\x88\x01\x01\x12$\n\x03how\x18\n \x01(\x0b\x32\x17.google.protobuf.StructB\x14\n\x12_peak_memory_bytesB\x0b\n\t_accuracy\"\x96\x01\n\tCandidate\x12\r\n\x05ratio\x18\x01 \x01(\x01\x12%\n\x07metrics\x18\x02 \x01(\x0b\x32\x14.secateur.v1.Metrics\x12\x1a\n\raccuracy_drop\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12%\n\x04plan\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x10\n\x0e_accuracy_drop\"\x82\x02\n\tJobResult\x12\x12\n\noutput_uri\x18\x01 \x01(\t\x12&\n\x08original\x18\x02 \x01(\x0b\x32\x14.secateur.v1.Metrics\x12$\n\x06pruned\x18\x03 \x01(\x0b\x32\x14.secateur.v1.Metrics\x12%\n\x04plan\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\ncandidates\x18\x05 \x03(\x0b\x32\x16.secateur.v1.Candidate\x12\x1b\n\x0eselected_ratio\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\tB\x11\n\x0f_selected_ratio\"a\n\x10\x43reateJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.secateur.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.secateur.v1.Job.State\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.secateur.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x12PlanPruningRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12)\n\x07pruning\x18\x02 \x01(\x0b\x32\x18.secateur.v1.PruningSpec\"\x7f\n\x0c\x43hannelGroup\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0f\n\x07origins\x18\x02 \x03(\t\x12\x13\n\x0bsize_before\x18\x03 \x01(\x05\x12\x12\n\nsize_after\x18\x04 \x01(\x05\x12\x11\n\tcriterion\x18\x05 \x01(\t\x12\x16\n\x0e\x66rozen_reasons\x18\x06 \x03(\t\"\xbf\x01\n\x13PlanPruningResponse\x12%\n\x04plan\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x06groups\x18\x02 \x03(\x0b\x32\x19.secateur.v1.ChannelGroup\x12\x15\n\rparams_before\x18\x03 \x01(\x03\x12\x14\n\x0cparams_after\x18\x04 \x01(\x03\x12\x14\n\x0c\x66lops_before\x18\x05 \x01(\x03\x12\x13\n\x0b\x66lops_after\x18\x06 \x01(\x03*P\n\tCriterion\x12\x19\n\x15\x43RITERION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x42N_SCALE\x10\x01\x12\x06\n\x02L1\x10\x02\x12\x06\n\x02L2\x10\x03\x12\n\n\x06RANDOM\x10\x04*9\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\n\n\x06GLOBAL\x10\x01\x12\r\n\tLAYERWISE\x10\x02\x32\x9d\x03\n\x0ePruningService\x12<\n\tCreateJob\x12\x1d.secateur.v1.CreateJobRequest\x1a\x10.secateur.v1.Job\x12\x36\n\x06GetJob\x12\x1a.secateur.v1.GetJobRequest\x1a\x10.secateur.v1.Job\x12G\n\x08ListJobs\x12\x1c.secateur.v1.ListJobsRequest\x1a\x1d.secateur.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.secateur.v1.CancelJobRequest\x1a\x10.secateur.v1.Job\x12<\n\x08WatchJob\x12\x1c.secateur.v1.WatchJobRequest\x1a\x10.secateur.v1.Job0\x01\x12P\n\x0bPlanPruning\x12\x1f.secateur.v1.PlanPruningRequest\x1a .secateur.v1.PlanPruningResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19secateur/v1/pruning.proto\x12\x0bsecateur.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x92\x03\n\x0bPruningSpec\x12\x12\n\x05ratio\x18\x01 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06ratios\x18\x02 \x03(\x01\x12)\n\tcriterion\x18\x03 \x01(\x0e\x32\x16.secateur.v1.Criterion\x12!\n\x05scope\x18\x04 \x01(\x0e\x32\x12.secateur.v1.Scope\x12\x12\n\x08round_to\x18\x05 \x01(\x05H\x00\x12\x17\n\rround_to_auto\x18\n \x01(\x08H\x00\x12\x19\n\x0cmin_channels\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x65xclude\x18\x07 \x03(\t\x12\x1b\n\x0ereload_weights\x18\x0b \x01(\x08H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x1e\n\x11\x62ias_compensation\x18\x0c \x01(\x08H\x05\x88\x01\x01\x42\n\n\x08roundingB\x08\n\x06_ratioB\x0f\n\r_min_channelsB\x11\n\x0f_reload_weightsB\x07\n\x05_seedB\x14\n\x12_bias_compensationJ\x04\x08\x08\x10\tR\tno_reload\"\xc5\x02\n\x0cTrainingSpec\x12\x13\n\x06\x65pochs\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nbatch_size\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\ntrain_data\x18\x04 \x01(\t\x12\x11\n\teval_data\x18\x05 \x01(\t\x12\x16\n\timage_key\x18\x06 \x01(\tH\x03\x88\x01\x01\x12\x16\n\tlabel_key\x18\x07 \x01(\tH\x04\x88\x01\x01\x12\x13\n\x06resize\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x1a\n\rmeasure_steps\x18\t \x01(\x05H\x06\x88\x01\x01\x42\t\n\x07_epochsB\r\n\x0b_batch_sizeB\x10\n\x0e_learning_rateB\x0c\n\n_image_keyB\x0c\n\n_label_keyB\t\n\x07_resizeB\x10\n\x0e_measure_steps\"\xe0\x01\n\x07JobSpec\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x12\n\noutput_uri\x18\x02 \x01(\t\x12)\n\x07pruning\x18\x03 \x01(\x0b\x32\x18.secateur.v1.PruningSpec\x12+\n\x08training\x18\x04 \x01(\x0b\x32\x19.secateur.v1.TrainingSpec\x12\x1e\n\x11max_accuracy_drop\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07version\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x14\n\x12_max_accuracy_dropB\n\n\x08_version\"\xa4\x06\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.secateur.v1.JobSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.secateur.v1.Job.State\x12%\n\x05stage\x18\x04 \x01(\x0e\x32\x16.secateur.v1.Job.Stage\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\x12&\n\x06result\x18\x08 \x01(\x0b\x32\x16.secateur.v1.JobResult\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\x05\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05\"\xc7\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_FETCHING\x10\x01\x12\x13\n\x0fSTAGE_ANALYZING\x10\x02\x12\x11\n\rSTAGE_SCORING\x10\x03\x12\x14\n\x10STAGE_REBUILDING\x10\x04\x12\x15\n\x11STAGE_FINE_TUNING\x10\x05\x12\x14\n\x10STAGE_EVALUATING\x10\x06\x12\x13\n\x0fSTAGE_MEASURING\x10\x07\x12\x13\n\x0fSTAGE_EXPORTING\x10\x08\"\xd9\x02\n\x07Metrics\x12\x0e\n\x06params\x18\x01 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x66lops\x18\x03 \x01(\x03\x12\x1e\n\x11peak_memory_bytes\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12train_step_seconds\x18\x05 \x01(\x01\x12\x1e\n\x16train_step_p90_seconds\x18\x06 \x01(\x01\x12\x1e\n\x16latency_batch1_seconds\x18\x07 \x01(\x01\x12\x1d\n\x15latency_batch_seconds\x18\x08 \x01(\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\t \x01(\x01H\x01\x88\x01\x01\x12$\n\x03how\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1e\n\x16train_step_p10_seconds\x18\x0b \x01(\x01\x42\x14\n\x12_peak_memory_bytesB\x0b\n\t_accuracy\"\x96\x01\n\tCandidate\x12\r\n\x05ratio\x18\x01 \x01(\x01\x12%\n\x07metrics\x18\x02 \x01(\x0b\x32\x14.secateur.v1.Metrics\x12\x1a\n\raccuracy_drop\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12%\n\x04plan\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x10\n\x0e_accuracy_drop\"\xb6\x04\n\tJobResult\x12/\n\x07outcome\x18\x08 \x01(\x0e\x32\x1e.secateur.v1.JobResult.Outcome\x12\x1e\n\x11max_accuracy_drop\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nbest_ratio\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x12\x62\x65st_accuracy_drop\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x12\n\noutput_uri\x18\x01 \x01(\t\x12&\n\x08original\x18\x02 \x01(\x0b\x32\x14.secateur.v1.Metrics\x12$\n\x06pruned\x18\x03 \x01(\x0b\x32\x14.secateur.v1.Metrics\x12%\n\x04plan\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\ncandidates\x18\x05 \x03(\x0b\x32\x16.secateur.v1.Candidate\x12\x1b\n\x0eselected_ratio\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\"k\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_PUBLISHED\x10\x01\x12\x17\n\x13OUTCOME_GATE_FAILED\x10\x02\x12\x17\n\x13OUTCOME_CURVES_ONLY\x10\x03\x42\x14\n\x12_max_accuracy_dropB\r\n\x0b_best_ratioB\x15\n\x13_best_accuracy_dropB\x11\n\x0f_selected_ratio\"a\n\x10\x43reateJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.secateur.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.secateur.v1.Job.State\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.secateur.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x12PlanPruningRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12)\n\x07pruning\x18\x02 \x01(\x0b\x32\x18.secateur.v1.PruningSpec\"\x7f\n\x0c\x43hannelGroup\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0f\n\x07origins\x18\x02 \x03(\t\x12\x13\n\x0bsize_before\x18\x03 \x01(\x05\x12\x12\n\nsize_after\x18\x04 \x01(\x05\x12\x11\n\tcriterion\x18\x05 \x01(\t\x12\x16\n\x0e\x66rozen_reasons\x18\x06 \x03(\t\"\xbf\x01\n\x13PlanPruningResponse\x12%\n\x04plan\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x06groups\x18\x02 \x03(\x0b\x32\x19.secateur.v1.ChannelGroup\x12\x15\n\rparams_before\x18\x03 \x01(\x03\x12\x14\n\x0cparams_after\x18\x04 \x01(\x03\x12\x14\n\x0c\x66lops_before\x18\x05 \x01(\x03\x12\x13\n\x0b\x66lops_after\x18\x06 \x01(\x03*x\n\tCriterion\x12\x19\n\x15\x43RITERION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43RITERION_BN_SCALE\x10\x01\x12\x10\n\x0c\x43RITERION_L1\x10\x02\x12\x10\n\x0c\x43RITERION_L2\x10\x03\x12\x14\n\x10\x43RITERION_RANDOM\x10\x04*E\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x13\n\x0fSCOPE_LAYERWISE\x10\x02\x32\x9d\x03\n\x0ePruningService\x12<\n\tCreateJob\x12\x1d.secateur.v1.CreateJobRequest\x1a\x10.secateur.v1.Job\x12\x36\n\x06GetJob\x12\x1a.secateur.v1.GetJobRequest\x1a\x10.secateur.v1.Job\x12G\n\x08ListJobs\x12\x1c.secateur.v1.ListJobsRequest\x1a\x1d.secateur.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.secateur.v1.CancelJobRequest\x1a\x10.secateur.v1.Job\x12<\n\x08WatchJob\x12\x1c.secateur.v1.WatchJobRequest\x1a\x10.secateur.v1.Job0\x01\x12P\n\x0bPlanPruning\x12\x1f.secateur.v1.PlanPruningRequest\x1a .secateur.v1.PlanPruningResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'secateur.v1.pruning_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CRITERION']._serialized_start=3007
-  _globals['_CRITERION']._serialized_end=3087
-  _globals['_SCOPE']._serialized_start=3089
-  _globals['_SCOPE']._serialized_end=3146
+  _globals['_CRITERION']._serialized_start=3745
+  _globals['_CRITERION']._serialized_end=3865
+  _globals['_SCOPE']._serialized_start=3867
+  _globals['_SCOPE']._serialized_end=3936
   _globals['_PRUNINGSPEC']._serialized_start=131
-  _globals['_PRUNINGSPEC']._serialized_end=366
-  _globals['_TRAININGSPEC']._serialized_start=369
-  _globals['_TRAININGSPEC']._serialized_end=558
-  _globals['_JOBSPEC']._serialized_start=561
-  _globals['_JOBSPEC']._serialized_end=768
-  _globals['_JOB']._serialized_start=771
-  _globals['_JOB']._serialized_end=1497
-  _globals['_JOB_STATE']._serialized_start=1246
-  _globals['_JOB_STATE']._serialized_end=1343
-  _globals['_JOB_STAGE']._serialized_start=1346
-  _globals['_JOB_STAGE']._serialized_end=1497
-  _globals['_METRICS']._serialized_start=1500
-  _globals['_METRICS']._serialized_end=1813
-  _globals['_CANDIDATE']._serialized_start=1816
-  _globals['_CANDIDATE']._serialized_end=1966
-  _globals['_JOBRESULT']._serialized_start=1969
-  _globals['_JOBRESULT']._serialized_end=2227
-  _globals['_CREATEJOBREQUEST']._serialized_start=2229
-  _globals['_CREATEJOBREQUEST']._serialized_end=2326
-  _globals['_GETJOBREQUEST']._serialized_start=2328
-  _globals['_GETJOBREQUEST']._serialized_end=2357
-  _globals['_LISTJOBSREQUEST']._serialized_start=2359
-  _globals['_LISTJOBSREQUEST']._serialized_end=2454
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2456
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2531
-  _globals['_CANCELJOBREQUEST']._serialized_start=2533
-  _globals['_CANCELJOBREQUEST']._serialized_end=2565
-  _globals['_WATCHJOBREQUEST']._serialized_start=2567
-  _globals['_WATCHJOBREQUEST']._serialized_end=2598
-  _globals['_PLANPRUNINGREQUEST']._serialized_start=2600
-  _globals['_PLANPRUNINGREQUEST']._serialized_end=2682
-  _globals['_CHANNELGROUP']._serialized_start=2684
-  _globals['_CHANNELGROUP']._serialized_end=2811
-  _globals['_PLANPRUNINGRESPONSE']._serialized_start=2814
-  _globals['_PLANPRUNINGRESPONSE']._serialized_end=3005
-  _globals['_PRUNINGSERVICE']._serialized_start=3149
-  _globals['_PRUNINGSERVICE']._serialized_end=3562
+  _globals['_PRUNINGSPEC']._serialized_end=533
+  _globals['_TRAININGSPEC']._serialized_start=536
+  _globals['_TRAININGSPEC']._serialized_end=861
+  _globals['_JOBSPEC']._serialized_start=864
+  _globals['_JOBSPEC']._serialized_end=1088
+  _globals['_JOB']._serialized_start=1091
+  _globals['_JOB']._serialized_end=1895
+  _globals['_JOB_STATE']._serialized_start=1566
+  _globals['_JOB_STATE']._serialized_end=1693
+  _globals['_JOB_STAGE']._serialized_start=1696
+  _globals['_JOB_STAGE']._serialized_end=1895
+  _globals['_METRICS']._serialized_start=1898
+  _globals['_METRICS']._serialized_end=2243
+  _globals['_CANDIDATE']._serialized_start=2246
+  _globals['_CANDIDATE']._serialized_end=2396
+  _globals['_JOBRESULT']._serialized_start=2399
+  _globals['_JOBRESULT']._serialized_end=2965
+  _globals['_JOBRESULT_OUTCOME']._serialized_start=2779
+  _globals['_JOBRESULT_OUTCOME']._serialized_end=2886
+  _globals['_CREATEJOBREQUEST']._serialized_start=2967
+  _globals['_CREATEJOBREQUEST']._serialized_end=3064
+  _globals['_GETJOBREQUEST']._serialized_start=3066
+  _globals['_GETJOBREQUEST']._serialized_end=3095
+  _globals['_LISTJOBSREQUEST']._serialized_start=3097
+  _globals['_LISTJOBSREQUEST']._serialized_end=3192
+  _globals['_LISTJOBSRESPONSE']._serialized_start=3194
+  _globals['_LISTJOBSRESPONSE']._serialized_end=3269
+  _globals['_CANCELJOBREQUEST']._serialized_start=3271
+  _globals['_CANCELJOBREQUEST']._serialized_end=3303
+  _globals['_WATCHJOBREQUEST']._serialized_start=3305
+  _globals['_WATCHJOBREQUEST']._serialized_end=3336
+  _globals['_PLANPRUNINGREQUEST']._serialized_start=3338
+  _globals['_PLANPRUNINGREQUEST']._serialized_end=3420
+  _globals['_CHANNELGROUP']._serialized_start=3422
+  _globals['_CHANNELGROUP']._serialized_end=3549
+  _globals['_PLANPRUNINGRESPONSE']._serialized_start=3552
+  _globals['_PLANPRUNINGRESPONSE']._serialized_end=3743
+  _globals['_PRUNINGSERVICE']._serialized_start=3939
+  _globals['_PRUNINGSERVICE']._serialized_end=4352
 # @@protoc_insertion_point(module_scope)

@@ -15,48 +15,50 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Criterion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CRITERION_UNSPECIFIED: _ClassVar[Criterion]
-    BN_SCALE: _ClassVar[Criterion]
-    L1: _ClassVar[Criterion]
-    L2: _ClassVar[Criterion]
-    RANDOM: _ClassVar[Criterion]
+    CRITERION_BN_SCALE: _ClassVar[Criterion]
+    CRITERION_L1: _ClassVar[Criterion]
+    CRITERION_L2: _ClassVar[Criterion]
+    CRITERION_RANDOM: _ClassVar[Criterion]
 
 class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SCOPE_UNSPECIFIED: _ClassVar[Scope]
-    GLOBAL: _ClassVar[Scope]
-    LAYERWISE: _ClassVar[Scope]
+    SCOPE_GLOBAL: _ClassVar[Scope]
+    SCOPE_LAYERWISE: _ClassVar[Scope]
 CRITERION_UNSPECIFIED: Criterion
-BN_SCALE: Criterion
-L1: Criterion
-L2: Criterion
-RANDOM: Criterion
+CRITERION_BN_SCALE: Criterion
+CRITERION_L1: Criterion
+CRITERION_L2: Criterion
+CRITERION_RANDOM: Criterion
 SCOPE_UNSPECIFIED: Scope
-GLOBAL: Scope
-LAYERWISE: Scope
+SCOPE_GLOBAL: Scope
+SCOPE_LAYERWISE: Scope
 
 class PruningSpec(_message.Message):
-    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "min_channels", "exclude", "no_reload", "seed", "round_to_auto")
+    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation")
     RATIO_FIELD_NUMBER: _ClassVar[int]
     RATIOS_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     ROUND_TO_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TO_AUTO_FIELD_NUMBER: _ClassVar[int]
     MIN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
-    NO_RELOAD_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
-    ROUND_TO_AUTO_FIELD_NUMBER: _ClassVar[int]
+    BIAS_COMPENSATION_FIELD_NUMBER: _ClassVar[int]
     ratio: float
     ratios: _containers.RepeatedScalarFieldContainer[float]
     criterion: Criterion
     scope: Scope
     round_to: int
+    round_to_auto: bool
     min_channels: int
     exclude: _containers.RepeatedScalarFieldContainer[str]
-    no_reload: bool
+    reload_weights: bool
     seed: int
-    round_to_auto: bool
-    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., no_reload: _Optional[bool] = ..., seed: _Optional[int] = ..., round_to_auto: _Optional[bool] = ...) -> None: ...
+    bias_compensation: bool
+    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps")
@@ -101,37 +103,37 @@ class Job(_message.Message):
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Job.State]
-        QUEUED: _ClassVar[Job.State]
-        RUNNING: _ClassVar[Job.State]
-        SUCCEEDED: _ClassVar[Job.State]
-        FAILED: _ClassVar[Job.State]
-        CANCELLED: _ClassVar[Job.State]
+        STATE_QUEUED: _ClassVar[Job.State]
+        STATE_RUNNING: _ClassVar[Job.State]
+        STATE_SUCCEEDED: _ClassVar[Job.State]
+        STATE_FAILED: _ClassVar[Job.State]
+        STATE_CANCELLED: _ClassVar[Job.State]
     STATE_UNSPECIFIED: Job.State
-    QUEUED: Job.State
-    RUNNING: Job.State
-    SUCCEEDED: Job.State
-    FAILED: Job.State
-    CANCELLED: Job.State
+    STATE_QUEUED: Job.State
+    STATE_RUNNING: Job.State
+    STATE_SUCCEEDED: Job.State
+    STATE_FAILED: Job.State
+    STATE_CANCELLED: Job.State
     class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STAGE_UNSPECIFIED: _ClassVar[Job.Stage]
-        FETCHING: _ClassVar[Job.Stage]
-        ANALYZING: _ClassVar[Job.Stage]
-        SCORING: _ClassVar[Job.Stage]
-        REBUILDING: _ClassVar[Job.Stage]
-        FINE_TUNING: _ClassVar[Job.Stage]
-        EVALUATING: _ClassVar[Job.Stage]
-        MEASURING: _ClassVar[Job.Stage]
-        EXPORTING: _ClassVar[Job.Stage]
+        STAGE_FETCHING: _ClassVar[Job.Stage]
+        STAGE_ANALYZING: _ClassVar[Job.Stage]
+        STAGE_SCORING: _ClassVar[Job.Stage]
+        STAGE_REBUILDING: _ClassVar[Job.Stage]
+        STAGE_FINE_TUNING: _ClassVar[Job.Stage]
+        STAGE_EVALUATING: _ClassVar[Job.Stage]
+        STAGE_MEASURING: _ClassVar[Job.Stage]
+        STAGE_EXPORTING: _ClassVar[Job.Stage]
     STAGE_UNSPECIFIED: Job.Stage
-    FETCHING: Job.Stage
-    ANALYZING: Job.Stage
-    SCORING: Job.Stage
-    REBUILDING: Job.Stage
-    FINE_TUNING: Job.Stage
-    EVALUATING: Job.Stage
-    MEASURING: Job.Stage
-    EXPORTING: Job.Stage
+    STAGE_FETCHING: Job.Stage
+    STAGE_ANALYZING: Job.Stage
+    STAGE_SCORING: Job.Stage
+    STAGE_REBUILDING: Job.Stage
+    STAGE_FINE_TUNING: Job.Stage
+    STAGE_EVALUATING: Job.Stage
+    STAGE_MEASURING: Job.Stage
+    STAGE_EXPORTING: Job.Stage
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -163,7 +165,7 @@ class Job(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., stage: _Optional[_Union[Job.Stage, str]] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("params", "weight_bytes", "flops", "peak_memory_bytes", "train_step_seconds", "train_step_p90_seconds", "latency_batch1_seconds", "latency_batch_seconds", "accuracy", "how")
+    __slots__ = ("params", "weight_bytes", "flops", "peak_memory_bytes", "train_step_seconds", "train_step_p90_seconds", "latency_batch1_seconds", "latency_batch_seconds", "accuracy", "how", "train_step_p10_seconds")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +176,7 @@ class Metrics(_message.Message):
     LATENCY_BATCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     HOW_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_STEP_P10_SECONDS_FIELD_NUMBER: _ClassVar[int]
     params: int
     weight_bytes: int
     flops: int
@@ -184,7 +187,8 @@ class Metrics(_message.Message):
     latency_batch_seconds: float
     accuracy: float
     how: _struct_pb2.Struct
-    def __init__(self, params: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., train_step_seconds: _Optional[float] = ..., train_step_p90_seconds: _Optional[float] = ..., latency_batch1_seconds: _Optional[float] = ..., latency_batch_seconds: _Optional[float] = ..., accuracy: _Optional[float] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    train_step_p10_seconds: float
+    def __init__(self, params: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., train_step_seconds: _Optional[float] = ..., train_step_p90_seconds: _Optional[float] = ..., latency_batch1_seconds: _Optional[float] = ..., latency_batch_seconds: _Optional[float] = ..., accuracy: _Optional[float] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., train_step_p10_seconds: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("ratio", "metrics", "accuracy_drop", "plan")
@@ -199,7 +203,21 @@ class Candidate(_message.Message):
     def __init__(self, ratio: _Optional[float] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., accuracy_drop: _Optional[float] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision")
+    __slots__ = ("outcome", "max_accuracy_drop", "best_ratio", "best_accuracy_drop", "output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision")
+    class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OUTCOME_UNSPECIFIED: _ClassVar[JobResult.Outcome]
+        OUTCOME_PUBLISHED: _ClassVar[JobResult.Outcome]
+        OUTCOME_GATE_FAILED: _ClassVar[JobResult.Outcome]
+        OUTCOME_CURVES_ONLY: _ClassVar[JobResult.Outcome]
+    OUTCOME_UNSPECIFIED: JobResult.Outcome
+    OUTCOME_PUBLISHED: JobResult.Outcome
+    OUTCOME_GATE_FAILED: JobResult.Outcome
+    OUTCOME_CURVES_ONLY: JobResult.Outcome
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    BEST_RATIO_FIELD_NUMBER: _ClassVar[int]
+    BEST_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_URI_FIELD_NUMBER: _ClassVar[int]
     ORIGINAL_FIELD_NUMBER: _ClassVar[int]
     PRUNED_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +225,10 @@ class JobResult(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SELECTED_RATIO_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    outcome: JobResult.Outcome
+    max_accuracy_drop: float
+    best_ratio: float
+    best_accuracy_drop: float
     output_uri: str
     original: Metrics
     pruned: Metrics
@@ -214,7 +236,7 @@ class JobResult(_message.Message):
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     selected_ratio: float
     decision: str
-    def __init__(self, output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
+    def __init__(self, outcome: _Optional[_Union[JobResult.Outcome, str]] = ..., max_accuracy_drop: _Optional[float] = ..., best_ratio: _Optional[float] = ..., best_accuracy_drop: _Optional[float] = ..., output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec", "request_id", "validate_only")
