@@ -6,18 +6,28 @@
         job = c.prune("gs://b/model.keras", "gs://b/served", {"ratio": 0.3, "epochs": 3})
         print(job.state, job.result.output_uri)
 
-Unary calls carry the deadline ``timeout`` and are retried with exponential
-backoff and jitter on UNAVAILABLE (and, for the idempotent reads ``get`` and
-``list``, on DEADLINE_EXCEEDED). ``create`` always sends a ``request_id``, so a
-retried create returns the job the first attempt made. ``watch`` re-opens a
-stream that breaks with UNAVAILABLE. Every error surfaces as ``ClientError``
-with the status code, the details and the ``google.rpc.BadRequest`` field
-violations the server attached. Imports grpc and protobuf only.
+Unary calls carry the deadline ``timeout`` (for all their attempts
+together) and are retried on UNAVAILABLE by gRPC itself: the channel's
+service config holds a ``retryPolicy`` (``retries`` + 1 attempts, gRPC caps
+them at 5; exponential backoff from ``backoff`` seconds, with gRPC's jitter).
+Every unary method is idempotent as this client calls it: reads and
+``cancel`` by nature, and ``create`` because it always sends a ``request_id``
+(a fresh one when the caller gives none), so a retried create returns the job
+the first attempt made instead of making another. Other codes, a deadline
+included, are never retried. A ``channel`` passed in keeps its own
+configuration (no retries unless it has some).
+
+``watch`` re-opens a stream that breaks with UNAVAILABLE and resumes it,
+which gRPC's retries cannot do for a stream that has already delivered
+messages. Every error surfaces as ``ClientError`` with the status code, the
+details and the ``google.rpc.BadRequest`` field violations the server
+attached. Imports grpc and protobuf only.
 """
 
 from __future__ import annotations
 
 import builtins
+import json
 import random
 import time
 import uuid
@@ -35,6 +45,11 @@ TERMINAL_STATES = frozenset(
     {pruning_pb2.Job.STATE_SUCCEEDED, pruning_pb2.Job.STATE_FAILED, pruning_pb2.Job.STATE_CANCELLED}
 )
 MAX_BACKOFF_SECONDS = 10.0
+#: gRPC refuses a retry policy of more attempts than this (and caps it here).
+MAX_GRPC_ATTEMPTS = 5
+SERVICE = "secateur.v1.PruningService"
+#: The unary methods; each is safe to retry (see the module docstring).
+RETRIED_METHODS = ("CreateJob", "GetJob", "ListJobs", "CancelJob", "PlanPruning")
 # Plans and sweep results travel as Structs; leave room above gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 64 * 2**20
 
@@ -63,6 +78,21 @@ def parse_state(state: str | int | None) -> int:
     if isinstance(state, int):
         return state
     return enums.from_short_name(pruning_pb2.Job.State, state)
+
+
+def service_config(retries: int, backoff: float) -> str:
+    """The channel's service config: a retry policy on UNAVAILABLE for the unary methods."""
+    policy = {
+        "maxAttempts": max(min(retries + 1, MAX_GRPC_ATTEMPTS), 2),
+        # gRPC requires > 0; below 10 ms its backoff timer misbehaves (a call
+        # then waits for its deadline).
+        "initialBackoff": f"{max(backoff, 0.01):.3f}s",
+        "maxBackoff": f"{MAX_BACKOFF_SECONDS:g}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    methods = [{"service": SERVICE, "method": m} for m in RETRIED_METHODS]
+    return json.dumps({"methodConfig": [{"name": methods, "retryPolicy": policy}]})
 
 
 def violations_from_status(status: Any) -> builtins.list[tuple[str, str]]:
@@ -151,10 +181,15 @@ class PruningClient:
         self._sleep: Callable[[float], None] = time.sleep  # tests replace it
         self._owns_channel = channel is None
         if channel is None:
-            options = [
+            options: list[tuple[str, Any]] = [
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ]
+            if retries > 0:
+                options += [
+                    ("grpc.enable_retries", 1),
+                    ("grpc.service_config", service_config(retries, backoff)),
+                ]
             if tls or root_certificates or certificate_chain or private_key:
                 creds = grpc.ssl_channel_credentials(
                     root_certificates, private_key, certificate_chain
@@ -172,23 +207,16 @@ class PruningClient:
         d = min(self.backoff * 2**attempt, MAX_BACKOFF_SECONDS)
         return random.uniform(d / 2, d)
 
-    def _call(
-        self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None
-    ) -> Any:
-        retry_on = {grpc.StatusCode.UNAVAILABLE}
-        if idempotent:
-            retry_on.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+    def _call(self, method: str, request: Any) -> Any:
+        """One unary call; gRPC retries it on UNAVAILABLE (see the module docstring)."""
         rpc = getattr(self._stub, method)
-        attempt = 0
-        while True:
-            try:
-                return rpc(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                if code not in retry_on or attempt >= self.retries:
-                    raise ClientError.from_rpc_error(exc, method, attempt + 1) from None
-            self._sleep(self._delay(attempt))
-            attempt += 1
+        try:
+            return rpc(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            retried = code == grpc.StatusCode.UNAVAILABLE and self._owns_channel
+            attempts = min(self.retries + 1, MAX_GRPC_ATTEMPTS) if retried else 1
+            raise ClientError.from_rpc_error(exc, method, attempts) from None
 
     # -- the API ----------------------------------------------------------
 
@@ -247,7 +275,7 @@ class PruningClient:
 
     def get(self, name: str) -> pruning_pb2.Job:
         request = pruning_pb2.GetJobRequest(name=job_name(name))
-        return self._call("GetJob", request, idempotent=True)
+        return self._call("GetJob", request)
 
     def list(
         self, state: str | int | None = None, page_size: int = 50
@@ -258,7 +286,7 @@ class PruningClient:
             state=parse_state(state),  # type: ignore[arg-type]
         )
         while True:
-            response = self._call("ListJobs", request, idempotent=True)
+            response = self._call("ListJobs", request)
             yield from response.jobs
             if not response.next_page_token:
                 return

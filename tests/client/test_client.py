@@ -1,13 +1,27 @@
-"""PruningClient against the in-memory fake server: retries, errors, streams, paging."""
+"""PruningClient: retries, errors, streams, paging.
+
+What the server says (codes, messages, field violations) is checked against a
+real server on loopback; the in-memory fake serves what a real one cannot do
+on demand (UNAVAILABLE on the n next calls, slow answers, broken streams,
+each job outcome).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
-from secateur.client.client import ClientError, PruningClient, job_name, parse_state
+from secateur.client.client import (
+    ClientError,
+    PruningClient,
+    job_name,
+    parse_state,
+    service_config,
+)
 from secateur.client.protospec import job_spec_from_options, report_from_job
 from secateur.v1 import pruning_pb2
 from tests.client.fake_server import FakePruningService, FakeServer
@@ -19,6 +33,16 @@ Job = pruning_pb2.Job
 def server() -> Iterator[FakeServer]:
     with FakeServer() as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Secateur server on loopback (no jobs run: the calls here are refused)."""
+    from secateur.server.service import BackgroundServer, ServerOptions
+
+    state = Path(tmp_path_factory.mktemp("client-real")) / "state"
+    with BackgroundServer(ServerOptions(state_dir=str(state), port=0)) as s:
+        yield s.target
 
 
 @pytest.fixture
@@ -62,7 +86,7 @@ def test_jobSpecFromOptions_mapsEveryField() -> None:
     assert (spec.model_uri, spec.output_uri, spec.version) == ("gs://b/m.keras", "gs://b/out", 4)
     assert p.ratio == 0.3 and list(p.ratios) == [0.1, 0.5]
     assert p.criterion == pruning_pb2.CRITERION_L1 and p.scope == pruning_pb2.SCOPE_LAYERWISE
-    assert (p.round_to, p.min_channels, p.seed, p.no_reload) == (8, 2, 7, True)
+    assert (p.round_to, p.min_channels, p.seed, p.reload_weights) == (8, 2, 7, False)
     assert list(p.exclude) == ["conv1", "fc"]
     assert (t.epochs, t.batch_size, t.learning_rate, t.measure_steps) == (3, 64, 0.02, 5)
     assert (t.train_data, t.eval_data, t.image_key, t.label_key, t.resize) == (
@@ -77,7 +101,8 @@ def test_jobSpecFromOptions_mapsEveryField() -> None:
 
 def test_jobSpecFromOptions_unsetStaysUnset_andBadValuesNameTheField() -> None:
     spec = job_spec_from_options("m", "o", {"ratio": None, "reload_weights": True})
-    assert not spec.HasField("max_accuracy_drop") and not spec.pruning.no_reload
+    assert not spec.HasField("max_accuracy_drop") and spec.pruning.reload_weights
+    assert not spec.pruning.HasField("ratio") and not spec.training.HasField("epochs")
     assert spec.pruning.criterion == pruning_pb2.CRITERION_UNSPECIFIED
     with pytest.raises(ValueError, match=r"criterion=.*'l3'"):
         job_spec_from_options("m", "o", {"criterion": "l3"})
@@ -85,6 +110,21 @@ def test_jobSpecFromOptions_unsetStaysUnset_andBadValuesNameTheField() -> None:
         job_spec_from_options("m", "o", {"round_to": 2.5})
     with pytest.raises(ValueError, match="ratoi"):
         job_spec_from_options("m", "o", {"ratoi": 0.1})
+    with pytest.raises(ValueError, match="resize must be true or false"):
+        job_spec_from_options("m", "o", {"resize": "yes"})
+
+
+def test_jobSpecFromOptions_roundingIsOneChoice_bothAtOnceRefused() -> None:
+    auto = job_spec_from_options("m", "o", {"round_to": "auto"}).pruning
+    assert auto.WhichOneof("rounding") == "round_to_auto" and auto.round_to_auto
+    eight = job_spec_from_options("m", "o", {"round_to": 8, "round_to_auto": False}).pruning
+    assert eight.WhichOneof("rounding") == "round_to" and eight.round_to == 8
+    for both in (
+        {"round_to": 8, "round_to_auto": True},
+        {"round_to": "auto", "round_to_auto": True},
+    ):
+        with pytest.raises(ValueError, match="round_to and round_to_auto are exclusive"):
+            job_spec_from_options("m", "o", both)
 
 
 def test_reportFromJob_matchesTheLocalReportShape(client: PruningClient) -> None:
@@ -124,18 +164,31 @@ def test_create_sameRequestId_returnsTheSameJob(client: PruningClient) -> None:
     assert other.name != first.name and other.request_id  # a generated id
 
 
+def test_serviceConfig_retriesUnavailableOnEveryUnaryMethod() -> None:
+    config = json.loads(service_config(retries=9, backoff=0.2))
+    (method_config,) = config["methodConfig"]
+    policy = method_config["retryPolicy"]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert policy["maxAttempts"] == 5 and policy["initialBackoff"] == "0.200s"  # gRPC's cap
+    methods = {n["method"] for n in method_config["name"]}
+    assert methods == {"CreateJob", "GetJob", "ListJobs", "CancelJob", "PlanPruning"}
+
+
 def test_create_retriesUnavailable_withTheSameRequestId(server: FakeServer) -> None:
     server.service.fail_next(2, "CreateJob")
-    delays: list[float] = []
     with PruningClient(server.target, backoff=0.01, retries=4) as c:
-        c._sleep = delays.append
         job = c.create(_spec())
     calls = [r for m, r, _ in server.service.calls if m == "CreateJob"]
     assert len(calls) == 3 and len({r.request_id for r in calls}) == 1
     assert job.request_id == calls[0].request_id
-    # exponential with jitter: attempt k sleeps in [b*2^k/2, b*2^k]
-    assert len(delays) == 2
-    assert 0.005 <= delays[0] <= 0.01 and 0.01 <= delays[1] <= 0.02
+
+
+def test_retriesZero_callsOnce(server: FakeServer) -> None:
+    server.service.fail_next(1, "GetJob")
+    with PruningClient(server.target, retries=0) as c, pytest.raises(ClientError) as info:
+        c.get("jobs/any")
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.attempts == 1
+    assert server.service.count("GetJob") == 1
 
 
 def test_unavailable_afterAllRetries_raisesWithTheAttempts(server: FakeServer) -> None:
@@ -149,17 +202,20 @@ def test_unavailable_afterAllRetries_raisesWithTheAttempts(server: FakeServer) -
     assert server.service.count("GetJob") == 3
 
 
-def test_invalidArgument_isNotRetried_andFieldViolationsParsed(
-    server: FakeServer, client: PruningClient
-) -> None:
-    with pytest.raises(ClientError) as info:
-        client.create(_spec(ratio=1.5))
+def test_invalidArgument_fieldViolationsParsed(real_server: str) -> None:
+    with PruningClient(real_server) as c, pytest.raises(ClientError) as info:
+        c.create(_spec(ratio=1.5))
     err = info.value
-    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.details == "invalid job spec"
-    assert err.field_violations == [
-        ("spec.pruning.ratio", "ratio must be in [0, 1). Received: ratio=1.5")
-    ]
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.attempts == 1
+    assert "Received: ratio=1.5" in err.details
+    assert [f for f, _ in err.field_violations] == ["spec.pruning.ratio"]
     assert "spec.pruning.ratio" in str(err)
+
+
+def test_invalidArgument_isNotRetried(server: FakeServer) -> None:
+    server.service.fail_next(1, "CreateJob", grpc.StatusCode.INVALID_ARGUMENT)
+    with PruningClient(server.target, retries=4) as c, pytest.raises(ClientError):
+        c.create(_spec())
     assert server.service.count("CreateJob") == 1
 
 
@@ -188,22 +244,23 @@ def test_token_sentAsBearerMetadata_onEveryCall() -> None:
     assert all(md.get("authorization") == "Bearer s3cret" for _, _, md in authed)
 
 
-def test_deadline_idempotentReadsRetried_createNot(server: FakeServer) -> None:
+def test_deadline_boundsAllAttempts_andIsNotRetried(server: FakeServer) -> None:
     server.service.delays = {"GetJob": 0.3, "CreateJob": 0.3}
-    with PruningClient(server.target, timeout=0.05, retries=1, backoff=0.0) as c:
+    with PruningClient(server.target, timeout=0.05, retries=3, backoff=0.0) as c:
         with pytest.raises(ClientError) as info:
             c.get("jobs/x")
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         with pytest.raises(ClientError) as info:
             c.create(_spec())
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert server.service.count("GetJob") == 2 and server.service.count("CreateJob") == 1
+    assert server.service.count("GetJob") == 1 and server.service.count("CreateJob") == 1
 
 
-def test_notFound_isAClientError(client: PruningClient) -> None:
-    with pytest.raises(ClientError) as info:
-        client.get("nope")
-    assert info.value.code == grpc.StatusCode.NOT_FOUND and "jobs/nope" in info.value.details
+def test_notFound_isAClientError(real_server: str) -> None:
+    with PruningClient(real_server) as c, pytest.raises(ClientError) as info:
+        c.get("nope")
+    err = info.value
+    assert err.code == grpc.StatusCode.NOT_FOUND and err.details.endswith("Received: 'jobs/nope'")
 
 
 def test_list_followsPages_newestFirst_andFiltersByState(client: PruningClient) -> None:
