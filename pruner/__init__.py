@@ -27,7 +27,7 @@ _EXPORTS = {
     "SecateurError": "errors",
     "UnsupportedModelError": "errors",
     "ChannelGraph": "graph",
-    "analyze": "graph",
+    "analyze": "tracing",
     "register_handler": "handlers",
     "supported_layers": "handlers",
     "GroupPlan": "plan",
@@ -87,8 +87,9 @@ if TYPE_CHECKING:
         SecateurError,
         UnsupportedModelError,
     )
-    from secateur.pruner.graph import ChannelGraph, analyze
+    from secateur.pruner.graph import ChannelGraph
     from secateur.pruner.handlers import register_handler, supported_layers
     from secateur.pruner.plan import GroupPlan, Member, PruningPlan, make_plan
     from secateur.pruner.spec import CRITERIA, SCOPES, PruneSpec
     from secateur.pruner.surgery import apply_plan
+    from secateur.pruner.tracing import analyze

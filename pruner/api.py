@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from secateur.pruner.graph import analyze
 from secateur.pruner.plan import PruningPlan, make_plan
 from secateur.pruner.spec import PruneSpec
 from secateur.pruner.surgery import apply_plan
+from secateur.pruner.tracing import analyze
 
 
 @dataclass(frozen=True)

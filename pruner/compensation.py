@@ -85,7 +85,7 @@ def fold(
 
     Args:
         graph: the traced model.
-        trace: from :func:`secateur.pruner.constants.trace_constants`.
+        trace: from :func:`secateur.pruner.constant_tracing.trace_constants`.
         kept: space id -> kept channel indices.
         weights: returns a layer's weight ``(path, index)`` as numpy.
 

@@ -2,9 +2,9 @@
 
 A removed channel is not always silent: a filter and bias of zero followed
 by ``sigmoid`` outputs 0.5 everywhere, a BatchNorm with gamma 0 outputs its
-beta. :func:`trace_constants` walks the model once and gives every tensor a
-per-channel :class:`State`: a mean, a spread and whether the value is known
-without data.
+beta. :func:`constant_tracing.trace_constants` walks the model once and
+gives every tensor a per-channel :class:`State`: a mean, a spread and whether
+the value is known without data.
 
 - *Exact* constants (spread 0) come from producers whose filter is zero
   (the output is the bias) and BatchNorms whose gamma is zero (beta).
@@ -24,14 +24,14 @@ into its bias.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from secateur.pruner._keras import keras
-from secateur.pruner.graph import ChannelGraph, functional_of, is_graph_model
+from secateur.pruner.graph import ChannelGraph
 from secateur.pruner.layout import Layout
 
 WeightGetter = Callable[[str, int], np.ndarray]
@@ -158,58 +158,9 @@ def register_rule(*classes: type) -> Callable[[Rule], Rule]:
     return deco
 
 
-def trace_constants(model: Any, graph: ChannelGraph, weights: WeightGetter) -> ConstantTrace:
-    """Walk ``model`` (already traced into ``graph``) propagating channel states.
-
-    Args:
-        model: the functional or Sequential model ``graph`` was traced from.
-        graph: its :class:`ChannelGraph` (for tensor layouts).
-        weights: returns a layer's weight ``(path, index)`` as numpy.
-
-    Returns:
-        Every foldable consumer input and every place a constant is lost.
-    """
-    from secateur.pruner import constant_rules  # noqa: F401  (registers the rules)
-
-    fn = functional_of(model)
-    trace = ConstantTrace()
-    ins = [State.unknown(channels(t)) for t in fn.inputs]
-    _walk(trace, graph, weights, fn, "", ins)
-    return trace
-
-
-def _walk(
-    trace: ConstantTrace,
-    graph: ChannelGraph,
-    weights: WeightGetter,
-    fn: Any,
-    prefix: str,
-    in_states: Sequence[State],
-) -> list[State]:
-    states: dict[int, State] = {id(t): s for t, s in zip(fn.inputs, in_states)}
-    for depth in sorted(fn._nodes_by_depth, reverse=True):
-        for node in fn._nodes_by_depth[depth]:
-            if node.is_input or node.operation is None:
-                continue
-            ins = [states[id(t)] for t in node.input_tensors]
-            op = node.operation
-            if is_graph_model(op):
-                outs = _walk(trace, graph, weights, functional_of(op), prefix + op.name + "/", ins)
-            else:
-                outs = _call(Ctx(trace, graph, weights, op, prefix + op.name, node, ins))
-            for t, s in zip(node.outputs, outs):
-                states[id(t)] = s
-    return [states[id(t)] for t in fn.outputs]
-
-
-def _call(ctx: Ctx) -> list[State]:
-    rule = _RULES.get(type(ctx.layer))
-    outs = rule(ctx) if rule is not None else None
-    if outs is None:
-        for i, st in enumerate(ctx.ins):
-            ctx.lose(i, st.live_constant)
-        outs = [State.unknown(channels(t)) for t in ctx.node.outputs]
-    return outs
+def rule_for(layer: Any) -> Rule | None:
+    """The propagation rule registered for ``layer``'s exact class, if any."""
+    return _RULES.get(type(layer))
 
 
 def channels(tensor: Any) -> int:

@@ -1,9 +1,10 @@
-"""Trace a Keras functional graph into channel groups.
+"""The channel graph: channel spaces, weight axes and the groups they form.
 
 Every tensor's channel axis (the last one; channels_last) gets a layout over
-channel *spaces* (see :mod:`layout`). Layer handlers, registered by exact
-layer class in :mod:`handlers`, say how a layer's outputs relate to its inputs
-and which weight axes follow which layout. Spaces that must lose the same
+channel *spaces* (see :mod:`layout`). :mod:`tracing` walks a model and asks
+the layer handlers, registered by exact layer class in :mod:`handlers`, how
+each layer's outputs relate to its inputs and which weight axes follow which
+layout. Spaces that must lose the same
 channels (the two inputs of an Add, a shared layer's calls) are merged with a
 union-find; each resulting class is a *group*. Anything the tracer cannot
 prove safe freezes the spaces it touches, with the reason recorded.
@@ -18,8 +19,6 @@ from typing import Any
 import numpy as np
 
 from secateur.pruner import layout as lay
-from secateur.pruner._keras import keras
-from secateur.pruner.errors import UnsupportedModelError
 from secateur.pruner.layout import Layout, Seg
 
 # Roles of weight axes. The first set carries a channel's own parameters:
@@ -284,93 +283,3 @@ def _same_structure(a: Layout, b: Layout) -> bool:
         elif x.k != y.k or not _same_structure(x.layout, y.layout):  # type: ignore[union-attr]
             return False
     return True
-
-
-# -- tracing ---------------------------------------------------------------
-
-
-def functional_of(model: Any) -> Any:
-    """The functional graph behind a Functional or built Sequential model.
-
-    Raises:
-        UnsupportedModelError: subclassed models, unbuilt Sequentials.
-    """
-    if isinstance(model, keras.Sequential):
-        fn = getattr(model, "_functional", None)
-        if fn is None:
-            raise UnsupportedModelError(
-                "A Sequential model must be built with a known input shape "
-                "(start it with keras.Input) before it can be pruned. "
-                f"Received: unbuilt Sequential '{model.name}'"
-            )
-        return fn
-    if isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth"):
-        return model
-    raise UnsupportedModelError(
-        "Only functional and Sequential Keras models can be traced; a "
-        "subclassed model's call() is Python code whose channel flow cannot be "
-        "read. Rebuild it with the functional API. "
-        f"Received: {type(model).__module__}.{type(model).__name__}"
-    )
-
-
-def is_graph_model(obj: Any) -> bool:
-    return isinstance(obj, keras.Sequential) or (
-        isinstance(obj, keras.Model) and hasattr(obj, "_nodes_by_depth")
-    )
-
-
-def analyze(model: Any) -> ChannelGraph:
-    """Trace ``model`` into a :class:`ChannelGraph`.
-
-    Args:
-        model: a functional or Sequential ``keras.Model``.
-
-    Returns:
-        The traced graph; ``graph.groups()`` lists the channel groups.
-
-    Raises:
-        UnsupportedModelError: the model is not a traceable graph model.
-    """
-    from secateur.pruner.handlers import trace_node  # registry imports graph
-
-    fn = functional_of(model)
-    graph = ChannelGraph()
-    inputs = [
-        graph.new_space(
-            _last_dim(t), f"input:{t._keras_history[0].name}", frozen="touches model input"
-        )
-        for t in fn.inputs
-    ]
-    outputs = trace_functional(graph, fn, "", inputs, trace_node)
-    for out in outputs:
-        graph.freeze(out, "touches model output")
-    return graph
-
-
-def trace_functional(
-    graph: ChannelGraph,
-    fn: Any,
-    prefix: str,
-    in_layouts: Sequence[Layout],
-    trace_node: Callable[..., list[Layout]],
-) -> list[Layout]:
-    """Walk ``fn``'s nodes in topological order, returning output layouts."""
-    tensors: dict[int, Layout] = {id(t): lo for t, lo in zip(fn.inputs, in_layouts)}
-    for depth in sorted(fn._nodes_by_depth, reverse=True):
-        for node in fn._nodes_by_depth[depth]:
-            if node.is_input or node.operation is None:
-                continue
-            ins = [tensors[id(t)] for t in node.input_tensors]
-            outs = trace_node(graph, node, prefix, ins)
-            for t, lo in zip(node.outputs, outs):
-                tensors[id(t)] = lo
-    graph.tensor_layouts.update(tensors)
-    return [tensors[id(t)] for t in fn.outputs]
-
-
-def _last_dim(tensor: Any) -> int | None:
-    shape = tensor.shape
-    if len(shape) < 2:
-        return None
-    return shape[-1]

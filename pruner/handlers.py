@@ -16,14 +16,7 @@ from typing import Any
 import numpy as np
 
 from secateur.pruner._keras import keras
-from secateur.pruner.graph import (
-    ChannelGraph,
-    ConfigEdit,
-    FlopTerm,
-    WeightAxis,
-    is_graph_model,
-    trace_functional,
-)
+from secateur.pruner.graph import ChannelGraph, ConfigEdit, FlopTerm, WeightAxis
 from secateur.pruner.layout import Inner, Layout, Rep
 
 L = keras.layers
@@ -95,6 +88,11 @@ def register_handler(*classes: type) -> Callable[[Handler], Handler]:
     return deco
 
 
+def handler_for(layer: Any) -> Handler | None:
+    """The handler registered for ``layer``'s exact class, if any."""
+    return _REGISTRY.get(type(layer))
+
+
 def supported_layers() -> list[str]:
     """Names of every registered layer/operation class."""
     return sorted(f"{c.__module__}.{c.__name__}" for c in _REGISTRY)
@@ -109,61 +107,6 @@ def _weight_index(layer: Any, var: Any) -> int:
 
 def _prod(dims: Any) -> int:
     return int(np.prod([int(d) for d in dims])) if len(dims) else 1
-
-
-# -- dispatch --------------------------------------------------------------
-
-
-def trace_node(graph: ChannelGraph, node: Any, prefix: str, ins: list[Layout]) -> list[Layout]:
-    """Trace one node; the entry point :func:`graph.analyze` uses."""
-    op = node.operation
-    path = prefix + op.name
-    if is_graph_model(op):
-        from secateur.pruner.graph import functional_of
-
-        inner = functional_of(op)
-        for t, lo in zip(inner.inputs, ins):
-            # The nested model's InputLayer is built with the channel count.
-            input_layer = t._keras_history[0]
-            graph.add_edit(ConfigEdit(path + "/" + input_layer.name, "batch_shape", lo, "last_dim"))
-        graph.add_edit(ConfigEdit(path, "build_input_shape", ins[0], "last_dim"))
-        return trace_functional(graph, inner, path + "/", ins, trace_node)
-    if getattr(op, "weights", None):
-        graph.layers.setdefault(path, op)
-    call = Call(
-        graph,
-        op,
-        path,
-        ins,
-        [tuple(t.shape) for t in node.input_tensors],
-        [tuple(t.shape) for t in node.outputs],
-        node,
-    )
-    handler = _REGISTRY.get(type(op))
-    try:
-        if handler is None:
-            raise Unsupported("layer class is not in the registry")
-        if getattr(op, "dtype_policy", None) is not None and getattr(
-            op.dtype_policy, "quantization_mode", None
-        ):
-            raise Unsupported("quantized layers cannot be sliced")
-        return handler(call)
-    except Unsupported as exc:
-        return _freeze_call(call, str(exc))
-
-
-def _freeze_call(call: Call, why: str) -> list[Layout]:
-    cls = type(call.layer).__name__
-    reason = f"layer '{call.path}' ({cls}): {why}"
-    call.graph.unsupported.append((call.path, cls, why))
-    for lo in call.inputs:
-        call.graph.freeze(lo, reason)
-    outs = []
-    for i, shape in enumerate(call.out_shapes):
-        dim = shape[-1] if len(shape) >= 2 else None
-        outs.append(call.graph.memo_space(call.path, f"frozen{i}", dim, f"{call.path}:{i}"))
-        call.graph.freeze(outs[-1], reason)
-    return outs
 
 
 # -- producers -------------------------------------------------------------

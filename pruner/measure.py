@@ -28,7 +28,7 @@ import numpy as np
 from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.errors import CancelledError
 from secateur.pruner.finetune import Device, compile_for_training, evaluate
-from secateur.pruner.graph import analyze
+from secateur.pruner.tracing import analyze
 
 
 @dataclass

@@ -23,13 +23,15 @@ from secateur.pruner.compensation import (
     new_bias_params,
     new_biases,
 )
-from secateur.pruner.constants import ConstantTrace, WeightGetter, trace_constants
+from secateur.pruner.constant_tracing import trace_constants
+from secateur.pruner.constants import ConstantTrace, WeightGetter
 from secateur.pruner.errors import EmptyGroupError, InvalidSpecError, PlanError
-from secateur.pruner.graph import ChannelGraph, Group, analyze
+from secateur.pruner.graph import ChannelGraph, Group
 from secateur.pruner.hardware import detect_device_kind, resolve_round_to
 from secateur.pruner.layout import spaces as layout_spaces
 from secateur.pruner.scoring import GroupScore, score_group
 from secateur.pruner.spec import PruneSpec
+from secateur.pruner.tracing import analyze
 
 PLAN_VERSION = 1
 

@@ -24,10 +24,11 @@ from secateur.pruner.compensation import (
     fold,
     new_biases,
 )
-from secateur.pruner.constants import trace_constants
+from secateur.pruner.constant_tracing import trace_constants
 from secateur.pruner.errors import PlanMismatchError
-from secateur.pruner.graph import ChannelGraph, ConfigEdit, analyze
+from secateur.pruner.graph import ChannelGraph, ConfigEdit
 from secateur.pruner.plan import PruningPlan, keep_function
+from secateur.pruner.tracing import analyze
 
 KeptFn = Callable[[int], np.ndarray]
 

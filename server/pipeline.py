@@ -207,7 +207,7 @@ class PruneJob:
 
         self._enter("ANALYZING", "loading the model")
         from secateur.pruner.finetune import select_device
-        from secateur.pruner.graph import analyze
+        from secateur.pruner.tracing import analyze
         from secateur.pruner.modelio import load_model
 
         with user_paths(self.names, fallback=req.model_uri):  # conversions' temporary files

@@ -10,6 +10,7 @@ happens to load.
 from __future__ import annotations
 
 import ast
+import graphlib
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -144,6 +145,39 @@ def test_the_scan_sees_function_level_and_relative_imports(tmp_path: Path) -> No
     assert ("secateur.cli.render", True) in imports
     client = {i.module for i in _imports(ROOT / "client" / "client.py")}
     assert "secateur.client.protospec" in client  # `from .protospec import ...`
+
+
+def _module_graph(folder: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports, from the AST.
+
+    Every import counts, function-level and TYPE_CHECKING ones included: an
+    import deferred into a function to dodge a cycle is still a cycle.
+    ``from secateur.pruner import layout`` depends on ``layout``, not on the
+    package's ``__init__`` (which Python loads first for any submodule).
+    """
+    modules = {_module_name(p): p for p in _modules(folder)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(node, path)
+                subs = (f"{base}.{a.name}" for a in node.names)
+                deps.update(sub if sub in modules else base for sub in subs)
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def test_pruner_modules_import_each_other_without_cycles() -> None:
+    graph = _module_graph("pruner")
+    # The scan sees the real layering: tracing sits above graph and handlers.
+    assert {"secateur.pruner.graph", "secateur.pruner.handlers"} <= graph["secateur.pruner.tracing"]
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        pytest.fail("pruner/ modules import each other in a cycle: " + " -> ".join(exc.args[1]))
 
 
 def _loaded_after(code: str) -> list[str]:

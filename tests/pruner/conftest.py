@@ -13,10 +13,11 @@ import keras
 import numpy as np
 import pytest
 
-from secateur.pruner.graph import PRODUCER_ROLES, analyze
+from secateur.pruner.graph import PRODUCER_ROLES
 from secateur.pruner.layout import kept_positions
 from secateur.pruner.models import vgg16_bn
 from secateur.pruner.plan import PruningPlan, keep_function
+from secateur.pruner.tracing import analyze
 
 layers = keras.layers
 
