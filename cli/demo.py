@@ -90,7 +90,9 @@ def run_demo(
     spec = pb.JobSpec(
         model_uri=model_path,
         output_uri=os.path.join(cfg.workdir, "served"),
-        pruning=pb.PruningSpec(ratios=list(cfg.ratios), criterion=pb.CRITERION_BN_SCALE, scope=pb.SCOPE_GLOBAL),
+        pruning=pb.PruningSpec(
+            ratios=list(cfg.ratios), criterion=pb.CRITERION_BN_SCALE, scope=pb.SCOPE_GLOBAL
+        ),
         training=pb.TrainingSpec(
             epochs=cfg.finetune_epochs,
             batch_size=cfg.batch_size,

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from secateur.cli.options import DATA_FIELDS, SPEC_FIELDS, TRAIN_FIELDS, merged_options
+from secateur.cli.options import job_spec
 from secateur.cli.outcome import (
     EXIT_BAD_INPUT,
     EXIT_CANCELLED,
@@ -33,38 +33,22 @@ def _quiet_tensorflow() -> None:
 
 
 def build_request(args: argparse.Namespace) -> Any:
-    """The pipeline's JobRequest from parsed arguments (imports the pruner)."""
-    from secateur.pruner.data import DataSpec
-    from secateur.pruner.finetune import TrainConfig
-    from secateur.pruner.measure import MeasureConfig
-    from secateur.pruner.spec import PruneSpec
-    from secateur.server.pipeline import JobRequest
+    """The pipeline's JobRequest: the JobSpec ``submit`` would send, converted
+    and checked by the server's own conversion (no TensorFlow).
 
-    opts = merged_options(args)
-    spec = PruneSpec.from_dict({k: opts[k] for k in SPEC_FIELDS if k in opts})
-    train = TrainConfig(**{k: opts[k] for k in TRAIN_FIELDS if k in opts})
-    data = DataSpec(**{k: opts[k] for k in DATA_FIELDS if k in opts})
-    measure = (
-        MeasureConfig(steps=opts["measure_steps"]) if opts.get("measure_steps") else MeasureConfig()
-    )
-    return JobRequest(
-        model_uri=args.model_uri,
-        output_uri=args.output_uri,
-        spec=spec,
-        ratios=tuple(opts.get("ratios") or ()),
-        train=train,
-        train_data=opts.get("train_data"),
-        eval_data=opts.get("eval_data"),
-        data=data,
-        max_accuracy_drop=opts.get("max_accuracy_drop"),
-        measure=measure,
-        version=opts.get("version"),
-    )
+    Raises:
+        ValueError: a flag or spec-file value of the wrong type.
+        ServiceError: INVALID_ARGUMENT naming the field (``spec.pruning.ratio``).
+    """
+    from secateur.server.convert import job_request
+
+    return job_request(job_spec(args))
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     from secateur.pruner.errors import CancelledError, SecateurError
+    from secateur.server.errors import ServiceError
     from secateur.server.pipeline import GateFailed, PruneJob
     from secateur.server.storage import Storage, StorageError
 
@@ -78,6 +62,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         code = EXIT_OK
     except GateFailed as gate:
         report, code = gate.report, EXIT_GATE
+    except ServiceError as exc:  # the request itself: the same check a server makes
+        bar.close()
+        print(f"secateur: error: {exc.message}", file=sys.stderr)
+        for field, description in exc.violations:
+            if description != exc.message:
+                print(f"  {field}: {description}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (SecateurError, StorageError, ValueError, OSError) as exc:
         bar.close()
         if isinstance(exc, CancelledError):

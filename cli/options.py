@@ -1,9 +1,18 @@
-"""The job options from the command line: ``--spec`` file values overridden by flags."""
+"""The job options from the command line: ``--spec`` file values overridden by flags.
+
+Flags and spec-file keys are the request schema's fields
+(:data:`secateur.client.schema.SPEC_FIELDS`, derived from the contract's
+``JobSpec``); ``prune`` and ``submit`` both turn them into the same
+``JobSpec`` with :func:`job_spec`.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from secateur.client.schema import KNOWN_OPTIONS, SPEC_FIELDS, job_spec_from_options
+from secateur.v1 import pruning_pb2
 
 
 def parse_ratios(text: str) -> tuple[float, ...]:
@@ -26,23 +35,81 @@ def parse_round_to(text: str) -> int | str:
         ) from None
 
 
-SPEC_FIELDS = (
-    "ratio",
-    "criterion",
-    "scope",
-    "round_to",
-    "min_channels",
-    "exclude",
-    "reload_weights",
-    "seed",
-)
-TRAIN_FIELDS = ("epochs", "batch_size", "learning_rate")
-DATA_FIELDS = ("image_key", "label_key", "resize")
-JOB_FIELDS = ("ratios", "train_data", "eval_data", "max_accuracy_drop", "measure_steps", "version")
+# Extra spellings of a few flags, kept for existing scripts (``--no-reload``).
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"reload_weights": ("--reload",)}
+_GROUPS = {
+    "pruning": "pruning spec (flags override --spec)",
+    "training": "fine-tuning, data and measurement",
+    "": "publishing",
+}
+# The two spellings of rounding: a flag for either replaces both file keys.
+_ROUNDING = ("round_to", "round_to_auto")
+
+
+class SpecHelpFormatter(argparse.HelpFormatter):
+    """Every spec flag's help ends with the library default an unset flag takes.
+
+    The defaults live in the pruner's dataclasses; they are read (through
+    the server's conversion table) only when help is printed, so building the
+    parser stays light.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action) or ""
+        path = getattr(action, "spec_path", None)
+        if path is None:
+            return text
+        from secateur.server.convert import defaults
+
+        return f"{text} (default: {_shown(defaults()[path])})".lstrip()
+
+
+def _shown(value: Any) -> str:
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace("%", "%%")
+
+
+def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per schema field (``--ratio`` ... ``--version``), plus ``--spec``.
+
+    Flags default to None (= not given): the spec file's value or, unset,
+    the library default, which the help shows (parsers that carry these
+    flags use :class:`SpecHelpFormatter`).
+    """
+    groups = {prefix: p.add_argument_group(title) for prefix, title in _GROUPS.items()}
+    groups["pruning"].add_argument(
+        "--spec", help="YAML or JSON file with any of the fields below (keys as the flags, _)"
+    )
+    for f in SPEC_FIELDS:
+        group = groups[f.path.split(".")[0] if "." in f.path else ""]
+        flags = [f.flag, *FLAG_ALIASES.get(f.key, ())]
+        kwargs: dict[str, Any] = {"dest": f.key, "default": None, "help": f.help}
+        if f.kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.repeated:
+            if f.kind is float:
+                kwargs.update(type=parse_ratios, metavar="R1,R2,...")
+            else:
+                kwargs.update(action="append", metavar=f.key.upper())
+        elif f.key == "round_to":
+            kwargs.update(type=parse_round_to, metavar="N|auto")
+        elif f.choices:
+            kwargs.update(type=str.lower, choices=f.choices)
+        else:
+            kwargs.update(type=f.kind, metavar=f.key.upper())
+        action = group.add_argument(*flags, **kwargs)
+        action.spec_path = f.path  # type: ignore[attr-defined]
 
 
 def load_spec_file(path: str) -> dict[str, Any]:
-    """Read a YAML/JSON spec file into a flat dict of known fields."""
+    """Read a YAML/JSON spec file into a flat dict of schema keys.
+
+    Raises:
+        ValueError: not a mapping, or an unknown key (the known ones listed).
+    """
     import yaml
 
     with open(path) as fh:
@@ -51,20 +118,30 @@ def load_spec_file(path: str) -> dict[str, Any]:
         raise ValueError(
             f"spec file must hold a mapping. Received: {type(data).__name__} in {path}"
         )
-    known = set(SPEC_FIELDS + TRAIN_FIELDS + DATA_FIELDS + JOB_FIELDS)
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - KNOWN_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown field(s) in {path}; known: {sorted(known)}. Received: {unknown}")
-    if "ratios" in data and isinstance(data["ratios"], str):
-        data["ratios"] = parse_ratios(data["ratios"])
+        raise ValueError(
+            f"unknown field(s) in {path}; known: {sorted(KNOWN_OPTIONS)}. Received: {unknown}"
+        )
     return data
 
 
 def merged_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Spec file values overridden by flags that were given."""
-    values = load_spec_file(args.spec) if args.spec else {}
-    for name in SPEC_FIELDS + TRAIN_FIELDS + DATA_FIELDS + JOB_FIELDS:
-        flag = getattr(args, name, None)
-        if flag is not None:
-            values[name] = flag
-    return values
+    """Spec file values overridden by the flags that were given (schema keys)."""
+    values = load_spec_file(args.spec) if getattr(args, "spec", None) else {}
+    flags = {
+        f.key: getattr(args, f.key) for f in SPEC_FIELDS if getattr(args, f.key, None) is not None
+    }
+    if any(k in flags for k in _ROUNDING):  # a rounding flag replaces the file's rounding
+        for key in _ROUNDING:
+            values.pop(key, None)
+    return values | flags
+
+
+def job_spec(args: argparse.Namespace) -> pruning_pb2.JobSpec:
+    """The JobSpec of a ``prune`` or ``submit`` command line: the same for both.
+
+    Raises:
+        ValueError: an unknown spec-file key or a value of the wrong type.
+    """
+    return job_spec_from_options(args.model_uri, args.output_uri, merged_options(args))

@@ -10,56 +10,11 @@ import argparse
 from typing import Any
 
 from secateur.cli import local, remote
-from secateur.cli.options import parse_ratios, parse_round_to
+from secateur.cli.options import SpecHelpFormatter, add_spec_arguments, parse_ratios
 from secateur.cli.outcome import EXIT_CODES_EPILOG
+from secateur.v1 import enums
 
-JOB_STATES = ["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
-
-
-def add_spec_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``prune`` and ``submit``; defaults live in the spec."""
-    g = p.add_argument_group("pruning spec (flags override --spec)")
-    g.add_argument("--spec", help="YAML or JSON file with any of the fields below")
-    g.add_argument("--ratio", type=float, help="fraction of prunable channels to remove [0, 1)")
-    g.add_argument(
-        "--ratios", type=parse_ratios, help="sweep: comma-separated ratios, one candidate each"
-    )
-    g.add_argument("--criterion", choices=["bn_scale", "l1", "l2", "random"])
-    g.add_argument("--scope", choices=["global", "layerwise"])
-    g.add_argument(
-        "--round-to",
-        type=parse_round_to,
-        dest="round_to",
-        help="kept channel counts are multiples of N; 'auto' = the device's layout multiple",
-    )
-    g.add_argument("--min-channels", type=int, dest="min_channels")
-    g.add_argument("--exclude", action="append", help="layer name to leave whole (repeatable)")
-    g.add_argument(
-        "--no-reload",
-        action="store_false",
-        dest="reload_weights",
-        default=None,
-        help="fresh initialisation instead of the original weights",
-    )
-    g.add_argument("--seed", type=int)
-    t = p.add_argument_group("fine-tuning and data")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int, dest="batch_size")
-    t.add_argument("--learning-rate", type=float, dest="learning_rate")
-    t.add_argument("--train-data", dest="train_data", help="TFRecord path, glob or gs:// pattern")
-    t.add_argument("--eval-data", dest="eval_data", help="TFRecord path, glob or gs:// pattern")
-    t.add_argument("--image-key", dest="image_key")
-    t.add_argument("--label-key", dest="label_key")
-    t.add_argument(
-        "--resize", action="store_true", default=None, help="resize images to the model input"
-    )
-    t.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        dest="max_accuracy_drop",
-        help="publish the largest ratio whose accuracy drop is within this (0.02 = 2 points)",
-    )
-    t.add_argument("--measure-steps", type=int, dest="measure_steps", help="timed steps per round")
+JOB_STATES = list(enums.STATES)
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,11 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_local_commands(sub: Any) -> None:
-    p = sub.add_parser("prune", help="prune, fine-tune, measure and publish locally (no server)")
+    p = sub.add_parser(
+        "prune",
+        help="prune, fine-tune, measure and publish locally (no server)",
+        formatter_class=SpecHelpFormatter,
+    )
     p.add_argument("model_uri", help=".keras/.h5 file or SavedModel dir: path, file:// or gs://")
     p.add_argument("output_uri", help="base URI; the model is written to OUTPUT_URI/<version>/")
     add_spec_arguments(p)
-    p.add_argument("--version", type=int, help="TF Serving version to write (default: next free)")
     p.add_argument("--report", help="write the JSON report here (and curves beside it for a sweep)")
     p.add_argument(
         "--allowed-uri-prefix",
@@ -139,11 +97,11 @@ def _add_submit(sub: Any) -> None:
         "submit",
         help="submit a pruning job to a server (--wait: follow it, exit by its outcome)",
         epilog=EXIT_CODES_EPILOG,
+        formatter_class=SpecHelpFormatter,
     )
     p.add_argument("model_uri", help=".keras/.h5 file or SavedModel dir, as the server sees it")
     p.add_argument("output_uri", help="base URI; the model is published to OUTPUT_URI/<version>/")
     add_spec_arguments(p)
-    p.add_argument("--version", type=int, help="TF Serving version to publish (default: next free)")
     p.add_argument(
         "--wait",
         action="store_true",

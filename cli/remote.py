@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from secateur.cli.options import merged_options
+from secateur.cli.options import job_spec
 from secateur.cli.outcome import (
     EXIT_BAD_INPUT,
     EXIT_CANCELLED,
@@ -23,7 +23,7 @@ from secateur.cli.outcome import (
 )
 from secateur.cli.render import ProgressBar, format_table, job_summary, jobs_table
 from secateur.cli.signals import sigterm_as_interrupt
-from secateur.v1 import pruning_pb2
+from secateur.v1 import enums, pruning_pb2
 
 if TYPE_CHECKING:
     from secateur.client.client import ClientError, PruningClient
@@ -134,7 +134,7 @@ def _wait_and_finish(client: PruningClient, name: str, args: argparse.Namespace)
         bar.close()
         if args.cancel_on_interrupt:
             job = client.cancel(name)
-            state = job.State.Name(job.state)
+            state = enums.short_name(pruning_pb2.Job.State, job.state)
             print(f"secateur: interrupted; cancelled {name} ({state})", file=sys.stderr)
         else:
             print(
@@ -169,9 +169,7 @@ def _remote(run: Any) -> Any:
 
 def _submit(client: PruningClient, args: argparse.Namespace) -> int:
     """Create a job from the spec flags; with --wait, follow it and exit by its outcome."""
-    from secateur.client.protospec import job_spec_from_options
-
-    spec = job_spec_from_options(args.model_uri, args.output_uri, merged_options(args))
+    spec = job_spec(args)  # the same JobSpec `secateur prune` converts locally
     job = client.create(spec, request_id=args.request_id, validate_only=args.validate_only)
     if args.validate_only:
         print(f"valid: the server would accept this job ({args.model_uri} -> {args.output_uri})")
@@ -206,8 +204,12 @@ def _cancel(client: PruningClient, args: argparse.Namespace) -> int:
     from secateur.client.client import is_terminal, job_name
 
     job = client.cancel(job_name(args.job))
-    state = pruning_pb2.Job.State.Name(job.state)
-    note = "" if job.state == pruning_pb2.Job.STATE_CANCELLED or not is_terminal(job) else " (had ended)"
+    state = enums.short_name(pruning_pb2.Job.State, job.state)
+    note = (
+        ""
+        if job.state == pruning_pb2.Job.STATE_CANCELLED or not is_terminal(job)
+        else " (had ended)"
+    )
     print(f"{job.name} {state}{note}")
     return EXIT_OK
 

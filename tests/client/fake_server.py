@@ -105,9 +105,14 @@ def result_for(spec: pruning_pb2.JobSpec, publish: bool) -> pruning_pb2.JobResul
         result.selected_ratio = best.ratio
         result.output_uri = f"{spec.output_uri}/{spec.version or 1}"
         result.decision = "single ratio, no accuracy gate: published"
+        result.outcome = pruning_pb2.JobResult.OUTCOME_PUBLISHED
     else:
         budget = spec.max_accuracy_drop if spec.HasField("max_accuracy_drop") else 0.0
         result.decision = f"no candidate within max_accuracy_drop={budget}; nothing published"
+        result.outcome = pruning_pb2.JobResult.OUTCOME_GATE_FAILED
+        result.max_accuracy_drop = budget
+        best = result.candidates[0]
+    result.best_ratio, result.best_accuracy_drop = best.ratio, best.accuracy_drop
     return result
 
 

@@ -96,7 +96,7 @@ def test_nodeCreateAndGet_jobRoundTripsAndPythonSeesIt(
     assert created["name"] == fetched["name"]
     assert created["name"].startswith("jobs/") and len(created["name"]) > len("jobs/")
     for job in (created, fetched):
-        assert job["state"] == "QUEUED"
+        assert job["state"] == "STATE_QUEUED"
         assert job["spec"]["model_uri"] == paths["model"]
         assert job["spec"]["output_uri"] == paths["out"]
         assert job["spec"]["pruning"]["ratio"] == pytest.approx(0.3)
