@@ -228,13 +228,18 @@ def make_dataset(
     kind = _inspect(files[0], names[0], spec)
     shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
     parse = _parser(spec, kind, shape)
-    for path, name in zip(files, names, strict=True):
+    count = sum(
         check_file(path, name, spec, kind, shape, num_classes, should_cancel)
+        for path, name in zip(files, names, strict=True)
+    )
     ds = tf.data.Dataset.from_tensor_slices(list(files))
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed)
     ds = ds.interleave(tf.data.TFRecordDataset, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    # The check counted the records: a known length lets Keras end each epoch
+    # on the count instead of running into the end ("input ran out of data").
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     if shuffle:
         ds = ds.shuffle(10 * batch_size, seed=seed)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -190,6 +190,7 @@ def finetune(
             epochs=config.epochs,
             steps_per_epoch=config.steps_per_epoch,
             callbacks=[hooks],
+            shuffle=False,  # the dataset shuffles itself (make_dataset); Keras would warn
             verbose=0,
         )
     if hooks.cancelled:
@@ -210,6 +211,13 @@ def data_loss_as_data_error() -> Iterator[None]:
 
     try:
         yield
+    except tf.errors.FailedPreconditionError as exc:
+        if "expected to contain" not in str(exc):  # make_dataset's counted length
+            raise
+        raise DataError(
+            "data must not change while a job runs; the records counted when it was checked "
+            f"are no longer there. Received: {tf_reason(exc)}"
+        ) from exc
     except tf.errors.DataLossError as exc:
         raise DataError(
             "data must stay readable while training; corrupt or truncated records are not "

@@ -1,7 +1,7 @@
 """Measure original and pruned models side by side, interleaved in one process.
 
 Figures per variant: params, weight bytes, FLOPs per example, peak memory of
-a training step, median and p90 training step time after warm-up, inference
+a training step, median, p10 and p90 training step time after warm-up, inference
 latency at batch 1 and at the training batch, top-1 accuracy. Variants run
 in alternation (A, B, A, B, ...) so drift in the machine's speed hits both.
 Measurement trains *clones* of the models: the models passed in keep their
@@ -45,6 +45,7 @@ class Figures:
     latency_batch_seconds: float
     accuracy: float | None
     how: dict[str, Any] = field(default_factory=dict)
+    train_step_p10_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +131,7 @@ def measure_models(
     eval_ds: Any | None = None,
     measure: MeasureConfig = MeasureConfig(),
     should_cancel: Callable[[], bool] | None = None,
+    on_progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, Figures]:
     """Measure every model in ``models`` (e.g. original and pruned).
 
@@ -141,6 +143,9 @@ def measure_models(
         eval_ds: data for top-1 accuracy; None skips it.
         measure: warm-up, steps per round and rounds.
         should_cancel: polled between blocks.
+        on_progress: called with the fraction of the measurement done and
+            what runs next (after warm-up, each timed block, each variant's
+            latency and accuracy).
 
     Returns:
         Variant name -> :class:`Figures`.
@@ -149,42 +154,66 @@ def measure_models(
     if not memory_stats_available(mem_device):
         mem_device = ""
     x, y = batch
+    report = on_progress or (lambda _f, _m: None)
+    # Units of work: warm-up per variant, timed blocks, then latency/accuracy per variant.
+    total, done = len(models) * (2 + measure.rounds), 0
     variants = [_Variant(name, m, config, device) for name, m in models.items()]
     for v in variants:  # compile and warm up before any timing
+        report(done / total, f"warm-up {v.name}")
         for _ in range(measure.warmup_steps):
             v.model.train_on_batch(x, y)
-    for _ in range(measure.rounds):
+        done += 1
+    for r in range(measure.rounds):
         for v in variants:
             if should_cancel and should_cancel():
                 raise CancelledError("measurement was cancelled")
+            report(done / total, f"round {r + 1}/{measure.rounds} {v.name}")
             _step_block(v, x, y, measure.steps, mem_device)
+            done += 1
     out = {}
     for v, (name, original) in zip(variants, models.items(), strict=True):
-        params, flops = analyze(original).count()
-        how = {
-            "device": f"{device.kind} ({device.name})",
-            "batch_size": int(x.shape[0]),
-            "steps": len(v.times),
-            "warmup_steps": measure.warmup_steps,
-            "rounds_interleaved": measure.rounds,
-            "xla": device.use_xla(config.jit_compile),
-            "memory": (
-                "allocator peak above the pre-step level plus weights and optimizer slots"
-                if mem_device
-                else "unavailable: set TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts"
-            ),
-            "flops": "2 x multiply-adds of conv/dense kernels per example",
-        }
-        out[name] = Figures(
-            params=params,
-            weight_bytes=_weight_bytes(original),
-            flops=flops,
-            peak_memory_bytes=(max(v.peaks) + v.state_bytes()) if v.peaks else None,
-            train_step_seconds=statistics.median(v.times),
-            train_step_p90_seconds=_percentile(v.times, 90),
-            latency_batch1_seconds=_latency(v, x[:1], measure.latency_runs),
-            latency_batch_seconds=_latency(v, x, max(3, measure.latency_runs // 4)),
-            accuracy=evaluate(original, eval_ds) if eval_ds is not None else None,
-            how=how,
-        )
+        report(done / total, f"latency and accuracy {name}")
+        done += 1
+        out[name] = _figures(v, original, x, config, device, eval_ds, measure, mem_device)
     return out
+
+
+def _figures(
+    v: _Variant,
+    original: Any,
+    x: Any,
+    config: TrainConfig,
+    device: Device,
+    eval_ds: Any | None,
+    measure: MeasureConfig,
+    mem_device: str,
+) -> Figures:
+    """One variant's figures from its timed steps, plus latency and accuracy measured now."""
+    params, flops = analyze(original).count()
+    how = {
+        "device": f"{device.kind} ({device.name})",
+        "batch_size": int(x.shape[0]),
+        "steps": len(v.times),
+        "warmup_steps": measure.warmup_steps,
+        "rounds_interleaved": measure.rounds,
+        "xla": device.use_xla(config.jit_compile),
+        "memory": (
+            "allocator peak above the pre-step level plus weights and optimizer slots"
+            if mem_device
+            else "unavailable: set TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts"
+        ),
+        "flops": "2 x multiply-adds of conv/dense kernels per example",
+    }
+    return Figures(
+        params=params,
+        weight_bytes=_weight_bytes(original),
+        flops=flops,
+        peak_memory_bytes=(max(v.peaks) + v.state_bytes()) if v.peaks else None,
+        train_step_seconds=statistics.median(v.times),
+        train_step_p90_seconds=_percentile(v.times, 90),
+        train_step_p10_seconds=_percentile(v.times, 10),
+        latency_batch1_seconds=_latency(v, x[:1], measure.latency_runs),
+        latency_batch_seconds=_latency(v, x, max(3, measure.latency_runs // 4)),
+        accuracy=evaluate(original, eval_ds) if eval_ds is not None else None,
+        how=how,
+    )

@@ -566,11 +566,10 @@ def _changed_from(store: Any, jid: str, seen: Job) -> Callable[[], bool]:
 
 
 def _overall(stage: str, within: float) -> float:
-    from secateur.server.pipeline import STAGES
+    # One formula for the service and `secateur prune`: monotone across a sweep.
+    from secateur.server.pipeline import overall_progress
 
-    if stage not in STAGES:
-        return 0.0
-    return (STAGES.index(stage) + min(max(within, 0.0), 1.0)) / len(STAGES)
+    return overall_progress(stage, within)
 
 
 def _outcome_label(job: Job, outcome: dict[str, Any]) -> str:

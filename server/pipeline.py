@@ -134,6 +134,11 @@ class StageEvent:
     progress: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def overall(self) -> float:
+        """The fraction of the whole job done (see :func:`overall_progress`)."""
+        return overall_progress(self.stage, self.progress)
+
 
 class GateFailed(Exception):
     """No candidate met the accuracy budget; the report explains."""
@@ -207,8 +212,8 @@ class PruneJob:
 
         self._enter("ANALYZING", "loading the model")
         from secateur.pruner.finetune import select_device
-        from secateur.pruner.tracing import analyze
         from secateur.pruner.modelio import load_model
+        from secateur.pruner.tracing import analyze
 
         with user_paths(self.names, fallback=req.model_uri):  # conversions' temporary files
             original = load_model(model_path)
@@ -228,7 +233,14 @@ class PruneJob:
         }
         layout = _layout(variants, device.kind)
         figures = measure_models(
-            variants, data.batch(), req.train, device, data.eval_ds, req.measure, self.should_cancel
+            variants,
+            data.batch(),
+            req.train,
+            device,
+            data.eval_ds,
+            req.measure,
+            self.should_cancel,
+            lambda frac, what: self.on_event(StageEvent("MEASURING", what, frac)),
         )
         report = self._report(figures, candidates, device)
         report["layout"] = layout
@@ -271,13 +283,15 @@ class PruneJob:
 
         n = len(self.req.sweep)
         spec = self.req.specs[i]  # checked once, when the request was made
-        self._enter("SCORING", f"ratio {ratio}", i / n, ratio=ratio)
+        self._enter("SCORING", f"ratio {ratio}", _in_sweep("SCORING", i, n), ratio=ratio)
         plan = make_plan(original, spec, graph=graph, device_kind=device.kind)
-        self._enter("REBUILDING", f"ratio {ratio}", i / n, ratio=ratio)
+        self._enter("REBUILDING", f"ratio {ratio}", _in_sweep("REBUILDING", i, n), ratio=ratio)
         model = apply_plan(original, plan, reload_weights=spec.reload_weights, graph=graph)
         history: dict[str, list[float]] = {}
         if data.train_ds is not None and self.req.train.epochs > 0:
-            self._enter("FINE_TUNING", f"ratio {ratio}", i / n, ratio=ratio)
+            self._enter(
+                "FINE_TUNING", f"ratio {ratio}", _in_sweep("FINE_TUNING", i, n), ratio=ratio
+            )
 
             def progress(p: Any) -> None:
                 frac = (p.epoch - 1 + (p.step / p.steps if p.steps else 0)) / p.epochs
@@ -285,7 +299,7 @@ class PruneJob:
                     StageEvent(
                         "FINE_TUNING",
                         f"ratio {ratio}",
-                        (i + frac) / n,
+                        _in_sweep("FINE_TUNING", i, n, frac),
                         asdict(p) | {"ratio": ratio},
                     )
                 )
@@ -295,7 +309,7 @@ class PruneJob:
             )
         accuracy = None
         if data.eval_ds is not None:
-            self._enter("EVALUATING", f"ratio {ratio}", i / n, ratio=ratio)
+            self._enter("EVALUATING", f"ratio {ratio}", _in_sweep("EVALUATING", i, n), ratio=ratio)
             accuracy = evaluate(model, data.eval_ds)
         return {
             "ratio": ratio,
