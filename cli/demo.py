@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,32 @@ class DemoConfig:
     batch_size: int = 64
 
 
-def prepare(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[str, str, str]:
-    """Write train/eval TFRecords and a trained model; return their paths."""
+def _progress_callback(epochs: int, steps: int, report: Callable[[float, str], None]) -> Any:
+    """A Keras callback telling ``report`` the fraction of training done, batch by batch."""
+    from secateur.pruner._keras import keras
+
+    class Progress(keras.callbacks.Callback):  # type: ignore[misc]
+        epoch = 0
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            done = self.epoch * steps + batch + 1
+            report(done / (epochs * steps), f"epoch {self.epoch + 1}/{epochs}")
+
+    return Progress()
+
+
+def prepare(
+    cfg: DemoConfig,
+    log: Callable[[str], None] = print,
+    on_progress: Callable[[float, str], None] | None = None,
+) -> tuple[str, str, str]:
+    """Write train/eval TFRecords and a trained model; return their paths.
+
+    ``on_progress`` hears the fraction of the pre-training done and the epoch.
+    """
     from secateur.pruner._keras import keras
     from secateur.pruner.models import vgg16_bn
 
@@ -50,6 +75,7 @@ def prepare(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[str, s
     write_examples(evalf, images[split:], labels[split:])
     keras.utils.set_random_seed(0)
     model = vgg16_bn((32, 32, 3), 10, width=cfg.width, dense=128, name="digits_vgg16_bn")
+    report = on_progress or (lambda _f, _m: None)
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -65,6 +91,7 @@ def prepare(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[str, s
         epochs=cfg.pretrain_epochs,
         batch_size=cfg.batch_size,
         verbose=0,
+        callbacks=[_progress_callback(cfg.pretrain_epochs, -(-split // cfg.batch_size), report)],
     )
     _, acc = model.evaluate(images[split:], labels[split:], verbose=0)
     log(f"original accuracy on held-out digits: {acc:.4f}")
@@ -77,8 +104,12 @@ def run_demo(
     cfg: DemoConfig,
     on_update: Callable[[pb.Job], None] | None = None,
     log: Callable[[str], None] = print,
+    on_pretrain: Callable[[float, str], None] | None = None,
 ) -> pb.Job:
     """Prepare the embedded default, serve in-process, prune through gRPC.
+
+    ``on_pretrain`` hears the pre-training's progress (fraction, epoch),
+    ``on_update`` every snapshot of the job.
 
     Returns:
         The finished job as the service reports it.
@@ -86,7 +117,7 @@ def run_demo(
     from secateur.client.client import PruningClient
     from secateur.server.service import BackgroundServer, ServerOptions
 
-    model_path, train, evalf = prepare(cfg, log)
+    model_path, train, evalf = prepare(cfg, log, on_pretrain)
     spec = pb.JobSpec(
         model_uri=model_path,
         output_uri=os.path.join(cfg.workdir, "served"),

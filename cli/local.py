@@ -21,15 +21,34 @@ from secateur.cli.outcome import (
     EXIT_OK,
     exit_code_for_job,
 )
-from secateur.cli.render import ProgressBar, format_table
+from secateur.cli.progress import ProgressDisplay
+from secateur.cli.render import format_table
 from secateur.cli.signals import StopOnSignals, sigterm_as_interrupt
 
 
 def _quiet_tensorflow() -> None:
+    """Start TensorFlow for a local command without its C++ start-up lines.
+
+    TF_CPP_MIN_LOG_LEVEL=3 hides the C++ logs (cuInit on CPU machines is an
+    error-level line); the lines TensorFlow's logging writes before it is
+    initialised ignore it, so the import runs with stderr closed. Setting
+    TF_CPP_MIN_LOG_LEVEL yourself keeps them all.
+    """
     # Must be set before TensorFlow starts: it makes the CPU allocator report
     # peak memory, which the measurement stage needs.
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] != "3":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def build_request(args: argparse.Namespace) -> Any:
@@ -52,7 +71,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from secateur.server.pipeline import GateFailed, PruneJob
     from secateur.server.storage import Storage, StorageError
 
-    bar = ProgressBar()
+    bar = ProgressDisplay()
     stop = StopOnSignals()
     try:
         request = build_request(args)
@@ -114,12 +133,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="secateur-demo-")
     cfg = DemoConfig(workdir=workdir, ratios=args.ratios, finetune_epochs=args.epochs)
-    bar = ProgressBar()
+    pretrain, bar = ProgressDisplay(), ProgressDisplay()
+
+    def on_update(job: Any) -> None:
+        pretrain.close()
+        bar.job(job)
+
     try:
         with sigterm_as_interrupt():
-            job = run_demo(cfg, on_update=bar.job, log=lambda m: print(m, file=sys.stderr))
+            job = run_demo(
+                cfg,
+                on_update=on_update,
+                log=lambda m: print(m, file=sys.stderr),
+                on_pretrain=lambda frac, what: pretrain.update("PRE-TRAINING", frac, what),
+            )
     except KeyboardInterrupt:
         # Leaving run_demo stopped its in-process service, and with it the job's worker.
+        pretrain.close()
         bar.close()
         print("secateur: demo interrupted; its job was stopped, nothing published", file=sys.stderr)
         print(f"work directory: {workdir}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from secateur.cli import local, remote
+from secateur.cli import local, plan, remote
 from secateur.cli.options import SpecHelpFormatter, add_spec_arguments, parse_ratios
 from secateur.cli.outcome import EXIT_CODES_EPILOG
 from secateur.v1 import enums
@@ -17,12 +17,13 @@ from secateur.v1 import enums
 JOB_STATES = list(enums.STATES)
 
 
-def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+def add_connection_arguments(p: argparse.ArgumentParser, server_help: str = "") -> None:
     """Where the server is and how to reach it (``submit``, ``status``, ...)."""
     g = p.add_argument_group("server connection")
     g.add_argument(
         "--server",
-        help="HOST:PORT of the Secateur server "
+        help=server_help
+        or "HOST:PORT of the Secateur server "
         f"(default: $SECATEUR_SERVER or {remote.DEFAULT_SERVER})",
     )
     g.add_argument(
@@ -48,14 +49,65 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+class HelpFormatter(SpecHelpFormatter):
+    """Every flag's help ends with its default.
+
+    Spec flags show the library's (:class:`SpecHelpFormatter`); the others
+    their argparse default, unless their help already says it.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action) or ""
+        if (
+            getattr(action, "spec_path", None) is not None
+            or not action.option_strings
+            or action.default is argparse.SUPPRESS
+            or "default" in text.lower()
+        ):
+            return text
+        value = action.default
+        if isinstance(value, bool) or value is None:
+            shown = "on" if value else "off" if action.nargs == 0 else "none"
+        elif isinstance(value, tuple | list):
+            shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        else:
+            shown = str(value).replace("%", "%%")
+        return f"{text} (default: {shown})".lstrip()
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its flags show their defaults (:class:`HelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def package_version() -> str:
+    """The installed distribution's version ("unknown" when run from an uninstalled tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("secateur")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secateur",
         description="Structured channel pruning for Keras models.",
         epilog=EXIT_CODES_EPILOG,
+        formatter_class=HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"secateur {package_version()}")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_SubcommandParser,
+    )
     _add_local_commands(sub)
+    _add_plan(sub)
     _add_submit(sub)
     _add_job_commands(sub)
     return parser
@@ -65,7 +117,7 @@ def _add_local_commands(sub: Any) -> None:
     p = sub.add_parser(
         "prune",
         help="prune, fine-tune, measure and publish locally (no server)",
-        formatter_class=SpecHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model_uri", help=".keras/.h5 file or SavedModel dir: path, file:// or gs://")
     p.add_argument("output_uri", help="base URI; the model is written to OUTPUT_URI/<version>/")
@@ -81,7 +133,12 @@ def _add_local_commands(sub: Any) -> None:
         "demo", help="the embedded default: train VGG-16-BN on bundled digits, then prune it"
     )
     d.add_argument("--workdir", help="where data, model and output go (default: a temp dir)")
-    d.add_argument("--ratios", type=parse_ratios, default=(0.3, 0.5, 0.7))
+    d.add_argument(
+        "--ratios",
+        type=parse_ratios,
+        default=(0.3, 0.5, 0.7),
+        help="the sweep: ratios separated by commas",
+    )
     d.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per candidate")
     d.set_defaults(func=local.cmd_demo)
     sv = sub.add_parser(
@@ -97,7 +154,7 @@ def _add_submit(sub: Any) -> None:
         "submit",
         help="submit a pruning job to a server (--wait: follow it, exit by its outcome)",
         epilog=EXIT_CODES_EPILOG,
-        formatter_class=SpecHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model_uri", help=".keras/.h5 file or SavedModel dir, as the server sees it")
     p.add_argument("output_uri", help="base URI; the model is published to OUTPUT_URI/<version>/")
@@ -166,3 +223,23 @@ def _add_job_commands(sub: Any) -> None:
     ls.add_argument("--limit", type=int, default=20, help="at most this many jobs (default 20)")
     add_connection_arguments(ls)
     ls.set_defaults(func=remote.cmd_list)
+
+
+def _add_plan(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="dry run: the channel groups and what pruning would keep (nothing written)",
+        epilog=EXIT_CODES_EPILOG,
+    )
+    p.add_argument("model_uri", help=".keras/.h5 file or SavedModel dir: path, file:// or gs://")
+    add_spec_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--allowed-uri-prefix",
+        action="append",
+        help="only read under these prefixes (repeatable; default: anywhere)",
+    )
+    add_connection_arguments(
+        p, server_help="HOST:PORT: plan on this server (PlanPruning) (default: here, locally)"
+    )
+    p.set_defaults(func=plan.cmd_plan)

@@ -21,7 +21,8 @@ from secateur.cli.outcome import (
     exit_code_for_error,
     exit_code_for_job,
 )
-from secateur.cli.render import ProgressBar, format_table, job_summary, jobs_table
+from secateur.cli.progress import ProgressDisplay
+from secateur.cli.render import format_table, job_summary, jobs_table
 from secateur.cli.signals import sigterm_as_interrupt
 from secateur.v1 import enums, pruning_pb2
 
@@ -126,7 +127,7 @@ def finish_job(
 
 
 def _wait_and_finish(client: PruningClient, name: str, args: argparse.Namespace) -> int:
-    bar = ProgressBar()
+    bar = ProgressDisplay()
     try:
         with sigterm_as_interrupt():
             job = client.wait(name, on_update=bar.job)

@@ -1,130 +1,142 @@
-"""What the command draws: the progress line, the before/after table, job lines.
+"""What the command prints: the before/after table, the plan, job lines (with ``rich``).
 
-Protobuf only (``secateur.v1`` and the client's ``protospec``).
+Progress is :mod:`secateur.cli.progress`. Protobuf and ``rich`` only
+(``secateur.v1`` and the client's ``protospec``).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from secateur.v1 import pruning_pb2
 
-# The job stages in order, from the contract (the pipeline's STAGES match it:
-# tests/test_proto.py); protobuf only, nothing heavy.
-STAGES: tuple[str, ...] = tuple(pruning_pb2.Job.Stage.keys()[1:])
+_UNITS = {
+    "bytes": (1024.0, ("B", "KiB", "MiB", "GiB", "TiB")),
+    "count": (1000.0, ("", "K", "M", "G", "T")),
+}
+_TIME_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns"))
 
 
-class ProgressBar:
-    """A one-line progress display on stderr (plain lines when not a TTY).
+def _three_digits(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
-    Called with a pipeline event (``stage``, ``progress`` within the stage,
-    ``message``, ``detail``) for local runs; ``job(job)`` draws a
-    ``secateur.v1.Job`` snapshot (overall ``progress``) while watching a server.
+
+def human(value: float | None, kind: str) -> str:
+    """``value`` in the unit that suits its size: 3 significant digits.
+
+    ``kind``: ``bytes`` (B, KiB, MiB, GiB: powers of 1024), ``count`` (K, M,
+    G: powers of 1000; params, FLOPs), ``s`` (s, ms, µs), ``acc`` (4 decimals).
     """
-
-    def __init__(self, stream: Any = None, width: int = 30) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.width = width
-        self.last_stage = ""
-        self.last_progress = -1.0
-        self.drawn = False
-
-    def _bar(self, fraction: float) -> str:
-        filled = int(self.width * min(max(fraction, 0.0), 1.0))
-        return "#" * filled + "-" * (self.width - filled)
-
-    def _write(self, line: str, plain: bool) -> None:
-        if self.tty:
-            self.stream.write("\r" + line[:120].ljust(120))
-            self.drawn = True
-        elif plain:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def __call__(self, event: Any) -> None:
-        idx = STAGES.index(event.stage) if event.stage in STAGES else 0
-        fraction = (idx + min(max(event.progress, 0.0), 1.0)) / len(STAGES)
-        detail = event.detail
-        extra = ""
-        if "step" in detail:
-            loss = detail.get("loss")
-            extra = f" epoch {detail['epoch']}/{detail['epochs']} step {detail['step']}"
-            extra += f" loss {loss:.3f}" if loss is not None else ""
-        line = f"[{self._bar(fraction)}] {event.stage:<11} {event.message}{extra}"
-        self._write(line, event.stage != self.last_stage or "step" not in detail)
-        self.last_stage = event.stage
-
-    def job(self, job: pruning_pb2.Job) -> None:
-        """Draw a job snapshot: a plain line on a change of state or stage, or every 5%."""
-        state = pruning_pb2.Job.State.Name(job.state)
-        running = job.state == pruning_pb2.Job.STATE_RUNNING and job.stage
-        stage = pruning_pb2.Job.Stage.Name(job.stage) if running else state
-        progress = min(max(job.progress, 0.0), 1.0)
-        line = f"[{self._bar(progress)}] {stage:<11} {progress:4.0%} {job.message}".rstrip()
-        plain = stage != self.last_stage or progress - self.last_progress >= 0.05
-        self._write(line, plain)
-        if plain:
-            self.last_progress = progress
-        self.last_stage = stage
-
-    def close(self) -> None:
-        if self.tty and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-
-def _fmt(value: Any, kind: str) -> str:
     if value is None:
         return "n/a"
-    if kind == "bytes":
-        return f"{value / 2**20:,.1f} MiB"
-    if kind == "s":
-        return f"{value * 1000:,.1f} ms"
     if kind == "acc":
         return f"{value:.4f}"
-    return f"{int(value):,}"
+    if kind == "s":
+        for scale, unit in _TIME_UNITS:
+            if abs(value) >= scale or unit == "ns":
+                return f"{_three_digits(value / scale)} {unit}"
+    base, units = _UNITS[kind]
+    if abs(value) < base:
+        return f"{int(value)} B" if kind == "bytes" else f"{int(value)}"
+    i = 0
+    while abs(value) >= base and i < len(units) - 1:
+        value, i = value / base, i + 1
+    return (
+        f"{_three_digits(value)} {units[i]}" if kind == "bytes" else _three_digits(value) + units[i]
+    )
 
 
+def spread(figures: dict[str, Any]) -> str:
+    """The p10-p90 range of the timed training steps, in one unit (n/a before p10 existed)."""
+    low, high = figures.get("train_step_p10_seconds"), figures.get("train_step_p90_seconds")
+    if not low or not high:
+        return "n/a"
+    number, unit = human(high, "s").split(" ")
+    scale = dict((u, f) for f, u in _TIME_UNITS)[unit]
+    return f"{_three_digits(low / scale)}-{number} {unit}"
+
+
+# (figure, label, kind): the table's rows; kind picks the unit (see human()).
 TABLE_ROWS = (
-    ("params", "params", "n"),
+    ("params", "params", "count"),
     ("weight_bytes", "weight bytes", "bytes"),
-    ("flops", "FLOPs/example", "n"),
+    ("flops", "FLOPs/example", "count"),
     ("peak_memory_bytes", "peak train memory", "bytes"),
     ("train_step_seconds", "train step (median)", "s"),
-    ("train_step_p90_seconds", "train step (p90)", "s"),
+    ("train_step_spread", "train step p10-p90", "spread"),
     ("latency_batch1_seconds", "latency batch 1", "s"),
     ("latency_batch_seconds", "latency batch", "s"),
     ("accuracy", "top-1 accuracy", "acc"),
+    ("accuracy_drop", "accuracy drop", "drop"),
 )
 
 
-def _columns(head: list[str], rows: list[list[str]]) -> list[str]:
-    """``head`` and ``rows`` as left-aligned columns two spaces apart."""
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *rows]]
+def _cell(figures: dict[str, Any], original: dict[str, Any] | None, key: str, kind: str) -> str:
+    """One figure; against ``original`` (a candidate's cell) also the ratio to it."""
+    if kind == "spread":
+        return spread(figures)
+    value, base = figures.get(key), (original or {}).get(key)
+    cell = human(value, kind)
+    if kind != "acc" and value is not None and base:
+        cell += f" ({value / base:.2f}x)"
+    return cell
+
+
+def _drop(candidate: dict[str, Any], budget: float | None) -> str:
+    drop = candidate.get("accuracy_drop")
+    if drop is None:
+        return "n/a"
+    over = budget is not None and drop > budget
+    return f"{drop:+.4f}" + (f" (over {budget:g})" if over else "")
+
+
+def render_text(renderable: Any, width: int = 160) -> str:
+    """What ``rich`` draws for ``renderable``, as plain text without trailing spaces."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console.print(renderable)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    return "\n".join(line.rstrip() for line in text.splitlines())
+
+
+def _table(head: list[str], rows: list[list[str]], right: int = 1, rule: bool = True) -> Any:
+    """A plain ``rich`` table: columns from ``right`` on aligned right; a rule under the header."""
+    from rich import box
+    from rich.table import Table
+
+    style = box.SIMPLE_HEAD if rule else None
+    table = Table(box=style, show_edge=False, pad_edge=False, header_style="")
+    for i, name in enumerate(head):
+        table.add_column(name, justify="right" if i >= right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The before/after table: one column per candidate, ratios to the original."""
+    """The before/after table: one column per candidate, ratios to the original.
+
+    Units adapt to the size (KiB/MiB, ms/µs, K/M); the accuracy drop row marks
+    candidates over the budget; the p10-p90 row shows the spread of the timed
+    steps, so a small speed ratio within overlapping spreads reads as noise.
+    """
     original = report["original"]
     cands = report["candidates"]
+    budget = report.get("max_accuracy_drop")
     head = ["metric", "original"] + [f"pruned {c['ratio']:g}" for c in cands]
-    lines = []
+    rows = []
     for key, label, kind in TABLE_ROWS:
-        row = [label, _fmt(original.get(key), kind)]
-        for c in cands:
-            v, o = c["figures"].get(key), original.get(key)
-            cell = _fmt(v, kind)
-            if kind != "acc" and v is not None and o:
-                cell += f" ({v / o:.2f}x)"
-            row.append(cell)
-        lines.append(row)
-    widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
-    first, *rest = _columns(head, lines)
-    out = [first, "  ".join("-" * w for w in widths), *rest]
+        if kind == "drop":
+            rows.append([label, "-"] + [_drop(c, budget) for c in cands])
+            continue
+        rows.append(
+            [label, _cell(original, None, key, kind)]
+            + [_cell(c["figures"], original, key, kind) for c in cands]
+        )
+    out = [render_text(_table(head, rows))]
     how = original.get("how", {})
     out.append(
         f"measured on {how.get('device')} batch {how.get('batch_size')}, "
@@ -134,6 +146,52 @@ def format_table(report: dict[str, Any]) -> str:
     out.append(f"decision: {report.get('decision')}")
     if report.get("output_uri"):
         out.append(f"published: {report['output_uri']}")
+    return "\n".join(out)
+
+
+def _origins(origins: list[str], width: int = 40) -> str:
+    text = ", ".join(origins)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """``secateur plan``: the groups with kept/total channels, totals, why groups are frozen."""
+    from collections import Counter
+
+    groups = plan["groups"]
+    rows = [
+        [
+            str(g["id"]),
+            _origins(g["origins"]),
+            f"{g['size_after']}/{g['size_before']}",
+            "frozen" if g.get("frozen") else g.get("criterion") or "-",
+        ]
+        for g in groups
+    ]
+    table = _table(["group", "layers", "kept/total", "criterion"], rows, right=2)
+    prunable = [g for g in groups if not g.get("frozen")]
+    kept = sum(g["size_after"] for g in prunable)
+    total = sum(g["size_before"] for g in prunable)
+    spec = plan.get("spec") or {}
+    out = [
+        f"plan for {plan.get('model_name')}: ratio {spec.get('ratio')}, "
+        f"criterion {spec.get('criterion')}, scope {spec.get('scope')}, "
+        f"round to {plan.get('round_to')}",
+        render_text(table),
+        f"channels kept: {kept:,} of {total:,} prunable in {len(prunable)} of {len(groups)} groups",
+    ]
+    for name, key in (("params", "params"), ("FLOPs/example", "flops")):
+        before, after = plan[f"{key}_before"], plan[f"{key}_after"]
+        ratio = f" ({after / before:.2f}x)" if before else ""
+        out.append(f"{name}: {human(before, 'count')} -> {human(after, 'count')}{ratio}")
+    reasons = Counter(r for g in groups for r in g.get("frozen") or [])
+    if reasons:
+        summary = ", ".join(f"{reason} ({n})" for reason, n in sorted(reasons.items()))
+        out.append(f"frozen groups: {summary}")
+    for layer in plan.get("unsupported_layers") or []:
+        out.append(
+            f"unsupported: {layer.get('layer', layer)}: {layer.get('reason', '')}".rstrip(": ")
+        )
     return "\n".join(out)
 
 
@@ -175,7 +233,7 @@ def job_summary(job: pruning_pb2.Job) -> str:
 def jobs_table(jobs: list[pruning_pb2.Job]) -> str:
     """``secateur list``: one row per job, newest first as given."""
     head = ["NAME", "STATE", "STAGE", "PROGRESS", "MODEL", "CREATED"]
-    rows = [
+    rows: list[list[str]] = [
         [
             j.name,
             pruning_pb2.Job.State.Name(j.state),
@@ -186,4 +244,4 @@ def jobs_table(jobs: list[pruning_pb2.Job]) -> str:
         ]
         for j in jobs
     ]
-    return "\n".join(line.rstrip() for line in _columns(head, rows))
+    return render_text(_table(head, rows, right=len(head), rule=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -34,6 +35,11 @@ def test_cli_sweepWithBudget_publishesAndWritesReportAndCurves(digits_data, tmp_
     )  # fmt: skip
     assert proc.returncode == EXIT_OK, proc.stderr
     assert "FINE_TUNING" in proc.stderr and "EXPORTING" in proc.stderr  # progress
+    assert "MEASURING" in proc.stderr
+    percents = [int(p) for p in re.findall(r"^[A-Z_]+\s+(\d+)%", proc.stderr, re.M)]
+    assert len(percents) > 5 and percents == sorted(percents)  # never back across the sweep
+    for noise in ("ran out of data", "shuffle=True", "cuInit", "I0000", "absl::"):
+        assert noise not in proc.stderr, proc.stderr
     assert "peak train memory" in proc.stdout and "pruned 0.5" in proc.stdout  # the table
     data = json.loads(report.read_text())
     assert data["output_uri"] == str(out / "1") and data["selected_ratio"] == 0.5
@@ -44,6 +50,7 @@ def test_cli_sweepWithBudget_publishesAndWritesReportAndCurves(digits_data, tmp_
             "flops",
             "peak_memory_bytes",
             "train_step_seconds",
+            "train_step_p10_seconds",
             "accuracy",
         ):
             assert data[section][key] is not None, (section, key)
