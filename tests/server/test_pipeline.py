@@ -13,6 +13,7 @@ from secateur.pruner.errors import CancelledError, DataError, ModelLoadError
 from secateur.pruner.finetune import TrainConfig
 from secateur.pruner.measure import MeasureConfig
 from secateur.pruner.modelio import load_model, read_serving_signature, signature_of
+from secateur.server.convert import job_result
 from secateur.server.pipeline import STAGES, GateFailed, JobRequest, PruneJob
 from secateur.server.storage import (
     Storage,
@@ -20,6 +21,7 @@ from secateur.server.storage import (
     StorageNotFoundError,
     StoragePermissionError,
 )
+from secateur.v1 import pruning_pb2 as pb
 
 QUICK = MeasureConfig(warmup_steps=1, steps=2, rounds=1, latency_runs=2)
 
@@ -94,7 +96,8 @@ def test_job_sweepWithBudget_publishesLargestRatioWithin_andWritesCurves(
     report = PruneJob(req, Storage()).run()
     drops = {c["ratio"]: c["accuracy_drop"] for c in report["candidates"]}
     assert drops[0.0] == 0.0 and drops[0.3] > 0.05 and drops[0.9] > 0.05
-    assert report["selected_ratio"] == 0.0
+    assert report["selected_ratio"] == 0.0 and report["outcome"] == "published"
+    assert report["best_ratio"] == 0.0 and report["best_accuracy_drop"] == 0.0
     assert report["ratios"] == [0.0, 0.3, 0.9]
     assets = tmp_path / "out" / "1" / "assets.extra" / "secateur"
     rows = (assets / "curves.csv").read_text().splitlines()
@@ -111,7 +114,14 @@ def test_job_gateFails_nothingPublished(digits_data, tmp_path) -> None:
     )  # fmt: skip
     with pytest.raises(GateFailed) as info:
         PruneJob(req, Storage()).run()
-    assert "nothing published" in info.value.report["decision"]
+    report = info.value.report
+    assert "nothing published" in report["decision"] and report["outcome"] == "gate_failed"
+    assert report["best_ratio"] == 0.9 and report["best_accuracy_drop"] > 0.0
+    assert report["selected_ratio"] is None
+    result = job_result(report)  # what a job's result says: data, not a sentence
+    assert result.outcome == pb.JobResult.OUTCOME_GATE_FAILED
+    assert (result.max_accuracy_drop, result.best_ratio) == (0.0, 0.9)
+    assert not result.HasField("selected_ratio") and not result.output_uri
     assert not (tmp_path / "out").exists() or _tree(tmp_path / "out") == []
 
 
@@ -119,6 +129,7 @@ def test_job_sweepWithoutBudget_reportsCurvesOnly(digits_data, tmp_path) -> None
     req = _request(digits_data, tmp_path / "out", ratios=(0.2, 0.4), train=TrainConfig(epochs=0))
     report = PruneJob(req, Storage()).run()
     assert report["output_uri"] is None and "curves only" in report["decision"]
+    assert report["outcome"] == "curves_only" and report["best_ratio"] is None
 
 
 @pytest.mark.parametrize(
