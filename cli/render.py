@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from secateur.v1 import pruning_pb2
+from secateur.v1 import enums, pruning_pb2
 
 _UNITS = {
     "bytes": (1024.0, ("B", "KiB", "MiB", "GiB", "TiB")),
@@ -201,7 +201,7 @@ def percent(job: pruning_pb2.Job) -> str:
 
 def stage_name(job: pruning_pb2.Job) -> str:
     if job.state == pruning_pb2.Job.STATE_RUNNING and job.stage:
-        return pruning_pb2.Job.Stage.Name(job.stage)
+        return enums.short_name(pruning_pb2.Job.Stage, job.stage)
     return "-"
 
 
@@ -217,7 +217,7 @@ def job_summary(job: pruning_pb2.Job) -> str:
     """One line: name, state, stage, progress, model, and the message or error."""
     from secateur.client.protospec import code_name
 
-    parts = [job.name, pruning_pb2.Job.State.Name(job.state)]
+    parts = [job.name, enums.short_name(pruning_pb2.Job.State, job.state)]
     if job.state == pruning_pb2.Job.STATE_RUNNING:
         parts += [stage_name(job), percent(job)]
     parts.append(job.spec.model_uri or "-")
@@ -236,7 +236,7 @@ def jobs_table(jobs: list[pruning_pb2.Job]) -> str:
     rows: list[list[str]] = [
         [
             j.name,
-            pruning_pb2.Job.State.Name(j.state),
+            enums.short_name(pruning_pb2.Job.State, j.state),
             stage_name(j),
             percent(j),
             j.spec.model_uri or "-",

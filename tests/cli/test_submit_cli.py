@@ -50,7 +50,8 @@ def test_submit_noWait_printsTheJobName(server: FakeServer, capsys) -> None:
     code, out, _ = submit(capsys, "--criterion", "l2", "--no-reload", "--epochs", "2")
     assert code == EXIT_OK and out.strip() == "jobs/job0001"
     spec = server.service.job("jobs/job0001").spec
-    assert spec.pruning.criterion == pruning_pb2.CRITERION_L2 and spec.pruning.no_reload
+    assert spec.pruning.criterion == pruning_pb2.CRITERION_L2
+    assert spec.pruning.HasField("reload_weights") and not spec.pruning.reload_weights
     assert spec.training.epochs == 2 and spec.model_uri == "/m/model.keras"
 
 

@@ -35,7 +35,7 @@ from google.protobuf import any_pb2, json_format, struct_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from secateur.v1 import pruning_pb2, pruning_pb2_grpc
+from secateur.v1 import enums, pruning_pb2, pruning_pb2_grpc
 
 Job = pruning_pb2.Job
 OUTCOMES = ("succeeded", "gate", "bad_input", "internal", "cancelled", "hang")
@@ -207,7 +207,7 @@ class FakePruningService(pruning_pb2_grpc.PruningServiceServicer):
                 job.state = Job.STATE_RUNNING
                 job.stage = STAGES[record.step - 1]
                 job.progress = (record.step - 1) / len(STAGES)
-                job.message = f"stage {Job.Stage.Name(job.stage).lower()}"
+                job.message = f"stage {enums.short_name(Job.Stage, job.stage).lower()}"
             elif record.outcome == "hang":
                 job.progress = min(job.progress + 0.001, 0.99)
             else:
