@@ -1,7 +1,9 @@
 """The domain layer of the service: durable jobs run in worker subprocesses.
 
-``JobManager`` owns the store, the queue and the workers. The servicer only
-converts messages and calls it. Guarantees:
+``JobManager`` owns the store, the queue and the workers (``runner.py``). It
+speaks domain objects: validated :class:`~secateur.server.records.Submission` s
+in, :class:`~secateur.server.records.JobRecord` s out; the servicer converts
+messages to and from them (``jobs_pb.py``). Guarantees:
 
 - a job is stored before CreateJob returns; the same ``request_id`` returns
   the same job;
@@ -12,18 +14,15 @@ converts messages and calls it. Guarantees:
   QUEUED jobs are queued again — a restart never loses or strands a job;
 - CancelJob stops a worker with SIGTERM (SIGKILL after a grace period);
   publication is the last step of a job and atomic, so a cancelled job
-  leaves no output.
+  leaves no output;
+- each lifecycle event (created, started, stage change, recovered after a
+  restart, cancel requested, finished) is one INFO line naming the job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
-import os
-import shutil
-import signal
 import sys
 import time
 import uuid
@@ -32,32 +31,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from secateur.server import convert
-from secateur.server.errors import ServiceError, echo, internal_error, to_status_proto
+from secateur.server.errors import ServiceError, echo, internal_error
 from secateur.server.page_tokens import Cursor, PageTokens
-from secateur.server.pipeline import JobRequest
+from secateur.server.pipeline import STAGES, JobRequest, overall_progress
+from secateur.server.records import JobError, JobRecord, JobState, Submission, now_ns
+from secateur.server.runner import WorkerRunner, error_of
 from secateur.server.storage import Storage
-from secateur.server.worker_pipes import (
-    MAX_EVENT_LINE,
-    WorkerOutput,
-    incident_message,
-    lines,
-    new_incident,
-    parse_event,
-    reap,
-)
-from secateur.v1 import enums
-from secateur.v1 import pruning_pb2 as pb
+from secateur.server.store import JobStore
+from secateur.server.store_writes import StoreWriter
 
 log = logging.getLogger("secateur.server")
-Job = pb.Job
-TERMINAL = {Job.STATE_SUCCEEDED, Job.STATE_FAILED, Job.STATE_CANCELLED}
 OUTCOMES = {
-    Job.STATE_SUCCEEDED: "succeeded",
-    Job.STATE_FAILED: "failed",
-    Job.STATE_CANCELLED: "cancelled",
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
 }
 
 
@@ -70,16 +59,10 @@ class ManagerConfig:
     max_attempts: int = 3
     cancel_grace_s: float = 10.0
     #: Pauses between tries of a store write that failed (disk full, locked);
-    #: after the last one the job fails (see JobManager._save).
+    #: after the last one the job fails (see store_writes.StoreWriter).
     store_retry_delays: tuple[float, ...] = (0.1, 0.5, 2.0)
     #: The command a worker runs, ``--events-fd N`` appended (tests wrap it).
     worker_command: tuple[str, ...] = (sys.executable, "-m", "secateur.server.worker")
-
-
-def _now() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
 
 
 def job_id(name: str) -> str:
@@ -95,77 +78,76 @@ def job_id(name: str) -> str:
 class JobManager:
     """Queue, run, watch and cancel jobs (see module docstring)."""
 
-    def __init__(self, config: ManagerConfig, store: Any, metrics: Any = None) -> None:
+    def __init__(self, config: ManagerConfig, store: JobStore, metrics: Any = None) -> None:
         self.cfg = config
         self.store = store
         self.metrics = metrics
         self.storage = Storage(list(config.allowed_prefixes) if config.allowed_prefixes else None)
+        self.runner = WorkerRunner(
+            config.worker_command, config.state_dir, config.allowed_prefixes, config.cancel_grace_s
+        )
+        self.writes = StoreWriter(store, config.store_retry_delays)
         self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._cancel_requested: set[str] = set()
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[Any]] = []
         self._running = 0
         self._closing = False
-        self._killers: set[asyncio.Task[None]] = set()
         self._tokens = PageTokens(config.state_dir)
-        self._unsaved: set[str] = set()  # ended in memory, not yet in the store
-        self._persister: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
-        for job in self.store.all():
-            jid = job.name[5:]
-            if job.state == Job.STATE_RUNNING:
-                self._recover(jid, job)
-            if self.store.get(jid).state == Job.STATE_QUEUED:
-                self._queue.put_nowait(jid)
+        for record in self.store.all():
+            if record.state == JobState.RUNNING:
+                self._recover(record)
+            current = self.store.get(record.id)
+            if current is not None and current.state == JobState.QUEUED:
+                self._queue.put_nowait(record.id)
         self._tasks = [asyncio.create_task(self._runner()) for _ in range(self.cfg.max_concurrent)]
         self._publish_queue_metrics()
 
-    def _recover(self, jid: str, job: Job) -> None:
-        job = Job.FromString(job.SerializeToString())
-        if job.attempts >= self.cfg.max_attempts:
-            job.state = Job.STATE_FAILED
-            job.end_time.CopyFrom(_now())
+    def _recover(self, record: JobRecord) -> None:
+        """A job a dead server left RUNNING: queued again, or failed after max_attempts."""
+        if record.attempts >= self.cfg.max_attempts:
             err = ServiceError(
                 grpc.StatusCode.ABORTED,
-                f"the server stopped {job.attempts} times while this job was running; giving up",
+                f"the server stopped {record.attempts} times while this job was running; giving up",
             )
-            job.error.CopyFrom(to_status_proto(err))
-            job.message = err.message
+            record = record.evolve(
+                state=JobState.FAILED, end_ns=now_ns(), error=JobError.of(err), message=err.message
+            )
+            log.info("job %s recovered after a restart: failed, %s", record.id, err.message)
         else:
-            job.state = Job.STATE_QUEUED
-            job.stage = Job.STAGE_UNSPECIFIED
-            job.progress = 0.0
-            job.message = "the server restarted during this job; it will run again"
-        job.update_time.CopyFrom(_now())
-        self.store.save(jid, job)
+            record = record.evolve(
+                state=JobState.QUEUED,
+                stage="",
+                progress=0.0,
+                message="the server restarted during this job; it will run again",
+            )
+            log.info(
+                "job %s recovered after a restart: queued again (%d attempt(s) so far)",
+                record.id, record.attempts,
+            )  # fmt: skip
+        self.store.save(record)
 
     async def shutdown(self) -> None:
         """Stop workers; their jobs stay RUNNING in the store and resume on restart."""
         self._closing = True
-        for task in [*self._tasks, *([self._persister] if self._persister else [])]:
+        for task in self._tasks:
             task.cancel()
-        for proc in list(self._procs.values()):
-            if proc.returncode is None:
-                proc.kill()
-        for proc in list(self._procs.values()):
-            await proc.wait()
-        for jid in self._unsaved:  # a last try; a job still unsaved runs again on restart
-            try:
-                self.store.save(jid, self.store.get(jid))
-            except Exception as exc:  # noqa: BLE001 - shutting down: log and go on
-                log.error("job %s: its end could not be stored (%s)", jid, exc)
+        await self.runner.kill_all()
+        self.writes.close()
 
     # -- queries -------------------------------------------------------------
-    def get(self, name: str) -> Job:
-        job = self.store.get(job_id(name))
-        if job is None:
+    def get(self, name: str) -> JobRecord:
+        record = self.store.get(job_id(name))
+        if record is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no such job. Received: {echo(name)}")
-        return job
+        return record
 
-    def list(self, state: int, page_size: int, page_token: str) -> tuple[list[Job], str]:
+    def list(
+        self, state: JobState | None, page_size: int, page_token: str
+    ) -> tuple[list[JobRecord], str]:
         """Jobs newest first; the token continues after the page's last job (see page_tokens)."""
         if page_size < 0:
             raise ServiceError(
@@ -173,118 +155,111 @@ class JobManager:
                 f"page_size must be >= 0. Received: {page_size}",
                 [("page_size", "must be >= 0")],
             )
-        if state not in Job.State.values():  # proto3 enums accept any number on the wire
-            raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"state must be one of {', '.join(Job.State.keys())}. Received: {state}",
-                [("state", "not a Job.State")],
-            )
         after = self._tokens.parse(page_token, state) if page_token else None
-        jobs, last = self.store.page(state, after, min(page_size or 50, 1000))
-        return jobs, self._tokens.issue(state, Cursor(*last)) if last is not None else ""
+        records, last = self.store.page(state, after, min(page_size or 50, 1000))
+        return records, self._tokens.issue(state, Cursor(*last)) if last is not None else ""
 
-    async def watch(self, name: str) -> AsyncIterator[Job]:
-        job = self.get(name)
-        jid = job.name[5:]
-        yield job
-        last = job
-        while last.state not in TERMINAL:
+    async def watch(self, name: str) -> AsyncIterator[JobRecord]:
+        last = self.get(name)
+        yield last
+        while not last.state.terminal:
             async with self._changed:
-                await self._changed.wait_for(_changed_from(self.store, jid, last))
-            last = self.store.get(jid)
+                await self._changed.wait_for(_changed_from(self.store, last))
+            last = self.store.get(last.id) or last
             yield last
 
     # -- commands ----------------------------------------------------------
-    async def create(self, spec: pb.JobSpec, request_id: str, validate_only: bool) -> Job:
-        if request_id:
-            existing = self.store.by_request_id(request_id)
+    async def create(self, sub: Submission) -> JobRecord:
+        """Queue a validated request (or only check it: ``validate_only``).
+
+        The same ``request_id`` returns the job it made first.
+        """
+        if sub.request_id:
+            existing = self.store.by_request_id(sub.request_id)
             if existing is not None:
                 return existing
-        request = convert.job_request(spec)  # INVALID_ARGUMENT with field violations
-        await asyncio.to_thread(self._check_uris, request)
-        if validate_only:
-            await self.plan(spec.model_uri, spec.pruning)  # model readable and supported
-            return Job(spec=spec, state=Job.STATE_UNSPECIFIED, request_id=request_id)
+        await asyncio.to_thread(self._check_uris, sub.request)
+        if sub.validate_only:
+            await self.plan(sub.request.model_uri, sub.spec)  # model readable and supported
+            return JobRecord(
+                id="", spec=sub.spec, state=JobState.UNSPECIFIED, request_id=sub.request_id
+            )
         if self._queue.qsize() >= self.cfg.max_queued:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the queue is full ({self.cfg.max_queued} jobs waiting); retry later",
             )
-        if request_id and self.store.by_request_id(request_id) is not None:
-            return self.store.by_request_id(request_id)  # a concurrent twin won the race
-        jid = uuid.uuid4().hex[:16]
-        now = _now()
-        job = Job(
-            name=f"jobs/{jid}",
-            spec=spec,
-            state=Job.STATE_QUEUED,
-            request_id=request_id,
-            create_time=now,
-            update_time=now,
+        if sub.request_id:
+            twin = self.store.by_request_id(sub.request_id)
+            if twin is not None:
+                return twin  # a concurrent twin won the race
+        now = now_ns()
+        record = JobRecord(
+            id=uuid.uuid4().hex[:16],
+            spec=sub.spec,
+            state=JobState.QUEUED,
+            request_id=sub.request_id,
+            create_ns=now,
+            update_ns=now,
             message="queued",
         )
-        self.store.insert(jid, job)
+        self.store.insert(record)
+        log.info(
+            "job %s created: %s -> %s%s",
+            record.id, sub.request.model_uri, sub.request.output_uri,
+            f" (request_id {sub.request_id})" if sub.request_id else "",
+        )  # fmt: skip
         if self.metrics:
             self.metrics.job_submitted()
-        self._queue.put_nowait(jid)
+        self._queue.put_nowait(record.id)
         self._publish_queue_metrics()
         await self._notify()
-        return job
+        return record
 
     def _check_uris(self, request: JobRequest) -> None:
         """The pipeline's own pre-flight, before queueing: PERMISSION_DENIED,
         NOT_FOUND, ALREADY_EXISTS, or INVALID_ARGUMENT for an output inside the model."""
         from secateur.pruner.errors import InvalidSpecError
         from secateur.server.boundary import preflight
+        from secateur.server.storage import InvalidUriError
 
         try:
             preflight(self.storage, request)
-        except InvalidSpecError as exc:
+        except (InvalidSpecError, InvalidUriError) as exc:
             raise convert.invalid(convert.field_path(exc.field), str(exc)) from exc
 
-    async def cancel(self, name: str) -> Job:
-        job = self.get(name)
-        jid = job.name[5:]
-        if job.state in TERMINAL:
-            return job
-        self._cancel_requested.add(jid)
-        proc = self._procs.get(jid)
-        if job.state == Job.STATE_QUEUED and proc is None:
+    async def cancel(self, name: str) -> JobRecord:
+        record = self.get(name)
+        if record.state.terminal:
+            return record
+        log.info("job %s: cancel requested while %s", record.id, record.state.value)
+        self._cancel_requested.add(record.id)
+        if record.state == JobState.QUEUED:
             err = ServiceError(grpc.StatusCode.CANCELLED, "cancelled while queued")
-            await self._finish(jid, Job.STATE_CANCELLED, error=err)
+            await self._finish(record.id, JobState.CANCELLED, error=err)
             if self.metrics:
                 self.metrics.job_completed("cancelled", 0.0)
-        elif proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            self._killers.add(task := asyncio.create_task(self._kill_later(proc)))
-            task.add_done_callback(self._killers.discard)
-        return self.store.get(jid)
+        else:
+            self.runner.stop(record.id)
+        return self.store.get(record.id) or record
 
-    async def _kill_later(self, proc: asyncio.subprocess.Process) -> None:
-        try:
-            await asyncio.wait_for(proc.wait(), self.cfg.cancel_grace_s)
-        except TimeoutError:
-            proc.kill()
+    async def plan(self, model_uri: str, spec: bytes) -> dict[str, Any]:
+        """The dry-run plan of ``spec`` (a serialized JobSpec naming the model and pruning).
 
-    async def plan(self, model_uri: str, pruning: pb.PruningSpec) -> pb.PlanPruningResponse:
-        from secateur.pruner.errors import InvalidSpecError
-
-        if not model_uri.strip():
-            raise convert.invalid("model_uri", "model_uri is required. Received: an empty string")
-        try:
-            convert.prune_spec(pruning)
-        except InvalidSpecError as exc:
-            path = convert.field_path(exc.field).removeprefix("spec.")
-            raise convert.invalid(path, str(exc)) from exc
-        spec = pb.JobSpec(model_uri=model_uri, pruning=pruning)
-        if not await asyncio.to_thread(self.storage.exists, model_uri):  # allow-list first
+        Raises:
+            StorageNotFoundError: no model at ``model_uri`` (the allow-list checked first).
+            ServiceError: what the worker reports (unsupported model, ...).
+        """
+        model = await asyncio.to_thread(self.storage.locate, model_uri, "model_uri")
+        if not await asyncio.to_thread(self.storage.exists, model):  # allow-list first
             from secateur.server.storage import StorageNotFoundError
 
-            raise StorageNotFoundError("the model must exist.", model_uri)
-        outcome, _ = await self._spawn("plan", "plan-" + uuid.uuid4().hex[:8], spec)
+            raise StorageNotFoundError("the model must exist.", model.text)
+        outcome, _ = await self.runner.run("plan", "plan-" + uuid.uuid4().hex[:8], spec)
         if outcome.get("type") == "plan":
-            return convert.plan_response(outcome["plan"])
-        raise _error_of(outcome)
+            plan: dict[str, Any] = outcome["plan"]
+            return plan
+        raise error_of(outcome)
 
     # -- running -------------------------------------------------------------
     async def _runner(self) -> None:
@@ -299,258 +274,109 @@ class JobManager:
                 log.exception("the runner could not finish job %s; taking the next one", jid)
 
     async def _run_queued(self, jid: str) -> None:
-        job = self.store.get(jid)
-        if job is None or job.state != Job.STATE_QUEUED:
+        record = self.store.get(jid)
+        if record is None or record.state != JobState.QUEUED:
             return
         self._running += 1
         self._publish_queue_metrics()
         try:
-            await self._run(jid)
+            await self._run(record)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a store or reader failure fails the job
             err = internal_error(exc, f"job {jid}")
-            if self.store.get(jid).state not in TERMINAL:  # not after it ended
-                await self._finish(jid, Job.STATE_FAILED, error=err)
+            current = self.store.get(jid)
+            if current is not None and not current.state.terminal:  # not after it ended
+                await self._finish(jid, JobState.FAILED, error=err)
                 if self.metrics:
                     self.metrics.job_completed("failed", 0.0)
         finally:
             self._running -= 1
             self._publish_queue_metrics()
 
-    async def _run(self, jid: str) -> None:
-        job = Job.FromString(self.store.get(jid).SerializeToString())
-        job.state = Job.STATE_RUNNING
-        job.attempts += 1
-        job.start_time.CopyFrom(_now())
-        job.update_time.CopyFrom(job.start_time)
-        job.message = "starting"
-        await self._save(jid, job)
+    async def _run(self, record: JobRecord) -> None:
+        now = now_ns()
+        record = record.evolve(
+            state=JobState.RUNNING, attempts=record.attempts + 1, start_ns=now, message="starting"
+        )
+        await self.writes.save(record)
+        log.info("job %s started (attempt %d)", record.id, record.attempts)
         await self._notify()
         started = time.monotonic()
-        outcome, stage_times = await self._spawn("job", jid, job.spec)
+        outcome, stage_times = await self.runner.run(
+            "job", record.id, record.spec, lambda msg: self._progress(record.id, msg)
+        )
         if self._closing:
             return  # left RUNNING on purpose: the next start resumes it
         if self.metrics:
             for stage, secs in stage_times.items():
                 self.metrics.stage_finished(stage, secs)
+        await self._conclude(record.id, outcome)
+        if self.metrics:
+            final = self.store.get(record.id)
+            label = _outcome_label(final, outcome)
+            self.metrics.job_completed(label, time.monotonic() - started)
+
+    async def _conclude(self, jid: str, outcome: dict[str, Any]) -> None:
+        """End a job by its worker's outcome."""
         kind = outcome.get("type")
         if jid in self._cancel_requested and kind != "result":
-            await self._finish(
-                jid, Job.STATE_CANCELLED, error=ServiceError(grpc.StatusCode.CANCELLED, "cancelled")
-            )
+            err = ServiceError(grpc.StatusCode.CANCELLED, "cancelled")
+            await self._finish(jid, JobState.CANCELLED, error=err)
         elif kind == "result":
-            await self._finish(jid, Job.STATE_SUCCEEDED, report=outcome["report"])
+            await self._finish(jid, JobState.SUCCEEDED, report=outcome["report"])
         elif kind == "gate_failed":
             report = outcome["report"]
             err = ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"accuracy gate failed: {report.get('decision')}",
             )
-            await self._finish(jid, Job.STATE_FAILED, error=err, report=report)
+            await self._finish(jid, JobState.FAILED, error=err, report=report)
         else:
-            await self._finish(jid, Job.STATE_FAILED, error=_error_of(outcome))
-        if self.metrics:
-            final = self.store.get(jid)
-            self.metrics.job_completed(_outcome_label(final, outcome), time.monotonic() - started)
-
-    async def _spawn(
-        self, mode: str, key: str, spec: pb.JobSpec
-    ) -> tuple[dict[str, Any], dict[str, float]]:
-        """Run a worker; stream its events into the job; return its outcome.
-
-        If reading it fails (a store write, a reader), the worker is killed
-        and reaped before the error propagates: no job waits on a worker
-        that nobody reads any more.
-        """
-        work = os.path.join(self.cfg.state_dir, "work", key)
-        os.makedirs(work, exist_ok=True)
-        read_fd, write_fd = os.pipe()
-        payload = {
-            "mode": mode,
-            "spec": base64.b64encode(spec.SerializeToString()).decode(),
-            "allowed": list(self.cfg.allowed_prefixes or []),
-        }
-        env = os.environ | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.cfg.worker_command, "--events-fd", str(write_fd),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, pass_fds=(write_fd,), env=env,
-            )  # fmt: skip
-        except BaseException:
-            os.close(read_fd)
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        finally:
-            os.close(write_fd)
-        if mode == "job":
-            self._procs[key] = proc
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(payload).encode())
-        proc.stdin.close()
-        output = WorkerOutput(key)
-        logs = asyncio.create_task(output.drain(proc.stdout))
-        stage_times: dict[str, float] = {}
-        try:
-            outcome = await self._read_events(read_fd, key, mode == "job", stage_times)
-            await reap(proc, logs)
-        except Exception:
-            if proc.returncode is None:
-                proc.kill()
-            await reap(proc, logs)
-            raise
-        finally:
-            self._procs.pop(key, None)
-            shutil.rmtree(work, ignore_errors=True)
-        return self._checked(key, outcome, proc.returncode, output), stage_times
-
-    def _checked(
-        self, key: str, outcome: dict[str, Any], returncode: int | None, output: WorkerOutput
-    ) -> dict[str, Any]:
-        """The worker's outcome; an internal failure is logged with an incident id.
-
-        The log entry carries the worker's last output lines (its traceback),
-        the outcome's message the same incident id.
-        """
-        if outcome.get("type") != "error" and outcome:
-            return outcome
-        if outcome and outcome.get("code") != "INTERNAL":
-            return outcome
-        how = f"signal {-returncode}" if returncode and returncode < 0 else f"code {returncode}"
-        if not outcome and key in self._cancel_requested:
-            return {"type": "error", "code": "CANCELLED", "message": f"cancelled ({how})"}
-        incident = str(outcome.get("incident") or new_incident())
-        if not outcome or not outcome.get("incident"):
-            what = outcome.get("message") or f"the worker exited with {how} and no outcome"
-            outcome = {"type": "error", "code": "INTERNAL", "incident": incident,
-                       "message": incident_message(what, incident)}  # fmt: skip
-        log.error(
-            "worker %s failed: %s (incident %s, exit %s); its last output:\n%s",
-            key, outcome["message"], incident, how, output.tail_text(),
-        )  # fmt: skip
-        return outcome
-
-    async def _read_events(
-        self, fd: int, key: str, is_job: bool, stage_times: dict[str, float]
-    ) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb")
-        )
-        outcome: dict[str, Any] = {}
-        stage, stage_start = "", time.monotonic()
-        try:
-            async for raw, dropped in lines(reader, MAX_EVENT_LINE):
-                msg = parse_event(raw, dropped, key)
-                if msg is None:
-                    continue
-                if msg.get("type") != "event":
-                    outcome = msg
-                    continue
-                if msg["stage"] != stage:
-                    if stage:
-                        stage_times[stage] = (
-                            stage_times.get(stage, 0.0) + time.monotonic() - stage_start
-                        )
-                    stage, stage_start = msg["stage"], time.monotonic()
-                if is_job:
-                    await self._progress(key, msg)
-        finally:
-            transport.close()
-        if stage:
-            stage_times[stage] = stage_times.get(stage, 0.0) + time.monotonic() - stage_start
-        return outcome
+            await self._finish(jid, JobState.FAILED, error=error_of(outcome))
 
     async def _progress(self, jid: str, msg: dict[str, Any]) -> None:
         old = self.store.get(jid)
-        job = Job.FromString(old.SerializeToString())
-        stage = enums.stage_number(msg["stage"])
+        if old is None:
+            return
+        stage = msg["stage"] if msg["stage"] in STAGES else ""
+        record = old.evolve(
+            stage=stage,
+            progress=_overall(msg["stage"], float(msg.get("progress") or 0.0)),
+            message=f"{msg['stage'].lower()}: {msg.get('message', '')}".strip(),
+        )
         durable = stage != old.stage
-        job.stage = stage
-        job.progress = _overall(msg["stage"], float(msg.get("progress") or 0.0))
-        job.message = f"{msg['stage'].lower()}: {msg.get('message', '')}".strip()
-        job.update_time.CopyFrom(_now())
-        await self._save(jid, job, durable=durable)
+        await self.writes.save(record, durable=durable)
+        if durable:
+            log.info("job %s: stage %s", jid, stage or msg["stage"])
         await self._notify()
 
     async def _finish(
         self,
         jid: str,
-        state: int,
+        state: JobState,
         error: ServiceError | None = None,
         report: dict[str, Any] | None = None,
     ) -> None:
-        job = Job.FromString(self.store.get(jid).SerializeToString())
-        job.state = state
-        job.end_time.CopyFrom(_now())
-        job.update_time.CopyFrom(job.end_time)
-        if state == Job.STATE_SUCCEEDED:
-            job.progress = 1.0
-            job.stage = Job.STAGE_UNSPECIFIED
+        old = self.store.get(jid)
+        assert old is not None
+        now = now_ns()
+        changes: dict[str, Any] = {"state": state, "end_ns": now, "update_ns": now}
+        if state == JobState.SUCCEEDED:
+            changes |= {"progress": 1.0, "stage": ""}
+        message = old.message
         if error is not None:
-            job.error.CopyFrom(to_status_proto(error))
-            job.message = error.message
+            changes["error"] = JobError.of(error)
+            message = error.message
         if report is not None:
-            job.result.CopyFrom(convert.job_result(report))
-            job.message = report.get("decision") or job.message
+            changes["result"] = report
+            message = report.get("decision") or message
             if self.metrics:
                 self.metrics.record_figures(report.get("original"), report.get("pruned"))
-        await self._save_end(jid, job)
+        await self.writes.save_end(old.evolve(**changes, message=message))
+        _log_end(old, state, error, report, now)
         self._cancel_requested.discard(jid)
         await self._notify()
-
-    async def _save(self, jid: str, job: Job, durable: bool = True) -> None:
-        """``store.save``, tried again after each of ``store_retry_delays``; then raises.
-
-        The store changes memory only once the database took the write, so a
-        failure here leaves the two in agreement.
-        """
-        for delay in (*self.cfg.store_retry_delays, None):
-            try:
-                self.store.save(jid, job, durable=durable)
-                return
-            except Exception as exc:  # disk full, locked, I/O error
-                if delay is None:
-                    raise
-                log.warning("storing job %s failed (%s); retrying in %.1f s", jid, exc, delay)
-                await asyncio.sleep(delay)
-
-    async def _save_end(self, jid: str, job: Job) -> None:
-        """Store a job's end; never raises.
-
-        When the store stays unwritable, the job ends in memory anyway (its
-        watchers return, its slot frees) and a background task writes it as
-        soon as the store takes writes again.
-        """
-        try:
-            await self._save(jid, job)
-            return
-        except Exception as exc:  # see docstring
-            log.error(
-                "job %s ended %s but the store refused the write (incident %s); "
-                "retrying in the background",
-                jid, Job.State.Name(job.state), new_incident(), exc_info=exc,
-            )  # fmt: skip
-        self.store.save(jid, job, durable=False)
-        self._unsaved.add(jid)
-        if self._persister is None or self._persister.done():
-            self._persister = asyncio.create_task(self._persist_unsaved())
-
-    async def _persist_unsaved(self) -> None:
-        delay = max(self.cfg.store_retry_delays, default=1.0)
-        while self._unsaved:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
-            for jid in list(self._unsaved):
-                try:
-                    self.store.save(jid, self.store.get(jid))
-                except Exception as exc:  # noqa: BLE001 - still unwritable: later
-                    log.warning("storing the end of job %s failed again (%s)", jid, exc)
-                else:
-                    self._unsaved.discard(jid)
-                    log.info("job %s: its end is stored now", jid)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -561,25 +387,36 @@ class JobManager:
             self.metrics.set_queue(self._queue.qsize(), self._running)
 
 
-def _changed_from(store: Any, jid: str, seen: Job) -> Callable[[], bool]:
-    return lambda: store.get(jid) is not seen
+def _log_end(
+    old: JobRecord,
+    state: JobState,
+    error: ServiceError | None,
+    report: dict[str, Any] | None,
+    now: int,
+) -> None:
+    """The lifecycle line of a job's end: outcome, status code, time since it started."""
+    outcome = state.value.lower()
+    if state == JobState.FAILED and report is not None:
+        outcome = "failed (accuracy gate)"
+    code = f" {error.code.name}" if error is not None else ""
+    since = old.start_ns or old.create_ns
+    log.info(
+        "job %s finished: %s%s after %.1f s (%d attempt(s))",
+        old.id, outcome, code, (now - since) / 1e9 if since else 0.0, old.attempts,
+    )  # fmt: skip
+
+
+def _changed_from(store: JobStore, seen: JobRecord) -> Callable[[], bool]:
+    return lambda: store.get(seen.id) is not seen
 
 
 def _overall(stage: str, within: float) -> float:
     # One formula for the service and `secateur prune`: monotone across a sweep.
-    from secateur.server.pipeline import overall_progress
-
     return overall_progress(stage, within)
 
 
-def _outcome_label(job: Job, outcome: dict[str, Any]) -> str:
-    if outcome.get("type") == "gate_failed" and job.state == Job.STATE_FAILED:
+def _outcome_label(record: JobRecord | None, outcome: dict[str, Any]) -> str:
+    state = record.state if record is not None else JobState.FAILED
+    if outcome.get("type") == "gate_failed" and state == JobState.FAILED:
         return "gate_failed"
-    return OUTCOMES.get(job.state, "failed")
-
-
-def _error_of(outcome: dict[str, Any]) -> ServiceError:
-    code_name = outcome.get("code", "INTERNAL")
-    code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.INTERNAL)
-    violations = [tuple(v) for v in outcome.get("violations") or []]
-    return ServiceError(code, outcome.get("message") or "worker failed", violations)  # type: ignore[arg-type]
+    return OUTCOMES.get(state, "failed")

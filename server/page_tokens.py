@@ -21,7 +21,7 @@ from typing import NamedTuple
 import grpc
 
 from secateur.server.errors import ServiceError
-from secateur.v1 import pruning_pb2 as pb
+from secateur.server.records import JobState
 
 log = logging.getLogger("secateur.server")
 
@@ -30,6 +30,9 @@ SECRET_BYTES = 32
 MAC_BYTES = 16
 MAX_TOKEN_CHARS = 1024  # as convert bounds the field; tokens issued are ~100 characters
 VERSION = 1
+# A token carries its filter as the contract's Job.State number (0: all jobs).
+_NUMBERS = {state: number for number, state in enumerate(JobState)}
+_STATES = {number: state for state, number in _NUMBERS.items()}
 
 
 class Cursor(NamedTuple):
@@ -45,12 +48,13 @@ class PageTokens:
     def __init__(self, state_dir: str) -> None:
         self._secret = _load_secret(state_dir)
 
-    def issue(self, state: int, after: Cursor) -> str:
-        body = json.dumps([VERSION, state, after.create_ns, after.job_id]).encode()
+    def issue(self, state: JobState | None, after: Cursor) -> str:
+        number = _NUMBERS[state] if state is not None else 0
+        body = json.dumps([VERSION, number, after.create_ns, after.job_id]).encode()
         raw = self._mac(body) + body
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
-    def parse(self, token: str, state: int) -> Cursor:
+    def parse(self, token: str, state: JobState | None) -> Cursor:
         """The cursor in ``token``; INVALID_ARGUMENT unless this server issued it for ``state``."""
         if len(token) > MAX_TOKEN_CHARS:
             raise _invalid(token, f"longer than any token this server issues ({MAX_TOKEN_CHARS})")
@@ -64,11 +68,11 @@ class PageTokens:
         version, issued_for, create_ns, job_id = json.loads(body)  # signed by us: well formed
         if version != VERSION:
             raise _invalid(token, "issued by another version of this server")
-        if issued_for != state:
+        if issued_for != (_NUMBERS[state] if state is not None else 0):
+            shown = _STATES[issued_for].value if issued_for in _STATES and issued_for else "any"
             raise _invalid(
                 token,
-                f"issued for state={pb.Job.State.Name(issued_for)}; "
-                "pass the same state filter as the first page",
+                f"issued for state={shown}; pass the same state filter as the first page",
             )
         return Cursor(create_ns, job_id)
 

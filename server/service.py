@@ -28,10 +28,10 @@ from google.rpc import error_details_pb2, status_pb2  # noqa: F401
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from secateur.server import convert
+from secateur.server import convert, jobs_pb
 from secateur.server.errors import ErrorInterceptor
 from secateur.server.jobs import JobManager, ManagerConfig
-from secateur.server.store import JobStore, StoreOpenError
+from secateur.server.store import SqliteJobStore, StoreOpenError
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pb_grpc
 
@@ -45,32 +45,34 @@ class StartupError(Exception):
 
 
 class PruningServicer(pb_grpc.PruningServiceServicer):
-    """Thin: converts messages and calls the JobManager."""
+    """Thin: converts messages to domain objects, calls the JobManager, converts back."""
 
     def __init__(self, manager: JobManager) -> None:
         self.m = manager
 
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.Job:
-        return await self.m.create(request.spec, request.request_id, request.validate_only)
+        return jobs_pb.to_pb(await self.m.create(jobs_pb.submission(request)))
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        return self.m.get(request.name)
+        return jobs_pb.to_pb(self.m.get(request.name))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        jobs, token = self.m.list(request.state, request.page_size, request.page_token)
-        return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
+        state = jobs_pb.state_filter(request.state)
+        records, token = self.m.list(state, request.page_size, request.page_token)
+        return pb.ListJobsResponse(jobs=[jobs_pb.to_pb(r) for r in records], next_page_token=token)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
-        return await self.m.cancel(request.name)
+        return jobs_pb.to_pb(await self.m.cancel(request.name))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.Job]:
-        async for job in self.m.watch(request.name):
-            yield job
+        async for record in self.m.watch(request.name):
+            yield jobs_pb.to_pb(record)
 
     async def PlanPruning(
         self, request: pb.PlanPruningRequest, context: Any
     ) -> pb.PlanPruningResponse:
-        return await self.m.plan(request.model_uri, request.pruning)
+        spec = jobs_pb.plan_spec(request)
+        return convert.plan_response(await self.m.plan(request.model_uri, spec))
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -143,7 +145,7 @@ class RunningServer:
             health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         )
         self.metrics: Any = None
-        self.store: JobStore | None = None
+        self.store: SqliteJobStore | None = None
 
     async def start(self) -> None:
         """Open the store, bind the ports, start the jobs; StartupError if one can't be.
@@ -152,7 +154,7 @@ class RunningServer:
         """
         o = self.options
         try:
-            self.store = JobStore(o.state_dir)
+            self.store = SqliteJobStore(o.state_dir)
         except StoreOpenError as exc:
             raise StartupError(str(exc)) from exc
         try:

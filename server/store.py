@@ -1,23 +1,32 @@
-"""Durable jobs: an embedded SQLite store under the state directory.
+"""Durable jobs: the :class:`JobStore` interface and its embedded SQLite store.
 
-Each job is one row: indexed columns for lookups (id, request_id, state,
-create time) and the whole ``Job`` message as bytes. Writes are
-transactions (WAL journal), so a crash loses at most the update in flight,
-never a job. The store keeps every job in memory too: reads are served from
-there (the service is the only writer), which keeps ``GetJob`` fast.
+A store keeps :class:`~secateur.server.records.JobRecord` s keyed by id.
+:class:`SqliteJobStore` (the default, under the state directory) keeps each
+job as one row: indexed columns for lookups (id, request_id, state, create
+time), the whole ``secateur.v1.Job`` message as bytes and, since issue 9, the
+result's report as JSON beside it (a ``Job`` carries the report only as far
+as the contract shows it; rows without one are read from the message).
+Writes are transactions (WAL journal), so a crash loses at most the update in
+flight, never a job. The store keeps every job in memory too: reads are
+served from there (the service is the only writer), which keeps ``GetJob``
+fast.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
+from typing import Any, Protocol
 
-from google.rpc import code_pb2, status_pb2
+import grpc
 
+from secateur.server import jobs_pb
+from secateur.server.records import JobError, JobRecord, JobState, now_ns
 from secateur.v1 import pruning_pb2
 
 Job = pruning_pb2.Job
@@ -29,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_id TEXT UNIQUE,
     state INTEGER NOT NULL,
     create_time REAL NOT NULL,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    report TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (create_time DESC);
 """
@@ -53,8 +63,38 @@ class StoreOpenError(Exception):
     """The job database cannot be opened; the message names the file and what to do."""
 
 
-class JobStore:
-    """Jobs keyed by id (the ``{id}`` of ``jobs/{id}``)."""
+class JobStore(Protocol):
+    """What the job manager needs of a store; records keyed by ``record.id``.
+
+    ``save`` and ``insert`` change what ``get`` returns only once the write
+    is durable (``durable=False``: memory only, for progress ticks), so a
+    failed write leaves the store as it was.
+    """
+
+    def insert(self, record: JobRecord) -> None: ...
+
+    def save(self, record: JobRecord, durable: bool = True) -> None: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def by_request_id(self, request_id: str) -> JobRecord | None: ...
+
+    def page(
+        self, state: JobState | None, after: tuple[int, str] | None, limit: int
+    ) -> tuple[list[JobRecord], tuple[int, str] | None]:
+        """Jobs newest first by ``(create_ns, id)`` strictly after ``after``, of ``state``
+        (None: any); and the key of the page's last job when more follow."""
+        ...
+
+    def all(self) -> list[JobRecord]:
+        """Every job, oldest first."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteJobStore:
+    """A :class:`JobStore` in ``<state_dir>/jobs.sqlite`` (see module docstring)."""
 
     def __init__(self, state_dir: str) -> None:
         """Open (or create) ``<state_dir>/jobs.sqlite`` and load every job.
@@ -66,7 +106,7 @@ class JobStore:
         self.path = os.path.join(state_dir, "jobs.sqlite")
         self._db = _connect(state_dir, self.path)
         self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, JobRecord] = {}
         self._by_request: dict[str, str] = {}
         self._order: list[str] = []  # newest first
         try:
@@ -78,10 +118,10 @@ class JobStore:
     def _load(self) -> None:
         """Jobs into memory; a row that does not decode is quarantined, not fatal."""
         rows = self._db.execute(
-            "SELECT id, request_id, create_time, data FROM jobs ORDER BY create_time DESC"
+            "SELECT id, request_id, create_time, data, report FROM jobs ORDER BY create_time DESC"
         ).fetchall()
-        for job_id, request_id, create_time, data in rows:
-            job = _decode(job_id, data)
+        for job_id, request_id, create_time, data, report in rows:
+            job = _decode(job_id, data, report)
             if job is None:
                 job = self._quarantine(job_id, request_id, create_time, data)
             self._jobs[job_id] = job
@@ -89,7 +129,9 @@ class JobStore:
             if request_id:
                 self._by_request[request_id] = job_id
 
-    def _quarantine(self, job_id: str, request_id: str | None, create: float, data: object) -> Job:
+    def _quarantine(
+        self, job_id: str, request_id: str | None, create: float, data: object
+    ) -> JobRecord:
         """Keep an undecodable row's bytes aside and mark its job FAILED (DATA_LOSS)."""
         log.error(
             "job %s: its row in %s does not decode as a secateur.v1.Job; marked FAILED, "
@@ -97,61 +139,60 @@ class JobStore:
             job_id,
             self.path,
         )
-        job = Job(name=f"jobs/{job_id}", state=Job.STATE_FAILED, message=QUARANTINE_MESSAGE)
-        job.request_id = request_id or ""
-        if isinstance(create, int | float):
-            job.create_time.FromNanoseconds(int(create * 1e9))
-        job.end_time.GetCurrentTime()
-        job.update_time.GetCurrentTime()
-        job.error.CopyFrom(status_pb2.Status(code=code_pb2.DATA_LOSS, message=job.message))
+        now = now_ns()
+        job = JobRecord(
+            id=job_id,
+            spec=b"",
+            state=JobState.FAILED,
+            request_id=request_id or "",
+            message=QUARANTINE_MESSAGE,
+            error=JobError(grpc.StatusCode.DATA_LOSS, QUARANTINE_MESSAGE),
+            create_ns=int(create * 1e9) if isinstance(create, int | float) else 0,
+            end_ns=now,
+            update_ns=now,
+        )
         self._db.execute(
             "INSERT OR IGNORE INTO quarantine (id, data, reason, time) VALUES (?, ?, ?, ?)",
             (job_id, data, "does not decode as secateur.v1.Job", time.time()),
         )
         self._db.execute(
-            "UPDATE jobs SET state = ?, data = ? WHERE id = ?",
-            (job.state, job.SerializeToString(), job_id),
+            "UPDATE jobs SET state = ?, data = ?, report = ? WHERE id = ?", (*_row(job), job_id)
         )
         return job
 
-    def insert(self, job_id: str, job: Job) -> None:
+    def insert(self, record: JobRecord) -> None:
         with self._lock:
+            state, data, report = _row(record)
             self._db.execute(
-                "INSERT INTO jobs (id, request_id, state, create_time, data) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    job.request_id or None,
-                    job.state,
-                    job.create_time.ToNanoseconds() / 1e9,
-                    job.SerializeToString(),
-                ),
+                "INSERT INTO jobs (id, request_id, state, create_time, data, report) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, record.request_id or None, state, record.create_ns / 1e9, data, report),
             )
-            self._jobs[job_id] = job
-            self._order.insert(0, job_id)
-            if job.request_id:
-                self._by_request[job.request_id] = job_id
+            self._jobs[record.id] = record
+            self._order.insert(0, record.id)
+            if record.request_id:
+                self._by_request[record.request_id] = record.id
 
-    def save(self, job_id: str, job: Job, durable: bool = True) -> None:
+    def save(self, record: JobRecord, durable: bool = True) -> None:
         """Replace a job; ``durable=False`` only updates memory (progress ticks)."""
         with self._lock:
             if durable:  # the database first: a failed write leaves memory as it was
                 self._db.execute(
-                    "UPDATE jobs SET state = ?, data = ? WHERE id = ?",
-                    (job.state, job.SerializeToString(), job_id),
+                    "UPDATE jobs SET state = ?, data = ?, report = ? WHERE id = ?",
+                    (*_row(record), record.id),
                 )
-            self._jobs[job_id] = job
+            self._jobs[record.id] = record
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str) -> JobRecord | None:
         return self._jobs.get(job_id)
 
-    def by_request_id(self, request_id: str) -> Job | None:
+    def by_request_id(self, request_id: str) -> JobRecord | None:
         job_id = self._by_request.get(request_id)
         return self._jobs.get(job_id) if job_id else None
 
     def page(
-        self, state: int, after: tuple[int, str] | None, limit: int
-    ) -> tuple[list[Job], tuple[int, str] | None]:
+        self, state: JobState | None, after: tuple[int, str] | None, limit: int
+    ) -> tuple[list[JobRecord], tuple[int, str] | None]:
         """Jobs newest first by ``(create time in ns, id)``, optionally of one state.
 
         Only jobs ordered strictly after the key ``after`` are returned, so a
@@ -159,17 +200,17 @@ class JobStore:
         the key of the page's last job when more follow, else None.
         """
         with self._lock:
-            keyed = [((j.create_time.ToNanoseconds(), i), j) for i, j in self._jobs.items()]
+            keyed = [((j.create_ns, i), j) for i, j in self._jobs.items()]
         keyed = [
             (key, job)
             for key, job in keyed
-            if (not state or job.state == state) and (after is None or key < after)
+            if (state is None or job.state == state) and (after is None or key < after)
         ]
         chunk = heapq.nlargest(limit + 1, keyed, key=lambda kj: kj[0])
         more = len(chunk) > limit
         return [job for _, job in chunk[:limit]], (chunk[limit - 1][0] if more else None)
 
-    def all(self) -> list[Job]:
+    def all(self) -> list[JobRecord]:
         with self._lock:
             return [self._jobs[i] for i in reversed(self._order)]  # oldest first
 
@@ -195,6 +236,9 @@ def _connect(state_dir: str, path: str) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA + QUARANTINE_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "report" not in columns:  # a database from before issue 9
+            db.execute("ALTER TABLE jobs ADD COLUMN report TEXT")
     except sqlite3.Error as exc:
         db.close()
         raise StoreOpenError(_open_problem(path, exc)) from exc
@@ -227,12 +271,26 @@ def _open_problem(path: str, exc: sqlite3.Error) -> str:
     return f"cannot open the job database {path} ({text}): {what}"
 
 
-def _decode(job_id: object, data: object) -> Job | None:
-    """The row's Job, or None when its bytes are not one (or not this row's)."""
+def _row(record: JobRecord) -> tuple[int, bytes, str | None]:
+    """The stored columns of a record: state number, ``Job`` bytes, report JSON."""
+    job = jobs_pb.to_pb(record)
+    report = json.dumps(record.result, default=_jsonable) if record.result is not None else None
+    return job.state, job.SerializeToString(), report
+
+
+def _jsonable(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _decode(job_id: object, data: object, report: object) -> JobRecord | None:
+    """The row's record, or None when its bytes are not a Job (or not this row's)."""
     if not isinstance(data, bytes):
         return None
     try:
         job = Job.FromString(data)
+        if job.name != f"jobs/{job_id}":
+            return None
+        result = json.loads(report) if isinstance(report, str) else None
+        return jobs_pb.from_pb(job, result)
     except Exception:  # noqa: BLE001 - any decoding failure quarantines the row
         return None
-    return job if job.name == f"jobs/{job_id}" else None

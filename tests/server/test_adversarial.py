@@ -34,8 +34,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from secateur.server.jobs_pb import from_pb
 from secateur.server.service import SERVICE_NAME, BackgroundServer, ServerOptions
-from secateur.server.store import JobStore
+from secateur.server.store import SqliteJobStore
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 
@@ -45,11 +46,7 @@ Job = pb.Job
 OK = grpc.StatusCode.OK
 MAX_MESSAGE = 2048
 MAX_DETAILS = 4096
-SEEDED = {
-    "seed-done": Job.STATE_SUCCEEDED,
-    "seed-failed": Job.STATE_FAILED,
-    "seed-cancelled": Job.STATE_CANCELLED,
-}
+SEEDED = {"seed-done": Job.STATE_SUCCEEDED, "seed-failed": Job.STATE_FAILED, "seed-cancelled": Job.STATE_CANCELLED}
 PYTHON_TEXT = re.compile(
     r"Traceback|File \"|<class |\b[A-Z]\w*(Error|Exception)\b|\.py\b|site-packages"
     r"|\bsecateur\.(server|pruner|client)\b"  # modules; proto names (secateur.v1.X) are the API
@@ -148,11 +145,11 @@ def _files(root: Path) -> tuple[Path, Path, str, str]:
 
 
 def _seed(state: str) -> None:
-    store = JobStore(state)
+    store = SqliteJobStore(state)
     for i, (jid, st) in enumerate(SEEDED.items()):
         job = Job(name=f"jobs/{jid}", state=st, spec=pb.JobSpec(model_uri="m", output_uri="o"))
         job.create_time.FromSeconds(1_700_000_000 + i)
-        store.insert(jid, job)
+        store.insert(from_pb(job))
     store.close()
 
 
@@ -239,6 +236,8 @@ def _status_problems(e: Env, case: Case, err: grpc.RpcError) -> list[str]:
         problems.append(f"message shows Python text {m.group(0)!r}")
     if CONTROL.search(msg):
         problems.append("message carries raw control characters")
+    if msg.count("Received:") > 1:
+        problems.append(f"message says 'Received:' more than once: {msg[:300]!r}")
     for internal in (e.state, "secateur-job-", "/work/plan-", "/work/"):
         if internal in msg:
             problems.append(f"message names a server-internal path ({internal!r})")
@@ -271,10 +270,7 @@ def _after(e: Env, case: Case, before: tuple[set[str], set[str]]) -> list[str]:
     serving = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
     if serving.status != health_pb2.HealthCheckResponse.SERVING:
         problems.append(f"health is {serving.status} after the case")
-    if (
-        e.stub.GetJob(pb.GetJobRequest(name="jobs/seed-done"), timeout=10).state
-        != Job.STATE_SUCCEEDED
-    ):
+    if e.stub.GetJob(pb.GetJobRequest(name="jobs/seed-done"), timeout=10).state != Job.STATE_SUCCEEDED:
         problems.append("a seeded job changed")
     if os.path.exists(e.marker):
         problems.append("code from a model file ran (marker written)")

@@ -22,9 +22,11 @@ import pytest
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from secateur.server.jobs_pb import from_pb
 from secateur.server.main import add_serve_arguments, exposure_problem
+from secateur.server.records import JobState
 from secateur.server.service import BackgroundServer, ServerOptions
-from secateur.server.store import JobStore, StoreOpenError
+from secateur.server.store import SqliteJobStore, StoreOpenError
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 
@@ -276,7 +278,7 @@ def test_serve_databaseIsADirectory_exits2(tmp_path) -> None:
 )
 def test_serve_readOnlyDatabase_exits2(tmp_path) -> None:
     state = tmp_path / "state"
-    JobStore(str(state)).close()
+    SqliteJobStore(str(state)).close()
     for p in state.iterdir():
         p.chmod(0o444)
     state.chmod(0o555)
@@ -303,7 +305,7 @@ def test_serve_missingTokenFileAndPortInUse_exit2(tmp_path) -> None:
 def test_store_openProblems_areTyped(tmp_path) -> None:
     _corrupt_db(tmp_path / "state")
     with pytest.raises(StoreOpenError, match="is corrupt"):
-        JobStore(str(tmp_path / "state"))
+        SqliteJobStore(str(tmp_path / "state"))
 
 
 def _job(job_id: str, state: int) -> Job:
@@ -314,11 +316,11 @@ def _job(job_id: str, state: int) -> Job:
 
 def test_undecodableRow_isQuarantinedFailed_othersServed(tmp_path) -> None:
     state = str(tmp_path / "state")
-    store = JobStore(state)
-    store.insert("good1", _job("good1", Job.STATE_SUCCEEDED))
-    store.insert("bad", _job("bad", Job.STATE_RUNNING))
-    store.insert("stray", _job("stray", Job.STATE_QUEUED))
-    store.insert("good2", _job("good2", Job.STATE_CANCELLED))
+    store = SqliteJobStore(state)
+    store.insert(from_pb(_job("good1", Job.STATE_SUCCEEDED)))
+    store.insert(from_pb(_job("bad", Job.STATE_RUNNING)))
+    store.insert(from_pb(_job("stray", Job.STATE_QUEUED)))
+    store.insert(from_pb(_job("good2", Job.STATE_CANCELLED)))
     store.close()
     with sqlite3.connect(os.path.join(state, "jobs.sqlite")) as db:
         db.execute("UPDATE jobs SET data = ? WHERE id = 'bad'", (b"\xff\x00garbage",))
@@ -338,8 +340,8 @@ def test_undecodableRow_isQuarantinedFailed_othersServed(tmp_path) -> None:
         listed = stub.ListJobs(pb.ListJobsRequest(page_size=10)).jobs
         assert {j.name for j in listed} == {f"jobs/{i}" for i in ("good1", "bad", "stray", "good2")}
     # FAILED is stored; the original bytes are kept aside.
-    reopened = JobStore(state)
-    assert reopened.get("bad").state == Job.STATE_FAILED
+    reopened = SqliteJobStore(state)
+    assert reopened.get("bad").state == JobState.FAILED
     reopened.close()
     with sqlite3.connect(os.path.join(state, "jobs.sqlite")) as db:
         kept = dict(db.execute("SELECT id, data FROM quarantine").fetchall())

@@ -3,7 +3,9 @@ restart recovery, TLS/mTLS, tokens, health and reflection."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +117,65 @@ def test_job_lifecycle_watchToSuccess_idempotentCreate_list(server, digits_data,
     page = stub.ListJobs(pb.ListJobsRequest(page_size=10))
     assert [j.name for j in page.jobs] == [job.name] and not page.next_page_token
     assert not stub.ListJobs(pb.ListJobsRequest(state=Job.STATE_FAILED)).jobs
+
+
+def test_lifecycle_logsOneInfoLinePerEvent(server, digits_data, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "secateur.server")
+    stub = _stub(server.target)
+    spec = _spec(digits_data, tmp_path / "out")
+    ran = stub.CreateJob(pb.CreateJobRequest(spec=spec, request_id="logged-1"))
+    queued = stub.CreateJob(pb.CreateJobRequest(spec=spec))
+    stub.CancelJob(pb.CancelJobRequest(name=queued.name))
+    assert _wait(stub, ran.name).state == Job.STATE_SUCCEEDED
+
+    def lines(name: str) -> list[str]:
+        job_id = name.removeprefix("jobs/")
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.INFO and r.getMessage().startswith(f"job {job_id}")
+        ]
+
+    ran_id = ran.name.removeprefix("jobs/")
+    logged = lines(ran.name)
+    assert logged[0] == (
+        f"job {ran_id} created: {spec.model_uri} -> {spec.output_uri} (request_id logged-1)"
+    )
+    assert logged[1] == f"job {ran_id} started (attempt 1)"
+    stages = [line.split("stage ")[1] for line in logged if ": stage " in line]
+    assert stages == ["FETCHING", "ANALYZING", "SCORING", "REBUILDING",  # epochs=0: no FINE_TUNING
+                      "EVALUATING", "MEASURING", "EXPORTING"]  # fmt: skip
+    assert re.fullmatch(rf"job {ran_id} finished: succeeded after [0-9.]+ s \(1 attempt\(s\)\)",
+                        logged[-1])  # fmt: skip
+    assert len(logged) == 2 + len(stages) + 1  # nothing else, nothing twice
+    queued_id = queued.name.removeprefix("jobs/")
+    created, cancel, end = lines(queued.name)
+    assert created.startswith(f"job {queued_id} created: ")
+    assert cancel == f"job {queued_id}: cancel requested while QUEUED"
+    assert re.fullmatch(rf"job {queued_id} finished: cancelled CANCELLED after [0-9.]+ s "
+                        r"\(0 attempt\(s\)\)", end)  # fmt: skip
+
+
+def test_missingModel_messageSaysReceivedOnce(server, digits_data, tmp_path) -> None:
+    from secateur.server.storage import StorageNotFoundError
+
+    stub = _stub(server.target)
+    missing = _spec(digits_data, tmp_path / "out")
+    missing.model_uri = str(digits_data.root / "nope.keras")
+    calls = [
+        lambda: stub.CreateJob(pb.CreateJobRequest(spec=missing)),
+        lambda: stub.CreateJob(pb.CreateJobRequest(spec=missing, validate_only=True)),
+        lambda: stub.PlanPruning(
+            pb.PlanPruningRequest(model_uri=missing.model_uri, pruning=missing.pruning)
+        ),
+    ]
+    for call in calls:
+        err = _error(call)
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert err.details() == f"the model must exist. Received: {missing.model_uri}"
+    # A caller that ends its message with the URI itself still gets it once.
+    again = StorageNotFoundError("the model must exist. Received: nope.keras", "nope.keras")
+    assert str(again) == "the model must exist. Received: nope.keras"
 
 
 def test_cancel_runningAndQueued_leavesNoOutput(server, digits_data, tmp_path) -> None:
@@ -328,7 +389,8 @@ def test_restart_runningJobIsRunAgainToSuccess(digits_data, tmp_path) -> None:
         assert second.wait(60) == 0  # graceful shutdown
 
 
-def test_restart_givesUpAfterMaxAttempts(tmp_path) -> None:
+def test_restart_givesUpAfterMaxAttempts(tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "secateur.server")
     state = str(tmp_path / "state")
     store = SqliteJobStore(state)
     job = Job(
@@ -343,6 +405,11 @@ def test_restart_givesUpAfterMaxAttempts(tmp_path) -> None:
     with BackgroundServer(ServerOptions(state_dir=state, port=0)) as s:
         final = _stub(s.target).GetJob(pb.GetJobRequest(name="jobs/stuck"))
     assert final.state == Job.STATE_FAILED and "3 times" in final.error.message
+    assert any(
+        r.levelno == logging.INFO
+        and r.getMessage().startswith("job stuck recovered after a restart: failed")
+        for r in caplog.records
+    )
     assert final.error.code == grpc.StatusCode.ABORTED.value[0]
 
 

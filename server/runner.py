@@ -1,0 +1,209 @@
+"""Worker subprocesses: start one, feed it its request, read its events and outcome.
+
+The service runs each job (and each PlanPruning call) in its own process
+(``python -m secateur.server.worker``): isolation, real cancellation, clean
+memory figures. :class:`WorkerRunner` owns those processes; the job manager
+only asks it to run or stop one, by key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from secateur.server.errors import ServiceError
+from secateur.server.worker_pipes import (
+    MAX_EVENT_LINE,
+    WorkerOutput,
+    incident_message,
+    lines,
+    new_incident,
+    parse_event,
+    reap,
+)
+
+log = logging.getLogger("secateur.server")
+
+#: Called with each ``{"type": "event", ...}`` a job's worker sends.
+OnEvent = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class WorkerRunner:
+    """Start, read and stop worker processes.
+
+    Args:
+        command: what a worker runs, ``--events-fd N`` appended.
+        state_dir: each worker works (TMPDIR) in ``<state_dir>/work/<key>``,
+            removed when it ends.
+        allowed_prefixes: the storage allow-list the worker enforces too.
+        grace_s: after SIGTERM, how long a worker may take before SIGKILL.
+    """
+
+    def __init__(
+        self,
+        command: tuple[str, ...],
+        state_dir: str,
+        allowed_prefixes: tuple[str, ...] | None,
+        grace_s: float,
+    ) -> None:
+        self.command = command
+        self.state_dir = state_dir
+        self.allowed = list(allowed_prefixes or [])
+        self.grace_s = grace_s
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._stopping: set[str] = set()
+        self._killers: set[asyncio.Task[None]] = set()
+
+    def stop(self, key: str) -> None:
+        """Ask ``key``'s worker to stop (SIGTERM, SIGKILL after the grace period).
+
+        A worker not started yet is stopped as soon as it starts.
+        """
+        self._stopping.add(key)
+        proc = self._procs.get(key)
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            self._killers.add(task := asyncio.create_task(self._kill_later(proc)))
+            task.add_done_callback(self._killers.discard)
+
+    async def kill_all(self) -> None:
+        """SIGKILL every worker and wait for them (the server is stopping)."""
+        for proc in list(self._procs.values()):
+            if proc.returncode is None:
+                proc.kill()
+        for proc in list(self._procs.values()):
+            await proc.wait()
+
+    async def _kill_later(self, proc: asyncio.subprocess.Process) -> None:
+        try:
+            await asyncio.wait_for(proc.wait(), self.grace_s)
+        except TimeoutError:
+            proc.kill()
+
+    async def run(
+        self, mode: str, key: str, spec: bytes, on_event: OnEvent | None = None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Run a worker on ``spec`` (a serialized JobSpec); its outcome and seconds per stage.
+
+        If reading it fails (a store write in ``on_event``, a reader), the
+        worker is killed and reaped before the error propagates: no job waits
+        on a worker that nobody reads any more.
+        """
+        work = os.path.join(self.state_dir, "work", key)
+        os.makedirs(work, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        payload = {"mode": mode, "spec": base64.b64encode(spec).decode(), "allowed": self.allowed}
+        env = os.environ | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command, "--events-fd", str(write_fd),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, pass_fds=(write_fd,), env=env,
+            )  # fmt: skip
+        except BaseException:
+            os.close(read_fd)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            os.close(write_fd)
+        self._procs[key] = proc
+        if key in self._stopping:  # stopped before it started
+            self.stop(key)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(payload).encode())
+        proc.stdin.close()
+        output = WorkerOutput(key)
+        logs = asyncio.create_task(output.drain(proc.stdout))
+        stage_times: dict[str, float] = {}
+        try:
+            outcome = await _read_events(read_fd, key, on_event, stage_times)
+            await reap(proc, logs)
+        except Exception:
+            if proc.returncode is None:
+                proc.kill()
+            await reap(proc, logs)
+            raise
+        finally:
+            self._procs.pop(key, None)
+            shutil.rmtree(work, ignore_errors=True)
+        checked = self._checked(key, outcome, proc.returncode, output)
+        self._stopping.discard(key)
+        return checked, stage_times
+
+    def _checked(
+        self, key: str, outcome: dict[str, Any], returncode: int | None, output: WorkerOutput
+    ) -> dict[str, Any]:
+        """The worker's outcome; an internal failure is logged with an incident id.
+
+        The log entry carries the worker's last output lines (its traceback),
+        the outcome's message the same incident id.
+        """
+        if outcome.get("type") != "error" and outcome:
+            return outcome
+        if outcome and outcome.get("code") != "INTERNAL":
+            return outcome
+        how = f"signal {-returncode}" if returncode and returncode < 0 else f"code {returncode}"
+        if not outcome and key in self._stopping:
+            return {"type": "error", "code": "CANCELLED", "message": f"cancelled ({how})"}
+        incident = str(outcome.get("incident") or new_incident())
+        if not outcome or not outcome.get("incident"):
+            what = outcome.get("message") or f"the worker exited with {how} and no outcome"
+            outcome = {"type": "error", "code": "INTERNAL", "incident": incident,
+                       "message": incident_message(what, incident)}  # fmt: skip
+        log.error(
+            "worker %s failed: %s (incident %s, exit %s); its last output:\n%s",
+            key, outcome["message"], incident, how, output.tail_text(),
+        )  # fmt: skip
+        return outcome
+
+
+async def _read_events(
+    fd: int, key: str, on_event: OnEvent | None, stage_times: dict[str, float]
+) -> dict[str, Any]:
+    """Events go to ``on_event`` and time their stages; the last other message is the outcome."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb")
+    )
+    outcome: dict[str, Any] = {}
+    stage, stage_start = "", time.monotonic()
+    try:
+        async for raw, dropped in lines(reader, MAX_EVENT_LINE):
+            msg = parse_event(raw, dropped, key)
+            if msg is None:
+                continue
+            if msg.get("type") != "event":
+                outcome = msg
+                continue
+            if msg["stage"] != stage:
+                if stage:
+                    stage_times[stage] = (
+                        stage_times.get(stage, 0.0) + time.monotonic() - stage_start
+                    )
+                stage, stage_start = msg["stage"], time.monotonic()
+            if on_event is not None:
+                await on_event(msg)
+    finally:
+        transport.close()
+    if stage:
+        stage_times[stage] = stage_times.get(stage, 0.0) + time.monotonic() - stage_start
+    return outcome
+
+
+def error_of(outcome: dict[str, Any]) -> ServiceError:
+    """The ServiceError a worker's ``{"type": "error", ...}`` outcome stands for."""
+    code_name = outcome.get("code", "INTERNAL")
+    code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.INTERNAL)
+    violations = [tuple(v) for v in outcome.get("violations") or []]
+    return ServiceError(code, outcome.get("message") or "worker failed", violations)  # type: ignore[arg-type]
