@@ -19,11 +19,12 @@ import contextlib
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from secateur.pruner.errors import InvalidSpecError
 from secateur.server.errors import echo
-from secateur.server.storage import Storage, StorageExistsError, StorageNotFoundError
+from secateur.server.storage import Location, Storage, StorageExistsError, StorageNotFoundError
 
 if TYPE_CHECKING:
     from secateur.server.pipeline import JobRequest
@@ -32,35 +33,62 @@ if TYPE_CHECKING:
 TEMP_PREFIX = "secateur-"
 
 
-def preflight(storage: Storage, req: JobRequest) -> None:
+@dataclass(frozen=True)
+class JobPlaces:
+    """Where one job reads and writes: its URIs parsed and allow-listed once.
+
+    Attributes:
+        model: the model to prune.
+        output: the ``<base>`` its version is published under.
+        train_data / eval_data: the files the data patterns matched, in order.
+    """
+
+    model: Location
+    output: Location
+    train_data: tuple[Location, ...] = ()
+    eval_data: tuple[Location, ...] = ()
+
+
+def preflight(storage: Storage, req: JobRequest) -> JobPlaces:
     """Fail before any heavy work when the input or the output cannot be used.
+
+    Returns:
+        The job's places, for the job to fetch from and publish to without
+        parsing or globbing its URIs again.
 
     Raises:
         StoragePermissionError / InvalidUriError: a URI outside the allow-list
-            or malformed.
+            or malformed; ``.field`` names the request field that held it.
         StorageNotFoundError: no model, or a data pattern matching nothing.
         InvalidSpecError: ``output_uri`` is the model or lies inside it (field
             ``output_uri``): publishing there would write into the input.
         StorageExistsError: the requested output version exists.
     """
-    existing = storage.list_versions(req.output_uri)  # allow-list and reachability
-    if not storage.exists(req.model_uri):
-        raise StorageNotFoundError("the model must exist.", req.model_uri)
-    if storage.within(req.output_uri, req.model_uri):
+    output = storage.locate(req.output_uri, "output_uri")
+    existing = storage.list_versions(output)  # reachability
+    model = storage.locate(req.model_uri, "model_uri")
+    if not storage.exists(model):
+        raise StorageNotFoundError("the model must exist.", model.text)
+    if output.within(model):
         raise InvalidSpecError(
             "output_uri must not be the model or lie inside it: publishing there would "
             "write into the input model. Received: "
             f"output_uri={echo(req.output_uri)} within model_uri={echo(req.model_uri)}",
             "output_uri",
         )
-    for pattern in (req.train_data, req.eval_data):
-        if pattern:
-            storage.glob(pattern)  # NOT_FOUND when nothing matches
+    train = _matches(storage, req.train_data, "train_data")
+    evals = _matches(storage, req.eval_data, "eval_data")
     if req.version is not None and req.version in existing:
         raise StorageExistsError(
             f"output version {req.version} already exists; versions are never overwritten.",
-            req.output_uri,
+            output.text,
         )
+    return JobPlaces(model, output, train, evals)
+
+
+def _matches(storage: Storage, pattern: str | None, field: str) -> tuple[Location, ...]:
+    """The files ``pattern`` matches (NOT_FOUND when none); () without a pattern."""
+    return tuple(storage.find(storage.locate(pattern, field))) if pattern else ()
 
 
 @contextlib.contextmanager

@@ -29,8 +29,8 @@ from secateur.pruner.config import MeasureConfig, TrainConfig, check_float, chec
 from secateur.pruner.data import DataSpec
 from secateur.pruner.errors import CancelledError, DataError, InvalidSpecError
 from secateur.pruner.spec import PruneSpec
-from secateur.server.boundary import preflight, user_paths
-from secateur.server.storage import Storage
+from secateur.server.boundary import JobPlaces, preflight, user_paths
+from secateur.server.storage import Location, Storage
 from secateur.v1 import enums
 
 # The contract's Job.Stage names without their prefix, in order.
@@ -167,6 +167,8 @@ class PruneJob:
         self.timings: dict[str, float] = {}
         #: local copy -> the URI it came from (see :func:`boundary.user_paths`).
         self.names: dict[str, str] = {}
+        #: the job's URIs, parsed and checked once by preflight when the run starts.
+        self.places: JobPlaces
         self._stage_start = 0.0
         self._stage = ""
 
@@ -204,11 +206,11 @@ class PruneJob:
     def _run(self, work: str) -> dict[str, Any]:
         req = self.req
         self._enter("FETCHING", f"checking {req.output_uri}")
-        preflight(self.storage, req)
-        model_path = self.storage.download(req.model_uri, os.path.join(work, "model"))
-        self.names[model_path] = req.model_uri
-        train_files = self._fetch_data(req.train_data, os.path.join(work, "train"))
-        eval_files = self._fetch_data(req.eval_data, os.path.join(work, "eval"))
+        places = self.places = preflight(self.storage, req)
+        model_path = self.storage.download(places.model, os.path.join(work, "model"))
+        self.names[model_path] = places.model.text
+        train_files = self._fetch_data(places.train_data, os.path.join(work, "train"))
+        eval_files = self._fetch_data(places.eval_data, os.path.join(work, "eval"))
 
         self._enter("ANALYZING", "loading the model")
         from secateur.pruner.finetune import select_device
@@ -263,15 +265,15 @@ class PruneJob:
         report["timings_seconds"] = dict(self.timings)
         return report
 
-    def _fetch_data(self, pattern: str | None, dest: str) -> list[str]:
-        if not pattern:
+    def _fetch_data(self, matches: tuple[Location, ...], dest: str) -> list[str]:
+        if not matches:
             return []
         os.makedirs(dest, exist_ok=True)
         files = []
-        for i, uri in enumerate(self.storage.glob(pattern)):
+        for i, loc in enumerate(matches):
             sub = os.path.join(dest, str(i))
-            files.append(self.storage.download(uri, sub))
-            self.names[files[-1]] = uri
+            files.append(self.storage.download(loc, sub))
+            self.names[files[-1]] = loc.text
         return files
 
     def _candidate(
@@ -362,7 +364,7 @@ class PruneJob:
             json.dump(report, fh, indent=2, default=str)
         if self.should_cancel():  # the last moment a stop can still leave nothing behind
             raise CancelledError("job cancelled before publishing")
-        uri = self.storage.publish_dir(version_dir, self.req.output_uri, self.req.version)
+        uri = self.storage.publish_dir(version_dir, self.places.output, self.req.version)
         shutil.rmtree(version_dir, ignore_errors=True)
         return uri
 

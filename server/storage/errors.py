@@ -1,7 +1,8 @@
 """Typed storage errors; every backend raises these and nothing else.
 
-Each carries the user's spelling of the URI concerned as ``.uri``; messages
-end with ``Received: <uri>``::
+Each carries the user's spelling of the URI concerned as ``.uri`` (and, where
+the caller said so, the request field that held it as ``.field``); messages
+end with ``Received: <uri>``, escaped when it holds control characters::
 
     StorageError(Exception)
     ├── StorageNotFoundError       nothing at the URI
@@ -26,11 +27,28 @@ __all__ = [
 
 
 class StorageError(Exception):
-    """Base of every storage error; ``.uri`` is the URI concerned."""
+    """Base of every storage error.
 
-    def __init__(self, message: str, uri: str) -> None:
+    Attributes:
+        uri: the URI concerned, as the user wrote it.
+        field: the request field that held it (``model_uri``, ``train_data``),
+            when the caller said so (see ``Storage.locate``); a BadRequest
+            violation names it. ``""`` otherwise.
+    """
+
+    def __init__(self, message: str, uri: str, *, field: str = "") -> None:
         self.uri = uri
-        super().__init__(f"{message.rstrip()} Received: {uri}")
+        self.field = field
+        # ``message`` states the constraint; the URI is added here, once, even
+        # when a caller already ended the message with it.
+        constraint = message.rstrip().removesuffix(f"Received: {uri}").rstrip()
+        super().__init__(f"{constraint} Received: {shown(uri)}")
+
+
+def shown(uri: str) -> str:
+    """``uri`` as a message shows it: as is, or escaped (``repr``) when it holds
+    control or other unprintable characters a terminal or log would act on."""
+    return uri if uri.isprintable() else repr(uri)
 
 
 class StorageNotFoundError(StorageError):

@@ -9,6 +9,7 @@ from typing import Any
 from secateur.server.storage.backend import Backend
 from secateur.server.storage.errors import (
     InvalidUriError,
+    StorageError,
     StorageExistsError,
     StorageNotFoundError,
     StoragePermissionError,
@@ -57,14 +58,23 @@ class Storage:
         """The normalised allow-list, or ``None`` when everything is allowed."""
         return self._allow.prefixes
 
-    def locate(self, uri: UriLike) -> Location:
+    def locate(self, uri: UriLike, field: str = "") -> Location:
         """Parse ``uri`` and check it against the allow-list.
+
+        Args:
+            uri: what the user sent (or a Location, checked again here).
+            field: the request field ``uri`` came from; errors carry it as
+                ``.field`` so the service names it in a BadRequest violation.
 
         Raises:
             InvalidUriError: malformed URI or unsupported scheme.
             StoragePermissionError: outside the allow-list.
         """
-        return self._allow.check(Location.parse(uri))
+        try:
+            return self._allow.check(Location.parse(uri))
+        except StorageError as exc:
+            exc.field = exc.field or field
+            raise
 
     def _at(self, uri: UriLike) -> tuple[Location, Backend]:
         loc = self.locate(uri)

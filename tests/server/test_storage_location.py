@@ -84,3 +84,18 @@ def test_storage_takes_locations_and_finds_locations(tmp_path: Path) -> None:
     # A Location made elsewhere is still checked against this storage's allow-list.
     with pytest.raises(StoragePermissionError):
         Storage([str(tmp_path / "other")]).read_bytes(found[0])
+
+
+def test_errors_escape_control_characters_and_name_the_field(tmp_path: Path) -> None:
+    odd = f"{tmp_path}/m\r\x1b[2Kx.keras"
+    with pytest.raises(StorageNotFoundError) as info:
+        Storage().read_bytes(odd)
+    assert info.value.uri == odd
+    assert str(info.value).endswith(f"Received: {odd!r}")
+    assert "\x1b" not in str(info.value) and "\r" not in str(info.value)
+    with pytest.raises(InvalidUriError) as bad:
+        Storage().locate("s3://bucket/m.keras", field="model_uri")
+    assert bad.value.field == "model_uri"
+    with pytest.raises(StoragePermissionError) as denied:
+        Storage([str(tmp_path / "data")]).locate(str(tmp_path), field="output_uri")
+    assert denied.value.field == "output_uri"
