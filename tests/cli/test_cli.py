@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from secateur.cli.options import merged_options
+from secateur.cli.options import job_spec, merged_options
 from secateur.cli.outcome import EXIT_BAD_INPUT, EXIT_GATE, EXIT_OK
 from secateur.cli.parser import build_parser
 
@@ -98,7 +98,9 @@ def test_cli_specFile_flagsOverrideIt(tmp_path) -> None:
     args = build_parser().parse_args(["prune", "m", "o", "--spec", str(spec), "--criterion", "l1"])
     opts = merged_options(args)
     assert opts["ratio"] == 0.4 and opts["criterion"] == "l1" and opts["exclude"] == ["conv1"]
-    assert opts["epochs"] == 3 and opts["ratios"] == (0.1, 0.2)
+    assert opts["epochs"] == 3
+    spec_msg = job_spec(args)  # the file's '0.1,0.2' is read like the --ratios flag
+    assert list(spec_msg.pruning.ratios) == [0.1, 0.2] and spec_msg.training.epochs == 3
     spec.write_text("ratoi: 0.4\n")
     with pytest.raises(ValueError, match="ratoi"):
         merged_options(args)
