@@ -81,7 +81,7 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     """
     groups = {prefix: p.add_argument_group(title) for prefix, title in _GROUPS.items()}
     groups["pruning"].add_argument(
-        "--spec", help="YAML or JSON file with any of the fields below (keys as the flags, _)"
+        "--spec", help="YAML or JSON file with any of the fields below (key: the flag, _ for -)"
     )
     for f in SPEC_FIELDS:
         group = groups[f.path.split(".")[0] if "." in f.path else ""]
