@@ -188,9 +188,23 @@ def _status(client: PruningClient, args: argparse.Namespace) -> int:
 
     job = client.get(job_name(args.job))
     print(job_summary(job))
+    where = worker_line(job)
+    if where:
+        print(where)
     if not is_terminal(job):
         return EXIT_OK
     return finish_job(job, args.report, summary=False)
+
+
+def worker_line(job: pruning_pb2.Job) -> str:
+    """Where the job runs (scaled-out servers): its worker and lease, or ""."""
+    if not job.worker:
+        return ""
+    line = f"worker: {job.worker}"
+    if job.state == pruning_pb2.Job.STATE_RUNNING and job.HasField("lease_expire_time"):
+        expires = job.lease_expire_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        line += f"  lease expires {expires} UTC"
+    return line
 
 
 def _watch(client: PruningClient, args: argparse.Namespace) -> int:

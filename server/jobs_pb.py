@@ -76,6 +76,7 @@ def to_pb(record: JobRecord) -> pb.Job:
         message=record.message,
         request_id=record.request_id,
         attempts=record.attempts,
+        worker=record.worker,
     )
     if record.error is not None:
         job.error.CopyFrom(error_status(record.error))
@@ -86,6 +87,7 @@ def to_pb(record: JobRecord) -> pb.Job:
         ("start_time", record.start_ns),
         ("end_time", record.end_ns),
         ("update_time", record.update_ns),
+        ("lease_expire_time", record.lease_expires),
     ):
         if ns:
             getattr(job, field).FromNanoseconds(ns)
@@ -112,6 +114,8 @@ def from_pb(job: pb.Job, report: Mapping[str, Any] | None = None) -> JobRecord:
         end_ns=job.end_time.ToNanoseconds(),
         update_ns=job.update_time.ToNanoseconds(),
         attempts=job.attempts,
+        worker=job.worker,
+        lease_expires=job.lease_expire_time.ToNanoseconds(),
     )
 
 

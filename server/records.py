@@ -70,6 +70,9 @@ class JobRecord:
         create_ns, start_ns, end_ns, update_ns: wall-clock times in ns since
             the epoch (0: not yet).
         attempts: how many times the job was started.
+        worker: the worker that runs it (or ran it last); "" before one claims it.
+        lease_expires: when that worker's lease ends unless renewed, in ns
+            since the epoch (0: no lease; the SQLite store has none).
     """
 
     id: str
@@ -86,6 +89,8 @@ class JobRecord:
     end_ns: int = 0
     update_ns: int = 0
     attempts: int = 0
+    worker: str = ""
+    lease_expires: int = 0
 
     @property
     def name(self) -> str:
