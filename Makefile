@@ -30,8 +30,9 @@ bench-measure: $(STAMP)
 test: lint system-deps
 	$(PY) -m pytest
 
-## A real Prometheus server for the metrics tests (Debian package; root only,
-## otherwise those tests skip and say why), and buf (npm @bufbuild/buf, into
+## A real Prometheus server for the metrics tests and a real PostgreSQL for the
+## job store tests (Debian packages; root only, otherwise those tests skip and
+## say why), and buf (npm @bufbuild/buf, into
 ## .tools/) for the contract's lint test. Node.js/npm come with the machine.
 system-deps:
 	@command -v prometheus >/dev/null 2>&1 || { \
@@ -39,6 +40,11 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "note: prometheus is not installed; the Prometheus scrape tests will skip"; fi; }
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	  else echo "note: PostgreSQL is not installed; the PostgreSQL store tests will skip"; fi; }
 	@test -x .tools/node_modules/.bin/buf || { \
 	  if command -v npm >/dev/null 2>&1; then \
 	    npm install --silent --no-save --prefix .tools @bufbuild/buf >/dev/null; \

@@ -21,6 +21,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -91,6 +93,90 @@ class JobStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job a worker claimed: its record (now RUNNING) and the lease's fencing token."""
+
+    record: JobRecord
+    token: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A renewal's answer: still held?, cancel requested?, expiry (s since the epoch)."""
+
+    held: bool
+    cancel_requested: bool
+    expires: float
+
+
+class QueueStore(JobStore, Protocol):
+    """A store that also leases jobs to workers (PostgreSQL; see server/pgstore.py).
+
+    A worker ``claim`` s a job, ``renew`` s its lease while it runs and writes
+    with ``save_leased``; each claim bumps the job's fencing token, and a write
+    or ``fence`` naming a superseded token is refused, so a worker that lost
+    its lease can neither overwrite nor publish.
+    """
+
+    def claim(self, worker: str, lease_s: float, max_attempts: int) -> Claim | None: ...
+
+    def renew(self, job_id: str, token: int, lease_s: float) -> Lease: ...
+
+    def save_leased(self, record: JobRecord, token: int) -> bool: ...
+
+    def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool: ...
+
+    def request_cancel(self, job_id: str) -> JobRecord | None: ...
+
+    def counts(self) -> dict[JobState, int]: ...
+
+    def subscribe(self, callback: Callable[[str | None], None]) -> Callable[[], None]: ...
+
+
+def open_store(url: str, state_dir: str) -> JobStore:
+    """The store a ``--store`` URL names.
+
+    ``""`` or ``sqlite:///<state_dir>/jobs.sqlite`` is the embedded default
+    (:class:`SqliteJobStore`); ``sqlite:///ABS/DIR/jobs.sqlite`` keeps it in
+    another folder; ``postgresql://USER[:PASS]@HOST:PORT/DB`` (or
+    ``postgres://``) is the shared :class:`~secateur.server.pgstore.PostgresJobStore`.
+
+    Raises:
+        StoreOpenError: an unknown scheme, a SQLite path that is not an absolute
+            ``.../jobs.sqlite``, or a database that cannot be opened.
+    """
+    if not url:
+        return SqliteJobStore(state_dir)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        path = url[len("sqlite://") :]
+        if not path.startswith("/") or os.path.basename(path) != "jobs.sqlite":
+            raise StoreOpenError(
+                "a SQLite store URL must name an absolute path to a file called jobs.sqlite, "
+                f"as sqlite:///var/lib/secateur/jobs.sqlite. Received: {url}"
+            )
+        return SqliteJobStore(os.path.dirname(path))
+    if scheme in ("postgresql", "postgres"):
+        from secateur.server.pgstore import PostgresJobStore
+
+        return PostgresJobStore(url)
+    raise StoreOpenError(
+        "the store URL must start with sqlite:/// or postgresql:// "
+        "(postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE). "
+        f"Received: {_without_password(url)}"
+    )
+
+
+def _without_password(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (it is echoed in errors)."""
+    head, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{head}://{creds.split(':', 1)[0]}:***@{host}"
 
 
 class SqliteJobStore:

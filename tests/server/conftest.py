@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 
+# A real PostgreSQL for the store/queue tests: pg_server (session), pg_url (a database per test).
+from tests.server.pg_fixture import pg_server_fixture, pg_url_fixture  # noqa: F401
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""

@@ -1,0 +1,465 @@
+"""Jobs and their queue in PostgreSQL, shared by any number of replicas and workers.
+
+:class:`PostgresJobStore` is a :class:`~secateur.server.store.JobStore` (the
+API replicas' reads and writes) and a :class:`~secateur.server.store.QueueStore`
+(the workers' leases). It keeps nothing in memory: every call reads or writes
+the database through a psycopg connection pool, so any replica answers for
+any job. Rows hold the ``secateur.v1.Job`` bytes and the report JSON as
+SqliteJobStore does, beside the columns the queue works on (state, worker,
+lease expiry, fencing token, attempts, cancel flag, version); the schema is
+migrated on open (server/pgschema.py).
+
+- Idempotency across replicas is the ``request_id`` UNIQUE constraint
+  (``INSERT ... ON CONFLICT DO NOTHING``), never a process-local check.
+- Workers claim with ``SELECT ... FOR UPDATE SKIP LOCKED``: two claimers never
+  get the same job. Each claim increments the job's ``lease_token``; every
+  write a worker makes afterwards (:meth:`save_leased`, :meth:`fence`) names
+  its token and is refused once another claim superseded it, so a zombie
+  worker can neither overwrite nor publish.
+- Watchers: every write NOTIFYs ``secateur_jobs`` with the job id in its
+  transaction; :meth:`subscribe` hears them through one LISTEN thread per
+  store, and ALSO gets ``None`` ("read again") on reconnects and at least
+  every 2 s, because notifications are lost while PostgreSQL restarts
+  (server/pglisten.py). Lease renewals do not notify (they change nothing a
+  watcher shows but the expiry, and would wake every watcher each renewal).
+- A PostgreSQL restart: the pool checks each connection before lending it
+  (``ConnectionPool.check_connection``) and opens new ones, so the next call
+  works once the server is back; a call in flight fails with
+  :class:`StoreUnavailableError` (gRPC UNAVAILABLE), which callers retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import grpc
+
+from secateur.server import jobs_pb
+from secateur.server.pglisten import Listener, Subscriber
+from secateur.server.pgschema import CHANNEL, migrate
+from secateur.server.records import JobError, JobRecord, JobState, now_ns
+from secateur.server.store import (
+    QUARANTINE_MESSAGE,
+    Claim,
+    Lease,
+    StoreOpenError,
+    _decode,
+    _row,
+)
+
+log = logging.getLogger("secateur.server")
+
+# The columns a record is read from, in _record's order.
+COLUMNS = (
+    "id, data, report, worker, extract(epoch FROM lease_expires)::float8, "
+    "request_id, create_ns, attempts"
+)
+_NUM = {state: jobs_pb.state_number(state) for state in JobState}
+_STATE = {number: state for state, number in _NUM.items()}
+# Sets the stored columns of a record (parameters: state, data, report, attempts, id).
+_WRITE = (
+    "state = %s, data = %s, report = %s, attempts = %s, update_time = now(), "
+    "version = version + 1, lease_expires = CASE WHEN %s THEN NULL ELSE lease_expires END"
+)
+_NOTIFY = "SELECT pg_notify(%s, %s)"
+_CLAIMABLE = (
+    f"SELECT {COLUMNS}, state, cancel_requested FROM jobs "
+    "WHERE state = %s OR (state = %s AND lease_expires < now()) "
+    "ORDER BY create_ns LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
+
+
+class StoreUnavailableError(Exception):
+    """PostgreSQL did not answer (down, restarting, unreachable); try again later."""
+
+
+class DuplicateRequestError(Exception):
+    """Another job already has this ``request_id``; ``existing`` is that job."""
+
+    def __init__(self, existing: JobRecord) -> None:
+        super().__init__(f"job {existing.id} already has request_id {existing.request_id!r}")
+        self.existing = existing
+
+
+class PostgresJobStore:
+    """Jobs and the work queue in the PostgreSQL database at ``url`` (see module docstring).
+
+    Args:
+        url: ``postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE``.
+        pool_size: the most connections this store opens at once.
+        poll_s: subscribers hear ``None`` at least this often.
+        connect_timeout_s: how long opening waits for the server.
+
+    Raises:
+        StoreOpenError: the server cannot be reached or the schema not created;
+            the message names the server and what to check.
+    """
+
+    def __init__(
+        self, url: str, pool_size: int = 10, poll_s: float = 2.0, connect_timeout_s: float = 10.0
+    ) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        self.url = url
+        self._poll_s = poll_s
+        self._listener: Listener | None = None
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(1, pool_size),
+            open=False,
+            timeout=connect_timeout_s,
+            check=ConnectionPool.check_connection,
+            kwargs={"connect_timeout": max(1, int(connect_timeout_s))},
+            name="secateur-jobs",
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+            with self._pool.connection() as conn:
+                conn.autocommit = True
+                applied = migrate(conn)
+                conn.autocommit = False
+        except (psycopg.Error, PoolTimeout) as exc:
+            self._pool.close()
+            raise StoreOpenError(
+                f"cannot open the job database at {_safe(url)} ({str(exc).strip()}): check "
+                "that PostgreSQL runs there, that the database exists and that the user "
+                "may create tables in it"
+            ) from exc
+        if applied:
+            log.info("job database %s: schema migrations %s applied", _safe(url), applied)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """A pooled connection in a transaction (committed on exit); errors typed."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailableError(
+                f"the job database at {_safe(self.url)} did not answer ({str(exc).strip()}); "
+                "retry in a few seconds"
+            ) from exc
+
+    # -- JobStore ------------------------------------------------------------
+    def insert(self, record: JobRecord) -> None:
+        """Store a new job.
+
+        Raises:
+            DuplicateRequestError: a job with its ``request_id`` exists (any replica's).
+        """
+        stored = self.insert_or_existing(record)
+        if stored is not record:
+            raise DuplicateRequestError(stored)
+
+    def insert_or_existing(self, record: JobRecord) -> JobRecord:
+        """Store a new job; or, when its ``request_id`` is taken, the job that has it."""
+        state, data, report = _row(record)
+        with self._tx() as conn:
+            inserted = conn.execute(
+                "INSERT INTO jobs (id, request_id, state, create_ns, create_time, data, report,"
+                " attempts) VALUES (%s, %s, %s, %s, to_timestamp(%s), %s, %s, %s)"
+                " ON CONFLICT (request_id) DO NOTHING RETURNING id",
+                (
+                    record.id, record.request_id or None, state, record.create_ns,
+                    record.create_ns / 1e9, data, report, record.attempts,
+                ),
+            ).fetchone()  # fmt: skip
+            if inserted is not None:
+                _event(conn, record.id, "created", record.message)
+                conn.execute(_NOTIFY, (CHANNEL, record.id))
+                return record
+        twin = self.by_request_id(record.request_id)
+        if twin is None:  # cannot happen: rows are never deleted
+            raise StoreUnavailableError(f"request_id {record.request_id!r} vanished; retry")
+        return twin
+
+    def save(self, record: JobRecord, durable: bool = True) -> None:
+        """Replace a job's record (lease columns untouched); ``durable`` is ignored:
+        there is no memory to write to, every save is a database write."""
+        with self._tx() as conn:
+            _write(conn, record, "id = %s", (record.id,))
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._tx() as conn:
+            row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        return _record(row) if row else None
+
+    def by_request_id(self, request_id: str) -> JobRecord | None:
+        if not request_id:
+            return None
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE request_id = %s", (request_id,)
+            ).fetchone()
+        return _record(row) if row else None
+
+    def page(
+        self, state: JobState | None, after: tuple[int, str] | None, limit: int
+    ) -> tuple[list[JobRecord], tuple[int, str] | None]:
+        """Jobs newest first by ``(create time in ns, id)`` strictly after ``after``
+        (a keyset, as SqliteJobStore.page), and the last one's key when more follow."""
+        where: list[str] = ["true"]
+        params: list[Any] = []
+        if state is not None:
+            where.append("state = %s")
+            params.append(_NUM[state])
+        if after is not None:
+            where.append("(create_ns, id) < (%s, %s)")
+            params += [after[0], after[1]]
+        with self._tx() as conn:
+            rows = conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+                "ORDER BY create_ns DESC, id DESC LIMIT %s",
+                (*params, limit + 1),
+            ).fetchall()
+        records = [_record(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return records, ((records[-1].create_ns, records[-1].id) if more else None)
+
+    def all(self) -> list[JobRecord]:
+        """Every job, oldest first."""
+        with self._tx() as conn:
+            rows = conn.execute(f"SELECT {COLUMNS} FROM jobs ORDER BY create_ns, id").fetchall()
+        return [_record(row) for row in rows]
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        self._pool.close()
+
+    # -- watching ------------------------------------------------------------
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(job_id)`` from a background thread after each job write
+        (any process's), and ``callback(None)`` at least every ``poll_s``; returns
+        the function that unsubscribes (see server/pglisten.py)."""
+        if self._listener is None:
+            self._listener = Listener(self.url, self._poll_s)
+        return self._listener.subscribe(callback)
+
+    # -- QueueStore ----------------------------------------------------------
+    def claim(self, worker: str, lease_s: float, max_attempts: int) -> Claim | None:
+        """The oldest claimable job, now RUNNING on ``worker`` under a new token.
+
+        Claimable: QUEUED, or RUNNING with its lease expired (its worker died
+        or stalled). A reclaimed job that already ran ``max_attempts`` times
+        fails (ABORTED), one whose cancel was requested is CANCELLED; both
+        are skipped. None when nothing is claimable.
+        """
+        with self._tx() as conn:
+            while True:
+                row = conn.execute(
+                    _CLAIMABLE, (_NUM[JobState.QUEUED], _NUM[JobState.RUNNING])
+                ).fetchone()
+                if row is None:
+                    return None
+                record, stale_worker = _record(row[:8]), row[3]
+                if _STATE[row[8]] is JobState.RUNNING and (
+                    row[9] or record.attempts >= max_attempts
+                ):
+                    _write(conn, _given_up(record, stale_worker, row[9]), "id = %s", (record.id,))
+                    continue
+                return _take(conn, record, worker, lease_s)
+
+    def renew(self, job_id: str, token: int, lease_s: float) -> Lease:
+        """Extend a held lease by ``lease_s`` from now; ``held=False`` once lost."""
+        with self._tx() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET lease_expires = now() + make_interval(secs => %s) "
+                "WHERE id = %s AND lease_token = %s AND state = %s "
+                "RETURNING cancel_requested, extract(epoch FROM lease_expires)::float8",
+                (lease_s, job_id, token, _NUM[JobState.RUNNING]),
+            ).fetchone()
+        if row is None:
+            return Lease(held=False, cancel_requested=False, expires=0.0)
+        return Lease(held=True, cancel_requested=bool(row[0]), expires=float(row[1]))
+
+    def save_leased(self, record: JobRecord, token: int) -> bool:
+        """Write the record of a job this worker still holds (token current, RUNNING);
+        False, writing nothing, once the lease was lost."""
+        with self._tx() as conn:
+            return _write(
+                conn,
+                record,
+                "id = %s AND lease_token = %s AND state = %s",
+                (record.id, token, _NUM[JobState.RUNNING]),
+            )
+
+    def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool:
+        """May the holder of ``token`` publish now? See :func:`fence`."""
+        with self._tx() as conn:
+            return _fence(conn, job_id, token, min_remaining_s)
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a job: QUEUED ends CANCELLED at once; RUNNING gets its cancel flag
+        (its worker sees it at the next renewal and ends it); an ended job is
+        left as it is. The job as it is now; None when there is no such job."""
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE id = %s FOR UPDATE", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            record = _record(row)
+            if record.state is JobState.QUEUED:
+                error = JobError(grpc.StatusCode.CANCELLED, "cancelled while queued")
+                record = record.evolve(
+                    state=JobState.CANCELLED, end_ns=now_ns(), error=error, message=error.message
+                )
+                _write(conn, record, "id = %s", (job_id,))
+            elif record.state is JobState.RUNNING:
+                conn.execute(
+                    "UPDATE jobs SET cancel_requested = true, version = version + 1 WHERE id = %s",
+                    (job_id,),
+                )
+                _event(conn, job_id, "cancel_requested", "")
+                conn.execute(_NOTIFY, (CHANNEL, job_id))
+            return record
+
+    def counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, 0 for none)."""
+        with self._tx() as conn:
+            rows = conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        counts = dict.fromkeys(JobState, 0)
+        for number, count in rows:
+            counts[_STATE.get(number, JobState.UNSPECIFIED)] += int(count)
+        return counts
+
+
+def fence(url: str, job_id: str, token: int, min_remaining_s: float) -> bool:
+    """One short connection's fence check, for a job subprocess about to publish.
+
+    True iff the lease of ``token`` is still current, the job RUNNING, no
+    cancel requested, and the lease has more than ``min_remaining_s`` left;
+    the lease is then extended to at least twice that from now, so no other
+    worker can reclaim the job while it publishes. False on any doubt
+    (database unreachable included): not publishing is always safe.
+    """
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            return _fence(conn, job_id, token, min_remaining_s)
+    except psycopg.Error as exc:
+        log.warning("job %s: fence check failed (%s); not publishing", job_id, exc)
+        return False
+
+
+def _fence(conn: Any, job_id: str, token: int, min_remaining_s: float) -> bool:
+    row = conn.execute(
+        "UPDATE jobs SET lease_expires = greatest(lease_expires, "
+        "now() + make_interval(secs => %s)) WHERE id = %s AND lease_token = %s AND state = %s "
+        "AND NOT cancel_requested AND lease_expires > now() + make_interval(secs => %s) "
+        "RETURNING id",
+        (2 * min_remaining_s, job_id, token, _NUM[JobState.RUNNING], min_remaining_s),
+    ).fetchone()
+    return row is not None
+
+
+def _take(conn: Any, record: JobRecord, worker: str, lease_s: float) -> Claim:
+    """Mark a locked row RUNNING on ``worker`` under the next token."""
+    start = now_ns()
+    running = record.evolve(
+        state=JobState.RUNNING,
+        attempts=record.attempts + 1,
+        start_ns=start,
+        end_ns=0,
+        stage="",
+        progress=0.0,
+        message=f"running on worker {worker}",
+        error=None,
+    )
+    state, data, report = _row(running)
+    row = conn.execute(
+        "UPDATE jobs SET state = %s, data = %s, report = %s, attempts = %s, worker = %s, "
+        "lease_expires = now() + make_interval(secs => %s), lease_token = lease_token + 1, "
+        "cancel_requested = false, update_time = now(), version = version + 1 WHERE id = %s "
+        "RETURNING lease_token, extract(epoch FROM lease_expires)::float8",
+        (state, data, report, running.attempts, worker, lease_s, record.id),
+    ).fetchone()
+    _event(conn, record.id, "claimed", f"attempt {running.attempts} on {worker}")
+    conn.execute(_NOTIFY, (CHANNEL, record.id))
+    return Claim(record=_with_lease(running, worker, float(row[1])), token=int(row[0]))
+
+
+def _given_up(record: JobRecord, worker: str, cancel_requested: bool) -> JobRecord:
+    """The end of a reclaimed job that is not to run again."""
+    if cancel_requested:
+        error = JobError(grpc.StatusCode.CANCELLED, f"cancelled (its worker {worker} stopped)")
+        state = JobState.CANCELLED
+    else:
+        message = f"the job's worker stopped {record.attempts} times (last: {worker}); giving up"
+        error = JobError(grpc.StatusCode.ABORTED, message)
+        state = JobState.FAILED
+    return record.evolve(state=state, end_ns=now_ns(), error=error, message=error.message)
+
+
+def _write(conn: Any, record: JobRecord, where: str, params: tuple[Any, ...]) -> bool:
+    """Update the row of ``record`` where ``where`` holds, then event and NOTIFY."""
+    state, data, report = _row(record)
+    done = record.state.terminal or record.state is JobState.QUEUED
+    cursor = conn.execute(
+        f"UPDATE jobs SET {_WRITE} WHERE {where}",
+        (state, data, report, record.attempts, done, *params),
+    )
+    if cursor.rowcount == 0:
+        return False
+    if done:
+        _event(conn, record.id, record.state.value.lower(), record.message)
+    conn.execute(_NOTIFY, (CHANNEL, record.id))
+    return True
+
+
+def _event(conn: Any, job_id: str, kind: str, message: str) -> None:
+    conn.execute(
+        "INSERT INTO job_events (job_id, kind, message) VALUES (%s, %s, %s)",
+        (job_id, kind, message),
+    )
+
+
+def _record(row: Any) -> JobRecord:
+    """A record from COLUMNS; an undecodable row reads as FAILED (DATA_LOSS)."""
+    job_id, data, report, worker, expires, request_id, create_ns, _ = row
+    record = _decode(job_id, bytes(data) if data is not None else None, report)
+    if record is None:
+        log.error("job %s: its row does not decode as a secateur.v1.Job", job_id)
+        record = JobRecord(
+            id=job_id,
+            spec=b"",
+            state=JobState.FAILED,
+            request_id=request_id or "",
+            message=QUARANTINE_MESSAGE,
+            error=JobError(grpc.StatusCode.DATA_LOSS, QUARANTINE_MESSAGE),
+            create_ns=create_ns,
+        )
+    return _with_lease(record, worker or "", expires)
+
+
+def _with_lease(record: JobRecord, worker: str, expires: float | None) -> JobRecord:
+    """The record with the worker and lease expiry the row's columns hold."""
+    return replace(record, worker=worker, lease_expires=expires or 0.0)
+
+
+def _safe(url: str) -> str:
+    """``url`` without its password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - only for messages
+        return "(an unparsable URL)"
+    return (
+        f"{parts.get('host', '')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+        f" as {parts.get('user', '')}"
+    )
+
+
+__all__ = ["DuplicateRequestError", "PostgresJobStore", "StoreUnavailableError", "fence"]
