@@ -6,10 +6,13 @@ and the remote subcommands never import TensorFlow, the server or the pruner.
 Modules: ``parser`` (argument definitions), ``options`` (flags over a
 ``--spec`` file), ``local`` (``prune``, ``demo``, ``serve``: in-process),
 ``demo`` (the embedded default job), ``remote`` (``submit``, ``status``,
-``watch``, ``cancel``, ``list``: grpc and protobuf only), ``render``
-(progress, tables), ``outcome`` (exit codes), ``signals``, ``main``.
+``watch``, ``cancel``, ``list``: grpc and protobuf only), ``plan`` (the dry
+run, here or on a server), ``render`` (tables, with ``rich``), ``progress``
+(a ``rich`` bar, or heartbeat lines when stderr is not a terminal),
+``outcome`` (exit codes), ``signals``, ``main``.
 
-Local, in-process (import the pruner): ``prune``, ``demo``. Against a server
+Local, in-process (import the pruner): ``prune``, ``demo``, ``plan``
+(``plan --server`` asks the server instead). Against a server
 (grpc and protobuf only; ``--server`` defaults to $SECATEUR_SERVER or
 localhost:50051, the bearer token comes from ``--token-file`` or
 $SECATEUR_TOKEN): ``submit`` (``--wait`` shows progress, prints the table and
