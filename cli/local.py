@@ -168,3 +168,10 @@ def run_serve(argv: Sequence[str]) -> int:
     from secateur.server.main import main as serve_main
 
     return int(serve_main(list(argv)))
+
+
+def run_worker(argv: Sequence[str]) -> int:
+    """``secateur worker ...``: the server owns its flags (and its ``--help``)."""
+    from secateur.server.main import worker_main
+
+    return int(worker_main(list(argv)))

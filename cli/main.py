@@ -15,6 +15,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from secateur.cli.local import run_serve
 
         return run_serve(argv[1:])
+    if argv[:1] == ["worker"]:
+        from secateur.cli.local import run_worker
+
+        return run_worker(argv[1:])
     from secateur.cli.parser import build_parser
 
     args = build_parser().parse_args(argv)

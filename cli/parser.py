@@ -147,6 +147,12 @@ def _add_local_commands(sub: Any) -> None:
         add_help=False,
     )
     sv.add_argument("serve_args", nargs=argparse.REMAINDER)  # handled in main()
+    wk = sub.add_parser(
+        "worker",
+        help="run jobs of a shared PostgreSQL job store (see `secateur worker --help`)",
+        add_help=False,
+    )
+    wk.add_argument("worker_args", nargs=argparse.REMAINDER)  # handled in main()
 
 
 def _add_submit(sub: Any) -> None:

@@ -17,6 +17,14 @@ messages to and from them (``jobs_pb.py``). Guarantees:
   leaves no output;
 - each lifecycle event (created, started, stage change, recovered after a
   restart, cancel requested, finished) is one INFO line naming the job.
+
+With a shared queue store (PostgreSQL: ``store.claim`` exists) the manager
+is stateless: every read goes to the store, idempotency is the store's
+unique ``request_id``, CancelJob asks the store (the owning worker stops the
+job at its next lease renewal), WatchJob wakes on the store's change
+notifications and re-reads at least every ``WATCH_POLL_S`` seconds anyway;
+jobs are run by :class:`~secateur.server.workerloop.WorkerLoop` s — one in
+this process unless ``max_concurrent`` is 0 (an API-only replica).
 """
 
 from __future__ import annotations
@@ -41,8 +49,17 @@ from secateur.server.runner import WorkerRunner, error_of
 from secateur.server.storage import Storage
 from secateur.server.store import JobStore
 from secateur.server.store_writes import StoreWriter
+from secateur.server.workerloop import (
+    COUNTS_EVERY_S,
+    LoopConfig,
+    WorkerLoop,
+    default_worker_id,
+    publish_counts,
+)
 
 log = logging.getLogger("secateur.server")
+#: A watcher on a shared store re-reads its job at least this often (notifications can be lost).
+WATCH_POLL_S = 2.0
 OUTCOMES = {
     JobState.SUCCEEDED: "succeeded",
     JobState.FAILED: "failed",
@@ -63,6 +80,10 @@ class ManagerConfig:
     store_retry_delays: tuple[float, ...] = (0.1, 0.5, 2.0)
     #: The command a worker runs, ``--events-fd N`` appended (tests wrap it).
     worker_command: tuple[str, ...] = (sys.executable, "-m", "secateur.server.worker")
+    #: The shared store's URL (its workers' subprocesses check their lease there).
+    store_url: str = ""
+    #: A shared store's job lease (see workerloop).
+    lease_s: float = 30.0
 
 
 def job_id(name: str) -> str:
@@ -94,9 +115,16 @@ class JobManager:
         self._running = 0
         self._closing = False
         self._tokens = PageTokens(config.state_dir)
+        #: A shared queue store (PostgreSQL): see the module docstring.
+        self.shared = callable(getattr(store, "claim", None))
+        self.worker_loop: Any = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
+        if self.shared:
+            await self._start_shared()
+            return
         for record in self.store.all():
             if record.state == JobState.RUNNING:
                 self._recover(record)
@@ -130,9 +158,42 @@ class JobManager:
             )  # fmt: skip
         self.store.save(record)
 
+    async def _start_shared(self) -> None:
+        """Wake watchers on the store's notifications; run a worker loop unless API-only."""
+        loop = asyncio.get_running_loop()
+        subscribe = getattr(self.store, "subscribe", None)
+        if subscribe is not None:
+            wake = lambda _job: loop.call_soon_threadsafe(  # noqa: E731
+                lambda: asyncio.ensure_future(self._notify())
+            )
+            self._unsubscribe = subscribe(wake)
+        if self.metrics:
+            self._tasks.append(asyncio.create_task(self._count_forever()))
+        if self.cfg.max_concurrent > 0:
+            cfg = LoopConfig(
+                self.cfg.store_url,
+                default_worker_id(),
+                self.cfg.max_concurrent,
+                self.cfg.lease_s,
+                self.cfg.max_attempts,
+            )
+            self.worker_loop = WorkerLoop(cfg, self.store, self.runner, self.metrics)
+            self._tasks.append(asyncio.create_task(self.worker_loop.run()))
+
+    async def _count_forever(self) -> None:
+        """Queue depth and running jobs from the store: every replica reports the same."""
+        while True:
+            await publish_counts(self.store, self.metrics)
+            await asyncio.sleep(COUNTS_EVERY_S)
+
     async def shutdown(self) -> None:
         """Stop workers; their jobs stay RUNNING in the store and resume on restart."""
         self._closing = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self.worker_loop is not None:
+            self.worker_loop.stop()
+            await asyncio.wait(self._tasks[-1:], timeout=40)
         for task in self._tasks:
             task.cancel()
         await self.runner.kill_all()
@@ -162,6 +223,16 @@ class JobManager:
     async def watch(self, name: str) -> AsyncIterator[JobRecord]:
         last = self.get(name)
         yield last
+        while self.shared and not last.state.terminal:
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
+                except TimeoutError:
+                    pass
+            current = await asyncio.to_thread(self.store.get, last.id) or last
+            if current != last:
+                last = current
+                yield last
         while not last.state.terminal:
             async with self._changed:
                 await self._changed.wait_for(_changed_from(self.store, last))
@@ -184,7 +255,7 @@ class JobManager:
             return JobRecord(
                 id="", spec=sub.spec, state=JobState.UNSPECIFIED, request_id=sub.request_id
             )
-        if self._queue.qsize() >= self.cfg.max_queued:
+        if await self._queue_depth() >= self.cfg.max_queued:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the queue is full ({self.cfg.max_queued} jobs waiting); retry later",
@@ -203,7 +274,12 @@ class JobManager:
             update_ns=now,
             message="queued",
         )
-        self.store.insert(record)
+        if self.shared:
+            twin = await asyncio.to_thread(self._insert_shared, record)
+            if twin is not None:
+                return twin  # a twin on another replica won the race
+        else:
+            self.store.insert(record)
         log.info(
             "job %s created: %s -> %s%s",
             record.id, sub.request.model_uri, sub.request.output_uri,
@@ -215,6 +291,27 @@ class JobManager:
         self._publish_queue_metrics()
         await self._notify()
         return record
+
+    async def _queue_depth(self) -> int:
+        if not self.shared:
+            return self._queue.qsize()
+        counts = await asyncio.to_thread(self.store.counts)  # type: ignore[attr-defined]
+        return int(counts.get(JobState.QUEUED, 0))
+
+    def _insert_shared(self, record: JobRecord) -> JobRecord | None:
+        """Insert into a shared store; the job that holds ``request_id`` already, if any."""
+        try:
+            self.store.insert(record)
+        except Exception:
+            twin = self.store.by_request_id(record.request_id) if record.request_id else None
+            if twin is None:
+                raise
+            return twin
+        if record.request_id:
+            twin = self.store.by_request_id(record.request_id)
+            if twin is not None and twin.id != record.id:
+                return twin
+        return None
 
     def _check_uris(self, request: JobRequest) -> None:
         """The pipeline's own pre-flight, before queueing: PERMISSION_DENIED,
@@ -233,6 +330,13 @@ class JobManager:
         if record.state.terminal:
             return record
         log.info("job %s: cancel requested while %s", record.id, record.state.value)
+        if self.shared:
+            request_cancel = self.store.request_cancel  # type: ignore[attr-defined]
+            done: JobRecord = await asyncio.to_thread(request_cancel, record.id)
+            if self.metrics and done.state == JobState.CANCELLED:
+                self.metrics.job_completed("cancelled", 0.0)
+            await self._notify()
+            return done
         self._cancel_requested.add(record.id)
         if record.state == JobState.QUEUED:
             err = ServiceError(grpc.StatusCode.CANCELLED, "cancelled while queued")
@@ -383,7 +487,7 @@ class JobManager:
             self._changed.notify_all()
 
     def _publish_queue_metrics(self) -> None:
-        if self.metrics:
+        if self.metrics and not self.shared:
             self.metrics.set_queue(self._queue.qsize(), self._running)
 
 

@@ -87,7 +87,7 @@ def to_pb(record: JobRecord) -> pb.Job:
         ("start_time", record.start_ns),
         ("end_time", record.end_ns),
         ("update_time", record.update_ns),
-        ("lease_expire_time", record.lease_expires),
+        ("lease_expire_time", round(record.lease_expires * 1e9)),
     ):
         if ns:
             getattr(job, field).FromNanoseconds(ns)
@@ -115,7 +115,7 @@ def from_pb(job: pb.Job, report: Mapping[str, Any] | None = None) -> JobRecord:
         update_ns=job.update_time.ToNanoseconds(),
         attempts=job.attempts,
         worker=job.worker,
-        lease_expires=job.lease_expire_time.ToNanoseconds(),
+        lease_expires=job.lease_expire_time.ToNanoseconds() / 1e9,
     )
 
 

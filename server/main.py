@@ -39,7 +39,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="only read/write URIs under these prefixes (repeatable; default: the state dir's "
         "'models' folder, so nothing else is reachable until you allow it)",
     )
-    p.add_argument("--max-concurrent-jobs", type=int, default=1)
+    p.add_argument(
+        "--store",
+        help="where jobs live: sqlite:///PATH (default: sqlite:///<state-dir>/jobs.sqlite, jobs "
+        "run by this process) or postgresql://USER[:PASS]@HOST:PORT/DB (shared by replicas "
+        "and `secateur worker`s)",
+    )
+    p.add_argument(
+        "--max-concurrent-jobs",
+        type=int,
+        default=1,
+        help="jobs this process runs at once (with a postgresql --store, 0: API only; default 1)",
+    )
     p.add_argument("--max-queued-jobs", type=int, default=100)
     p.add_argument("--tls-cert", help="PEM server certificate (enables TLS)")
     p.add_argument("--tls-key", help="PEM server private key")
@@ -144,6 +155,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         tls_key=_read(args.tls_key, "--tls-key"),
         tls_client_ca=_read(args.tls_client_ca, "--tls-client-ca"),
         shutdown_grace_s=args.shutdown_grace_seconds,
+        store_url=args.store or "",
     )
 
 
@@ -170,3 +182,73 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        required=True,
+        help="the shared job store: postgresql://USER[:PASS]@HOST:PORT/DB",
+    )
+    p.add_argument(
+        "--state-dir", default=os.path.expanduser("~/.secateur"), help="work dirs of running jobs"
+    )
+    p.add_argument(
+        "--allowed-uri-prefix",
+        action="append",
+        help="only read/write URIs under these prefixes (repeatable; default: the state dir's "
+        "'models' folder)",
+    )
+    p.add_argument("--max-concurrent-jobs", type=int, default=1, help="jobs run at once")
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="a running job's lease, renewed every third of it; another worker reclaims the "
+        "job when it expires (default 30)",
+    )
+    p.add_argument("--max-attempts", type=int, default=3, help="a job's attempts before it fails")
+    p.add_argument(
+        "--metrics-port", type=int, default=-1, help="Prometheus /metrics port; -1 disables"
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics")
+    p.add_argument("--worker-id", help="this worker's name in jobs (default: hostname-pid)")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """``secateur worker``: claim and run jobs of a shared store until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(
+        prog="secateur worker", description="Run jobs of a shared (PostgreSQL) job store."
+    )
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    problem = _worker_problem(args)
+    if problem:
+        print(f"secateur worker: {problem}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        import asyncio
+
+        from secateur.server.workerloop import run_worker
+
+        return asyncio.run(run_worker(args))
+    except StartupError as exc:
+        print(f"secateur worker: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _worker_problem(args: argparse.Namespace) -> str | None:
+    if not args.store.startswith(("postgresql://", "postgres://")):
+        return (
+            "--store must be a shared postgresql://USER[:PASS]@HOST:PORT/DB store (SQLite jobs "
+            f"are run by `secateur serve` itself). Received: {args.store!r}"
+        )
+    if args.max_concurrent_jobs < 1:
+        return f"--max-concurrent-jobs must be >= 1. Received: {args.max_concurrent_jobs}"
+    if not args.lease_seconds >= 1:
+        return f"--lease-seconds must be >= 1. Received: {args.lease_seconds}"
+    return None

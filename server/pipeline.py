@@ -148,6 +148,10 @@ class GateFailed(Exception):
         self.report = report
 
 
+class LeaseLost(Exception):
+    """The job's fence refused publication: another worker owns the job now."""
+
+
 class PruneJob:
     """One end-to-end pruning job (see module docstring)."""
 
@@ -158,8 +162,12 @@ class PruneJob:
         on_event: Callable[[StageEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         device: Any | None = None,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
         self.req = request
+        #: Asked right before publishing (scaled-out workers): False means this
+        #: process no longer holds the job's lease, so it must publish nothing.
+        self.fence = fence
         self.storage = storage
         self.on_event = on_event or (lambda _e: None)
         self.should_cancel = should_cancel or (lambda: False)
@@ -364,6 +372,8 @@ class PruneJob:
             json.dump(report, fh, indent=2, default=str)
         if self.should_cancel():  # the last moment a stop can still leave nothing behind
             raise CancelledError("job cancelled before publishing")
+        if self.fence is not None and not self.fence():
+            raise LeaseLost("this worker lost the job's lease before publishing; nothing published")
         uri = self.storage.publish_dir(version_dir, self.places.output, self.req.version)
         shutil.rmtree(version_dir, ignore_errors=True)
         return uri

@@ -71,8 +71,8 @@ class JobRecord:
             the epoch (0: not yet).
         attempts: how many times the job was started.
         worker: the worker that runs it (or ran it last); "" before one claims it.
-        lease_expires: when that worker's lease ends unless renewed, in ns
-            since the epoch (0: no lease; the SQLite store has none).
+        lease_expires: when that worker's lease ends unless renewed, in
+            seconds since the epoch (0: no lease; the SQLite store has none).
     """
 
     id: str
@@ -90,7 +90,7 @@ class JobRecord:
     update_ns: int = 0
     attempts: int = 0
     worker: str = ""
-    lease_expires: int = 0
+    lease_expires: float = 0.0
 
     @property
     def name(self) -> str:

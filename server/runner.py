@@ -76,6 +76,13 @@ class WorkerRunner:
             self._killers.add(task := asyncio.create_task(self._kill_later(proc)))
             task.add_done_callback(self._killers.discard)
 
+    def kill(self, key: str) -> None:
+        """SIGKILL ``key``'s worker at once (its job's lease is lost: it must not go on)."""
+        self._stopping.add(key)
+        proc = self._procs.get(key)
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+
     async def kill_all(self) -> None:
         """SIGKILL every worker and wait for them (the server is stopping)."""
         for proc in list(self._procs.values()):
@@ -91,18 +98,31 @@ class WorkerRunner:
             proc.kill()
 
     async def run(
-        self, mode: str, key: str, spec: bytes, on_event: OnEvent | None = None
+        self,
+        mode: str,
+        key: str,
+        spec: bytes,
+        on_event: OnEvent | None = None,
+        lease: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Run a worker on ``spec`` (a serialized JobSpec); its outcome and seconds per stage.
 
         If reading it fails (a store write in ``on_event``, a reader), the
         worker is killed and reaped before the error propagates: no job waits
-        on a worker that nobody reads any more.
+        on a worker that nobody reads any more. ``lease`` (scaled-out workers:
+        store URL, job id, fencing token) lets the job check, right before
+        publishing, that it still owns the job (``worker._fence``).
         """
         work = os.path.join(self.state_dir, "work", key)
         os.makedirs(work, exist_ok=True)
         read_fd, write_fd = os.pipe()
-        payload = {"mode": mode, "spec": base64.b64encode(spec).decode(), "allowed": self.allowed}
+        payload: dict[str, Any] = {
+            "mode": mode,
+            "spec": base64.b64encode(spec).decode(),
+            "allowed": self.allowed,
+        }
+        if lease is not None:
+            payload["lease"] = lease
         env = os.environ | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from secateur.server import convert, jobs_pb
 from secateur.server.errors import ErrorInterceptor
 from secateur.server.jobs import JobManager, ManagerConfig
-from secateur.server.store import SqliteJobStore, StoreOpenError
+from secateur.server.store import JobStore, SqliteJobStore, StoreOpenError, open_store
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pb_grpc
 
@@ -129,6 +129,8 @@ class ServerOptions:
     tls_client_ca: bytes | None = None
     grace_s: float = 10.0  # after stopping: how long in-flight calls may still finish
     shutdown_grace_s: float = 0.0  # serve(): NOT_SERVING this long before stopping
+    #: ``--store``: "" is the embedded SQLite store under state_dir.
+    store_url: str = ""
     version: str = "0.1.0"
 
 
@@ -145,7 +147,7 @@ class RunningServer:
             health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         )
         self.metrics: Any = None
-        self.store: SqliteJobStore | None = None
+        self.store: JobStore | None = None
 
     async def start(self) -> None:
         """Open the store, bind the ports, start the jobs; StartupError if one can't be.
@@ -154,7 +156,10 @@ class RunningServer:
         """
         o = self.options
         try:
-            self.store = SqliteJobStore(o.state_dir)
+            if o.store_url:
+                self.store = open_store(o.store_url, o.state_dir)
+            else:
+                self.store = SqliteJobStore(o.state_dir)
         except StoreOpenError as exc:
             raise StartupError(str(exc)) from exc
         try:
@@ -163,7 +168,11 @@ class RunningServer:
                 interceptors.append(TokenInterceptor(set(o.tokens)))
             interceptors.append(ErrorInterceptor(validate=convert.check_sizes))
             cfg = ManagerConfig(
-                o.state_dir, o.allowed_prefixes, o.max_concurrent_jobs, o.max_queued_jobs
+                o.state_dir,
+                o.allowed_prefixes,
+                o.max_concurrent_jobs,
+                o.max_queued_jobs,
+                store_url=o.store_url,
             )
             self.manager = JobManager(cfg, self.store, self.metrics)
             self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)

@@ -74,7 +74,7 @@ class Emitter:
 
 def run(payload: dict[str, Any], emit: Emitter) -> None:
     from secateur.server.convert import job_request
-    from secateur.server.pipeline import GateFailed, PruneJob
+    from secateur.server.pipeline import GateFailed, LeaseLost, PruneJob
     from secateur.server.storage import Storage
     from secateur.v1 import pruning_pb2 as pb
 
@@ -85,11 +85,31 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
         return
     request = job_request(spec)
     try:
-        report = PruneJob(request, storage, emit.event, lambda: _cancelled).run()
+        fence = _fence(payload["lease"]) if payload.get("lease") else None
+        report = PruneJob(request, storage, emit.event, lambda: _cancelled, fence=fence).run()
+    except LeaseLost as lost:
+        emit.send(type="error", code="ABORTED", message=str(lost), lease_lost=True)
+        return
     except GateFailed as gate:
         emit.send(type="gate_failed", report=gate.report)
         return
     emit.send(type="result", report=report)
+
+
+def _fence(lease: dict[str, Any]) -> Any:
+    """The publication fence of a job a scaled-out worker leased to this process.
+
+    ``lease`` holds the store URL, the job id, the fencing token and the lease
+    time the publication still needs; the check opens its own short store
+    connection (the worker's pool is in another process).
+    """
+
+    def check() -> bool:
+        from secateur.server.pgstore import fence
+
+        return fence(lease["store"], lease["job_id"], lease["token"], lease["min_remaining_s"])
+
+    return check
 
 
 def _plan(spec: Any, storage: Any) -> dict[str, Any]:

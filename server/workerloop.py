@@ -1,0 +1,384 @@
+"""Scaled-out workers: claim queued jobs from a shared store, run them, hold their leases.
+
+``secateur worker`` (and a PostgreSQL-backed ``secateur serve`` with
+``--max-concurrent-jobs`` > 0) runs one :class:`WorkerLoop`. It claims up to
+``max_concurrent`` jobs at once from a queue store (``store.claim``: ``SELECT
+... FOR UPDATE SKIP LOCKED``, attempts + 1, a new fencing token) and runs each
+in its own subprocess (``runner.py``), exactly as the embedded server does.
+While a job runs its lease is renewed every ``lease_s / 3`` seconds:
+
+- the renewal says the job's cancel was requested (CancelJob on any
+  replica): the subprocess gets SIGTERM and the job ends CANCELLED;
+- the renewal finds the lease gone (this worker was paused or cut off past
+  its lease and another worker claimed the job): the subprocess is killed and
+  nothing is written — the new owner's record is not ours to touch;
+- a renewal that fails (PostgreSQL restarting) is retried until the lease
+  would have expired.
+
+Every write is ``store.save_leased(record, token)``: refused once the token
+is stale, so a zombie never overwrites the new owner's job. The subprocess
+itself checks the lease (``store.fence``) right before publishing, so a model
+is never published by a worker that lost its job. On SIGTERM the loop stops
+claiming, stops its subprocesses and hands their jobs back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from secateur.server.errors import ServiceError
+from secateur.server.pipeline import STAGES, overall_progress
+from secateur.server.records import JobError, JobRecord, JobState, now_ns
+from secateur.server.runner import WorkerRunner, error_of
+
+log = logging.getLogger("secateur.server")
+#: How often a shared store's queue depth and running count refresh the metrics.
+COUNTS_EVERY_S = 5.0
+
+
+def default_worker_id() -> str:
+    """``hostname-pid``: unique among the workers sharing a store."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    store_url: str
+    worker_id: str
+    max_concurrent: int = 1
+    lease_s: float = 30.0
+    max_attempts: int = 3
+    #: How long to wait before asking for work again when the queue was empty.
+    idle_poll_s: float = 1.0
+    #: Publication needs at least this much of the lease left (store.fence).
+    fence_margin_s: float = 2.0
+
+
+@dataclass
+class _Held:
+    """A job this worker runs: its latest record and what the renewals found."""
+
+    record: JobRecord
+    token: int
+    key: str
+    lost: bool = False
+    cancel: bool = False
+    last_write: float = 0.0
+
+
+class WorkerLoop:
+    """Claim, run and renew jobs of a queue store (see module docstring)."""
+
+    def __init__(self, cfg: LoopConfig, store: Any, runner: WorkerRunner, metrics: Any = None):
+        self.cfg = cfg
+        self.store = store
+        self.runner = runner
+        self.metrics = metrics
+        self._held: dict[str, _Held] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._slot = asyncio.Event()
+
+    @property
+    def running(self) -> int:
+        return len(self._held)
+
+    async def run(self) -> None:
+        """Claim jobs until :meth:`stop`; then hand the running ones back."""
+        while not self._stopping.is_set():
+            if len(self._held) >= self.cfg.max_concurrent:
+                self._slot.clear()
+                await self._wait(self._slot, None)
+                continue
+            claim = await self._claim()
+            if claim is None:
+                await self._wait(self._stopping, self.cfg.idle_poll_s)
+                continue
+            task = asyncio.create_task(self._run_job(claim.record, claim.token))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await self._release_all()
+
+    def stop(self) -> None:
+        """Stop claiming (the first step of a graceful shutdown)."""
+        self._stopping.set()
+        self._slot.set()
+
+    async def _wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        waiter = asyncio.ensure_future(event.wait())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({waiter, stop}, timeout=timeout, return_when="FIRST_COMPLETED")
+        finally:
+            waiter.cancel()
+            stop.cancel()
+
+    async def _claim(self) -> Any:
+        try:
+            return await asyncio.to_thread(
+                self.store.claim, self.cfg.worker_id, self.cfg.lease_s, self.cfg.max_attempts
+            )
+        except Exception as exc:  # noqa: BLE001 - the store is away: try again later
+            log.warning("worker %s: claiming a job failed (%s); retrying", self.cfg.worker_id, exc)
+            return None
+
+    # -- one job -----------------------------------------------------------
+    async def _run_job(self, record: JobRecord, token: int) -> None:
+        held = _Held(record, token, key=f"{record.id}-{token}")
+        self._held[record.id] = held
+        log.info(
+            "job %s claimed by worker %s (attempt %d, token %d)",
+            record.id, self.cfg.worker_id, record.attempts, token,
+        )  # fmt: skip
+        renewer = asyncio.create_task(self._renew(held))
+        started = time.monotonic()
+        lease = {
+            "store": self.cfg.store_url,
+            "job_id": record.id,
+            "token": token,
+            "min_remaining_s": self.cfg.fence_margin_s,
+        }
+        try:
+            outcome, stage_times = await self.runner.run(
+                "job", held.key, record.spec, lambda msg: self._progress(held, msg), lease
+            )
+        except Exception as exc:  # noqa: BLE001 - reading it failed: the job fails
+            outcome, stage_times = {"type": "error", "code": "INTERNAL", "message": str(exc)}, {}
+        finally:
+            renewer.cancel()
+        try:
+            if held.lost or outcome.get("lease_lost") or self._stopping.is_set():
+                if not self._stopping.is_set():
+                    log.warning("job %s: worker %s lost its lease", record.id, self.cfg.worker_id)
+                return  # the job is someone else's now, or handed back by _release_all
+            final = conclude(held.record, outcome, held.cancel)
+            if not await self._write(held, final, must=True):
+                return
+            self._observe(final, outcome, stage_times, time.monotonic() - started)
+        finally:
+            if not self._stopping.is_set():
+                self._held.pop(record.id, None)
+                self._slot.set()
+
+    async def _renew(self, held: _Held) -> None:
+        """Renew the lease every lease_s / 3 s; stop the subprocess when it is lost or cancelled."""
+        every = self.cfg.lease_s / 3
+        good_until = time.monotonic() + self.cfg.lease_s
+        while True:
+            await asyncio.sleep(every)
+            try:
+                lease = await asyncio.to_thread(
+                    self.store.renew, held.record.id, held.token, self.cfg.lease_s
+                )
+            except Exception as exc:  # noqa: BLE001 - retried until the lease would expire
+                if time.monotonic() + every < good_until:
+                    log.warning("job %s: renewing its lease failed (%s)", held.record.id, exc)
+                    continue
+                lease = None
+            if lease is None or not lease.held:
+                held.lost = True
+                self.runner.kill(held.key)
+                return
+            good_until = time.monotonic() + self.cfg.lease_s
+            if lease.cancel_requested and not held.cancel:
+                log.info("job %s: cancel requested; stopping its process", held.record.id)
+                held.cancel = True
+                self.runner.stop(held.key)
+
+    async def _progress(self, held: _Held, msg: dict[str, Any]) -> None:
+        """A subprocess event: written at each stage change and at most once a second."""
+        stage = msg["stage"] if msg["stage"] in STAGES else ""
+        old = held.record
+        held.record = old.evolve(
+            stage=stage,
+            progress=overall_progress(msg["stage"], float(msg.get("progress") or 0.0)),
+            message=f"{msg['stage'].lower()}: {msg.get('message', '')}".strip(),
+        )
+        if stage != old.stage or time.monotonic() - held.last_write >= 1.0:
+            if stage != old.stage:
+                log.info("job %s: stage %s", held.record.id, stage or msg["stage"])
+            await self._write(held, held.record, must=False)
+
+    async def _write(self, held: _Held, record: JobRecord, must: bool) -> bool:
+        """``save_leased``; False once fenced out. ``must``: retried until the lease is gone."""
+        held.last_write = time.monotonic()
+        deadline = time.monotonic() + (self.cfg.lease_s if must else 0.0)
+        while True:
+            try:
+                ok = await asyncio.to_thread(self.store.save_leased, record, held.token)
+                break
+            except Exception as exc:  # noqa: BLE001 - the store is away for a moment
+                if time.monotonic() >= deadline:
+                    log.warning("job %s: storing it failed (%s)", record.id, exc)
+                    return False
+                await asyncio.sleep(0.5)
+        if not ok:
+            held.lost = True
+            log.warning("job %s: fenced out (another worker owns it now)", record.id)
+        return bool(ok)
+
+    def _observe(
+        self, final: JobRecord, outcome: dict[str, Any], stage_times: dict[str, float], secs: float
+    ) -> None:
+        end_line(final, outcome)
+        if not self.metrics:
+            return
+        for stage, t in stage_times.items():
+            self.metrics.stage_finished(stage, t)
+        if final.result is not None:
+            self.metrics.record_figures(final.result.get("original"), final.result.get("pruned"))
+        label = final.state.value.lower()
+        if outcome.get("type") == "gate_failed" and final.state == JobState.FAILED:
+            label = "gate_failed"
+        self.metrics.job_completed(label, secs)
+
+    async def _release_all(self) -> None:
+        """Shutting down: kill our subprocesses and hand their jobs back to the queue."""
+        held = list(self._held.values())
+        for h in held:
+            self.runner.kill(h.key)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=30)
+        for h in held:
+            if h.lost:
+                continue
+            back = h.record.evolve(
+                state=JobState.QUEUED,
+                stage="",
+                progress=0.0,
+                worker="",
+                lease_expires=0.0,
+                message=f"worker {self.cfg.worker_id} stopped; the job will run again",
+            )
+            if await self._write(h, back, must=False):
+                log.info("job %s handed back to the queue", h.record.id)
+        self._held.clear()
+
+
+async def publish_counts(store: Any, metrics: Any) -> None:
+    """Set the queue metrics from a shared store's counts (a failure only logs)."""
+    try:
+        counts = await asyncio.to_thread(store.counts)
+    except Exception as exc:  # noqa: BLE001 - the store is away: keep the last numbers
+        log.warning("reading the job counts failed (%s)", exc)
+        return
+    metrics.set_queue(int(counts.get(JobState.QUEUED, 0)), int(counts.get(JobState.RUNNING, 0)))
+
+
+def conclude(record: JobRecord, outcome: dict[str, Any], cancelled: bool) -> JobRecord:
+    """The job's final record from its subprocess's outcome (as the embedded server ends it)."""
+    kind = outcome.get("type")
+    now = now_ns()
+    changes: dict[str, Any] = {"end_ns": now, "update_ns": now}
+    error: ServiceError | None = None
+    report = outcome.get("report") if kind in ("result", "gate_failed") else None
+    if cancelled and kind != "result":
+        state, error = JobState.CANCELLED, ServiceError(grpc.StatusCode.CANCELLED, "cancelled")
+    elif kind == "result":
+        state = JobState.SUCCEEDED
+        changes |= {"progress": 1.0, "stage": ""}
+    elif kind == "gate_failed":
+        state = JobState.FAILED
+        assert report is not None
+        error = ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"accuracy gate failed: {report.get('decision')}"
+        )
+    else:
+        state, error = JobState.FAILED, error_of(outcome)
+    message = record.message
+    if error is not None:
+        changes["error"] = JobError.of(error)
+        message = error.message
+    if report is not None:
+        changes["result"] = report
+        message = report.get("decision") or message
+    return record.evolve(state=state, message=message, **changes)
+
+
+def end_line(final: JobRecord, outcome: dict[str, Any]) -> None:
+    """The lifecycle line of a job's end on a worker."""
+    code = f" {final.error.code.name}" if final.error is not None else ""
+    since = final.start_ns or final.create_ns
+    log.info(
+        "job %s finished: %s%s after %.1f s (%d attempt(s))",
+        final.id, final.state.value.lower(), code,
+        (final.end_ns - since) / 1e9 if since else 0.0, final.attempts,
+    )  # fmt: skip
+
+
+async def run_worker(args: Any) -> int:
+    """``secateur worker``'s process: the loop, its metrics, and SIGTERM/SIGINT handling.
+
+    Raises:
+        StartupError: the store or the metrics port cannot be opened.
+    """
+    import signal
+    import sys
+
+    from secateur.server.service import StartupError
+    from secateur.server.store import StoreOpenError, open_store
+
+    state_dir = os.path.abspath(os.path.expanduser(args.state_dir))
+    allowed = tuple(args.allowed_uri_prefix or [os.path.join(state_dir, "models")])
+    try:
+        store = open_store(args.store, state_dir)
+    except StoreOpenError as exc:
+        raise StartupError(str(exc)) from exc
+    metrics = _worker_metrics(args.metrics_port, args.metrics_host)
+    command = (sys.executable, "-m", "secateur.server.worker")
+    runner = WorkerRunner(command, state_dir, allowed, grace_s=10.0)
+    cfg = LoopConfig(
+        args.store,
+        args.worker_id or default_worker_id(),
+        args.max_concurrent_jobs,
+        args.lease_seconds,
+        args.max_attempts,
+    )
+    loop = WorkerLoop(cfg, store, runner, metrics)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, loop.stop)
+
+    async def count_forever() -> None:
+        while True:
+            await publish_counts(store, metrics)
+            await asyncio.sleep(COUNTS_EVERY_S)
+
+    counter = asyncio.create_task(count_forever()) if metrics else None
+    print(f"secateur worker {cfg.worker_id} running jobs of the store", flush=True)
+    try:
+        await loop.run()
+    finally:
+        if counter is not None:
+            counter.cancel()
+        await runner.kill_all()
+        if metrics:
+            metrics.stop()
+        store.close()
+    log.info("worker %s stopped", cfg.worker_id)
+    return 0
+
+
+def _worker_metrics(port: int, host: str) -> Any:
+    """A worker's /metrics (None when ``port`` < 0); StartupError when it cannot listen."""
+    if port < 0:
+        return None
+    from secateur.server.metrics import ServerMetrics
+    from secateur.server.service import StartupError
+
+    metrics = ServerMetrics()
+    try:
+        metrics.serve(port, host=host)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another "
+            "--metrics-port (-1 disables it)"
+        ) from exc
+    return metrics
