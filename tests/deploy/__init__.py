@@ -2,7 +2,8 @@
 
 Shared helpers: a small Dockerfile reader (instructions per build stage, with
 line continuations and comments handled as Docker does), a .dockerignore
-matcher, and the flags of ``secateur serve`` taken from its own parser.
+matcher, and the flags of ``secateur serve`` and ``secateur worker`` taken from
+their own parsers.
 """
 
 from __future__ import annotations
@@ -187,3 +188,21 @@ def parse_serve_args(args: list[str]) -> argparse.Namespace:
     unknown = sorted(set(flag_names(args)) - serve_flags())
     assert not unknown, f"not flags of `secateur serve`: {unknown}"
     return serve_parser().parse_args(args)
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """``secateur worker``'s own argument parser."""
+    from secateur.server.main import add_worker_arguments
+
+    parser = argparse.ArgumentParser(prog="secateur worker", exit_on_error=False)
+    add_worker_arguments(parser)
+    return parser
+
+
+def parse_worker_args(args: list[str]) -> argparse.Namespace:
+    """Parse with ``secateur worker``'s parser; unknown flags fail the test."""
+    parser = worker_parser()
+    known = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    unknown = sorted(set(flag_names(args)) - known)
+    assert not unknown, f"not flags of `secateur worker`: {unknown}"
+    return parser.parse_args(args)

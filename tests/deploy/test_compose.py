@@ -1,8 +1,9 @@
-"""deploy/docker-compose.yml: the server, Prometheus and Grafana on one network.
+"""deploy/docker-compose.yml: PostgreSQL, two API replicas, two workers,
+Prometheus and Grafana on one network.
 
 Validated against the Compose Specification's schema, parsed with PyYAML and
-checked against the Dockerfile (target, ENTRYPOINT, state dir) and ``secateur
-serve``'s parser. The Prometheus and Grafana files it
+checked against the Dockerfile (target, ENTRYPOINT, state dir) and the parsers
+of ``secateur serve`` and ``secateur worker``. The Prometheus and Grafana files it
 mounts belong to deploy/prometheus and deploy/grafana; only their paths are
 checked here. ``docker compose config`` runs too where the compose plugin is
 installed.
@@ -26,12 +27,15 @@ from tests.deploy import (
     effective,
     exec_form,
     parse_serve_args,
+    parse_worker_args,
     read_stages,
 )
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 SPEC: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
 SERVICES: dict[str, Any] = SPEC["services"]
+REPLICAS = ("secateur", "secateur-2")
+WORKERS = ("worker-1", "worker-2")
 # The local (bind-mounted) paths, relative to deploy/, that compose may mount.
 LOCAL_MOUNTS = {
     "prometheus": {
@@ -65,64 +69,117 @@ def _ports(service: str) -> dict[int, str]:
     return out
 
 
-def _server_argv() -> list[str]:
-    """What the secateur container runs: the image's ENTRYPOINT + compose's command."""
-    target = SERVICES["secateur"]["build"]["target"]
-    entry = effective(read_stages(), target, "ENTRYPOINT")
-    assert entry is not None
-    argv = exec_form(entry.value)
-    assert argv[:2] == ["secateur", "serve"]
-    command = SERVICES["secateur"].get("command", [])
+def _argv(service: str) -> list[str]:
+    """What a secateur container runs: its ENTRYPOINT (the image's unless overridden)
+    + compose's command, without the leading ``secateur serve``/``secateur worker``."""
+    svc = SERVICES[service]
+    if "entrypoint" in svc:
+        argv = svc["entrypoint"]
+    else:
+        entry = effective(read_stages(), svc["build"]["target"], "ENTRYPOINT")
+        assert entry is not None
+        argv = exec_form(entry.value)
+    assert argv[:2] == ["secateur", "worker" if service in WORKERS else "serve"]
+    command = svc.get("command", [])
     assert isinstance(command, list), "command in list form: no shell splitting surprises"
     return [*argv[2:], *command]
 
 
+def _server_argv(service: str = "secateur") -> list[str]:
+    return _argv(service)
+
+
 def test_services() -> None:
-    assert set(SERVICES) == {"secateur", "prometheus", "grafana"}
+    assert set(SERVICES) == {"postgres", *REPLICAS, *WORKERS, "prometheus", "grafana"}
+    assert SERVICES["postgres"]["image"].startswith("postgres:")
     assert SERVICES["prometheus"]["image"].startswith("prom/prometheus:")
     assert SERVICES["grafana"]["image"].startswith("grafana/grafana:")
     for name, svc in SERVICES.items():
         if "image" in svc and "build" not in svc:
             tag = svc["image"].rpartition(":")[2]
             assert tag and tag != "latest" and "/" not in tag, f"{name}: pin the image tag"
-    assert "secateur" in SERVICES["prometheus"]["depends_on"]
+    assert set(SERVICES["prometheus"]["depends_on"]) >= {*REPLICAS, *WORKERS}
     assert "prometheus" in SERVICES["grafana"]["depends_on"]
+    # The replicas and workers start once PostgreSQL answers.
+    assert SERVICES["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    for name in (*REPLICAS, *WORKERS):
+        assert SERVICES[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
-def test_server_is_built_from_the_dockerfile() -> None:
-    build = SERVICES["secateur"]["build"]
+@pytest.mark.parametrize("service", [*REPLICAS, *WORKERS])
+def test_server_is_built_from_the_dockerfile(service: str) -> None:
+    build = SERVICES[service]["build"]
     context = (DEPLOY / build["context"]).resolve()
     assert context == ROOT
     assert (context / build["dockerfile"]).resolve() == DOCKERFILE
     assert build["target"] in {s.name for s in read_stages()}
+    assert SERVICES[service]["image"] == SERVICES["secateur"]["image"]
 
 
-def test_server_command_uses_serve_flags() -> None:
-    ns = parse_serve_args(_server_argv())
+@pytest.mark.parametrize("service", REPLICAS)
+def test_server_command_uses_serve_flags(service: str) -> None:
+    ns = parse_serve_args(_server_argv(service))
     assert ns.host == "0.0.0.0"
-    assert _ports("secateur") == {
-        ns.port: f"127.0.0.1:{ns.port}",
-        ns.metrics_port: f"127.0.0.1:{ns.metrics_port}",
-    }
     assert {ns.port, ns.metrics_port} == {50051, 9464}
-    # The state dir and the models folder are named volumes; the models folder is
+    # Each replica on its own loopback host ports.
+    host_ports = {host.rpartition(":")[2] for host in _ports(service).values()}
+    assert set(_ports(service)) == {ns.port, ns.metrics_port} and len(host_ports) == 2
+    # API only, on the shared database; the models folder is a named volume and
     # allow-listed (it replaces the default allow-list, the state dir's models/).
-    named = {target.rstrip("/"): src for src, target, _ in _volumes("secateur")}
-    assert named[ns.state_dir] in SPEC["volumes"]
+    assert ns.max_concurrent_jobs == 0
+    assert ns.store == _postgres_url()
+    named = {target.rstrip("/"): src for src, target, _ in _volumes(service)}
     assert ns.allowed_uri_prefix
     for prefix in ns.allowed_uri_prefix:
         if prefix.startswith("/"):
             assert named[prefix] in SPEC["volumes"], f"{prefix} is not on a named volume"
 
 
-def test_server_authentication_isChosen_unauthenticatedOnlyOnLoopbackPorts() -> None:
+def test_replicas_publish_distinct_host_ports() -> None:
+    published = [h for name in REPLICAS for h in _ports(name).values()]
+    assert len(published) == len(set(published)) == 4
+    assert all(h.startswith("127.0.0.1:") for h in published)
+
+
+def _postgres_url() -> str:
+    env = SERVICES["postgres"]["environment"]
+    user, password, db = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]
+    return f"postgresql://{user}:{password}@postgres:5432/{db}"
+
+
+@pytest.mark.parametrize("service", WORKERS)
+def test_workers_claim_from_the_same_database(service: str) -> None:
+    ns = parse_worker_args(_argv(service))
+    serve = parse_serve_args(_server_argv())
+    assert ns.store == serve.store == _postgres_url()
+    assert ns.allowed_uri_prefix == serve.allowed_uri_prefix
+    assert ns.max_concurrent_jobs >= 1 and ns.lease_seconds >= 1
+    # Prometheus scrapes the worker on the compose network (no published port).
+    assert (ns.metrics_host, ns.metrics_port) == ("0.0.0.0", 9464)
+    assert "ports" not in SERVICES[service]
+    named = {target.rstrip("/"): src for src, target, _ in _volumes(service)}
+    for prefix in ns.allowed_uri_prefix:
+        assert named[prefix] in SPEC["volumes"], f"{prefix} is not on a named volume"
+    # The image's HEALTHCHECK asks gRPC health, which a worker does not serve.
+    assert "9464/metrics" in " ".join(SERVICES[service]["healthcheck"]["test"])
+
+
+def test_prometheus_scrapes_every_replica_and_worker() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "secateur"]
+    targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {f"{name}:9464" for name in (*REPLICAS, *WORKERS)}
+
+
+@pytest.mark.parametrize("service", REPLICAS)
+def test_server_authentication_isChosen_unauthenticatedOnlyOnLoopbackPorts(service: str) -> None:
     """The server starts (the exposure check passes); without auth it is published on 127.0.0.1."""
     from secateur.server.main import exposure_problem
 
-    ns = parse_serve_args(_server_argv())
+    ns = parse_serve_args(_server_argv(service))
     assert exposure_problem(ns) is None
     if ns.allow_unauthenticated and not (ns.auth_token_file or ns.tls_client_ca):
-        hosts = _ports("secateur").values()
+        hosts = _ports(service).values()
         assert hosts and all(h.startswith("127.0.0.1:") for h in hosts), hosts
 
 

@@ -2,9 +2,12 @@
 
 ``kubectl kustomize`` renders deploy/k8s/overlays/{cpu,gpu,tpu}; every core and
 apps resource is validated offline against the Kubernetes JSON schemas bundled
-with kubernetes-validate (strict: unknown fields fail); the monitoring CRDs,
-which have no bundled schema, are checked field by field. Then the behaviour:
-the serve flags, volumes, probes, ports and accelerators fit together.
+with kubernetes-validate (strict: unknown fields fail); the monitoring and KEDA
+CRDs, which have no bundled schema, are checked field by field. Then the
+behaviour: the API replicas' serve flags and the workers' worker flags (parsed
+by their own parsers), volumes, probes, ports, the Secret they share with
+KEDA, and the accelerators fit together. The KEDA query runs against the real
+jobs table of a PostgreSQL server (tests/server/pg_fixture.py).
 """
 
 from __future__ import annotations
@@ -16,15 +19,18 @@ import shutil
 import subprocess
 from functools import cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from secateur.server.main import exposure_problem
-from tests.deploy import DEPLOY, parse_serve_args
+from tests.deploy import DEPLOY, parse_serve_args, parse_worker_args
+from tests.server.pg_fixture import pg_server_fixture, pg_url_fixture  # noqa: F401
 
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("cpu", "gpu", "tpu")
+API, WORKER = "secateur", "secateur-worker"
 # The oldest Kubernetes the manifests target (native gRPC probes are GA since
 # 1.27) and the newest schema kubernetes-validate bundles at its pinned version.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
@@ -32,12 +38,15 @@ SCHEMA_GROUPS = ("v1", "apps/v1")
 CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.googleapis.com/v1", "PodMonitoring"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
 }
 ACCELERATORS = ("nvidia.com/gpu", "google.com/tpu")
+Docs = tuple[dict[str, Any], ...]
 
 
 @cache
-def render(overlay: str) -> tuple[dict[str, Any], ...]:
+def render(overlay: str) -> Docs:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (needed for `kubectl kustomize`)")
@@ -51,34 +60,66 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
     return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
 
 
-def one(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+def one(docs: Docs, kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
     return found[0]
 
 
-def container(docs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-    containers = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["secateur"]
+def pod_labels(docs: Docs, name: str) -> dict[str, str]:
+    return dict(one(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"])
+
+
+def pod_spec(docs: Docs, name: str = API) -> dict[str, Any]:
+    return one(docs, "Deployment", name)["spec"]["template"]["spec"]
+
+
+def container(docs: Docs, name: str = API) -> dict[str, Any]:
+    containers = pod_spec(docs, name)["containers"]
+    assert len(containers) == 1, [c["name"] for c in containers]
     return containers[0]
 
 
-def pod_spec(docs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-    return one(docs, "Deployment")["spec"]["template"]["spec"]
-
-
-def expanded_args(docs: tuple[dict[str, Any], ...]) -> list[str]:
-    """command[2:] + args with $(VAR) expanded from the env the way the kubelet does."""
-    c = container(docs)
-    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+def container_env(docs: Docs, name: str = API) -> dict[str, str]:
+    """The container's env as the kubelet resolves it from ConfigMaps, Secrets, the pod."""
+    by_kind = {
+        kind: {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+        for kind in ("ConfigMap", "Secret")
+    }
     env: dict[str, str] = {}
-    for e in c.get("env", []):
+    for e in container(docs, name).get("env", []):
         if "value" in e:
             env[e["name"]] = e["value"]
-        else:
-            ref = e["valueFrom"]["configMapKeyRef"]
-            assert ref["name"] in configmaps, f"env {e['name']}: no ConfigMap {ref['name']}"
-            env[e["name"]] = configmaps[ref["name"]][ref["key"]]
+            continue
+        source = e["valueFrom"]
+        if "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "metadata.name", e
+            env[e["name"]] = f"{name}-pod"
+            continue
+        kind, ref = (
+            ("ConfigMap", source["configMapKeyRef"])
+            if "configMapKeyRef" in source
+            else ("Secret", source["secretKeyRef"])
+        )
+        assert ref["name"] in by_kind[kind], f"env {e['name']}: no {kind} {ref['name']}"
+        held = by_kind[kind][ref["name"]]
+        data = held.get("data", {}) | held.get("stringData", {})
+        assert ref["key"] in data, f"env {e['name']}: {kind} {ref['name']} has no {ref['key']}"
+        value = data[ref["key"]]
+        env[e["name"]] = _b64(value) if kind == "Secret" and "data" in held else value
+    return env
+
+
+def _b64(value: str) -> str:
+    import base64
+
+    return base64.b64decode(value).decode()
+
+
+def expanded_args(docs: Docs, name: str = API) -> list[str]:
+    """command[2:] + args with $(VAR) expanded from the env the way the kubelet does."""
+    c = container(docs, name)
+    env = container_env(docs, name)
 
     def expand(arg: str) -> str:
         def sub(m: re.Match[str]) -> str:
@@ -87,22 +128,39 @@ def expanded_args(docs: tuple[dict[str, Any], ...]) -> list[str]:
 
         return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, arg)
 
-    assert c["command"][:2] == ["secateur", "serve"]
+    expected = ["secateur", "serve" if name == API else "worker"]
+    assert c["command"][:2] == expected
     return [expand(a) for a in [*c["command"][2:], *c.get("args", [])]]
 
 
-def mount_of(docs: tuple[dict[str, Any], ...], path: str) -> tuple[dict, dict]:
+def mount_of(docs: Docs, path: str, name: str = API) -> tuple[dict, dict]:
     """The volumeMount holding ``path`` and its volume."""
-    c = container(docs)
     mounts = [
         m
-        for m in c["volumeMounts"]
+        for m in container(docs, name)["volumeMounts"]
         if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
     ]
     assert mounts, f"{path} is on no volume"
     mount = max(mounts, key=lambda m: len(m["mountPath"]))
-    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(docs, name)["volumes"]}
     return mount, volumes[mount["name"]]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels and In/NotIn/Exists matchExpressions) on ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -122,49 +180,84 @@ def test_core_resources_validate_against_the_kubernetes_schemas(overlay: str) ->
         "ConfigMap",
         "Secret",
         "Service",
-        "PersistentVolumeClaim",
         "Deployment",
     }
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} == {API, WORKER}
 
 
 def test_the_schema_validation_catches_a_mistake() -> None:
     kv = pytest.importorskip("kubernetes_validate")
-    bad = copy.deepcopy(one(render("cpu"), "Deployment"))
+    bad = copy.deepcopy(one(render("cpu"), "Deployment", API))
     bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kv.ValidationError):
         kv.validate(bad, K8S_VERSIONS[0], strict=True)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_monitoring_crds_scrape_the_metrics_port(overlay: str) -> None:
+def test_monitoring_crds_scrape_the_replicas_and_the_workers(overlay: str) -> None:
     docs = render(overlay)
-    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    service_ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
-    container_ports = {p["name"]: p for p in container(docs)["ports"]}
-    for api_version, kind in CRDS:
+    pods = {n: pod_labels(docs, n) for n in (API, WORKER)}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for api_version, kind in sorted(CRDS):
+        if not api_version.startswith("monitoring."):
+            continue
         doc = one(docs, kind)
         assert doc["apiVersion"] == api_version
-        assert doc["metadata"]["name"]
-        selector = doc["spec"]["selector"]["matchLabels"]
+        selector = doc["spec"]["selector"]
         endpoints = doc["spec"]["endpoints"]
         assert endpoints and all(e["port"] == "metrics" for e in endpoints)
         assert all(e.get("path", "/metrics") == "/metrics" for e in endpoints)
         if kind == "ServiceMonitor":  # selects Services, port names a Service port
-            service_labels = one(docs, "Service")["metadata"]["labels"]
-            assert selector.items() <= service_labels.items()
-            assert "metrics" in service_ports
+            chosen = {n for n, s in services.items() if selects(selector, s["metadata"]["labels"])}
+            assert chosen == {API, WORKER}
+            for name in chosen:
+                ports = {p["name"]: p for p in services[name]["spec"]["ports"]}
+                assert ports["metrics"]["targetPort"] == "metrics"
+                # The job is named by this label's value: "secateur" for both, as the rules expect.
+                assert services[name]["metadata"]["labels"][doc["spec"]["jobLabel"]] == "secateur"
         else:  # PodMonitoring selects pods, port names a container port
-            assert selector.items() <= pod_labels.items()
-            assert "metrics" in container_ports
+            assert all(selects(selector, labels) for labels in pods.values())
+        for name in (API, WORKER):
+            assert "metrics" in {p["name"] for p in container(docs, name)["ports"]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_one_server_per_state_dir(overlay: str) -> None:
+def test_api_replicas_are_stateless_and_run_no_jobs(overlay: str) -> None:
     docs = render(overlay)
-    spec = one(docs, "Deployment")["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
-    assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteOnce"]
+    spec = one(docs, "Deployment", API)["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    ns = parse_serve_args(expanded_args(docs))
+    assert ns.max_concurrent_jobs == 0
+    assert urlsplit(ns.store).scheme == "postgresql"
+    # The state dir is scratch: an emptyDir, not a volume that outlives the pod.
+    mount, volume = mount_of(docs, ns.state_dir)
+    assert mount["mountPath"] == ns.state_dir and "emptyDir" in volume
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_replicas_workers_and_keda_share_one_store_secret(overlay: str) -> None:
+    docs = render(overlay)
+    serve = parse_serve_args(expanded_args(docs, API))
+    work = parse_worker_args(expanded_args(docs, WORKER))
+    secret = one(docs, "Secret", serve_store_secret(docs))
+    assert serve.store == work.store == _b64(secret["data"]["url"])
+    # The URL is in the Secret, never written into the pod spec itself.
+    for name in (API, WORKER):
+        args = container(docs, name)["args"]
+        assert "--store=$(SECATEUR_STORE_URL)" in args
+    auth = one(docs, "TriggerAuthentication")
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert ref == {"parameter": "connection", "name": secret["metadata"]["name"], "key": "url"}
+    (trigger,) = one(docs, "ScaledObject")["spec"]["triggers"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+
+
+def serve_store_secret(docs: Docs) -> str:
+    (env,) = [e for e in container(docs, API)["env"] if e["name"] == "SECATEUR_STORE_URL"]
+    return str(env["valueFrom"]["secretKeyRef"]["name"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -172,24 +265,112 @@ def test_serve_flags_match_the_volumes(overlay: str) -> None:
     docs = render(overlay)
     ns = parse_serve_args(expanded_args(docs))
     assert ns.host == "0.0.0.0"
-    # --state-dir is the PersistentVolumeClaim's mount.
-    mount, volume = mount_of(docs, ns.state_dir)
-    assert mount["mountPath"] == ns.state_dir and not mount.get("readOnly")
-    pvc = one(docs, "PersistentVolumeClaim")["metadata"]["name"]
-    assert volume["persistentVolumeClaim"]["claimName"] == pvc
     # --auth-token-file is a key of the mounted Secret: authenticated, never opted out.
     assert ns.auth_token_file and not ns.allow_unauthenticated
     assert exposure_problem(ns) is None
     mount, volume = mount_of(docs, ns.auth_token_file)
-    secret = one(docs, "Secret")
+    secret = one(docs, "Secret", volume["secret"]["secretName"])
     assert mount.get("readOnly") is True
-    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
     key = posixpath.relpath(ns.auth_token_file, mount["mountPath"])
     assert key in secret.get("data", {}) | secret.get("stringData", {})
-    # The allow-list comes from the ConfigMap and is never empty.
+    # The allow-list comes from the ConfigMap and is never empty; the replicas and
+    # the workers share no disk, so it names buckets, not local folders.
     assert ns.allowed_uri_prefix and all(ns.allowed_uri_prefix)
     configmap = one(docs, "ConfigMap")["data"]
     assert set(ns.allowed_uri_prefix) == set(configmap.values())
+    assert all(p.startswith("gs://") for p in ns.allowed_uri_prefix)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_flags(overlay: str) -> None:
+    docs = render(overlay)
+    serve = parse_serve_args(expanded_args(docs, API))
+    ns = parse_worker_args(expanded_args(docs, WORKER))
+    assert set(ns.allowed_uri_prefix) == set(serve.allowed_uri_prefix)
+    assert ns.max_concurrent_jobs >= 1
+    # Renewed every third of the lease; SIGTERM hands the jobs back well within the grace.
+    assert (
+        10
+        <= ns.lease_seconds
+        <= one(docs, "Deployment", WORKER)["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+    )
+    assert ns.worker_id == f"{WORKER}-pod"  # the pod's name, from the downward API
+    mount, volume = mount_of(docs, ns.state_dir, WORKER)
+    assert mount["mountPath"] == ns.state_dir and "emptyDir" in volume
+    # /metrics listens where Prometheus reaches it: the pod IP, the `metrics` port.
+    ports = {p["name"]: p["containerPort"] for p in container(docs, WORKER)["ports"]}
+    assert ports == {"metrics": ns.metrics_port}
+    assert ns.metrics_host == "0.0.0.0"
+    # No replicas field: KEDA's HPA owns the count and an apply must not reset it.
+    assert "replicas" not in one(docs, "Deployment", WORKER)["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_scales_the_workers_to_zero_on_the_jobs_table(overlay: str) -> None:
+    docs = render(overlay)
+    scaled = one(docs, "ScaledObject")
+    spec = scaled["spec"]
+    target = spec["scaleTargetRef"]
+    assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment")) == (
+        "apps/v1",
+        "Deployment",
+    )
+    assert target["name"] == WORKER
+    assert spec["minReplicaCount"] == 0 < spec["maxReplicaCount"]
+    assert spec["cooldownPeriod"] > 0 and spec["pollingInterval"] > 0
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "postgresql"
+    metadata = trigger["metadata"]
+    # The postgresql scaler's metadata keys (keda.sh/docs/latest/scalers/postgresql);
+    # the connection comes from the TriggerAuthentication, not the metadata.
+    assert set(metadata) <= {"query", "targetQueryValue", "activationTargetQueryValue"}
+    assert all(isinstance(v, str) for v in metadata.values())  # KEDA metadata is string-valued
+    # One job per worker pod: the target is the workers' --max-concurrent-jobs.
+    work = parse_worker_args(expanded_args(docs, WORKER))
+    assert float(metadata["targetQueryValue"]) == work.max_concurrent_jobs
+    assert float(metadata.get("activationTargetQueryValue", "0")) == 0
+
+
+def keda_query() -> str:
+    (trigger,) = one(render("cpu"), "ScaledObject")["spec"]["triggers"]
+    return str(trigger["metadata"]["query"])
+
+
+def test_keda_query_counts_the_jobs_that_need_a_worker(pg_url: str) -> None:
+    """On the real schema: QUEUED and RUNNING jobs (a worker holds them), nothing finished."""
+    import psycopg
+
+    from secateur.server.pgstore import PostgresJobStore
+    from secateur.server.records import JobRecord, JobState, now_ns
+
+    store = PostgresJobStore(pg_url, pool_size=2)
+    try:
+        for i in range(5):
+            store.insert(JobRecord(id=f"j{i}", spec=b"", state=JobState.QUEUED, create_ns=now_ns()))
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute(keda_query()).fetchone() == (5,)
+        assert store.claim("w1", lease_s=60, max_attempts=3) is not None
+        assert store.claim("w2", lease_s=60, max_attempts=3) is not None
+        done = store.get("j4")
+        assert done is not None
+        store.save(done.evolve(state=JobState.SUCCEEDED))
+        cancelled = store.request_cancel("j3")
+        assert cancelled is not None and cancelled.state is JobState.CANCELLED
+        counts = store.counts()
+        assert (counts[JobState.QUEUED], counts[JobState.RUNNING]) == (1, 2)
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute(keda_query()).fetchone() == (3,)
+    finally:
+        store.close()
+
+
+def test_the_store_url_placeholder_is_a_postgresql_url_to_replace() -> None:
+    url = _b64(one(render("cpu"), "Secret", serve_store_secret(render("cpu")))["data"]["url"])
+    parts = urlsplit(url)
+    assert parts.scheme == "postgresql" and parts.hostname and parts.port and parts.path != "/"
+    assert "REPLACE-ME" in url
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -199,10 +380,12 @@ def test_termination_grace_covers_the_drain(overlay: str) -> None:
 
     docs = render(overlay)
     ns = parse_serve_args(expanded_args(docs))
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     rpc_grace = ServerOptions(state_dir="/").grace_s
     assert ns.shutdown_grace_seconds > 0
-    assert ns.shutdown_grace_seconds + rpc_grace + 10 <= pod["terminationGracePeriodSeconds"]
+    assert (
+        ns.shutdown_grace_seconds + rpc_grace + 10
+        <= pod_spec(docs)["terminationGracePeriodSeconds"]
+    )
 
 
 def test_placeholder_tokens_hold_no_token() -> None:
@@ -230,10 +413,11 @@ def test_grpc_probes_and_ports(overlay: str) -> None:
             "metrics": 9464,
         }
     )
-    service = one(docs, "Service")
-    assert service["spec"]["selector"].items() <= (
-        one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
-    )
+    service = one(docs, "Service", API)
+    selector = {"matchLabels": service["spec"]["selector"]}
+    # Only the API pods: a worker behind the Service would refuse every call.
+    assert selects(selector, pod_labels(docs, API))
+    assert not selects(selector, pod_labels(docs, WORKER))
     for p in service["spec"]["ports"]:
         target = p["targetPort"]
         target_port = ports[target] if isinstance(target, str) else target
@@ -241,16 +425,17 @@ def test_grpc_probes_and_ports(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_runs_locked_down(overlay: str) -> None:
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_runs_locked_down(overlay: str, name: str) -> None:
     docs = render(overlay)
-    pod = pod_spec(docs)
-    c = container(docs)
+    pod = pod_spec(docs, name)
+    c = container(docs, name)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    mount, volume = mount_of(docs, "/tmp")
+    mount, volume = mount_of(docs, "/tmp", name)
     assert mount["mountPath"] == "/tmp" and "emptyDir" in volume
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["HOME"] == "/tmp"
@@ -259,48 +444,55 @@ def test_runs_locked_down(overlay: str) -> None:
     assert "memory" in c["resources"]["requests"] and "memory" in c["resources"]["limits"]
 
 
-def _accelerators(docs: tuple[dict[str, Any], ...]) -> dict[str, tuple[str, str]]:
-    res = container(docs)["resources"]
+def _accelerators(docs: Docs, name: str) -> dict[str, tuple[str, str]]:
+    res = container(docs, name)["resources"]
     return {
-        name: (res.get("requests", {}).get(name), res["limits"].get(name))
-        for name in ACCELERATORS
-        if name in res.get("requests", {}) or name in res["limits"]
+        acc: (res.get("requests", {}).get(acc), res["limits"].get(acc))
+        for acc in ACCELERATORS
+        if acc in res.get("requests", {}) or acc in res["limits"]
     }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_api_replicas_stay_on_cpu_nodes_with_the_default_image(overlay: str) -> None:
+    docs = render(overlay)
+    assert _accelerators(docs, API) == {}
+    assert not pod_spec(docs, API).get("nodeSelector")
+    assert re.fullmatch(r"secateur:\d+\.\d+\.\d+", container(docs, API)["image"])
 
 
 def test_cpu_overlay_asks_for_no_accelerator() -> None:
     docs = render("cpu")
-    assert _accelerators(docs) == {}
-    assert not pod_spec(docs).get("nodeSelector")
-    assert re.fullmatch(r"secateur:[\w.]+", container(docs)["image"])
+    assert _accelerators(docs, WORKER) == {}
+    assert not pod_spec(docs, WORKER).get("nodeSelector")
+    assert container(docs, WORKER)["image"] == container(docs, API)["image"]
 
 
-def test_gpu_overlay_requests_an_nvidia_gpu() -> None:
+def test_gpu_overlay_puts_workers_on_nvidia_gpus() -> None:
     docs = render("gpu")
-    assert _accelerators(docs) == {"nvidia.com/gpu": ("1", "1")}
-    pod = pod_spec(docs)
+    assert _accelerators(docs, WORKER) == {"nvidia.com/gpu": ("1", "1")}
+    pod = pod_spec(docs, WORKER)
     assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
         "tolerations"
     ]
-    assert container(docs)["image"].endswith("-gpu")
+    assert container(docs, WORKER)["image"].endswith("-gpu")
 
 
-def test_tpu_overlay_requests_tpu_chips_on_a_tpu_node_pool() -> None:
+def test_tpu_overlay_puts_workers_on_a_tpu_node_pool() -> None:
     docs = render("tpu")
-    acc = _accelerators(docs)
+    acc = _accelerators(docs, WORKER)
     assert list(acc) == ["google.com/tpu"]
     requests, limits = acc["google.com/tpu"]
     assert requests == limits and int(limits) >= 1
-    selector = pod_spec(docs)["nodeSelector"]
-    assert selector["cloud.google.com/gke-tpu-accelerator"]
-    topology = selector["cloud.google.com/gke-tpu-topology"]
-    assert re.fullmatch(r"\d+(x\d+)+", topology)
-    assert {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(
-        docs
-    )["tolerations"]
+    pod = pod_spec(docs, WORKER)
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"]
+    assert re.fullmatch(r"\d+(x\d+)+", pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"])
+    assert {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
     # The image of the Dockerfile's `tpu` target.
-    assert container(docs)["image"].endswith("-tpu")
+    assert container(docs, WORKER)["image"].endswith("-tpu")
 
 
 def test_manifests_pass_yamllint() -> None:

@@ -133,7 +133,9 @@ def test_scrapeConfig_targetsTheComposeService() -> None:
     secateur = jobs["secateur"]
     assert secateur.get("metrics_path", "/metrics") == "/metrics"
     targets = [t for sc in secateur["static_configs"] for t in sc["targets"]]
-    assert targets == ["secateur:9464"]
+    # The compose file's API replicas and workers (tests/deploy/test_compose.py
+    # checks each of them serves /metrics there).
+    assert targets == ["secateur:9464", "secateur-2:9464", "worker-1:9464", "worker-2:9464"]
     assert "kubernetes_sd_configs" in CONFIG.read_text()  # the commented example
 
 
