@@ -10,11 +10,21 @@ same channels. Every GetJob latency is recorded; errors are any GetJob
 RpcError plus any watch stream that ended or failed before the benchmark
 cancelled it, plus a server that does not exit 0 within 30 s of SIGTERM.
 
-Target: 1000 GetJob/s with p99 under 20 ms and zero errors. The exit code is
-0 whatever the outcome; non-zero only when the benchmark itself cannot run.
+With ``--store postgresql://...`` a second arm follows in the same run:
+``--replicas`` servers (default 2) sharing that PostgreSQL database, each
+API-only; the jobs are created through the first replica, and the channels,
+streams and callers are spread over all replicas (channel i on replica
+i mod N, --channels rounded up to a multiple of N), so every replica serves
+jobs it did not create. One table compares
+the arms (server CPU is the sum over the arm's servers).
+
+Target: 1000 GetJob/s with p99 under 20 ms and zero errors, per arm. The exit
+code is 0 whatever the outcome; non-zero only when the benchmark itself cannot
+run.
 
 Usage: python benchmarks/service_load.py [--jobs 20] [--streams 200] [--seconds 30]
        [--concurrency 16] [--channels 3] [--warmup 1]
+       [--store postgresql://USER@HOST:PORT/DB [--replicas 2]]
 """
 
 from __future__ import annotations
@@ -79,11 +89,11 @@ class LoadResult:
     server_cpu_s: float
 
 
-def start_server(workdir: Path) -> Server:
+def start_server(workdir: Path, name: str = "server", store: str | None = None) -> Server:
     """Run the server on port 0 and read the bound port from its first line."""
-    state = workdir / "state"
+    state = workdir / f"state-{name}"
     models = workdir / "models"
-    models.mkdir(parents=True)
+    models.mkdir(parents=True, exist_ok=True)
     (models / "m.keras").write_bytes(b"dummy: --max-concurrent-jobs 0 never loads it")
     command = [
         sys.executable,
@@ -105,8 +115,9 @@ def start_server(workdir: Path) -> Server:
         "1000",
         "--log-level",
         "WARNING",
+        *(["--store", store] if store else []),
     ]
-    out_path, log_path = workdir / "server.out", workdir / "server.log"
+    out_path, log_path = workdir / f"{name}.out", workdir / f"{name}.log"
     with open(out_path, "wb") as out, open(log_path, "wb") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -217,7 +228,7 @@ async def run_load(
     concurrency: int,
     seconds: float,
     warmup: float,
-    server_pid: int,
+    server_pids: Sequence[int],
 ) -> LoadResult:
     latencies: list[float] = []
     errors: list[str] = []
@@ -245,8 +256,12 @@ async def run_load(
     if warmup > 0:
         until = time.perf_counter() + warmup
         await asyncio.gather(*(caller(i, until, False) for i in range(concurrency)))
-    server = psutil.Process(server_pid)
-    server_cpu0 = sum(server.cpu_times()[:2])
+    servers = [psutil.Process(pid) for pid in server_pids]
+
+    def server_cpu() -> float:
+        return sum(sum(s.cpu_times()[:2]) for s in servers)
+
+    server_cpu0 = server_cpu()
     client_cpu0 = time.process_time()
     start = time.perf_counter()
     until = start + seconds
@@ -257,7 +272,7 @@ async def run_load(
         errors,
         elapsed,
         time.process_time() - client_cpu0,
-        sum(server.cpu_times()[:2]) - server_cpu0,
+        server_cpu() - server_cpu0,
     )
 
 
@@ -275,13 +290,23 @@ def _describe(exc: grpc.RpcError) -> str:
     return f"{code.name if code else 'UNKNOWN'}: {details}"
 
 
+@dataclass
+class ArmResult:
+    label: str
+    errors: list[str]
+    rps: float
+    lat_ms: list[float]  # ascending
+    server_cpu_pct: float
+
+
 async def benchmark(
-    args: argparse.Namespace, server: Server, workdir: Path
-) -> tuple[list[str], float, float]:
-    """Run the load against a started server; returns (errors, req/s, p99 ms)."""
+    args: argparse.Namespace, servers: Sequence[Server], workdir: Path, label: str
+) -> ArmResult:
+    """Run the load against started servers (channel i on server i mod N)."""
     channels = [
-        grpc.aio.insecure_channel(server.target, options=CHANNEL_OPTIONS)
-        for _ in range(args.channels)
+        grpc.aio.insecure_channel(servers[i % len(servers)].target, options=CHANNEL_OPTIONS)
+        # Rounded up to a multiple of the servers, so each gets as many connections.
+        for i in range(math.ceil(args.channels / len(servers)) * len(servers))
     ]
     try:
         for ch in channels:
@@ -292,12 +317,12 @@ async def benchmark(
         watches = await open_watches(stubs, names, args.streams)
         opened = sum(w.opened.is_set() and w.failure is None for w in watches)
         print(
-            f"watch streams opened: {opened}/{args.streams} over {args.channels} channels "
-            f"(~{math.ceil(args.streams / args.channels)} per HTTP/2 connection)"
+            f"watch streams opened: {opened}/{args.streams} over {len(channels)} channels "
+            f"(~{math.ceil(args.streams / len(channels))} per HTTP/2 connection) "
+            f"to {len(servers)} server(s)"
         )
-        load = await run_load(
-            stubs, names, args.concurrency, args.seconds, args.warmup, server.proc.pid
-        )
+        pids = [s.proc.pid for s in servers]
+        load = await run_load(stubs, names, args.concurrency, args.seconds, args.warmup, pids)
         still_open = sum(
             w.failure is None and w.task is not None and not w.task.done() for w in watches
         )
@@ -329,7 +354,8 @@ async def benchmark(
         f"server {load.server_cpu_s:.1f} s ({100 * load.server_cpu_s / load.seconds:.0f}%); "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}"
     )
-    return load.errors + stream_errors, rps, percentile(lat_ms, 99)
+    server_pct = 100 * load.server_cpu_s / load.seconds if load.seconds > 0 else 0.0
+    return ArmResult(label, load.errors + stream_errors, rps, lat_ms, server_pct)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -346,48 +372,86 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--warmup", type=float, default=1.0, help="unrecorded GetJob seconds first (default 1)"
     )
+    p.add_argument(
+        "--store",
+        help="also run N replicas on this PostgreSQL database (postgresql://USER@HOST:PORT/DB) "
+        "beside the SQLite server (default: SQLite only)",
+    )
+    p.add_argument("--replicas", type=int, default=2, help="servers sharing --store (default 2)")
     args = p.parse_args(argv)
     for name in ("jobs", "concurrency", "channels"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.streams < 0 or args.seconds <= 0 or args.warmup < 0:
         p.error("--streams and --warmup must be >= 0, --seconds > 0")
+    if args.store is not None and not args.store.startswith(("postgresql://", "postgres://")):
+        p.error(f"--store must be a postgresql:// URL. Received: {args.store!r}")
+    if args.replicas < 1:
+        p.error(f"--replicas must be >= 1. Received: {args.replicas}")
     return args
+
+
+def run_arm(
+    args: argparse.Namespace, workdir: Path, label: str, count: int, store: str | None
+) -> ArmResult:
+    """Start ``count`` servers on ``store`` (None: each its own SQLite), load them, stop them.
+
+    Raises:
+        BenchmarkError: a server did not start or the load could not run.
+    """
+    print(f"\n== {label} ==")
+    servers: list[Server] = []
+    try:
+        for i in range(count):
+            servers.append(start_server(workdir, f"{label.split(',')[0]}-{i}", store))
+            print(f"server: {shlex.join(servers[-1].command)}")
+            print(f"server pid {servers[-1].proc.pid} serving on {servers[-1].target}")
+        result = asyncio.run(benchmark(args, servers, workdir, label))
+    finally:
+        stops = [stop_server(s) for s in servers]
+    for server, stopped in zip(servers, stops, strict=True):
+        if stopped:
+            result.errors.append(f"server: {stopped}")
+            print(server.log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+    return result
+
+
+def print_table(results: Sequence[ArmResult]) -> None:
+    print(f"\n{'arm':<30} {'GetJob/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+          f"{'server CPU':>10} {'errors':>6}  verdict")  # fmt: skip
+    for r in results:
+        p99 = percentile(r.lat_ms, 99)
+        ok = r.rps >= TARGET_RPS and p99 < TARGET_P99_MS and not r.errors
+        print(
+            f"{r.label:<30} {r.rps:>9.0f} {percentile(r.lat_ms, 50):>7.2f} {p99:>7.2f} "
+            f"{percentile(r.lat_ms, 100):>7.2f} {r.server_cpu_pct:>9.0f}% {len(r.errors):>6}  "
+            f"{'PASS' if ok else 'FAIL'}"
+        )
+    print(
+        f"target: {TARGET_RPS:.0f} GetJob/s in total with p99 under {TARGET_P99_MS:.0f} ms and "
+        f"zero errors; {os.cpu_count()} cores (client and servers share them), load average "
+        f"{os.getloadavg()[0]:.2f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    arms: list[tuple[str, int, str | None]] = [("sqlite, 1 server", 1, None)]
+    if args.store:
+        arms.append((f"postgresql, {args.replicas} replicas", args.replicas, args.store))
+    results = []
     with tempfile.TemporaryDirectory(prefix="secateur-load-") as tmp:
-        workdir = Path(tmp)
-        try:
-            server = start_server(workdir)
-        except BenchmarkError as exc:
-            print(f"benchmark could not run: {exc}", file=sys.stderr)
-            return 2
-        print(f"server: {shlex.join(server.command)}")
-        print(f"server pid {server.proc.pid} serving on {server.target}")
-        try:
-            errors, rps, p99 = asyncio.run(benchmark(args, server, workdir))
-        except BenchmarkError as exc:
-            stop_server(server)
-            print(f"benchmark could not run: {exc}", file=sys.stderr)
-            return 2
-        except BaseException:
-            stop_server(server)
-            raise
-        stopped = stop_server(server)
-        if stopped:
-            errors.append(f"server: {stopped}")
-            print(server.log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
-    print(f"errors: {len(errors)}")
-    for line in _summarize(errors):
-        print(f"  {line}")
-    ok = rps >= TARGET_RPS and p99 < TARGET_P99_MS and not errors
-    print(
-        f"{'PASS' if ok else 'FAIL'}: target {TARGET_RPS:.0f} GetJob/s with p99 under "
-        f"{TARGET_P99_MS:.0f} ms and zero errors (got {rps:.0f} req/s, p99 {p99:.2f} ms, "
-        f"{len(errors)} errors)"
-    )
+        for label, count, store in arms:
+            try:
+                results.append(run_arm(args, Path(tmp), label, count, store))
+            except BenchmarkError as exc:
+                print(f"benchmark could not run ({label}): {exc}", file=sys.stderr)
+                return 2
+    for r in results:
+        print(f"{r.label}: errors: {len(r.errors)}")
+        for line in _summarize(r.errors):
+            print(f"  {line}")
+    print_table(results)
     return 0
 
 
