@@ -14,130 +14,57 @@ failure or a cancellation leaves no partial output.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
-from secateur.pruner.config import MeasureConfig, TrainConfig, check_float, check_int
-from secateur.pruner.data import DataSpec
-from secateur.pruner.errors import CancelledError, DataError, InvalidSpecError
-from secateur.pruner.spec import PruneSpec
+from secateur.pruner.errors import CancelledError, DataError
 from secateur.server.boundary import JobPlaces, preflight, user_paths
+
+# The request, its stages and the report's decisions live beside this module;
+# they are re-exported so ``secateur.server.pipeline`` stays the job's one name.
+from secateur.server.job_request import (
+    CANDIDATE_STAGES,
+    MAX_RATIOS,
+    STAGES,
+    JobRequest,
+    StageEvent,
+    overall_progress,
+    sweep_progress,
+)
+from secateur.server.report import (
+    CURVE_COLUMNS,
+    OUTCOMES,
+    REPORT_VERSION,
+    choose,
+    curve_rows,
+    layout,
+    write_curves,
+)
 from secateur.server.storage import Location, Storage
-from secateur.v1 import enums
 
-# The contract's Job.Stage names without their prefix, in order.
-STAGES = enums.STAGES
-#: The stages every candidate of a sweep goes through, in order. Their events
-#: carry the fraction of the whole sweep done (candidate i of n starts at i/n),
-#: so together they fill one block of the overall progress.
-CANDIDATE_STAGES = ("SCORING", "REBUILDING", "FINE_TUNING", "EVALUATING")
-# Where each candidate stage starts within its candidate's share of the sweep.
-_CANDIDATE_START = {"SCORING": 0.0, "REBUILDING": 0.1, "FINE_TUNING": 0.2, "EVALUATING": 0.9}
-
-
-def overall_progress(stage: str, within: float) -> float:
-    """The fraction of the whole job done, from an event's stage and progress.
-
-    Every stage gets an equal slot in order, except the candidate stages
-    (:data:`CANDIDATE_STAGES`), which share one block that the sweep fills
-    candidate after candidate (their ``within`` is the fraction of the sweep
-    done): the value never goes back from one candidate to the next.
-    """
-    if stage not in STAGES:
-        return 0.0
-    within = min(max(within, 0.0), 1.0)
-    if stage in CANDIDATE_STAGES:
-        first = STAGES.index(CANDIDATE_STAGES[0])
-        return (first + len(CANDIDATE_STAGES) * within) / len(STAGES)
-    return (STAGES.index(stage) + within) / len(STAGES)
-
-
-def _in_sweep(stage: str, i: int, n: int, frac: float = 0.0) -> float:
-    """A candidate stage's progress: candidate ``i`` of ``n``, ``frac`` through the stage."""
-    start = _CANDIDATE_START[stage]
-    order = list(_CANDIDATE_START)
-    end = _CANDIDATE_START[order[order.index(stage) + 1]] if stage != order[-1] else 1.0
-    return (i + start + (end - start) * frac) / n
-
-
-REPORT_VERSION = 1
-#: Candidates one sweep may ask for (each is pruned, trained and measured).
-MAX_RATIOS = 64
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    """Everything one pruning job needs.
-
-    Attributes:
-        ratios: a sweep; empty means the single ``spec.ratio``.
-        max_accuracy_drop: accuracy budget (absolute, 0.02 = 2 points) that
-            gates publication; needs ``eval_data``.
-        version: the TF Serving version to publish; None = next free one.
-    """
-
-    model_uri: str
-    output_uri: str
-    spec: PruneSpec = PruneSpec()
-    ratios: tuple[float, ...] = ()
-    train: TrainConfig = TrainConfig()
-    train_data: str | None = None
-    eval_data: str | None = None
-    data: DataSpec = DataSpec()
-    max_accuracy_drop: float | None = None
-    measure: MeasureConfig = MeasureConfig()
-    version: int | None = None
-    #: One spec per candidate, in ``sweep`` order (made here, checked once).
-    specs: tuple[PruneSpec, ...] = field(init=False, repr=False, compare=False, default=())
-
-    def __post_init__(self) -> None:
-        if len(self.ratios) > MAX_RATIOS:
-            raise InvalidSpecError(
-                f"a sweep may hold at most {MAX_RATIOS} ratios. Received: {len(self.ratios)}",
-                "ratios",
-            )
-        checked: dict[float, PruneSpec] = {}
-        for i, r in enumerate(self.ratios):
-            try:  # the ratio only: the rest of the spec was checked when it was built
-                checked[r] = self.spec.with_ratio(r)
-            except InvalidSpecError as exc:
-                raise InvalidSpecError(f"ratios[{i}]: {exc}", "ratios") from None
-        specs = tuple(checked[r] for r in self.sweep) if self.ratios else (self.spec,)
-        object.__setattr__(self, "specs", specs)
-        if self.max_accuracy_drop is not None:
-            check_float("max_accuracy_drop", self.max_accuracy_drop, 0.0, 1.0)
-            if not self.eval_data:
-                raise InvalidSpecError(
-                    "max_accuracy_drop needs eval_data to measure accuracy. Received: no eval_data",
-                    "eval_data",
-                )
-        if self.version is not None:
-            check_int("version", self.version, 1, 2**63 - 1)
-
-    @property
-    def sweep(self) -> tuple[float, ...]:
-        return tuple(sorted(set(self.ratios))) if self.ratios else (self.spec.ratio,)
-
-
-@dataclass(frozen=True)
-class StageEvent:
-    stage: str
-    message: str = ""
-    progress: float = 0.0
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def overall(self) -> float:
-        """The fraction of the whole job done (see :func:`overall_progress`)."""
-        return overall_progress(self.stage, self.progress)
+__all__ = [
+    "CANDIDATE_STAGES",
+    "CURVE_COLUMNS",
+    "MAX_RATIOS",
+    "OUTCOMES",
+    "REPORT_VERSION",
+    "STAGES",
+    "GateFailed",
+    "JobRequest",
+    "LeaseLost",
+    "PruneJob",
+    "StageEvent",
+    "curve_rows",
+    "overall_progress",
+    "sweep_progress",
+    "write_curves",
+]
 
 
 class GateFailed(Exception):
@@ -235,26 +162,11 @@ class PruneJob:
             self._candidate(original, graph, r, data, device, i) for i, r in enumerate(req.sweep)
         ]
 
-        self._enter("MEASURING", "original vs pruned, interleaved")
-        from secateur.pruner.measure import measure_models
-
         variants = {"original": original} | {
             f"ratio={c['ratio']}": c.pop("_model") for c in candidates
         }
-        layout = _layout(variants, device.kind)
-        figures = measure_models(
-            variants,
-            data.batch(),
-            req.train,
-            device,
-            data.eval_ds,
-            req.measure,
-            self.should_cancel,
-            lambda frac, what: self.on_event(StageEvent("MEASURING", what, frac)),
-        )
-        report = self._report(figures, candidates, device)
-        report["layout"] = layout
-        chosen = _choose(report, req)
+        report = self._measure(variants, candidates, data, device)
+        chosen = choose(report, req)
         # The headline pair: the published candidate, or the only one (so a
         # failed gate still shows what was measured).
         shown = chosen or (candidates[0] if len(candidates) == 1 else None)
@@ -271,6 +183,27 @@ class PruneJob:
         report["output_uri"] = self._publish(work, model, report)
         self._close_stage()
         report["timings_seconds"] = dict(self.timings)
+        return report
+
+    def _measure(
+        self, variants: dict[str, Any], candidates: list[dict[str, Any]], data: _Data, device: Any
+    ) -> dict[str, Any]:
+        """MEASURING: the original and every candidate, interleaved; the report."""
+        self._enter("MEASURING", "original vs pruned, interleaved")
+        from secateur.pruner.measure import measure_models
+
+        figures = measure_models(
+            variants,
+            data.batch(),
+            self.req.train,
+            device,
+            data.eval_ds,
+            self.req.measure,
+            self.should_cancel,
+            lambda frac, what: self.on_event(StageEvent("MEASURING", what, frac)),
+        )
+        report = self._report(figures, candidates, device)
+        report["layout"] = layout(variants, device.kind)
         return report
 
     def _fetch_data(self, matches: tuple[Location, ...], dest: str) -> list[str]:
@@ -293,14 +226,14 @@ class PruneJob:
 
         n = len(self.req.sweep)
         spec = self.req.specs[i]  # checked once, when the request was made
-        self._enter("SCORING", f"ratio {ratio}", _in_sweep("SCORING", i, n), ratio=ratio)
+        self._enter("SCORING", f"ratio {ratio}", sweep_progress("SCORING", i, n), ratio=ratio)
         plan = make_plan(original, spec, graph=graph, device_kind=device.kind)
-        self._enter("REBUILDING", f"ratio {ratio}", _in_sweep("REBUILDING", i, n), ratio=ratio)
+        self._enter("REBUILDING", f"ratio {ratio}", sweep_progress("REBUILDING", i, n), ratio=ratio)
         model = apply_plan(original, plan, reload_weights=spec.reload_weights, graph=graph)
         history: dict[str, list[float]] = {}
         if data.train_ds is not None and self.req.train.epochs > 0:
             self._enter(
-                "FINE_TUNING", f"ratio {ratio}", _in_sweep("FINE_TUNING", i, n), ratio=ratio
+                "FINE_TUNING", f"ratio {ratio}", sweep_progress("FINE_TUNING", i, n), ratio=ratio
             )
 
             def progress(p: Any) -> None:
@@ -309,7 +242,7 @@ class PruneJob:
                     StageEvent(
                         "FINE_TUNING",
                         f"ratio {ratio}",
-                        _in_sweep("FINE_TUNING", i, n, frac),
+                        sweep_progress("FINE_TUNING", i, n, frac),
                         asdict(p) | {"ratio": ratio},
                     )
                 )
@@ -319,7 +252,9 @@ class PruneJob:
             )
         accuracy = None
         if data.eval_ds is not None:
-            self._enter("EVALUATING", f"ratio {ratio}", _in_sweep("EVALUATING", i, n), ratio=ratio)
+            self._enter(
+                "EVALUATING", f"ratio {ratio}", sweep_progress("EVALUATING", i, n), ratio=ratio
+            )
             accuracy = evaluate(model, data.eval_ds)
         return {
             "ratio": ratio,
@@ -377,17 +312,6 @@ class PruneJob:
         uri = self.storage.publish_dir(version_dir, self.places.output, self.req.version)
         shutil.rmtree(version_dir, ignore_errors=True)
         return uri
-
-
-def _layout(variants: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Logical vs padded params per layer on the device's tile (see hardware.py)."""
-    from secateur.pruner.hardware import TILES, layer_params
-
-    return {
-        "device": kind,
-        "tile": list(TILES[kind]),
-        "variants": {name: layer_params(model, kind) for name, model in variants.items()},
-    }
 
 
 class _Data:
@@ -454,111 +378,3 @@ class _Data:
         rng = np.random.default_rng(0)
         images = rng.uniform(0, 255, (self.batch_size, *self.shape)).astype("float32")
         return images, rng.integers(0, self.classes, self.batch_size)
-
-
-#: What a job did with its candidates: the report's ``outcome``, the short
-#: names of the contract's JobResult.Outcome (lower case).
-OUTCOMES = tuple(n.lower() for n in enums.OUTCOMES)
-
-
-def _decide(
-    report: dict[str, Any], outcome: str, decision: str, best: dict[str, Any] | None
-) -> None:
-    assert outcome in OUTCOMES, outcome
-    report["outcome"], report["decision"] = outcome, decision
-    report["selected_ratio"] = best["ratio"] if best and outcome == "published" else None
-    report["best_ratio"] = best["ratio"] if best else None
-    report["best_accuracy_drop"] = best.get("accuracy_drop") if best else None
-
-
-def _choose(report: dict[str, Any], req: JobRequest) -> dict[str, Any] | None:
-    """The candidate to publish; the outcome and decision written into the report."""
-    cands = report["candidates"]
-    budget = req.max_accuracy_drop
-    if budget is None:
-        if len(cands) == 1:
-            _decide(report, "published", "single ratio, no accuracy gate: published", cands[0])
-            return cands[0]
-        decision = "sweep without max_accuracy_drop: curves only, nothing published"
-        _decide(report, "curves_only", decision, None)
-        return None
-    measured = [c for c in cands if c["accuracy_drop"] is not None]
-    ok = [c for c in measured if c["accuracy_drop"] <= budget]
-    if not ok:
-        # The closest miss: the smallest drop (the largest ratio among equals).
-        near = min(measured, key=lambda c: (c["accuracy_drop"], -c["ratio"]), default=None)
-        decision = f"no candidate within max_accuracy_drop={budget}; nothing published"
-        _decide(report, "gate_failed", decision, near)
-        return None
-    best = max(ok, key=lambda c: c["ratio"])
-    decision = f"ratio {best['ratio']} is the largest within max_accuracy_drop={budget}"
-    _decide(report, "published", decision, best)
-    return best
-
-
-CURVE_COLUMNS = (
-    "ratio",
-    "accuracy",
-    "accuracy_drop",
-    "params",
-    "flops",
-    "peak_memory_bytes",
-    "train_step_seconds",
-    "train_step_p90_seconds",
-)
-
-
-def curve_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per ratio, the unpruned model first at ratio 0."""
-    o = report["original"]
-    rows = [
-        {"ratio": 0.0, "accuracy_drop": 0.0 if o["accuracy"] is not None else None}
-        | {k: o[k] for k in CURVE_COLUMNS if k in o}
-    ]
-    for c in report["candidates"]:
-        f = c["figures"]
-        rows.append(
-            {"ratio": c["ratio"], "accuracy_drop": c["accuracy_drop"]}
-            | {k: f[k] for k in CURVE_COLUMNS if k in f}
-        )
-    return rows
-
-
-def write_curves(report: dict[str, Any], stem: str) -> list[str]:
-    """Write ``stem.csv`` and ``stem.png`` (accuracy, memory, step time, params vs ratio)."""
-    rows = curve_rows(report)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CURVE_COLUMNS))
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k) for k in CURVE_COLUMNS})
-    with open(stem + ".csv", "w") as fh:
-        fh.write(buf.getvalue())
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    ratios = [r["ratio"] for r in rows]
-    panels = [
-        ("accuracy", "top-1 accuracy", 1.0),
-        ("peak_memory_bytes", "peak training memory (MiB)", 1 / 2**20),
-        ("train_step_seconds", "train step (ms)", 1000.0),
-        ("params", "parameters (M)", 1e-6),
-    ]
-    for ax, (key, label, scale) in zip(axes.ravel(), panels, strict=True):
-        ys = [r.get(key) for r in rows]
-        pts = [(x, y * scale) for x, y in zip(ratios, ys, strict=True) if y is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-        ax.set_xlabel("pruned ratio of channels")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(
-        f"Secateur sweep: {os.path.basename(report['model_uri'])} ({report['device']['kind']})"
-    )
-    fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=100)
-    plt.close(fig)
-    return [stem + ".csv", stem + ".png"]

@@ -7,7 +7,7 @@ import re
 import time
 
 from secateur.cli.progress import ProgressDisplay, elapsed_text
-from secateur.server.pipeline import STAGES, StageEvent, _in_sweep, overall_progress
+from secateur.server.pipeline import STAGES, StageEvent, overall_progress, sweep_progress
 from secateur.v1 import pruning_pb2 as pb
 
 PERCENT = re.compile(r"^(\S+)\s+(\d+)%\s+(\d+:\d\d)")
@@ -40,10 +40,10 @@ def test_plainStream_oneLinePerChange_stepsOnlyByHeartbeat() -> None:
         detail = {"epoch": 1, "epochs": 1, "step": step, "steps": 50, "loss": 1.0 / step}
         bar(
             StageEvent(
-                "FINE_TUNING", "ratio 0.5", _in_sweep("FINE_TUNING", 0, 1, step / 50), detail
+                "FINE_TUNING", "ratio 0.5", sweep_progress("FINE_TUNING", 0, 1, step / 50), detail
             )
         )
-    bar(StageEvent("EVALUATING", "ratio 0.5", _in_sweep("EVALUATING", 0, 1)))
+    bar(StageEvent("EVALUATING", "ratio 0.5", sweep_progress("EVALUATING", 0, 1)))
     bar.close()
     lines = _lines(out)
     assert len(lines) == 2, lines
@@ -59,11 +59,11 @@ def test_overallProgress_neverGoesBackAcrossASweep() -> None:
     n, seen = 3, []
     seen += [overall_progress("FETCHING", 0.0), overall_progress("ANALYZING", 0.0)]
     for i in range(n):
-        seen.append(overall_progress("SCORING", _in_sweep("SCORING", i, n)))
-        seen.append(overall_progress("REBUILDING", _in_sweep("REBUILDING", i, n)))
+        seen.append(overall_progress("SCORING", sweep_progress("SCORING", i, n)))
+        seen.append(overall_progress("REBUILDING", sweep_progress("REBUILDING", i, n)))
         for frac in (0.0, 0.5, 1.0):
-            seen.append(overall_progress("FINE_TUNING", _in_sweep("FINE_TUNING", i, n, frac)))
-        seen.append(overall_progress("EVALUATING", _in_sweep("EVALUATING", i, n)))
+            seen.append(overall_progress("FINE_TUNING", sweep_progress("FINE_TUNING", i, n, frac)))
+        seen.append(overall_progress("EVALUATING", sweep_progress("EVALUATING", i, n)))
     seen += [overall_progress("MEASURING", f) for f in (0.0, 0.5, 1.0)]
     seen.append(overall_progress("EXPORTING", 0.0))
     assert seen == sorted(seen)
