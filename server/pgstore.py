@@ -31,6 +31,7 @@ migrated on open (server/pgschema.py).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -103,21 +104,16 @@ class PostgresJobStore:
         self, url: str, pool_size: int = 10, poll_s: float = 2.0, connect_timeout_s: float = 10.0
     ) -> None:
         import psycopg
-        from psycopg_pool import ConnectionPool, PoolTimeout
+        from psycopg_pool import PoolTimeout
 
         self.url = url
         self._poll_s = poll_s
+        self._pool_size = max(1, pool_size)
+        self._timeout_s = connect_timeout_s
         self._listener: Listener | None = None
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max(1, pool_size),
-            open=False,
-            timeout=connect_timeout_s,
-            check=ConnectionPool.check_connection,
-            kwargs={"connect_timeout": max(1, int(connect_timeout_s))},
-            name="secateur-jobs",
-        )
+        self._swap = threading.Lock()
+        self._stale = False  # the pool timed out: the next call starts a new one
+        self._pool = self._new_pool()
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
             with self._pool.connection() as conn:
@@ -134,6 +130,31 @@ class PostgresJobStore:
         if applied:
             log.info("job database %s: schema migrations %s applied", _safe(url), applied)
 
+    def _new_pool(self) -> Any:
+        from psycopg_pool import ConnectionPool
+
+        return ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self._pool_size,
+            open=False,
+            timeout=self._timeout_s,
+            check=ConnectionPool.check_connection,  # a connection dead since a restart: replaced
+            kwargs={"connect_timeout": max(1, int(self._timeout_s))},
+            name="secateur-jobs",
+        )
+
+    def _current_pool(self) -> Any:
+        """The pool; a new one after a timeout. A pool that failed to connect backs
+        off exponentially (1, 2, 4, ... s), so after a long outage it could stay
+        down long after PostgreSQL is back; a new pool connects at once."""
+        with self._swap:
+            if self._stale:
+                old, self._pool, self._stale = self._pool, self._new_pool(), False
+                self._pool.open(wait=False)
+                threading.Thread(target=old.close, args=(1.0,), daemon=True).start()
+            return self._pool
+
     @contextmanager
     def _tx(self) -> Iterator[Any]:
         """A pooled connection in a transaction (committed on exit); errors typed."""
@@ -141,9 +162,11 @@ class PostgresJobStore:
         from psycopg_pool import PoolTimeout
 
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._current_pool().connection() as conn, conn.transaction():
                 yield conn
         except (psycopg.OperationalError, PoolTimeout) as exc:
+            if isinstance(exc, PoolTimeout):
+                self._stale = True
             raise StoreUnavailableError(
                 f"the job database at {_safe(self.url)} did not answer ({str(exc).strip()}); "
                 "retry in a few seconds"

@@ -14,7 +14,13 @@ import grpc
 import psycopg
 import pytest
 
-from secateur.server.pgstore import DuplicateRequestError, PostgresJobStore, fence
+from secateur.server.errors import status_of
+from secateur.server.pgstore import (
+    DuplicateRequestError,
+    PostgresJobStore,
+    StoreUnavailableError,
+    fence,
+)
 from secateur.server.records import JobError, JobRecord, JobState, now_ns
 from secateur.server.store import SqliteJobStore, StoreOpenError, open_store
 from secateur.v1 import pruning_pb2 as pb
@@ -169,6 +175,9 @@ def test_claim_oldestFirst_runningOnTheWorkerWithALease(store: PostgresJobStore)
     assert (record.state, record.attempts, record.worker) == (JobState.RUNNING, 1, "w1")
     assert before + 29 < record.lease_expires < time.time() + 31
     assert store.get("old") == record
+    again = store.claim("w2", 30.0, 3)  # a leased job is not handed out again
+    assert again is not None and again.record.id == "young"
+    assert store.claim("w3", 30.0, 3) is None
 
 
 def test_leaseExpiry_reclaimedWithAttemptsPlusOne_thenGivenUpAtTheCap(
@@ -176,7 +185,7 @@ def test_leaseExpiry_reclaimedWithAttemptsPlusOne_thenGivenUpAtTheCap(
 ) -> None:
     store.insert(_record("a"))
     first = store.claim("w1", 0.2, 2)
-    assert first is not None and other.claim("w2", 0.2, 2) is None  # leased: not claimable
+    assert first is not None
     time.sleep(0.4)
     second = other.claim("w2", 0.2, 2)
     assert second is not None and second.record.id == "a"
@@ -323,6 +332,26 @@ def test_postgresRestart_poolAndListenerReconnect(
         other.save(_record("after", message="again"))
     assert "after" in heard and None in heard
     assert [r.id for r in store.all()] == ["before", "after"]
+
+
+def test_postgresDown_callsFailUnavailable_thenWorkAgain(
+    pg_server: PostgresServer, pg_url: str
+) -> None:
+    store = PostgresJobStore(pg_url, connect_timeout_s=1.0)
+    try:
+        store.insert(_record("kept"))
+        pg_server.stop()
+        try:
+            with pytest.raises(StoreUnavailableError, match=r"did not answer .*retry"):
+                store.get("kept")
+        finally:
+            pg_server.start()
+        status = status_of(StoreUnavailableError("x"))
+        assert status is not None and status.code == grpc.StatusCode.UNAVAILABLE
+        kept = store.get("kept")
+        assert kept is not None and kept.state == JobState.QUEUED
+    finally:
+        store.close()
 
 
 def test_openStore_choosesByUrl(pg_url: str, tmp_path: Path) -> None:
