@@ -168,15 +168,36 @@ def run_postgres() -> Iterator[PostgresServer]:
             raise RuntimeError(f"initdb failed ({done.returncode}): {done.stderr.strip()}")
         server = PostgresServer(bindir, datadir, 0, root / "postgres.log")
         _start_on_free_port(server)
+        reaper = _reaper(server, root)
         try:
             yield server
         finally:
+            reaper.kill()
+            reaper.wait()
             try:
                 server.stop("immediate")
             except (RuntimeError, subprocess.TimeoutExpired):
                 pass
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# Waits for the test process ($0) to end, then stops the cluster and deletes it.
+REAPER = 'while kill -0 "$0" 2>/dev/null; do sleep 2; done; "$@" >/dev/null 2>&1; rm -rf "$ROOT"'
+
+
+def _reaper(server: PostgresServer, root: Path) -> subprocess.Popen[bytes]:
+    """A watcher that stops the server should this process die without cleaning up
+    (killed by a timeout): a pg_ctl server does not die with its parent."""
+    stop = _as_postgres([f"{server.bindir}/pg_ctl", "-D", str(server.datadir), "stop", "-m", "i"])
+    return subprocess.Popen(
+        ["sh", "-c", REAPER, str(os.getpid()), *stop],
+        env={**os.environ, "ROOT": str(root)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _start_on_free_port(server: PostgresServer) -> None:
