@@ -5,7 +5,8 @@
 ``max_concurrent`` jobs at once from a queue store (``store.claim``: ``SELECT
 ... FOR UPDATE SKIP LOCKED``, attempts + 1, a new fencing token) and runs each
 in its own subprocess (``runner.py``), exactly as the embedded server does.
-While a job runs its lease is renewed every ``lease_s / 3`` seconds:
+While a job runs its lease is renewed every ``lease_s / 3`` seconds (at
+least every ``RENEW_MAX_S``, so a cancel reaches the job within seconds):
 
 - the renewal says the job's cancel was requested (CancelJob on any
   replica): the subprocess gets SIGTERM and the job ends CANCELLED;
@@ -40,6 +41,8 @@ from secateur.server.records import JobError, JobRecord, JobState, now_ns
 from secateur.server.runner import WorkerRunner, error_of
 
 log = logging.getLogger("secateur.server")
+#: The longest pause between two renewals of a lease (the cancel flag comes with them).
+RENEW_MAX_S = 2.0
 #: How often a shared store's queue depth and running count refresh the metrics.
 COUNTS_EVERY_S = 5.0
 
@@ -170,7 +173,7 @@ class WorkerLoop:
 
     async def _renew(self, held: _Held) -> None:
         """Renew the lease every lease_s / 3 s; stop the subprocess when it is lost or cancelled."""
-        every = self.cfg.lease_s / 3
+        every = min(self.cfg.lease_s / 3, RENEW_MAX_S)
         good_until = time.monotonic() + self.cfg.lease_s
         while True:
             await asyncio.sleep(every)
