@@ -42,6 +42,7 @@ import grpc
 
 from secateur.server import convert
 from secateur.server.errors import ServiceError, echo, internal_error
+from secateur.server.lifecycle import log_end, outcome_label, recovered
 from secateur.server.page_tokens import Cursor, PageTokens
 from secateur.server.pipeline import STAGES, JobRequest, overall_progress
 from secateur.server.records import JobError, JobRecord, JobState, Submission, now_ns
@@ -60,11 +61,6 @@ from secateur.server.workerloop import (
 log = logging.getLogger("secateur.server")
 #: A watcher on a shared store re-reads its job at least this often (notifications can be lost).
 WATCH_POLL_S = 2.0
-OUTCOMES = {
-    JobState.SUCCEEDED: "succeeded",
-    JobState.FAILED: "failed",
-    JobState.CANCELLED: "cancelled",
-}
 
 
 @dataclass(frozen=True)
@@ -127,36 +123,12 @@ class JobManager:
             return
         for record in self.store.all():
             if record.state == JobState.RUNNING:
-                self._recover(record)
+                self.store.save(recovered(record, self.cfg.max_attempts))
             current = self.store.get(record.id)
             if current is not None and current.state == JobState.QUEUED:
                 self._queue.put_nowait(record.id)
         self._tasks = [asyncio.create_task(self._runner()) for _ in range(self.cfg.max_concurrent)]
         self._publish_queue_metrics()
-
-    def _recover(self, record: JobRecord) -> None:
-        """A job a dead server left RUNNING: queued again, or failed after max_attempts."""
-        if record.attempts >= self.cfg.max_attempts:
-            err = ServiceError(
-                grpc.StatusCode.ABORTED,
-                f"the server stopped {record.attempts} times while this job was running; giving up",
-            )
-            record = record.evolve(
-                state=JobState.FAILED, end_ns=now_ns(), error=JobError.of(err), message=err.message
-            )
-            log.info("job %s recovered after a restart: failed, %s", record.id, err.message)
-        else:
-            record = record.evolve(
-                state=JobState.QUEUED,
-                stage="",
-                progress=0.0,
-                message="the server restarted during this job; it will run again",
-            )
-            log.info(
-                "job %s recovered after a restart: queued again (%d attempt(s) so far)",
-                record.id, record.attempts,
-            )  # fmt: skip
-        self.store.save(record)
 
     async def _start_shared(self) -> None:
         """Wake watchers on the store's notifications; run a worker loop unless API-only."""
@@ -229,7 +201,7 @@ class JobManager:
                     await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
                 except TimeoutError:
                     pass
-            current = await asyncio.to_thread(self.store.get, last.id) or last
+            current = await self._reread(last)
             if current != last:
                 last = current
                 yield last
@@ -238,6 +210,15 @@ class JobManager:
                 await self._changed.wait_for(_changed_from(self.store, last))
             last = self.store.get(last.id) or last
             yield last
+
+    async def _reread(self, last: JobRecord) -> JobRecord:
+        """A watched job read again from a shared store; as last seen while the store
+        is away (PostgreSQL restarting), so the watch goes on and catches up after."""
+        try:
+            return await asyncio.to_thread(self.store.get, last.id) or last
+        except Exception as exc:  # noqa: BLE001 - StoreUnavailableError and the like
+            log.warning("job %s: reading it for a watcher failed (%s); retrying", last.id, exc)
+            return last
 
     # -- commands ----------------------------------------------------------
     async def create(self, sub: Submission) -> JobRecord:
@@ -417,8 +398,7 @@ class JobManager:
                 self.metrics.stage_finished(stage, secs)
         await self._conclude(record.id, outcome)
         if self.metrics:
-            final = self.store.get(record.id)
-            label = _outcome_label(final, outcome)
+            label = outcome_label(self.store.get(record.id))
             self.metrics.job_completed(label, time.monotonic() - started)
 
     async def _conclude(self, jid: str, outcome: dict[str, Any]) -> None:
@@ -478,7 +458,7 @@ class JobManager:
             if self.metrics:
                 self.metrics.record_figures(report.get("original"), report.get("pruned"))
         await self.writes.save_end(old.evolve(**changes, message=message))
-        _log_end(old, state, error, report, now)
+        log_end(old, state, error, report, now)
         self._cancel_requested.discard(jid)
         await self._notify()
 
@@ -491,25 +471,6 @@ class JobManager:
             self.metrics.set_queue(self._queue.qsize(), self._running)
 
 
-def _log_end(
-    old: JobRecord,
-    state: JobState,
-    error: ServiceError | None,
-    report: dict[str, Any] | None,
-    now: int,
-) -> None:
-    """The lifecycle line of a job's end: outcome, status code, time since it started."""
-    outcome = state.value.lower()
-    if state == JobState.FAILED and report is not None:
-        outcome = "failed (accuracy gate)"
-    code = f" {error.code.name}" if error is not None else ""
-    since = old.start_ns or old.create_ns
-    log.info(
-        "job %s finished: %s%s after %.1f s (%d attempt(s))",
-        old.id, outcome, code, (now - since) / 1e9 if since else 0.0, old.attempts,
-    )  # fmt: skip
-
-
 def _changed_from(store: JobStore, seen: JobRecord) -> Callable[[], bool]:
     return lambda: store.get(seen.id) is not seen
 
@@ -517,10 +478,3 @@ def _changed_from(store: JobStore, seen: JobRecord) -> Callable[[], bool]:
 def _overall(stage: str, within: float) -> float:
     # One formula for the service and `secateur prune`: monotone across a sweep.
     return overall_progress(stage, within)
-
-
-def _outcome_label(record: JobRecord | None, outcome: dict[str, Any]) -> str:
-    state = record.state if record is not None else JobState.FAILED
-    if outcome.get("type") == "gate_failed" and state == JobState.FAILED:
-        return "gate_failed"
-    return OUTCOMES.get(state, "failed")

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from secateur.server.errors import ServiceError
+from secateur.server.lifecycle import outcome_label
 from secateur.server.pipeline import STAGES, overall_progress
 from secateur.server.records import JobError, JobRecord, JobState, now_ns
 from secateur.server.runner import WorkerRunner, error_of
@@ -238,10 +239,7 @@ class WorkerLoop:
             self.metrics.stage_finished(stage, t)
         if final.result is not None:
             self.metrics.record_figures(final.result.get("original"), final.result.get("pruned"))
-        label = final.state.value.lower()
-        if outcome.get("type") == "gate_failed" and final.state == JobState.FAILED:
-            label = "gate_failed"
-        self.metrics.job_completed(label, secs)
+        self.metrics.job_completed(outcome_label(final), secs)
 
     async def _release_all(self) -> None:
         """Shutting down: kill our subprocesses and hand their jobs back to the queue."""

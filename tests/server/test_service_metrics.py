@@ -1,4 +1,4 @@
-"""A real Prometheus scrapes a server that ran a job: gRPC and domain series with values."""
+"""A real Prometheus scrapes a server that ran jobs: gRPC and domain series with values."""
 
 from __future__ import annotations
 
@@ -26,11 +26,20 @@ def test_prometheus_scrapesServerThatRanAJob(digits_data, tmp_path) -> None:
         job = stub.CreateJob(pb.CreateJobRequest(spec=spec))
         final = list(stub.WatchJob(pb.WatchJobRequest(name=job.name), timeout=240))[-1]
         assert final.state == pb.Job.STATE_SUCCEEDED
+        # A second job misses its accuracy budget: counted by its result's outcome.
+        gated = pb.JobSpec()
+        gated.CopyFrom(spec)
+        gated.output_uri, gated.pruning.ratio, gated.max_accuracy_drop = (
+            str(tmp_path / "out" / "gated"), 0.9, 0.0,
+        )  # fmt: skip
+        job2 = stub.CreateJob(pb.CreateJobRequest(spec=gated))
+        last = list(stub.WatchJob(pb.WatchJobRequest(name=job2.name), timeout=240))[-1]
+        assert last.result.outcome == pb.JobResult.OUTCOME_GATE_FAILED, last
         try:
             stub.GetJob(pb.GetJobRequest(name="jobs/missing"))
         except grpc.RpcError:
             pass
-        result = final.result
+        result = last.result  # the figures are the last finished job's
         with run_prometheus([f"127.0.0.1:{server.metrics_port}"], tmp_path / "prom") as prom:
 
             def one(q: str) -> float:
@@ -39,7 +48,7 @@ def test_prometheus_scrapesServerThatRanAJob(digits_data, tmp_path) -> None:
             svc = 'grpc_service="secateur.v1.PruningService"'
             assert (
                 one(f'grpc_server_handled_total{{{svc},grpc_method="CreateJob",grpc_code="OK"}}')
-                == 1
+                == 2
             )
             assert (
                 one(
@@ -47,10 +56,12 @@ def test_prometheus_scrapesServerThatRanAJob(digits_data, tmp_path) -> None:
                 )
                 == 1
             )
-            assert one(f'grpc_server_started_total{{{svc},grpc_method="WatchJob"}}') == 1
-            assert one(f'grpc_server_handling_seconds_count{{{svc},grpc_method="CreateJob"}}') == 1
-            assert one("secateur_jobs_submitted_total") == 1
+            assert one(f'grpc_server_started_total{{{svc},grpc_method="WatchJob"}}') == 2
+            assert one(f'grpc_server_handling_seconds_count{{{svc},grpc_method="CreateJob"}}') == 2
+            assert one("secateur_jobs_submitted_total") == 2
             assert one('secateur_jobs_completed_total{outcome="succeeded"}') == 1
+            assert one('secateur_jobs_completed_total{outcome="gate_failed"}') == 1
+            assert one('secateur_jobs_completed_total{outcome="failed"}') == 0
             assert one("secateur_jobs_queued") == 0 and one("secateur_jobs_running") == 0
             assert one('secateur_params{variant="original"}') == result.original.params
             assert one('secateur_params{variant="pruned"}') == result.pruned.params

@@ -1,0 +1,78 @@
+"""A job's life as the service records it: recovery after a restart, its end.
+
+Shared by the embedded queue (``jobs.py``) and the scaled-out workers
+(``workerloop.py``): what a job left RUNNING by a dead server becomes, the
+INFO line of a job's end, and the ``outcome`` label its end counts under in
+``secateur_jobs_completed_total`` (see ``metrics.OUTCOMES``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+from secateur.server.errors import ServiceError
+from secateur.server.records import JobError, JobRecord, JobState, now_ns
+
+log = logging.getLogger("secateur.server")
+
+#: The metrics outcome of each terminal state (a failed accuracy gate aside).
+OUTCOMES = {
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+}
+
+
+def outcome_label(record: JobRecord | None) -> str:
+    """The metrics outcome of an ended job, read from its state and its result's outcome."""
+    if record is None:
+        return "failed"
+    result = record.result or {}
+    if record.state == JobState.FAILED and result.get("outcome") == "gate_failed":
+        return "gate_failed"
+    return OUTCOMES.get(record.state, "failed")
+
+
+def recovered(record: JobRecord, max_attempts: int) -> JobRecord:
+    """A job a dead server left RUNNING: queued again, or failed after ``max_attempts``."""
+    if record.attempts >= max_attempts:
+        err = ServiceError(
+            grpc.StatusCode.ABORTED,
+            f"the server stopped {record.attempts} times while this job was running; giving up",
+        )
+        log.info("job %s recovered after a restart: failed, %s", record.id, err.message)
+        return record.evolve(
+            state=JobState.FAILED, end_ns=now_ns(), error=JobError.of(err), message=err.message
+        )
+    log.info(
+        "job %s recovered after a restart: queued again (%d attempt(s) so far)",
+        record.id, record.attempts,
+    )  # fmt: skip
+    return record.evolve(
+        state=JobState.QUEUED,
+        stage="",
+        progress=0.0,
+        message="the server restarted during this job; it will run again",
+    )
+
+
+def log_end(
+    old: JobRecord,
+    state: JobState,
+    error: ServiceError | None,
+    report: dict[str, Any] | None,
+    now: int,
+) -> None:
+    """The lifecycle line of a job's end: outcome, status code, time since it started."""
+    outcome = state.value.lower()
+    if state == JobState.FAILED and report is not None:
+        outcome = "failed (accuracy gate)"
+    code = f" {error.code.name}" if error is not None else ""
+    since = old.start_ns or old.create_ns
+    log.info(
+        "job %s finished: %s%s after %.1f s (%d attempt(s))",
+        old.id, outcome, code, (now - since) / 1e9 if since else 0.0, old.attempts,
+    )  # fmt: skip
