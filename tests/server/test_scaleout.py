@@ -58,6 +58,7 @@ class Cluster:
     def __init__(self, url: str, root: Path, model: str) -> None:
         self.url, self.root, self.model = url, root, model
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.targets: dict[str, str] = {}
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -81,7 +82,8 @@ class Cluster:
             "--allowed-uri-prefix", str(self.root), "--allowed-uri-prefix", self.model,
             "--shutdown-grace-seconds", "0",
         ])  # fmt: skip
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.targets[name] = f"127.0.0.1:{port}"
+        channel = grpc.insecure_channel(self.targets[name])
         grpc.channel_ready_future(channel).result(timeout=90)
         return pb_grpc.PruningServiceStub(channel)
 
@@ -190,6 +192,11 @@ def test_workerKilled_jobReclaimedAfterItsLease_publishedOnce(cluster: Cluster) 
     cluster.worker("w1")
     job = create(api, spec(cluster, "out", measure_steps=50))
     wait_for(api, job.name, lambda j: j.state == RUNNING and j.worker == "w1", 120)
+    status = subprocess.run(
+        [*CLI, "status", job.name, "--server", cluster.targets["api"]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "worker: w1  lease expires" in status.stdout, status.stdout + status.stderr
     cluster.signal("w1", signal.SIGKILL)
     cluster.worker("w2")
     done = wait_for(api, job.name, lambda j: j.state in ENDED, 180)
