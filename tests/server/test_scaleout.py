@@ -287,3 +287,18 @@ def test_postgresRestartedMidJob_everyoneReconnects_noJobLostOrDuplicated(
         assert published(cluster, f"out{i}") == ["1"]
     late = create(api, spec(cluster, "out-late"))  # and new work still flows
     assert wait_for(api, late.name, lambda j: j.state in ENDED, 120).state == SUCCEEDED
+
+
+def test_workerStoppedBySigterm_handsItsJobBack_anotherFinishesIt(cluster: Cluster) -> None:
+    api = cluster.replica("api")
+    cluster.worker("w1")
+    job = create(api, spec(cluster, "out", measure_steps=50))
+    wait_for(api, job.name, lambda j: j.state == RUNNING and j.worker == "w1", 120)
+    cluster.procs["w1"].terminate()
+    assert cluster.procs["w1"].wait(timeout=30) == 0
+    back = get(api, job.name)
+    assert back is not None and back.state == QUEUED, back  # at once, not after the lease
+    cluster.worker("w2")
+    done = wait_for(api, job.name, lambda j: j.state in ENDED, 180)
+    assert (done.state, done.worker, done.attempts) == (SUCCEEDED, "w2", 2), done.error.message
+    assert published(cluster, "out") == ["1"]
