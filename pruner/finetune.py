@@ -27,6 +27,10 @@ class Device:
     name: str
     count: int
     strategy: Any = field(repr=False, default=None)
+    #: A multi-host member (pruner/cluster.py): only the chief evaluates,
+    #: measures and publishes; ``members`` counts the hosts that train.
+    is_chief: bool = True
+    members: int = 1
 
     def use_xla(self, setting: bool | str) -> bool:
         return self.kind in ("TPU", "GPU") if setting == "auto" else bool(setting)
@@ -47,6 +51,12 @@ def select_device(
             injected by tests, real strategies otherwise.
     """
     import tensorflow as tf
+
+    from secateur.pruner.cluster import current_member, member_device
+
+    member = current_member()  # joined by ``secateur prune`` before TensorFlow started
+    if member is not None and make_strategy is None:
+        return member_device(member)
 
     def default_strategy(kind: str, arg: Any) -> Any:
         if kind == "TPU":

@@ -44,6 +44,7 @@ from secateur.server.report import (
     choose,
     curve_rows,
     layout,
+    member_report,
     write_curves,
 )
 from secateur.server.storage import Location, Storage
@@ -161,6 +162,9 @@ class PruneJob:
         candidates = [
             self._candidate(original, graph, r, data, device, i) for i, r in enumerate(req.sweep)
         ]
+        if not device.is_chief:  # a multi-host member: it trained; the chief does the rest
+            self._close_stage()
+            return member_report(candidates, device, self.timings)
 
         variants = {"original": original} | {
             f"ratio={c['ratio']}": c.pop("_model") for c in candidates
@@ -220,6 +224,7 @@ class PruneJob:
     def _candidate(
         self, original: Any, graph: Any, ratio: float, data: _Data, device: Any, i: int
     ) -> dict[str, Any]:
+        from secateur.pruner.cluster import agree_on_plan, member_dataset, out_of_strategy
         from secateur.pruner.finetune import evaluate, finetune
         from secateur.pruner.plan import make_plan
         from secateur.pruner.surgery import apply_plan
@@ -228,6 +233,7 @@ class PruneJob:
         spec = self.req.specs[i]  # checked once, when the request was made
         self._enter("SCORING", f"ratio {ratio}", sweep_progress("SCORING", i, n), ratio=ratio)
         plan = make_plan(original, spec, graph=graph, device_kind=device.kind)
+        agree_on_plan(plan.to_dict(), device)  # multi-host: every member made this plan
         self._enter("REBUILDING", f"ratio {ratio}", sweep_progress("REBUILDING", i, n), ratio=ratio)
         model = apply_plan(original, plan, reload_weights=spec.reload_weights, graph=graph)
         history: dict[str, list[float]] = {}
@@ -247,11 +253,14 @@ class PruneJob:
                     )
                 )
 
+            train_ds = member_dataset(data.train_ds, device)  # multi-host: a share each
             model, history = finetune(
-                model, data.train_ds, self.req.train, device, progress, self.should_cancel
+                model, train_ds, self.req.train, device, progress, self.should_cancel
             )
+            if device.members > 1:  # every member, in step: the chief goes on alone
+                model = out_of_strategy(model)
         accuracy = None
-        if data.eval_ds is not None:
+        if data.eval_ds is not None and device.is_chief:
             self._enter(
                 "EVALUATING", f"ratio {ratio}", sweep_progress("EVALUATING", i, n), ratio=ratio
             )

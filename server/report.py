@@ -138,3 +138,20 @@ def write_curves(report: dict[str, Any], stem: str) -> list[str]:
     fig.savefig(stem + ".png", dpi=100)
     plt.close(fig)
     return [stem + ".csv", stem + ".png"]
+
+
+def member_report(
+    candidates: list[dict[str, Any]], device: Any, timings: dict[str, float]
+) -> dict[str, Any]:
+    """What a multi-host member that is not the chief returns: it trained, and
+    wrote nothing (the chief evaluates, measures, decides and publishes)."""
+    return {
+        "report_version": REPORT_VERSION,
+        "role": "member",
+        "output_uri": None,
+        "device": {"kind": device.kind, "name": device.name, "count": device.count},
+        "candidates": [
+            {"ratio": c["ratio"], "plan": c["plan"], "history": c["history"]} for c in candidates
+        ],
+        "timings_seconds": dict(timings),
+    }

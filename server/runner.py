@@ -123,19 +123,7 @@ class WorkerRunner:
         }
         if lease is not None:
             payload["lease"] = lease
-        env = os.environ | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command, "--events-fd", str(write_fd),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, pass_fds=(write_fd,), env=env,
-            )  # fmt: skip
-        except BaseException:
-            os.close(read_fd)
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        finally:
-            os.close(write_fd)
+        proc = await self._spawn(work, read_fd, write_fd)
         self._procs[key] = proc
         if key in self._stopping:  # stopped before it started
             self.stop(key)
@@ -159,6 +147,22 @@ class WorkerRunner:
         checked = self._checked(key, outcome, proc.returncode, output)
         self._stopping.discard(key)
         return checked, stage_times
+
+    async def _spawn(self, work: str, read_fd: int, write_fd: int) -> asyncio.subprocess.Process:
+        """Start the worker command writing events to ``write_fd`` (closed here either way)."""
+        env = os.environ | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.command, "--events-fd", str(write_fd),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, pass_fds=(write_fd,), env=env,
+            )  # fmt: skip
+        except BaseException:
+            os.close(read_fd)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            os.close(write_fd)
 
     def _checked(
         self, key: str, outcome: dict[str, Any], returncode: int | None, output: WorkerOutput
