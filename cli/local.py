@@ -75,6 +75,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stop = StopOnSignals()
     try:
         request = build_request(args)
+        member = _join_cluster()
         storage = Storage(args.allowed_uri_prefix or None)
         with stop.installed():
             report = PruneJob(request, storage, on_event=bar, should_cancel=stop).run()
@@ -102,6 +103,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"secateur: {stop.what()}cancelled; nothing was published", file=sys.stderr)
         return EXIT_CANCELLED
     bar.close()
+    if report.get("role") == "member":  # a multi-host member that is not the chief
+        print(
+            f"secateur: {member.task_type} {member.task_index} of a {member.members}-member "
+            "cluster: trained; the chief evaluates and publishes, this member wrote nothing",
+            file=sys.stderr,
+        )
+        return EXIT_OK
     if stop():
         print(f"secateur: {stop.what()}came after publishing; the version stands", file=sys.stderr)
     print(format_table(report))
@@ -110,6 +118,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if code == EXIT_GATE:
         print(f"secateur: accuracy gate failed: {report.get('decision')}", file=sys.stderr)
     return code
+
+
+def _join_cluster() -> Any:
+    """This process's place in a multi-host job (TF_CONFIG / a TPU slice), or None.
+
+    The cluster's strategy is made here, before any other TensorFlow op: collective
+    ops can only be configured while TensorFlow's context is not yet started.
+    """
+    from secateur.pruner.cluster import start_cluster
+
+    return start_cluster()
 
 
 def _write_report(report: dict[str, Any], path: str) -> None:

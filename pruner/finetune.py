@@ -93,10 +93,14 @@ def outputs_probabilities(model: Any) -> bool:
 
 def compile_for_training(model: Any, config: TrainConfig, device: Device) -> None:
     """Compile with SGD(momentum) and the loss the model's output calls for."""
-    model.compile(
-        optimizer=keras.optimizers.SGD(
+    # The optimizer's variables belong to the strategy the model was built under
+    # (Keras 3 refuses to mix a multi-worker model with a default-scope optimizer).
+    with model.distribute_strategy.scope():
+        optimizer = keras.optimizers.SGD(
             learning_rate=config.learning_rate, momentum=config.momentum
-        ),
+        )
+    model.compile(
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=not outputs_probabilities(model)
         ),

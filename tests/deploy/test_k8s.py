@@ -13,6 +13,7 @@ jobs table of a PostgreSQL server (tests/server/pg_fixture.py).
 from __future__ import annotations
 
 import copy
+import math
 import posixpath
 import re
 import shutil
@@ -506,3 +507,58 @@ def test_manifests_pass_yamllint() -> None:
     with pytest.raises(SystemExit) as exit_:
         yamllint.run(["--strict", "-d", config, *files])
     assert exit_.value.code == 0, "yamllint found problems (see the captured output)"
+
+
+def test_multihost_tpu_example_runs_one_prune_per_host_of_the_slice() -> None:
+    """deploy/k8s/examples/multihost-tpu: a JobSet whose pods form one v5e 2x4 slice,
+    each told its hosts and index the way pruner/cluster.py reads them."""
+    from secateur.cli.local import build_request
+    from secateur.cli.parser import build_parser
+    from secateur.pruner.cluster import read_member
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (needed for `kubectl kustomize`)")
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "examples" / "multihost-tpu")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (jobset,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    (rjob,) = jobset["spec"]["replicatedJobs"]
+    job = rjob["template"]["spec"]
+    hosts = job["parallelism"]
+    assert job["completions"] == hosts >= 2 and job["completionMode"] == "Indexed"
+    kv = pytest.importorskip("kubernetes_validate")
+    as_job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}, "spec": job}
+    for version in K8S_VERSIONS:
+        kv.validate(as_job, version, strict=True)
+
+    pod = job["template"]["spec"]
+    topology = pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"].startswith("tpu-")
+    (box,) = pod["containers"]
+    chips = int(box["resources"]["limits"]["google.com/tpu"])
+    assert box["resources"]["requests"]["google.com/tpu"] == str(chips)
+    assert chips * hosts == math.prod(int(n) for n in topology.split("x"))  # the whole slice
+    assert box["image"].endswith("-tpu")
+
+    env = {e["name"]: e for e in box["env"]}
+    index = env["TPU_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    # The JobSet's pod hostnames through its headless Service, in index order.
+    name, subdomain = jobset["metadata"]["name"], jobset["spec"]["network"]["subdomain"]
+    assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+    names = env["TPU_WORKER_HOSTNAMES"]["value"].split(",")
+    assert names == [f"{name}-{rjob['name']}-0-{i}.{subdomain}" for i in range(hosts)]
+    for i in range(hosts):
+        member = read_member({"TPU_WORKER_HOSTNAMES": ",".join(names), "TPU_WORKER_ID": str(i)})
+        assert member is not None and member.members == hosts and member.is_chief == (i == 0)
+
+    assert box["command"] == ["secateur", "prune"]
+    args = build_parser().parse_args(["prune", *box["args"]])
+    request = build_request(args)  # the same conversion and checks a job gets
+    assert request.train_data and request.eval_data and request.max_accuracy_drop is not None
