@@ -19,8 +19,9 @@ preference and notes it. A plan never drops a non-zero constant silently.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -59,9 +60,13 @@ def _kernel(graph: ChannelGraph, path: str, weights: WeightGetter) -> tuple[np.n
 
 def _owners(
     layout: lay.Layout, positions: np.ndarray, groups: np.ndarray
-) -> Iterable[tuple[int, int]]:
+) -> list[tuple[int, list[int]]]:
+    """The groups owning ``positions`` of ``layout``, each with its channels, sorted."""
+    if not len(positions):
+        return []
     spaces, chans = lay.position_owner(layout)
-    return {(int(groups[spaces[p]]), int(chans[p])) for p in positions}
+    gids, chs = groups[spaces[positions]], chans[positions]
+    return [(int(g), np.unique(chs[gids == g]).tolist()) for g in np.unique(gids)]
 
 
 def _fold_feed(
@@ -73,9 +78,13 @@ def _fold_feed(
     k = np.take(kernel, removed, axis=kernel.ndim - 2).astype(np.float64)
     per_tap = np.einsum("...no,n->...o", k, m)
     delta = (per_tap * feed.taps[..., None]).reshape(-1, kernel.shape[-1]).sum(axis=0)
-    at_edge = np.abs(k[feed.edge]).sum(axis=(0, 2)) if feed.edge.any() else np.zeros(len(m))
-    inexact = st.is_exact[removed] & (m != 0) & (at_edge > 0)
-    return delta, removed[inexact]
+    # Exact constants that a zero-padded border reads are folded inexactly;
+    # only those channels' border taps need a look.
+    exact = np.flatnonzero(st.is_exact[removed] & (m != 0))
+    if not len(exact) or not feed.edge.any():
+        return delta, removed[:0]
+    at_edge = np.any(k[feed.edge][:, exact] != 0, axis=(0, 2))
+    return delta, removed[exact[at_edge]]
 
 
 def fold(
@@ -103,10 +112,11 @@ def fold(
         kernel, _ = _kernel(graph, feed.path, weights)
         delta, inexact = _fold_feed(feed, kernel, removed)
         calls.setdefault(feed.path, []).append(delta)
-        for gid, ch in _owners(feed.layout, removed, groups):
-            out.channels.setdefault(gid, set()).add(ch)
-        for gid, ch in _owners(feed.layout, inexact, groups):
-            out.note(gid, _inexact_note(graph, feed.path, ch))
+        for gid, chs in _owners(feed.layout, removed, groups):
+            out.channels.setdefault(gid, set()).update(chs)
+        for gid, chs in _owners(feed.layout, inexact, groups):
+            for ch in chs:
+                out.note(gid, _inexact_note(graph, feed.path, ch))
     for path, deltas in calls.items():
         out.deltas[path] = np.mean(deltas, axis=0)
         if any(not np.allclose(d, deltas[0]) for d in deltas[1:]):
@@ -118,8 +128,9 @@ def fold(
                 )
     for loss in trace.losses:
         removed = np.intersect1d(_removed(loss.layout, kept), np.flatnonzero(loss.mask))
-        for gid, ch in _owners(loss.layout, removed, groups):
-            out.note(gid, _lost_note(loss.path, loss.cls, ch))
+        for gid, chs in _owners(loss.layout, removed, groups):
+            for ch in chs:
+                out.note(gid, _lost_note(loss.path, loss.cls, ch))
     return out
 
 
@@ -135,8 +146,9 @@ def live_channels(graph: ChannelGraph, trace: ConstantTrace) -> dict[int, dict[i
     groups = graph.space_to_group()
     out: dict[int, dict[int, str]] = {}
     for loss in trace.losses:
-        for gid, ch in _owners(loss.layout, np.flatnonzero(loss.mask), groups):
-            out.setdefault(gid, {})[ch] = _lost_note(loss.path, loss.cls, ch)
+        for gid, chs in _owners(loss.layout, np.flatnonzero(loss.mask), groups):
+            for ch in chs:
+                out.setdefault(gid, {})[ch] = _lost_note(loss.path, loss.cls, ch)
     return out
 
 
@@ -206,12 +218,28 @@ def bias_values(
 
 
 def cached_weights(graph: ChannelGraph) -> WeightGetter:
-    """A ``(path, index) -> numpy`` getter that converts each weight once."""
+    """A ``(path, index) -> numpy`` getter that reads each weight once."""
     cache: dict[tuple[str, int], np.ndarray] = {}
 
     def get(path: str, idx: int) -> np.ndarray:
         if (path, idx) not in cache:
-            cache[(path, idx)] = np.asarray(graph.layers[path].weights[idx].numpy())
+            cache[(path, idx)] = read_weight(graph.layers[path].weights[idx])
         return cache[(path, idx)]
 
     return get
+
+
+def read_weight(var: Any) -> np.ndarray:
+    """A Keras variable's value as a read-only numpy array.
+
+    A TensorFlow variable's value is read without copying: the array shares
+    the variable's buffer, which TensorFlow copies on the next write, so the
+    array keeps the value it was read with. Copying every kernel of a model
+    (twice, through ``Variable.numpy()``) was most of the cost of tracing
+    constants. ``tf.Variable.value()`` also skips the identity op that
+    ``read_value()`` adds. Other backends copy.
+    """
+    read = getattr(getattr(var, "value", None), "value", None)
+    array = np.asarray(read()) if callable(read) else np.array(var.numpy())
+    array.flags.writeable = False
+    return array

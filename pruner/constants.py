@@ -24,6 +24,7 @@ into its bias.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,8 +123,12 @@ class Ctx:
         var = getattr(self.layer, attr, None)
         if var is None:
             return None
-        idx = next(i for i, w in enumerate(self.layer.weights) if w is var)
-        return self.weights(self.path, idx)
+        return self.weights(self.path, self._weight_index[id(var)])
+
+    @functools.cached_property
+    def _weight_index(self) -> dict[int, int]:
+        # ``layer.weights`` builds a new list on every access.
+        return {id(w): i for i, w in enumerate(self.layer.weights)}
 
     def array(self, attr: str) -> np.ndarray:
         """A weight the layer always has (``kernel``, ``moving_mean``)."""
@@ -171,7 +176,34 @@ def channels(tensor: Any) -> int:
 # -- elementwise maths -------------------------------------------------------
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+# The commonest activations in numpy: a Keras call per layer was most of the
+# walk's time. Anything else is evaluated by Keras itself.
+_NUMPY_ACTIVATIONS: dict[Any, Callable[[np.ndarray], np.ndarray]] = {
+    keras.activations.relu: lambda x: np.maximum(x, 0.0),
+    keras.activations.sigmoid: _sigmoid,
+    keras.activations.silu: lambda x: x * _sigmoid(x),
+    keras.activations.tanh: np.tanh,
+}
+
+
+def _numpy_form(fn: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    if type(fn) is keras.layers.ReLU and not fn.negative_slope and not fn.threshold:
+        top = np.inf if fn.max_value is None else float(fn.max_value)
+        return lambda x: np.clip(x, 0.0, top)
+    try:
+        return _NUMPY_ACTIVATIONS.get(fn)
+    except TypeError:  # an unhashable callable
+        return None
+
+
 def _evaluate(fn: Callable[[Any], Any], points: np.ndarray) -> np.ndarray:
+    form = _numpy_form(fn)
+    if form is not None:
+        return form(points)
     out = fn(keras.ops.convert_to_tensor(points.astype("float32")))
     return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
 

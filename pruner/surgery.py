@@ -25,6 +25,7 @@ from secateur.pruner.compensation import (
     new_biases,
 )
 from secateur.pruner.constant_tracing import trace_constants
+from secateur.pruner.constants import WeightGetter
 from secateur.pruner.errors import PlanMismatchError
 from secateur.pruner.graph import ChannelGraph, ConfigEdit
 from secateur.pruner.plan import PruningPlan, keep_function
@@ -68,15 +69,14 @@ def apply_plan(
     plan.validate()
     graph = graph or analyze(model)
     kept = keep_function(graph, _match_groups(graph, plan))
-    config = copy.deepcopy(model.get_config())
-    _drop_build_configs(config)
-    for edit in graph.edits.values():
-        _apply_edit(config, edit, kept)
+    config = _edited_config(model, graph, kept)
     if bias_compensation is None:
         bias_compensation = bool(plan.spec.get("bias_compensation", False))
     comp = None
+    # Each weight is read once, for the constants and for the copy alike.
+    weights = cached_weights(graph)
     if bias_compensation:
-        comp = _compensation(model, graph, plan, kept) if reload_weights else None
+        comp = _compensation(model, graph, plan, kept, weights) if reload_weights else None
         # Fresh weights get the planned architecture, biases included.
         for path in new_biases(graph, comp) if comp else plan.bias_added:
             _layer_config(config, path)["config"]["use_bias"] = True
@@ -84,7 +84,7 @@ def apply_plan(
     with keras.saving.custom_object_scope(custom):
         new_model = model.__class__.from_config(config)
     if reload_weights:
-        _copy_weights(graph, new_model, kept, comp)
+        _copy_weights(graph, new_model, kept, comp, weights)
     if getattr(model, "compiled", False):
         # Compile state is a convenience: a custom loss that cannot be rebuilt
         # from config must not fail the prune.
@@ -133,6 +133,15 @@ def _layer_config(config: dict[str, Any], path: str) -> dict[str, Any]:
         else:
             raise PlanMismatchError(f"layer '{path}' not found in the model config")
     return node
+
+
+def _edited_config(model: Any, graph: ChannelGraph, kept: KeptFn) -> dict[str, Any]:
+    """``model``'s config with every channel count changed to the kept one."""
+    config = copy.deepcopy(model.get_config())
+    _drop_build_configs(config)
+    for edit in graph.edits.values():
+        _apply_edit(config, edit, kept)
+    return config
 
 
 def _drop_build_configs(config: dict[str, Any]) -> None:
@@ -198,8 +207,9 @@ def _resolve(model: Any, path: str) -> Any:
     return layer
 
 
-def _compensation(model: Any, graph: ChannelGraph, plan: PruningPlan, kept: KeptFn) -> Compensation:
-    weights = cached_weights(graph)
+def _compensation(
+    model: Any, graph: ChannelGraph, plan: PruningPlan, kept: KeptFn, weights: WeightGetter
+) -> Compensation:
     comp = fold(graph, trace_constants(model, graph, weights), kept, weights)
     planned = {n for g in plan.groups for n in g.notes}
     fresh = [n for notes in comp.notes.values() for n in notes if n not in planned]
@@ -212,7 +222,11 @@ def _compensation(model: Any, graph: ChannelGraph, plan: PruningPlan, kept: Kept
 
 
 def _copy_weights(
-    graph: ChannelGraph, new_model: Any, kept: KeptFn, comp: Compensation | None
+    graph: ChannelGraph,
+    new_model: Any,
+    kept: KeptFn,
+    comp: Compensation | None,
+    weights: WeightGetter,
 ) -> None:
     positions: dict[int, np.ndarray] = {}
     deltas = comp.deltas if comp is not None else {}
@@ -220,7 +234,7 @@ def _copy_weights(
         values = []
         bias = getattr(layer, "bias", None) if path in deltas else None
         for idx, var in enumerate(layer.weights):
-            value = var.numpy()
+            value = weights(path, idx)
             if bias is not None and var is bias:
                 value = value + deltas[path].astype(value.dtype)
             for axis, ax in sorted(graph.axes.get((path, idx), {}).items()):

@@ -262,3 +262,43 @@ def test_plan_madeBeforeCompensation_loadsAndAppliesAsBefore() -> None:
     pruned = apply_plan(model, old)
     assert np.max(np.abs(_outputs(pruned, X8) - _outputs(model, X8))) > 0.05
     _assert_exact(model, apply_plan(model, old, bias_compensation=True), X8)
+
+
+@pytest.mark.parametrize("out_axis", [-1, -2])
+def test_dead_filters_finds_exactly_the_all_zero_filters(out_axis: int) -> None:
+    from secateur.pruner.constant_rules import dead_filters
+
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((3, 3, 6, 8)).astype("float32")
+    kernel[0, 0] = 0.0  # every filter's first entry is zero: all are scanned
+    dead = [1, 4]
+    index = [slice(None)] * 4
+    index[out_axis] = dead
+    kernel[tuple(index)] = 0.0
+    n = kernel.shape[out_axis]
+    expected = np.isin(np.arange(n), dead)
+    np.testing.assert_array_equal(dead_filters(kernel, out_axis), expected)
+    kernel[0, 0] = 1.0  # first entries non-zero again: the dead ones stay found
+    kernel[tuple(index)] = 0.0
+    np.testing.assert_array_equal(dead_filters(kernel, out_axis), expected)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        keras.activations.relu,
+        keras.activations.sigmoid,
+        keras.activations.silu,
+        keras.activations.tanh,
+        layers.ReLU(6.0),
+        layers.ReLU(),
+        layers.ReLU(negative_slope=0.1),
+    ],
+    ids=["relu", "sigmoid", "silu", "tanh", "relu6_layer", "relu_layer", "leaky_relu_layer"],
+)
+def test_activations_evaluated_in_numpy_match_keras(fn: Any) -> None:
+    from secateur.pruner.constants import _evaluate
+
+    points = np.linspace(-12.0, 12.0, 97, dtype=np.float32).astype(np.float64).reshape(1, -1)
+    expected = np.asarray(keras.ops.convert_to_numpy(fn(points.astype("float32"))), np.float64)
+    np.testing.assert_allclose(_evaluate(fn, points), expected, rtol=1e-6, atol=1e-6)
