@@ -35,7 +35,7 @@ HELP: dict[str, str] = {
     "min_channels": "no group keeps fewer channels than this",
     "exclude": "layer name whose channels must not change (repeatable)",
     "reload_weights": "copy the kept slices of the original weights (no: fresh initialisation)",
-    "seed": "seed of the random criterion and of fresh initialisation",
+    "seed": "the job's seed: random criterion, initialisation, shuffle, Dropout, every generator",
     "bias_compensation": "fold the constant output of removed channels into the next bias",
     "epochs": "fine-tuning epochs per candidate (needs train_data)",
     "batch_size": "fine-tuning and measurement batch size",
@@ -46,6 +46,7 @@ HELP: dict[str, str] = {
     "label_key": "tf.train.Example key of the label",
     "resize": "resize images to the model's input size",
     "measure_steps": "timed training steps per measurement round",
+    "deterministic": "op determinism: same job twice, same weights (no: faster, may differ)",
     "max_accuracy_drop": "publish the largest ratio whose accuracy drop is within this (0.02)",
     "version": "TF Serving version to publish (default: the next free one)",
 }

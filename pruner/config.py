@@ -36,9 +36,17 @@ class TrainConfig:
     momentum: float = 0.9
     jit_compile: bool | str = "auto"
     steps_per_epoch: int | None = None
+    #: Op determinism (the same job twice gives the same weights); False trades
+    #: that for speed. Every generator is seeded from the job's seed either way.
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 0, MAX_EPOCHS)
+        if not isinstance(self.deterministic, bool):
+            raise InvalidSpecError(
+                f"deterministic must be true or false. Received: {self.deterministic!r}",
+                "deterministic",
+            )
         check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         check_float("learning_rate", self.learning_rate, 0.0, MAX_LEARNING_RATE, low_open=True)
         check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)

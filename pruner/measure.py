@@ -197,6 +197,7 @@ def _figures(
         "warmup_steps": measure.warmup_steps,
         "rounds_interleaved": measure.rounds,
         "xla": device.use_xla(config.jit_compile),
+        "op_determinism": config.deterministic,
         "memory": (
             "allocator peak above the pre-step level plus weights and optimizer slots"
             if mem_device

@@ -49,6 +49,7 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "training.label_key": (DataSpec, "label_key"),
     "training.resize": (DataSpec, "resize"),
     "training.measure_steps": (MeasureConfig, "steps"),
+    "training.deterministic": (TrainConfig, "deterministic"),
     "max_accuracy_drop": (JobRequest, "max_accuracy_drop"),
     "version": (JobRequest, "version"),
 }
@@ -202,7 +203,9 @@ def job_request(spec: pb.JobSpec) -> JobRequest:
             spec=prune_spec(spec.pruning),
             ratios=tuple(spec.pruning.ratios),
             train=TrainConfig(
-                **_present(t, {n: n for n in ("epochs", "batch_size", "learning_rate")})
+                **_present(
+                    t, {n: n for n in ("epochs", "batch_size", "learning_rate", "deterministic")}
+                )
             ),
             train_data=t.train_data or None,
             eval_data=t.eval_data or None,

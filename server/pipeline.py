@@ -107,6 +107,8 @@ class PruneJob:
         self.places: JobPlaces
         self._stage_start = 0.0
         self._stage = ""
+        #: seed, op determinism and how, for the report (set when the run starts).
+        self.reproducibility: dict[str, Any] = {}
 
     # -- plumbing ----------------------------------------------------------
     def _enter(self, stage: str, message: str = "", progress: float = 0.0, **detail: Any) -> None:
@@ -135,8 +137,17 @@ class PruneJob:
             CancelledError: ``should_cancel`` became true.
             SecateurError / StorageError subclasses: bad input.
         """
+        from secateur.pruner.determinism import reproducible
+
+        # Every generator is seeded from the job's seed before the model is
+        # loaded (loading draws Dropout's seeds), in the CLI as in a worker.
         # Errors name the user's URIs, never the local copies in ``work``.
-        with tempfile.TemporaryDirectory(prefix="secateur-job-") as work, user_paths(self.names):
+        with (
+            reproducible(self.req.spec.seed, self.req.train.deterministic) as how,
+            tempfile.TemporaryDirectory(prefix="secateur-job-") as work,
+            user_paths(self.names),
+        ):
+            self.reproducibility = how.to_dict()
             return self._run(work)
 
     def _run(self, work: str) -> dict[str, Any]:
@@ -297,6 +308,7 @@ class PruneJob:
             "train_data": req.train_data,
             "eval_data": req.eval_data,
             "device": {"kind": device.kind, "name": device.name, "count": device.count},
+            "reproducibility": self.reproducibility,
             "original": original,
             "candidates": candidates,
         }
