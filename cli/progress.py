@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from secateur.v1 import pruning_pb2
+from secateur.v1 import enums, pruning_pb2
 
 HEARTBEAT_S = 10.0
 
@@ -36,8 +36,8 @@ def elapsed_text(seconds: float) -> str:
 
 def _job_stage(job: pruning_pb2.Job) -> str:
     if job.state == pruning_pb2.Job.STATE_RUNNING and job.stage:
-        return pruning_pb2.Job.Stage.Name(job.stage).removeprefix("STAGE_")
-    return pruning_pb2.Job.State.Name(job.state).removeprefix("STATE_")
+        return enums.short_name(pruning_pb2.Job.Stage, job.stage)
+    return enums.short_name(pruning_pb2.Job.State, job.state)
 
 
 def _step_text(detail: dict[str, Any]) -> str:

@@ -127,7 +127,12 @@ def _size_violations(msg: Message, prefix: str) -> Iterator[tuple[str, str]]:
 
 
 def field_path(name: str) -> str:
-    """The request path of a library field name (``learning_rate`` -> ``spec.training...``)."""
+    """The request path of a library field name (``learning_rate`` -> ``spec.training...``).
+
+    A name that already is a path (``spec....``) comes back as it is.
+    """
+    if name.startswith("spec."):
+        return name
     return _FIELD_PATHS.get(name, f"spec.{name}")
 
 

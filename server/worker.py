@@ -153,15 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     signal.signal(signal.SIGTERM, _on_term)
     emit = Emitter(args.events_fd)
+    payload: dict[str, Any] = {}
     try:
-        run(json.load(sys.stdin), emit)
+        payload = json.load(sys.stdin)
+        run(payload, emit)
     except BaseException as exc:  # noqa: BLE001 - every outcome is reported
+        from secateur.server.convert import field_path
         from secateur.server.errors import status_of
 
         err = status_of(exc)
         if err is None:
             return _internal(exc, emit)
-        emit.send(type="error", code=err.code.name, message=err.message, violations=err.violations)
+        violations = err.violations
+        if payload.get("mode") == "job":  # the library's field names -> the JobSpec's paths
+            violations = [(field_path(f), d) for f, d in violations]
+        emit.send(type="error", code=err.code.name, message=err.message, violations=violations)
         return 0
     return 0
 

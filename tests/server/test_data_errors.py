@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import tensorflow as tf
+from google.rpc import error_details_pb2
 
 from secateur.pruner import PruneSpec
 from secateur.pruner.errors import DataError
@@ -112,10 +113,14 @@ def test_serverJob_badLabelAtRecord281_failsInvalidArgumentNamingFileAndRecord(
         assert time.time() < deadline, pb.Job.State.Name(job.state)
         time.sleep(0.3)
         job = stub.GetJob(pb.GetJobRequest(name=job.name))
-    assert pb.Job.State.Name(job.state) == "FAILED"
+    assert job.state == pb.Job.STATE_FAILED, pb.Job.State.Name(job.state)
     assert job.error.code == 3, job.error.message  # INVALID_ARGUMENT
     assert f"record {BAD} of {bad_data['label']}" in job.error.message
     assert "server log" not in job.error.message
+    (detail,) = job.error.details  # the JobSpec path of the bad field, not the library's name
+    bad = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad)
+    assert [v.field for v in bad.field_violations] == ["spec.training.train_data"]
     assert not out.exists() or not any(out.iterdir())
 
 
