@@ -46,7 +46,11 @@ Job = pb.Job
 OK = grpc.StatusCode.OK
 MAX_MESSAGE = 2048
 MAX_DETAILS = 4096
-SEEDED = {"seed-done": Job.STATE_SUCCEEDED, "seed-failed": Job.STATE_FAILED, "seed-cancelled": Job.STATE_CANCELLED}
+SEEDED = {
+    "seed-done": Job.STATE_SUCCEEDED,
+    "seed-failed": Job.STATE_FAILED,
+    "seed-cancelled": Job.STATE_CANCELLED,
+}
 PYTHON_TEXT = re.compile(
     r"Traceback|File \"|<class |\b[A-Z]\w*(Error|Exception)\b|\.py\b|site-packages"
     r"|\bsecateur\.(server|pruner|client)\b"  # modules; proto names (secateur.v1.X) are the API
@@ -270,7 +274,10 @@ def _after(e: Env, case: Case, before: tuple[set[str], set[str]]) -> list[str]:
     serving = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
     if serving.status != health_pb2.HealthCheckResponse.SERVING:
         problems.append(f"health is {serving.status} after the case")
-    if e.stub.GetJob(pb.GetJobRequest(name="jobs/seed-done"), timeout=10).state != Job.STATE_SUCCEEDED:
+    if (
+        e.stub.GetJob(pb.GetJobRequest(name="jobs/seed-done"), timeout=10).state
+        != Job.STATE_SUCCEEDED
+    ):
         problems.append("a seeded job changed")
     if os.path.exists(e.marker):
         problems.append("code from a model file ran (marker written)")
