@@ -43,7 +43,7 @@ from secateur.server.runner import WorkerRunner, error_of
 
 log = logging.getLogger("secateur.server")
 #: The longest pause between two renewals of a lease (the cancel flag comes with them).
-RENEW_MAX_S = 2.0
+RENEW_MAX_S = 1.0
 #: How often a shared store's queue depth and running count refresh the metrics.
 COUNTS_EVERY_S = 5.0
 
