@@ -171,27 +171,6 @@ def _keras_safe_reduce(strategy: Any, reduce: Any) -> Any:
     return nested
 
 
-def member_device(member: Member) -> Any:
-    """The fine-tuning Device for a cluster member (its strategy spans the cluster)."""
-    import tensorflow as tf
-
-    from secateur.pruner.finetune import Device
-
-    if member.kind == "TPU_SLICE":
-        kind, name = "TPU", f"TPU slice, {member.members} hosts"
-    else:
-        kind = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-        name = f"MultiWorkerMirrored, {member.members} workers"
-    return Device(
-        kind,
-        name,
-        int(member.strategy.num_replicas_in_sync),
-        member.strategy,
-        is_chief=member.is_chief,
-        members=member.members,
-    )
-
-
 def agree_on_plan(plan: dict[str, Any], device: Any) -> None:
     """Check that every member made the same plan (a collective: all members call it).
 

@@ -52,11 +52,11 @@ def select_device(
     """
     import tensorflow as tf
 
-    from secateur.pruner.cluster import current_member, member_device
+    from secateur.pruner.cluster import current_member
 
     member = current_member()  # joined by ``secateur prune`` before TensorFlow started
     if member is not None and make_strategy is None:
-        return member_device(member)
+        return _member_device(member)
 
     def default_strategy(kind: str, arg: Any) -> Any:
         if kind == "TPU":
@@ -89,6 +89,25 @@ def outputs_probabilities(model: Any) -> bool:
         return True
     activation = getattr(layer, "activation", None)
     return getattr(activation, "__name__", "") == "softmax"
+
+
+def _member_device(member: Any) -> Device:
+    """The Device of a cluster member (``cluster.Member``): its strategy spans the cluster."""
+    import tensorflow as tf
+
+    if member.kind == "TPU_SLICE":
+        kind, name = "TPU", f"TPU slice, {member.members} hosts"
+    else:
+        kind = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        name = f"MultiWorkerMirrored, {member.members} workers"
+    return Device(
+        kind,
+        name,
+        int(member.strategy.num_replicas_in_sync),
+        member.strategy,
+        is_chief=member.is_chief,
+        members=member.members,
+    )
 
 
 def compile_for_training(model: Any, config: TrainConfig, device: Device) -> None:
