@@ -75,11 +75,25 @@ def _cell(figures: dict[str, Any], original: dict[str, Any] | None, key: str, ki
     """One figure; against ``original`` (a candidate's cell) also the ratio to it."""
     if kind == "spread":
         return spread(figures)
+    if kind == "acc":
+        return accuracy_cell(figures)
     value, base = figures.get(key), (original or {}).get(key)
     cell = human(value, kind)
     if kind != "acc" and value is not None and base:
         cell += f" ({value / base:.2f}x)"
     return cell
+
+
+def accuracy_cell(figures: dict[str, Any]) -> str:
+    """``93.1% ±1.2 (n=360)``: the accuracy, its 95% interval's half-width in points, n.
+
+    Reports from before the interval was measured show the bare fraction.
+    """
+    value, n = figures.get("accuracy"), figures.get("eval_examples")
+    low, high = figures.get("accuracy_ci_low"), figures.get("accuracy_ci_high")
+    if value is None or not n or low is None or high is None:
+        return human(value, "acc")
+    return f"{100 * value:.1f}% ±{100 * (high - low) / 2:.1f} (n={n})"
 
 
 def _drop(candidate: dict[str, Any], budget: float | None) -> str:

@@ -19,6 +19,8 @@ MAX_BATCH_SIZE = 65_536
 MAX_LEARNING_RATE = 10.0
 MAX_STEPS = 100_000
 MAX_ROUNDS = 100
+#: ``TrainConfig.mixed_precision`` values: "auto" picks per device, "off" is float32.
+MIXED_PRECISION = ("auto", "off", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class TrainConfig:
     #: Op determinism (the same job twice gives the same weights); False trades
     #: that for speed. Every generator is seeded from the job's seed either way.
     deterministic: bool = True
+    #: Training steps per compiled execution; "auto" resolves per device
+    #: (:func:`secateur.pruner.finetune.resolve_steps_per_execution`).
+    steps_per_execution: int | str = "auto"
+    #: Keras mixed precision while fine-tuning: "auto", "off" or a policy.
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 0, MAX_EPOCHS)
@@ -52,6 +59,14 @@ class TrainConfig:
         check_float("momentum", self.momentum, 0.0, 1.0, high_open=True)
         if self.steps_per_epoch is not None:
             check_int("steps_per_epoch", self.steps_per_epoch, 1, MAX_STEPS)
+        if self.steps_per_execution != "auto":
+            check_int("steps_per_execution", self.steps_per_execution, 1, MAX_STEPS)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise InvalidSpecError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}. "
+                f"Received: mixed_precision={_shown(self.mixed_precision)}",
+                "mixed_precision",
+            )
         if self.jit_compile not in (True, False, "auto"):
             raise InvalidSpecError(
                 f"jit_compile must be true, false or 'auto'. Received: {self.jit_compile!r}",

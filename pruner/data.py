@@ -35,12 +35,35 @@ class DataSpec:
         scale: factor applied to decoded pixel values (1.0 keeps [0, 255]).
         resize: resize decoded images to the model's input size instead of
             rejecting a different size.
+        cache_mib: cache the decoded examples in memory (read and decoded
+            once, not every epoch) when they fit this many MiB; 0: never.
     """
 
     image_key: str = "image"
     label_key: str = "label"
     scale: float = 1.0
     resize: bool = False
+    cache_mib: int = 256
+
+    def __post_init__(self) -> None:
+        from secateur.pruner.config import check_int
+
+        check_int("cache_mib", self.cache_mib, 0, MAX_CACHE_MIB)
+
+
+#: A memory cache bigger than this is a typo (1 TiB).
+MAX_CACHE_MIB = 2**20
+
+
+def decoded_bytes(count: int, shape: Sequence[int]) -> int:
+    """Memory ``count`` decoded examples take: float32 pixels and an int64 label each."""
+    h, w, c = (int(d) for d in shape)
+    return count * (4 * h * w * c + 8)
+
+
+def fits_cache(count: int, shape: Sequence[int], spec: DataSpec) -> bool:
+    """Whether ``count`` decoded examples fit ``spec.cache_mib`` (0: never cache)."""
+    return spec.cache_mib > 0 and decoded_bytes(count, shape) <= spec.cache_mib * 2**20
 
 
 def _tf() -> Any:
@@ -205,7 +228,7 @@ def make_dataset(
         files: TFRecord paths TensorFlow can open.
         image_shape: (H, W, C) the model expects.
         batch_size: examples per batch.
-        spec: feature keys and scaling.
+        spec: feature keys, scaling and the memory cache budget.
         shuffle: shuffle files and examples (training).
         seed: shuffle seed.
         num_classes: when given, labels are checked to be in [0, num_classes).
@@ -240,6 +263,8 @@ def make_dataset(
     # The check counted the records: a known length lets Keras end each epoch
     # on the count instead of running into the end ("input ran out of data").
     ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+    if fits_cache(count, shape, spec):  # before the example shuffle: each epoch reshuffles
+        ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(10 * batch_size, seed=seed)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -27,7 +27,8 @@ import numpy as np
 
 from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.errors import CancelledError
-from secateur.pruner.finetune import Device, compile_for_training, evaluate
+from secateur.pruner.finetune import Device, compile_for_training, evaluate_counts
+from secateur.pruner.stats import wilson
 from secateur.pruner.tracing import analyze
 
 
@@ -46,6 +47,10 @@ class Figures:
     accuracy: float | None
     how: dict[str, Any] = field(default_factory=dict)
     train_step_p10_seconds: float = 0.0
+    #: The 95% Wilson interval of ``accuracy`` and the examples it was measured on.
+    accuracy_ci_low: float | None = None
+    accuracy_ci_high: float | None = None
+    eval_examples: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,6 +210,17 @@ def _figures(
         ),
         "flops": "2 x multiply-adds of conv/dense kernels per example",
     }
+    accuracy: dict[str, Any] = {}
+    if eval_ds is not None:
+        correct, total = evaluate_counts(original, eval_ds, device.use_xla(config.jit_compile))
+        low, high = wilson(correct, total)
+        accuracy = {
+            "accuracy": correct / total,
+            "accuracy_ci_low": low,
+            "accuracy_ci_high": high,
+            "eval_examples": total,
+        }
+        how["accuracy"] = f"top-1 on {total} examples; 95% Wilson interval"
     return Figures(
         params=params,
         weight_bytes=_weight_bytes(original),
@@ -215,6 +231,6 @@ def _figures(
         train_step_p10_seconds=_percentile(v.times, 10),
         latency_batch1_seconds=_latency(v, x[:1], measure.latency_runs),
         latency_batch_seconds=_latency(v, x, max(3, measure.latency_runs // 4)),
-        accuracy=evaluate(original, eval_ds) if eval_ds is not None else None,
         how=how,
+        **({"accuracy": None} | accuracy),
     )

@@ -50,6 +50,9 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "training.resize": (DataSpec, "resize"),
     "training.measure_steps": (MeasureConfig, "steps"),
     "training.deterministic": (TrainConfig, "deterministic"),
+    "training.steps_per_execution": (TrainConfig, "steps_per_execution"),
+    "training.mixed_precision": (TrainConfig, "mixed_precision"),
+    "training.cache_mib": (DataSpec, "cache_mib"),
     "max_accuracy_drop": (JobRequest, "max_accuracy_drop"),
     "version": (JobRequest, "version"),
 }
@@ -208,13 +211,17 @@ def job_request(spec: pb.JobSpec) -> JobRequest:
             spec=prune_spec(spec.pruning),
             ratios=tuple(spec.pruning.ratios),
             train=TrainConfig(
+                **_present(t, {n: n for n in ("epochs", "batch_size", "learning_rate")}),
                 **_present(
-                    t, {n: n for n in ("epochs", "batch_size", "learning_rate", "deterministic")}
-                )
+                    t,
+                    {n: n for n in ("steps_per_execution", "mixed_precision", "deterministic")},
+                ),
             ),
             train_data=t.train_data or None,
             eval_data=t.eval_data or None,
-            data=DataSpec(**_present(t, {n: n for n in ("image_key", "label_key", "resize")})),
+            data=DataSpec(
+                **_present(t, {n: n for n in ("image_key", "label_key", "resize", "cache_mib")})
+            ),
             max_accuracy_drop=(
                 spec.max_accuracy_drop if spec.HasField("max_accuracy_drop") else None
             ),

@@ -43,6 +43,8 @@ from secateur.server.report import (
     REPORT_VERSION,
     choose,
     curve_rows,
+    drop_interval,
+    fine_tuning_how,
     layout,
     member_report,
     write_curves,
@@ -218,6 +220,7 @@ class PruneJob:
             lambda frac, what: self.on_event(StageEvent("MEASURING", what, frac)),
         )
         report = self._report(figures, candidates, device)
+        report["fine_tuning"] = fine_tuning_how(self.req, device, data.train_ds)
         report["layout"] = layout(variants, device.kind)
         return report
 
@@ -275,7 +278,7 @@ class PruneJob:
             self._enter(
                 "EVALUATING", f"ratio {ratio}", sweep_progress("EVALUATING", i, n), ratio=ratio
             )
-            accuracy = evaluate(model, data.eval_ds)
+            accuracy = evaluate(model, data.eval_ds, device.use_xla(self.req.train.jit_compile))
         return {
             "ratio": ratio,
             "plan": plan.to_dict(),
@@ -297,6 +300,8 @@ class PruneJob:
                 if original["accuracy"] is None or c["figures"]["accuracy"] is None
                 else original["accuracy"] - c["figures"]["accuracy"]
             )
+            drop = drop_interval(original, c["figures"])
+            c["accuracy_drop_ci"] = [drop.low, drop.high] if drop else None
         return {
             "report_version": REPORT_VERSION,
             "model_uri": req.model_uri,

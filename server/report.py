@@ -14,6 +14,7 @@ import io
 import os
 from typing import Any
 
+from secateur.pruner.stats import Drop, accuracy_drop, resolves
 from secateur.server.job_request import JobRequest
 from secateur.v1 import enums
 
@@ -47,13 +48,90 @@ def _decide(
     report["best_accuracy_drop"] = best.get("accuracy_drop") if best else None
 
 
+def fine_tuning_how(req: JobRequest, device: Any, train_ds: Any | None) -> dict[str, Any]:
+    """How candidates were fine-tuned: the loop settings resolved for the device."""
+    from secateur.pruner.finetune import epoch_steps, training_setup
+
+    steps = epoch_steps(train_ds, req.train) if train_ds is not None else None
+    budget = req.data.cache_mib
+    return training_setup(req.train, device, steps).to_dict() | {
+        "steps_per_epoch": steps,
+        "data_cache": f"in memory when decoded it fits {budget} MiB" if budget else "off",
+    }
+
+
+def drop_interval(original: dict[str, Any], figures: dict[str, Any]) -> Drop | None:
+    """The accuracy drop from ``original`` to ``figures`` with its 95% interval.
+
+    Newcombe's hybrid score interval from the two Wilson intervals
+    (:func:`secateur.pruner.stats.accuracy_drop`); None without both
+    accuracies and their evaluation set sizes.
+    """
+    counts = []
+    for f in (original, figures):
+        accuracy, n = f.get("accuracy"), f.get("eval_examples")
+        if accuracy is None or not n:
+            return None
+        counts.append((round(accuracy * n), int(n)))
+    return accuracy_drop(counts[0], counts[1])
+
+
+def _stated(report: dict[str, Any], candidate: dict[str, Any] | None) -> str:
+    """``drop 0.8 pt, 95% CI [0.1, 1.5], n=10000`` for a candidate; "" unmeasured."""
+    if candidate is None or "figures" not in candidate:
+        return ""
+    drop = drop_interval(report["original"], candidate["figures"])
+    return f"{drop}, n={candidate['figures']['eval_examples']}" if drop else ""
+
+
+def _warn_unresolved(report: dict[str, Any], budget: float | None) -> None:
+    """Warn (in ``warnings`` and the decision) when the eval set cannot tell the budget.
+
+    The drop's interval half-width is compared with the budget for every
+    candidate: wider, and a candidate can pass or fail on the draw of the
+    evaluation examples alone.
+    """
+    if budget is None:
+        return
+    widths = [
+        (d.half_width, c["figures"]["eval_examples"])
+        for c in report["candidates"]
+        if "figures" in c
+        and (d := drop_interval(report["original"], c["figures"])) is not None
+        and not resolves(d, budget)
+    ]
+    if not widths:
+        return
+    width, n = max(widths)
+    warning = (
+        f"the evaluation set ({n} examples) is too small to resolve "
+        f"max_accuracy_drop={budget:g}: the drop's 95% CI half-width is {100 * width:.1f} pt"
+    )
+    report.setdefault("warnings", []).append(warning)
+    report["decision"] += f"; warning: {warning}"
+
+
 def choose(report: dict[str, Any], req: JobRequest) -> dict[str, Any] | None:
-    """The candidate to publish; the outcome and decision written into the report."""
+    """The candidate to publish; the outcome and decision written into the report.
+
+    The decision states the deciding candidate's drop with its 95% interval
+    and the evaluation set size, and warns when that set is too small for
+    the budget (see :func:`_warn_unresolved`).
+    """
+    chosen = _choose(report, req)
+    _warn_unresolved(report, req.max_accuracy_drop)
+    return chosen
+
+
+def _choose(report: dict[str, Any], req: JobRequest) -> dict[str, Any] | None:
     cands = report["candidates"]
     budget = req.max_accuracy_drop
     if budget is None:
         if len(cands) == 1:
-            _decide(report, "published", "single ratio, no accuracy gate: published", cands[0])
+            decision = "single ratio, no accuracy gate: published"
+            if _stated(report, cands[0]):
+                decision += f" ({_stated(report, cands[0])})"
+            _decide(report, "published", decision, cands[0])
             return cands[0]
         decision = "sweep without max_accuracy_drop: curves only, nothing published"
         _decide(report, "curves_only", decision, None)
@@ -64,10 +142,14 @@ def choose(report: dict[str, Any], req: JobRequest) -> dict[str, Any] | None:
         # The closest miss: the smallest drop (the largest ratio among equals).
         near = min(measured, key=lambda c: (c["accuracy_drop"], -c["ratio"]), default=None)
         decision = f"no candidate within max_accuracy_drop={budget}; nothing published"
+        if near is not None and _stated(report, near):
+            decision += f" (closest: ratio {near['ratio']}, {_stated(report, near)})"
         _decide(report, "gate_failed", decision, near)
         return None
     best = max(ok, key=lambda c: c["ratio"])
     decision = f"ratio {best['ratio']} is the largest within max_accuracy_drop={budget}"
+    if _stated(report, best):
+        decision += f" ({_stated(report, best)})"
     _decide(report, "published", decision, best)
     return best
 

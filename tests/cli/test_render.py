@@ -164,3 +164,15 @@ def test_jobsTable_hasNoRuleAndOneLinePerJob() -> None:
     assert lines[0].split() == ["NAME", "STATE", "STAGE", "PROGRESS", "MODEL", "CREATED"]
     assert len(lines) == 3 and lines[1].split()[0] == "jobs/a" and lines[2].split()[0] == "jobs/b"
     assert lines[1].split()[3:] == ["80%", "/m.keras", "-"]
+
+
+def test_table_accuracyWithItsIntervalAndEvalSetSize() -> None:
+    interval = {"accuracy_ci_low": 0.9014, "accuracy_ci_high": 0.9538, "eval_examples": 360}
+    figures = ORIGINAL | {"accuracy": 335 / 360} | interval
+    report = {
+        "original": figures,
+        "candidates": [{"ratio": 0.2, "figures": figures, "accuracy_drop": 0.0}],
+        "decision": "published",
+    }
+    line = next(ln for ln in format_table(report).splitlines() if ln.startswith("top-1"))
+    assert line.split()[2:] == ["93.1%", "±2.6", "(n=360)", "93.1%", "±2.6", "(n=360)"]

@@ -74,3 +74,26 @@ def test_makeDataset_notTfrecordOrEmpty_raisesDataError(tmp_path) -> None:
         make_dataset([str(empty)], (8, 8, 3), 2)
     with pytest.raises(DataError, match="no files"):
         make_dataset([], (8, 8, 3), 2)
+
+
+def test_makeDataset_cachesDecodedDataWithinTheMemoryBudget(tmp_path) -> None:
+    from secateur.pruner.data import decoded_bytes, fits_cache
+    from secateur.pruner.errors import InvalidSpecError
+
+    images, labels = _images(6)
+    path = str(tmp_path / "d.tfrecord")
+    write_examples(path, images, labels)
+    assert decoded_bytes(6, (8, 8, 3)) == 6 * (8 * 8 * 3 * 4 + 8)
+    assert fits_cache(6, (8, 8, 3), DataSpec()) and not fits_cache(
+        6, (8, 8, 3), DataSpec(cache_mib=0)
+    )
+    cached = make_dataset([path], (8, 8, 3), 4)
+    uncached = make_dataset([path], (8, 8, 3), 4, DataSpec(cache_mib=0))
+    first = [np.concatenate([b[1].numpy() for b in ds]) for ds in (cached, uncached)]
+    # The file changes after an epoch (same count): only the cached set still reads the old one.
+    write_examples(path, images, (labels + 1) % 10)
+    second = [np.concatenate([b[1].numpy() for b in ds]) for ds in (cached, uncached)]
+    assert np.array_equal(second[0], first[0])
+    assert np.array_equal(second[1], (first[1] + 1) % 10)
+    with pytest.raises(InvalidSpecError, match="cache_mib=-1"):
+        DataSpec(cache_mib=-1)

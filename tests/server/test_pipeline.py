@@ -68,6 +68,19 @@ def test_job_publishesServingVersionWithArchiveAndReport(digits_data, tmp_path) 
     assert all(r["padded_params"] >= r["params"] for r in rows)
     assert sum(r["params"] for r in rows) == pruned["params"]
     assert 0 <= pruned["accuracy"] <= 1
+    # Every accuracy carries its evaluation set size and 95% Wilson interval.
+    for figures in (original, pruned):
+        assert figures["eval_examples"] == 397
+        assert figures["accuracy_ci_low"] < figures["accuracy"] < figures["accuracy_ci_high"]
+    assert "95% CI [" in report["decision"] and "n=397" in report["decision"]
+    # The loop as it ran on this CPU, "auto" settings resolved.
+    assert report["fine_tuning"] == {
+        "steps_per_execution": 1,
+        "mixed_precision": "off",
+        "xla": False,
+        "steps_per_epoch": 22,
+        "data_cache": "in memory when decoded it fits 256 MiB",
+    }
     assert events[0].stage == "FETCHING"
     assert {e.stage for e in events} == set(STAGES)
     # The published model serves with the original's keys and can be pruned again.
@@ -118,8 +131,16 @@ def test_job_gateFails_nothingPublished(digits_data, tmp_path) -> None:
     assert "nothing published" in report["decision"] and report["outcome"] == "gate_failed"
     assert report["best_ratio"] == 0.9 and report["best_accuracy_drop"] > 0.0
     assert report["selected_ratio"] is None
+    # The closest miss is stated with its interval; 397 examples cannot resolve a zero budget.
+    assert "(closest: ratio 0.9, drop " in report["decision"] and "n=397)" in report["decision"]
+    assert report["warnings"] == [
+        w for w in report["warnings"] if "evaluation set (397 examples) is too small" in w
+    ]
+    assert "warning: the evaluation set (397 examples)" in report["decision"]
     result = job_result(report)  # what a job's result says: data, not a sentence
     assert result.outcome == pb.JobResult.OUTCOME_GATE_FAILED
+    o = result.original
+    assert o.eval_examples == 397 and o.accuracy_ci_low < o.accuracy < o.accuracy_ci_high
     assert (result.max_accuracy_drop, result.best_ratio) == (0.0, 0.9)
     assert not result.HasField("selected_ratio") and not result.output_uri
     assert not (tmp_path / "out").exists() or _tree(tmp_path / "out") == []
@@ -210,3 +231,35 @@ def _wrong_shape(tmp_path) -> str:
     path = str(tmp_path / "small.tfrecord")
     write_examples(path, np.zeros((4, 16, 16, 3)), np.zeros(4))
     return path
+
+
+def _stated_report(n: int, original: float, pruned: float) -> dict:
+    def figures(accuracy: float) -> dict:
+        return {"accuracy": round(accuracy * n) / n, "eval_examples": n}
+
+    return {
+        "original": figures(original),
+        "candidates": [
+            {"ratio": 0.5, "figures": figures(pruned), "accuracy_drop": original - pruned}
+        ],
+    }
+
+
+def test_choose_statesTheDropWithItsInterval_warnsWhenTheEvalSetIsTooSmall(tmp_path) -> None:
+    from secateur.server.report import choose
+
+    req = JobRequest(model_uri="m", output_uri=str(tmp_path), eval_data="e", max_accuracy_drop=0.01)
+    big = _stated_report(10_000, 0.931, 0.923)
+    assert choose(big, req) is big["candidates"][0]
+    assert big["decision"] == (
+        "ratio 0.5 is the largest within max_accuracy_drop=0.01 "
+        "(drop 0.8 pt, 95% CI [0.1, 1.5], n=10000)"
+    )
+    assert "warnings" not in big
+    small = _stated_report(360, 0.931, 0.925)
+    choose(small, req)
+    assert small["warnings"] == [
+        "the evaluation set (360 examples) is too small to resolve max_accuracy_drop=0.01: "
+        "the drop's 95% CI half-width is 3.9 pt"
+    ]
+    assert small["decision"].endswith("; warning: " + small["warnings"][0])

@@ -61,7 +61,7 @@ class PruningSpec(_message.Message):
     def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "deterministic")
+    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,9 @@ class TrainingSpec(_message.Message):
     LABEL_KEY_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
     MEASURE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    MIXED_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MIB_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
@@ -81,8 +84,11 @@ class TrainingSpec(_message.Message):
     label_key: str
     resize: bool
     measure_steps: int
+    steps_per_execution: int
+    mixed_precision: str
+    cache_mib: int
     deterministic: bool
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., deterministic: _Optional[bool] = ...) -> None: ...
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version")
@@ -171,7 +177,7 @@ class Job(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., stage: _Optional[_Union[Job.Stage, str]] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., attempts: _Optional[int] = ..., worker: _Optional[str] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("params", "weight_bytes", "flops", "peak_memory_bytes", "train_step_seconds", "train_step_p90_seconds", "latency_batch1_seconds", "latency_batch_seconds", "accuracy", "how", "train_step_p10_seconds")
+    __slots__ = ("params", "weight_bytes", "flops", "peak_memory_bytes", "train_step_seconds", "train_step_p90_seconds", "latency_batch1_seconds", "latency_batch_seconds", "accuracy", "how", "train_step_p10_seconds", "accuracy_ci_low", "accuracy_ci_high", "eval_examples")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +189,9 @@ class Metrics(_message.Message):
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     HOW_FIELD_NUMBER: _ClassVar[int]
     TRAIN_STEP_P10_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     params: int
     weight_bytes: int
     flops: int
@@ -194,7 +203,10 @@ class Metrics(_message.Message):
     accuracy: float
     how: _struct_pb2.Struct
     train_step_p10_seconds: float
-    def __init__(self, params: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., train_step_seconds: _Optional[float] = ..., train_step_p90_seconds: _Optional[float] = ..., latency_batch1_seconds: _Optional[float] = ..., latency_batch_seconds: _Optional[float] = ..., accuracy: _Optional[float] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., train_step_p10_seconds: _Optional[float] = ...) -> None: ...
+    accuracy_ci_low: float
+    accuracy_ci_high: float
+    eval_examples: int
+    def __init__(self, params: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., train_step_seconds: _Optional[float] = ..., train_step_p90_seconds: _Optional[float] = ..., latency_batch1_seconds: _Optional[float] = ..., latency_batch_seconds: _Optional[float] = ..., accuracy: _Optional[float] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., train_step_p10_seconds: _Optional[float] = ..., accuracy_ci_low: _Optional[float] = ..., accuracy_ci_high: _Optional[float] = ..., eval_examples: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("ratio", "metrics", "accuracy_drop", "plan")
