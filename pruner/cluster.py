@@ -193,9 +193,14 @@ def agree_on_plan(plan: dict[str, Any], device: Any) -> None:
     digest = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).digest()
     b = np.frombuffer(digest[:16], dtype=np.uint8).astype("float32")
     mine = tf.constant(np.concatenate([b, b * b]))
-    total = strategy.reduce(
-        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(mine)), axis=None
-    )
+
+    @tf.function  # one all-reduce, not an eager collective (TensorFlow warns about those)
+    def total_over_replicas() -> Any:
+        return strategy.reduce(
+            tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(mine)), axis=None
+        )
+
+    total = total_over_replicas()
     n = float(strategy.num_replicas_in_sync)
     sums, squares = np.split(np.asarray(total, dtype="float64"), 2)
     if not np.array_equal(sums * sums, n * squares):

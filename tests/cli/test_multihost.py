@@ -105,6 +105,8 @@ def test_prune_twoWorkersOnLoopback_chiefAlonePublishes_lossMatchesOneProcess(
     for code, err in results:
         assert code == EXIT_OK, err[-3000:]
     assert "wrote nothing" in results[1][1]
+    for _, err in results:
+        assert "WARNING:tensorflow" not in err, err
     assert sorted(os.listdir(out)) == ["1"]  # one version, by the chief
     assert reports[0].exists() and not reports[1].exists()
     multi = json.loads(reports[0].read_text())
