@@ -15,14 +15,20 @@ records are never skipped.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from secateur.pruner.errors import CancelledError, DataError
+
+#: Reads one file's raw records where it lies (an injected reader, e.g. the
+#: server's streaming ``gs://`` reader); a truncated or corrupt record raises
+#: ``ValueError``. Without one, TensorFlow's own TFRecord reader opens the path.
+RecordReader = Callable[[str], Iterable[bytes]]
 
 
 @dataclass(frozen=True)
@@ -114,23 +120,42 @@ def write_examples(
             writer.write(example.SerializeToString())
 
 
-def _inspect(path: str, name: str, spec: DataSpec) -> str:
+def _raw_records(path: str, read: RecordReader | None, start: int = 0) -> Iterator[bytes]:
+    """One file's raw records from ``start`` on, in Python."""
+    if read is not None:
+        return itertools.islice(iter(read(path)), start, None)
+    return (r.numpy() for r in _tf().data.TFRecordDataset([path]).skip(start))
+
+
+def _file_records(path: Any, read: RecordReader | None) -> Any:
+    """One file's raw records as a dataset (``path`` may be a string tensor)."""
+    tf = _tf()
+    if read is None:
+        return tf.data.TFRecordDataset(path)
+    return tf.data.Dataset.from_generator(
+        lambda p: read(p.decode() if isinstance(p, bytes) else str(p)),
+        args=(path,),
+        output_signature=tf.TensorSpec((), tf.string),
+    )
+
+
+def _inspect(path: str, name: str, spec: DataSpec, read: RecordReader | None = None) -> str:
     """Check the first record's keys; return ``bytes`` or ``floats``."""
     tf = _tf()
     try:
-        first = next(iter(tf.data.TFRecordDataset([path])))
+        first = next(_raw_records(path, read))
     except StopIteration:
         raise DataError(
             f"data files must hold at least one record. Received: {name}", file=name
         ) from None
-    except tf.errors.OpError as exc:
+    except (tf.errors.OpError, ValueError) as exc:
         raise DataError(
             f"data must be TFRecord files ({tf_reason(exc)}). Received: {name}", file=name
         ) from exc
-    problem = _example_problem(first.numpy(), spec, None)
+    problem = _example_problem(first, spec, None)
     if problem:
         raise DataError(f"{problem} in {name}", file=name, record=0)
-    kind = tf.train.Example.FromString(first.numpy()).features.feature[spec.image_key]
+    kind = tf.train.Example.FromString(first).features.feature[spec.image_key]
     return "bytes" if kind.WhichOneof("kind") == "bytes_list" else "floats"
 
 
@@ -221,11 +246,14 @@ def make_dataset(
     num_classes: int | None = None,
     names: Sequence[str] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    read_records: RecordReader | None = None,
 ) -> Any:
     """A batched, prefetched ``tf.data.Dataset`` of (images, labels), every record checked.
 
+    The files are read where they lie, interleaved in parallel; nothing is copied.
+
     Args:
-        files: TFRecord paths TensorFlow can open.
+        files: TFRecord paths TensorFlow can open (or ``read_records`` reads).
         image_shape: (H, W, C) the model expects.
         batch_size: examples per batch.
         spec: feature keys, scaling and the memory cache budget.
@@ -235,6 +263,8 @@ def make_dataset(
         names: what to call each file in errors (the user's URI for a local
             copy); defaults to ``files``.
         should_cancel: polled between chunks of the check.
+        read_records: reads each file's raw records instead of TensorFlow
+            (e.g. streaming ``gs://`` through the server's storage).
 
     Raises:
         DataError: no files, missing keys, images that do not fit the model,
@@ -248,17 +278,19 @@ def make_dataset(
     names = list(names) if names is not None else list(files)
     if len(names) != len(files):
         raise ValueError(f"names must match files one to one. Received: {len(names)} names")
-    kind = _inspect(files[0], names[0], spec)
+    kind = _inspect(files[0], names[0], spec, read_records)
     shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
     parse = _parser(spec, kind, shape)
     count = sum(
-        check_file(path, name, spec, kind, shape, num_classes, should_cancel)
+        check_file(path, name, spec, kind, shape, num_classes, should_cancel, read_records)
         for path, name in zip(files, names, strict=True)
     )
     ds = tf.data.Dataset.from_tensor_slices(list(files))
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed)
-    ds = ds.interleave(tf.data.TFRecordDataset, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.interleave(
+        lambda path: _file_records(path, read_records), num_parallel_calls=tf.data.AUTOTUNE
+    )
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
     # The check counted the records: a known length lets Keras end each epoch
     # on the count instead of running into the end ("input ran out of data").
@@ -283,13 +315,16 @@ def check_file(
     shape: tuple[int, int, int],
     num_classes: int | None,
     should_cancel: Callable[[], bool] | None = None,
+    read_records: RecordReader | None = None,
 ) -> int:
     """Decode every record of one file as training will; return how many there are.
 
-    One tf.data pass, in chunks. A chunk that fails is read again record by
-    record to name the first bad one. TensorFlow stops quietly at a record
-    cut off by the end of the file, so the bytes the records account for are
-    compared with the file's size as well.
+    One tf.data pass, in chunks, reading the file where it lies (through
+    ``read_records`` when given). A chunk that fails is read again record by
+    record to name the first bad one. TensorFlow's reader stops quietly at a
+    record cut off by the end of the file, so the bytes the records account
+    for are compared with the file's size as well (an injected reader checks
+    the framing itself).
 
     Raises:
         DataError: naming ``name`` and the record (counted from 0).
@@ -304,7 +339,7 @@ def check_file(
         return label, tf.reduce_max(image), tf.strings.length(record)
 
     chunks = iter(
-        tf.data.TFRecordDataset([path])
+        _file_records(path, read_records)
         .map(summary, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .batch(_CHUNK)
         .prefetch(1)
@@ -319,7 +354,10 @@ def check_file(
             break
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, UnicodeDecodeError) as exc:
             # UnicodeDecodeError: TensorFlow quotes a non-Example record's bytes in its message.
-            raise _locate(path, name, spec, kind, shape, num_classes, done, exc) from exc
+            # An injected reader's ValueError arrives as InvalidArgumentError; _locate
+            # reads again in Python, where a storage error keeps its own type.
+            located = _locate(path, name, spec, kind, shape, num_classes, done, exc, read_records)
+            raise located from exc
         labels = labels.numpy()
         if num_classes is not None:
             bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
@@ -333,6 +371,8 @@ def check_file(
                 )
         done += len(labels)
         payload += int(np.sum(lengths.numpy())) + _FRAMING * len(labels)
+    if read_records is not None:
+        return done
     size = int(tf.io.gfile.stat(path).length)
     if payload != size:
         raise DataError(
@@ -354,22 +394,28 @@ def _locate(
     num_classes: int | None,
     start: int,
     exc: Exception,
+    read: RecordReader | None = None,
 ) -> DataError:
     """The DataError for the first bad record at or after ``start``."""
     tf = _tf()
     parse = _parser(spec, kind, shape)
     record = start
-    try:
-        for raw in tf.data.TFRecordDataset([path]).skip(start):
-            problem = _example_problem(raw.numpy(), spec, kind)
-            if not problem:
-                problem = _decode_problem(parse, raw, shape, num_classes)
-            if problem:
-                message = f"{problem} at record {record} of {name}"
-                return DataError(message, file=name, record=record)
-            record += 1
-    except tf.errors.DataLossError as loss:
-        exc = loss
+    records = _raw_records(path, read, start)
+    while True:
+        try:
+            raw = next(records)
+        except StopIteration:
+            break
+        except (tf.errors.DataLossError, ValueError) as loss:  # a reader's framing error
+            exc = loss
+            break
+        problem = _example_problem(raw, spec, kind)
+        if not problem:
+            problem = _decode_problem(parse, raw, shape, num_classes)
+        if problem:
+            message = f"{problem} at record {record} of {name}"
+            return DataError(message, file=name, record=record)
+        record += 1
     return DataError(
         "every record must be readable; corrupt or truncated records are not skipped. "
         f"Received: {tf_reason(exc)} at record {record} of {name}",

@@ -94,6 +94,7 @@ def _by_name() -> dict[str, grpc.StatusCode]:
         "StoragePermissionError": c.PERMISSION_DENIED,
         "StorageExistsError": c.ALREADY_EXISTS,
         "StorageUnreachableError": c.UNAVAILABLE,
+        "DiskBudgetError": c.FAILED_PRECONDITION,  # the model does not fit the worker's disk
         "StoreUnavailableError": c.UNAVAILABLE,  # the PostgreSQL job store did not answer
         "UnsupportedModelError": c.FAILED_PRECONDITION,
         "PlanError": c.FAILED_PRECONDITION,

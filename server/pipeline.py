@@ -49,7 +49,7 @@ from secateur.server.report import (
     member_report,
     write_curves,
 )
-from secateur.server.storage import Location, Storage
+from secateur.server.storage import DiskBudgetError, Location, Storage
 
 __all__ = [
     "CANDIDATE_STAGES",
@@ -68,6 +68,23 @@ __all__ = [
     "sweep_progress",
     "write_curves",
 ]
+
+
+#: A worker's local disk budget for every job it runs (bytes), when a PruneJob
+#: is not given one: ``secateur prune``, ``serve`` and ``worker`` alike.
+DISK_BUDGET_ENV = "SECATEUR_LOCAL_DISK_BUDGET_BYTES"
+
+
+def disk_budget(given: int | None) -> int | None:
+    """``given``, else :data:`DISK_BUDGET_ENV` (unset or empty: no limit)."""
+    if given is not None:
+        return given
+    text = os.environ.get(DISK_BUDGET_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"{DISK_BUDGET_ENV} must be a whole number of bytes. Received: {text!r}")
+    return int(text)
 
 
 class GateFailed(Exception):
@@ -93,8 +110,12 @@ class PruneJob:
         should_cancel: Callable[[], bool] | None = None,
         device: Any | None = None,
         fence: Callable[[], bool] | None = None,
+        disk_budget_bytes: int | None = None,
     ) -> None:
         self.req = request
+        #: Bytes the job may write to local disk (its work directory: the model
+        #: copy and the export); data is streamed, never copied. None: no limit.
+        self.disk_budget_bytes = disk_budget(disk_budget_bytes)
         #: Asked right before publishing (scaled-out workers): False means this
         #: process no longer holds the job's lease, so it must publish nothing.
         self.fence = fence
@@ -158,8 +179,9 @@ class PruneJob:
         places = self.places = preflight(self.storage, req)
         model_path = self.storage.download(places.model, os.path.join(work, "model"))
         self.names[model_path] = places.model.text
-        train_files = self._fetch_data(places.train_data, os.path.join(work, "train"))
-        eval_files = self._fetch_data(places.eval_data, os.path.join(work, "eval"))
+        self._check_disk(work, "the model copy")
+        train_files = self._stream_data(places.train_data)
+        eval_files = self._stream_data(places.eval_data)
 
         self._enter("ANALYZING", "loading the model")
         from secateur.pruner.finetune import select_device
@@ -170,7 +192,10 @@ class PruneJob:
             original = load_model(model_path)
             graph = analyze(original)
         device = self.device or select_device()
-        data = _Data(original, train_files, eval_files, req, device, self.names, self.should_cancel)
+        data = _Data(
+            original, train_files, eval_files, req, device, self.names, self.should_cancel,
+            self.storage.read_records,
+        )  # fmt: skip
 
         candidates = [
             self._candidate(original, graph, r, data, device, i) for i, r in enumerate(req.sweep)
@@ -224,16 +249,25 @@ class PruneJob:
         report["layout"] = layout(variants, device.kind)
         return report
 
-    def _fetch_data(self, matches: tuple[Location, ...], dest: str) -> list[str]:
-        if not matches:
-            return []
-        os.makedirs(dest, exist_ok=True)
-        files = []
-        for i, loc in enumerate(matches):
-            sub = os.path.join(dest, str(i))
-            files.append(self.storage.download(loc, sub))
-            self.names[files[-1]] = loc.text
-        return files
+    def _stream_data(self, matches: tuple[Location, ...]) -> list[str]:
+        """The data files, read where they lie (never copied): local ones by
+        TensorFlow, ``gs://`` ones streamed through the job's storage (see _Data)."""
+        for loc in matches:
+            self.names[loc.tf_path] = loc.text
+        return [loc.tf_path for loc in matches]
+
+    def _check_disk(self, work: str, what: str) -> None:
+        """Fail when the work directory outgrows the job's local disk budget."""
+        if self.disk_budget_bytes is None:
+            return
+        used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(work) for f in fs)
+        if used > self.disk_budget_bytes:
+            raise DiskBudgetError(
+                f"a job's local files must fit the local disk budget of "
+                f"{self.disk_budget_bytes} bytes (data is streamed, never copied); "
+                f"{what} takes the work directory to {used} bytes.",
+                self.req.model_uri,
+            )
 
     def _candidate(
         self, original: Any, graph: Any, ratio: float, data: _Data, device: Any, i: int
@@ -326,6 +360,7 @@ class PruneJob:
         assets = os.path.join(version_dir, SECATEUR_ASSETS)
         os.makedirs(assets, exist_ok=True)
         model.save(os.path.join(assets, ARCHIVE_NAME))
+        self._check_disk(work, "the exported version")
         report["signature"] = asdict(sig)
         if len(report["candidates"]) > 1:
             write_curves(report, os.path.join(assets, "curves"))
@@ -352,6 +387,7 @@ class _Data:
         device: Any,
         names: dict[str, str],
         should_cancel: Callable[[], bool],
+        stream: Callable[[str], Any] | None = None,
     ) -> None:
 
         shape = tuple(model.inputs[0].shape[1:])
@@ -364,6 +400,10 @@ class _Data:
                 f"Received: a model with inputs {[tuple(t.shape) for t in model.inputs]}"
             )
         self.should_cancel = should_cancel
+        #: Reads a ``gs://`` file's records (the job's Storage.read_records):
+        #: TensorFlow's GCS filesystem ignores STORAGE_EMULATOR_HOST and the
+        #: allow-list; local files are opened by TensorFlow itself.
+        self.stream = stream
         self.train_ds = self._build(train, names, req, True, "train_data")
         self.eval_ds = self._build(evalf, names, req, False, "eval_data")
 
@@ -375,6 +415,7 @@ class _Data:
 
         if not files:
             return None
+        stream = self.stream
         try:
             return make_dataset(
                 files,
@@ -386,6 +427,7 @@ class _Data:
                 self.classes,
                 names=[names.get(f, f) for f in files],
                 should_cancel=self.should_cancel,
+                read_records=None if all(Location.parse(f).is_local for f in files) else stream,
             )
         except DataError as exc:
             exc.field = exc.field or field

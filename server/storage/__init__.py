@@ -33,13 +33,12 @@ by copying the blobs with ``saved_model.pb`` last (TF Serving treats a version
 as ready once that file is there). A version is never overwritten; a failure
 removes whatever was written.
 
-Streaming instead of downloading: ``location.tf_path`` is the string
-``tf.data.TFRecordDataset`` / ``tf.io.gfile`` open directly (the real local
-path, or ``gs://bucket/key``, which TensorFlow's GCS filesystem reads), so a
-reader can stream a checked Location without a local copy::
-
-    files = [m.tf_path for m in storage.find(pattern)]   # allow-listed
-    dataset = tf.data.TFRecordDataset(files)
+Streaming instead of downloading: a local ``location.tf_path`` is the real
+path ``tf.data.TFRecordDataset`` opens directly; a ``gs://`` object is read by
+``Storage.read_records(uri)``, which streams it in ranged chunks through
+google-cloud-storage (allow-listed, ``STORAGE_EMULATOR_HOST`` honoured, which
+TensorFlow's own GCS filesystem does not) and yields each record, checksums
+checked (``tfrecord.py``). Neither makes a local copy.
 
 Errors (all carry the offending URI as ``.uri``; messages end with
 ``Received: <uri>``)::
@@ -50,6 +49,7 @@ Errors (all carry the offending URI as ``.uri``; messages end with
     ├── StorageExistsError         the target version already exists
     ├── StorageUnreachableError    host or bucket cannot be reached, network error,
     │                              bucket missing when writing, no credentials
+    ├── DiskBudgetError            a job's local files exceed its local disk budget
     └── InvalidUriError            unsupported scheme or malformed URI
                                    (also a ValueError)
 
@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from secateur.server.storage.backend import SAVED_MODEL_FILE, TMP_PREFIX, Backend
 from secateur.server.storage.errors import (
+    DiskBudgetError,
     InvalidUriError,
     StorageError,
     StorageExistsError,
@@ -75,6 +76,7 @@ __all__ = [
     "TMP_PREFIX",
     "AllowList",
     "Backend",
+    "DiskBudgetError",
     "InvalidUriError",
     "Location",
     "Storage",

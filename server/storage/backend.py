@@ -25,8 +25,9 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from secateur.server.storage.location import Location
 
@@ -90,6 +91,10 @@ class Backend(Protocol):
         ...
 
     def read_bytes(self, loc: Location) -> bytes: ...
+
+    def open_read(self, loc: Location) -> AbstractContextManager[BinaryIO]:
+        """One file or object as a binary stream, read in chunks (no local copy)."""
+        ...
 
     def write_bytes(self, loc: Location, data: bytes) -> None: ...
 

@@ -10,6 +10,7 @@ end with ``Received: <uri>``, escaped when it holds control characters::
     ├── StorageExistsError         the target version already exists
     ├── StorageUnreachableError    host or bucket cannot be reached, network error,
     │                              bucket missing when writing, no credentials
+    ├── DiskBudgetError            a job's local files exceed its local disk budget
     └── InvalidUriError            unsupported scheme or malformed URI
                                    (also a ValueError)
 """
@@ -17,6 +18,7 @@ end with ``Received: <uri>``, escaped when it holds control characters::
 from __future__ import annotations
 
 __all__ = [
+    "DiskBudgetError",
     "InvalidUriError",
     "StorageError",
     "StorageExistsError",
@@ -65,6 +67,10 @@ class StorageExistsError(StorageError):
 
 class StorageUnreachableError(StorageError):
     """The host or bucket cannot be reached (network error, missing bucket, no credentials)."""
+
+
+class DiskBudgetError(StorageError):
+    """A job's local files (model copy, export) exceed the worker's local disk budget."""
 
 
 class InvalidUriError(StorageError, ValueError):

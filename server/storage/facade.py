@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from secateur.server.storage.backend import Backend
@@ -17,6 +17,7 @@ from secateur.server.storage.errors import (
 from secateur.server.storage.gcs import GcsBackend
 from secateur.server.storage.local import LocalBackend
 from secateur.server.storage.location import AllowList, Location
+from secateur.server.storage.tfrecord import iter_records
 
 __all__ = ["Storage", "UriLike"]
 
@@ -136,6 +137,20 @@ class Storage:
         """The whole content of one file or object."""
         loc, backend = self._at(uri)
         return backend.read_bytes(loc)
+
+    def read_records(self, uri: UriLike) -> Iterator[bytes]:
+        """The records of one TFRecord file, streamed where it lies (never copied).
+
+        A ``gs://`` object is read in ranged chunks; every record's checksums
+        are checked (see :mod:`~secateur.server.storage.tfrecord`).
+
+        Raises:
+            RecordFramingError: a truncated or corrupt record (a ``ValueError``).
+            StorageError subclasses: the file cannot be read.
+        """
+        loc, backend = self._at(uri)
+        with backend.open_read(loc) as stream:
+            yield from iter_records(stream)
 
     def download(self, uri: UriLike, local_dir: str) -> str:
         """Copy a file or a directory tree into ``local_dir``; return the local copy's path.

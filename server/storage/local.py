@@ -10,6 +10,8 @@ import contextlib
 import glob as globlib
 import os
 import shutil
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from secateur.server.storage import localfs
 from secateur.server.storage.backend import VERSION_RE, Staging, new_staging
@@ -58,6 +60,13 @@ class LocalBackend:
             raise StorageNotFoundError("Expected a file but found a directory.", loc.text)
         with localfs.os_errors(loc.text), open(loc.path, "rb") as handle:
             return handle.read()
+
+    @contextlib.contextmanager
+    def open_read(self, loc: Location) -> Iterator[BinaryIO]:
+        if os.path.isdir(loc.path):
+            raise StorageNotFoundError("Expected a file but found a directory.", loc.text)
+        with localfs.os_errors(loc.text), open(loc.path, "rb") as handle:
+            yield handle
 
     def write_bytes(self, loc: Location, data: bytes) -> None:
         with localfs.os_errors(loc.text):
