@@ -49,6 +49,8 @@ HELP: dict[str, str] = {
     "steps_per_execution": "training steps per compiled execution (progress once per execution)",
     "mixed_precision": "auto, off, mixed_float16 or mixed_bfloat16 while fine-tuning",
     "cache_mib": "cache decoded data in memory when it fits this many MiB (0: never)",
+    "sparsity_epochs": "epochs of L1 sparsity training on BatchNorm gammas before scoring",
+    "sparsity_lambda": "weight of the L1 penalty on BatchNorm gammas in sparsity training",
     "deterministic": "op determinism: same job twice, same weights (no: faster, may differ)",
     "max_accuracy_drop": "publish the largest ratio whose accuracy drop is within this (0.02)",
     "version": "TF Serving version to publish (default: the next free one)",

@@ -19,6 +19,8 @@ MAX_BATCH_SIZE = 65_536
 MAX_LEARNING_RATE = 10.0
 MAX_STEPS = 100_000
 MAX_ROUNDS = 100
+#: An L1 weight on BatchNorm gammas beyond this swamps any task loss.
+MAX_SPARSITY_LAMBDA = 1.0
 #: ``TrainConfig.mixed_precision`` values: "auto" picks per device, "off" is float32.
 MIXED_PRECISION = ("auto", "off", "mixed_float16", "mixed_bfloat16")
 
@@ -46,9 +48,15 @@ class TrainConfig:
     steps_per_execution: int | str = "auto"
     #: Keras mixed precision while fine-tuning: "auto", "off" or a policy.
     mixed_precision: str = "auto"
+    #: Sparsity training before scoring (Network Slimming): epochs with an L1
+    #: penalty ``sparsity_lambda * sum|gamma|`` on prunable BatchNorm scales.
+    sparsity_epochs: int = 0
+    sparsity_lambda: float = 1e-4
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 0, MAX_EPOCHS)
+        check_int("sparsity_epochs", self.sparsity_epochs, 0, MAX_EPOCHS)
+        check_float("sparsity_lambda", self.sparsity_lambda, 0.0, MAX_SPARSITY_LAMBDA)
         if not isinstance(self.deterministic, bool):
             raise InvalidSpecError(
                 f"deterministic must be true or false. Received: {self.deterministic!r}",

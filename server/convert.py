@@ -53,6 +53,8 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "training.steps_per_execution": (TrainConfig, "steps_per_execution"),
     "training.mixed_precision": (TrainConfig, "mixed_precision"),
     "training.cache_mib": (DataSpec, "cache_mib"),
+    "training.sparsity_epochs": (TrainConfig, "sparsity_epochs"),
+    "training.sparsity_lambda": (TrainConfig, "sparsity_lambda"),
     "max_accuracy_drop": (JobRequest, "max_accuracy_drop"),
     "version": (JobRequest, "version"),
 }
@@ -216,6 +218,7 @@ def job_request(spec: pb.JobSpec) -> JobRequest:
                     t,
                     {n: n for n in ("steps_per_execution", "mixed_precision", "deterministic")},
                 ),
+                **_present(t, {n: n for n in ("sparsity_epochs", "sparsity_lambda")}),
             ),
             train_data=t.train_data or None,
             eval_data=t.eval_data or None,

@@ -102,6 +102,12 @@ class JobRequest:
                     "max_accuracy_drop needs eval_data to measure accuracy. Received: no eval_data",
                     "eval_data",
                 )
+        if self.train.sparsity_epochs > 0 and not self.train_data:
+            raise InvalidSpecError(
+                "sparsity_epochs needs train_data to train on. "
+                f"Received: sparsity_epochs={self.train.sparsity_epochs} and no train_data",
+                "sparsity_epochs",
+            )
         if self.version is not None:
             check_int("version", self.version, 1, 2**63 - 1)
 

@@ -197,8 +197,9 @@ class PruneJob:
             self.storage.read_records,
         )  # fmt: skip
 
+        base, graph = self._sparsify(original, graph, data, device)
         candidates = [
-            self._candidate(original, graph, r, data, device, i) for i, r in enumerate(req.sweep)
+            self._candidate(base, graph, r, data, device, i) for i, r in enumerate(req.sweep)
         ]
         if not device.is_chief:  # a multi-host member: it trained; the chief does the rest
             self._close_stage()
@@ -268,6 +269,26 @@ class PruneJob:
                 f"{what} takes the work directory to {used} bytes.",
                 self.req.model_uri,
             )
+
+    def _sparsify(self, original: Any, graph: Any, data: _Data, device: Any) -> tuple[Any, Any]:
+        """Sparsity training (``train.sparsity_epochs``): the model and graph to prune from.
+
+        The original stays the measured baseline; candidates prune a copy
+        trained with the L1 gamma penalty (Network Slimming).
+        """
+        epochs = self.req.train.sparsity_epochs
+        if epochs == 0 or data.train_ds is None:
+            return original, graph
+        from secateur.pruner.cluster import member_dataset
+        from secateur.pruner.sparsity import sparsity_train
+        from secateur.pruner.tracing import analyze
+
+        self._enter("ANALYZING", f"sparsity training, {epochs} epoch(s)")
+        train_ds = member_dataset(data.train_ds, device)  # multi-host: a share each
+        base = sparsity_train(
+            original, graph, train_ds, self.req.train, device, should_cancel=self.should_cancel
+        )
+        return base, analyze(base)
 
     def _candidate(
         self, original: Any, graph: Any, ratio: float, data: _Data, device: Any, i: int

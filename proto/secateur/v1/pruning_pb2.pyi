@@ -61,7 +61,7 @@ class PruningSpec(_message.Message):
     def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic")
+    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class TrainingSpec(_message.Message):
     MIXED_PRECISION_FIELD_NUMBER: _ClassVar[int]
     CACHE_MIB_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     learning_rate: float
@@ -88,7 +90,9 @@ class TrainingSpec(_message.Message):
     mixed_precision: str
     cache_mib: int
     deterministic: bool
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ...) -> None: ...
+    sparsity_epochs: int
+    sparsity_lambda: float
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ..., sparsity_epochs: _Optional[int] = ..., sparsity_lambda: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version")

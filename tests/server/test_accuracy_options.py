@@ -1,0 +1,54 @@
+"""Issue 12's accuracy options through the request schema and a real job."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from secateur.pruner.modelio import load_model
+from secateur.server.convert import job_request
+from secateur.server.errors import ServiceError
+from secateur.server.pipeline import PruneJob
+from secateur.server.storage import Storage
+from secateur.v1 import pruning_pb2 as pb
+
+
+def _spec(data, out, **training) -> pb.JobSpec:
+    return pb.JobSpec(
+        model_uri=data.model_path,
+        output_uri=str(out),
+        pruning=pb.PruningSpec(ratio=0.3),
+        training=pb.TrainingSpec(
+            train_data=data.train_glob, eval_data=data.eval_file, batch_size=64, **training
+        ),
+    )
+
+
+def test_sparsityTraining_job_prunesTheSparsifiedCopy_baselineAndOutputClean(
+    digits_data, tmp_path
+) -> None:
+    spec = _spec(
+        digits_data, tmp_path / "out", epochs=0, sparsity_epochs=1, sparsity_lambda=1e-3,
+        measure_steps=2,
+    )  # fmt: skip
+    req = job_request(spec)
+    assert (req.train.sparsity_epochs, req.train.sparsity_lambda) == (1, 1e-3)
+    events = []
+    report = PruneJob(req, Storage(), events.append).run()
+    assert any("sparsity training" in e.message for e in events if e.stage == "ANALYZING")
+    assert report["train"]["sparsity_epochs"] == 1 and report["train"]["sparsity_lambda"] == 1e-3
+    # The measured baseline is the user's model, not the sparsity-trained copy.
+    assert report["original"]["accuracy"] == pytest.approx(digits_data.eval_accuracy, abs=1e-3)
+    published = load_model(str(tmp_path / "out" / "1" / "assets.extra/secateur/model.keras"))
+    assert published.losses == []
+    assert all(getattr(layer, "gamma_regularizer", None) is None for layer in published.layers)
+
+
+def test_sparsityEpochs_withoutTrainData_invalidArgumentNamingTheField(digits_data, tmp_path):
+    spec = _spec(digits_data, tmp_path / "out", sparsity_epochs=1)
+    spec.training.train_data = ""
+    with pytest.raises(ServiceError) as exc:
+        job_request(spec)
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sparsity_epochs needs train_data" in exc.value.message
+    assert [f for f, _ in exc.value.violations] == ["spec.training.sparsity_epochs"]
