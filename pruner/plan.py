@@ -10,7 +10,7 @@ save/load round trip of the model.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -29,7 +29,7 @@ from secateur.pruner.errors import EmptyGroupError, InvalidSpecError, PlanError
 from secateur.pruner.graph import ChannelGraph, Group
 from secateur.pruner.hardware import detect_device_kind, resolve_round_to
 from secateur.pruner.layout import spaces as layout_spaces
-from secateur.pruner.scoring import GroupScore, score_group
+from secateur.pruner.scoring import GroupScore, ScoringContext, require_data, score_group
 from secateur.pruner.spec import PruneSpec
 from secateur.pruner.tracing import analyze
 
@@ -189,6 +189,7 @@ def make_plan(
     spec: PruneSpec,
     graph: ChannelGraph | None = None,
     device_kind: str | None = None,
+    data: Iterable[Any] | None = None,
 ) -> PruningPlan:
     """Score channels and choose the kept ones, without changing the model.
 
@@ -198,14 +199,18 @@ def make_plan(
         graph: the model's traced graph, if already computed.
         device_kind: ``TPU``/``GPU``/``CPU`` for ``round_to="auto"``
             (default: what is attached).
+        data: ``(inputs, labels)`` training batches, for criteria that read
+            data (``taylor`` reads ``spec.taylor_batches`` of them).
 
     Returns:
         The plan; ``apply_plan(model, plan)`` builds the pruned model.
 
     Raises:
         UnsupportedModelError: the model cannot be traced.
-        InvalidSpecError: ``spec.exclude`` names a layer the model lacks.
+        InvalidSpecError: ``spec.exclude`` names a layer the model lacks, or
+            ``spec.criterion`` needs data and ``data`` is None.
     """
+    require_data(spec.criterion, data is not None)
     graph = graph or analyze(model)
     groups = graph.groups()
     _freeze_excluded(graph, groups, spec.exclude)
@@ -216,7 +221,8 @@ def make_plan(
     weights = cached_weights(graph)
     rng = np.random.default_rng(spec.seed)
     prunable = [g for g in groups if g.prunable]
-    scores = {g.id: score_group(graph, g, spec.criterion, weights, rng) for g in prunable}
+    context = ScoringContext(model, data, spec.taylor_batches)
+    scores = {g.id: score_group(graph, g, spec.criterion, weights, rng, context) for g in prunable}
     trace, live = None, {}
     if spec.bias_compensation and spec.reload_weights:
         trace = trace_constants(model, graph, weights)

@@ -19,6 +19,14 @@ Built-in criteria:
   that produces the channel (Li et al. 2017), normalised by filter size so
   that layers of different fan-in compare in a global ranking.
 - ``random``: a seeded uniform baseline.
+- ``lamp``: layer-adaptive magnitude (Lee et al. 2021): each channel's
+  squared filter norm over the sum of the not-smaller ones of its group, so
+  every group's scores lie in (0, 1] and a global ranking compares layers.
+- ``taylor``: first-order Taylor importance (Molchanov et al.): per example,
+  |sum over positions of activation x gradient of the loss| at the channel's
+  producer (its BatchNorm's output, else its filter's), summed over the
+  examples of ``PruneSpec.taylor_batches`` training batches. Needs data: a
+  :class:`ScoringContext` (``make_plan(..., data=...)``).
 
 This module loads no TensorFlow: the spec imports it to validate names.
 """
@@ -26,8 +34,8 @@ This module loads no TensorFlow: the spec imports it to validate names.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +59,29 @@ class GroupScore:
 
 
 @dataclass(frozen=True)
+class ScoringContext:
+    """What data-driven criteria see beyond the weights.
+
+    Attributes:
+        model: the ``keras.Model`` being scored.
+        data: ``(inputs, labels)`` training batches (a ``tf.data.Dataset`` or
+            any iterable), or None when the caller has none.
+        batches: how many of them a criterion may read.
+    """
+
+    model: Any
+    data: Iterable[Any] | None = None
+    batches: int = 8
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per context: every group shares one pass over the data."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+
+@dataclass(frozen=True)
 class GroupView:
     """What a criterion sees of one prunable group.
 
@@ -59,12 +90,14 @@ class GroupView:
         group: the group to score; ``group.members`` are its weight axes.
         weights: returns a layer's weight ``(path, index)`` as numpy.
         rng: the spec's seeded generator (shared by all groups, in order).
+        context: the model and data, for criteria that need them.
     """
 
     graph: ChannelGraph
     group: Group
     weights: WeightGetter
     rng: np.random.Generator
+    context: ScoringContext | None = None
 
     def members(self, roles: Iterable[str]) -> list[WeightAxis]:
         wanted = set(roles)
@@ -82,20 +115,37 @@ class GroupView:
             One score per channel of the group, or None when no member
             covers the group's channels.
         """
+
+        def per_pos(ax: WeightAxis) -> np.ndarray:
+            weight = self.weights(ax.layer, ax.weight)
+            return reduce(np.moveaxis(weight, ax.axis, 0).reshape(weight.shape[ax.axis], -1))
+
+        return self.mean_of(members, per_pos)
+
+    def mean_of(
+        self, members: list[WeightAxis], per_pos: Callable[[WeightAxis], np.ndarray]
+    ) -> np.ndarray | None:
+        """Average over ``members`` of per-position values mapped to the group's channels.
+
+        Args:
+            members: weight axes of the group.
+            per_pos: one value per position of a member's layout.
+
+        Returns:
+            One value per channel of the group, or None when no member covers it.
+        """
         in_group = list(set(self.group.spaces))
         total = np.zeros(self.group.size, dtype=np.float64)
         count = 0
         for ax in members:
-            weight = self.weights(ax.layer, ax.weight)
-            moved = np.moveaxis(weight, ax.axis, 0).reshape(weight.shape[ax.axis], -1)
-            per_pos = reduce(moved)
+            values = per_pos(ax)
             owners, channels = lay.position_owner(ax.layout)
             mask = np.isin(owners, in_group)
             if not mask.any():
                 continue
             acc = np.zeros(self.group.size, dtype=np.float64)
             hits = np.zeros(self.group.size, dtype=np.float64)
-            np.add.at(acc, channels[mask], per_pos[mask])
+            np.add.at(acc, channels[mask], values[mask])
             np.add.at(hits, channels[mask], 1.0)
             total += acc / np.maximum(hits, 1.0)
             count += 1
@@ -104,10 +154,16 @@ class GroupView:
 
 Criterion = Callable[[GroupView], GroupScore]
 _CRITERIA: dict[str, Criterion] = {}
+_NEEDS_DATA: set[str] = set()
 
 
-def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
+def register_criterion(name: str, needs_data: bool = False) -> Callable[[Criterion], Criterion]:
     """Register ``fn`` as the importance criterion called ``name``.
+
+    Args:
+        name: the criterion's name in specs, the CLI and the contract.
+        needs_data: the criterion reads training batches (a ScoringContext
+            with data); requests without training data are refused.
 
     Raises:
         ValueError: ``name`` is already registered.
@@ -117,6 +173,8 @@ def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
         if name in _CRITERIA:
             raise ValueError(f"criterion names must be unique. Received: {name!r} twice")
         _CRITERIA[name] = fn
+        if needs_data:
+            _NEEDS_DATA.add(name)
         return fn
 
     return deco
@@ -127,12 +185,32 @@ def criteria() -> tuple[str, ...]:
     return tuple(_CRITERIA)
 
 
+def needs_data(name: str) -> bool:
+    """True when criterion ``name`` reads training data."""
+    return name in _NEEDS_DATA
+
+
+def require_data(criterion: str, has_data: bool) -> None:
+    """Refuse a data-driven criterion without training data.
+
+    Raises:
+        InvalidSpecError: ``criterion`` needs data and there is none.
+    """
+    if needs_data(criterion) and not has_data:
+        raise InvalidSpecError(
+            f"criterion {criterion} needs training data (train_data) to compute "
+            f"gradients. Received: criterion={criterion!r} and no train_data",
+            "criterion",
+        )
+
+
 def score_group(
     graph: ChannelGraph,
     group: Group,
     criterion: str,
     weights: WeightGetter,
     rng: np.random.Generator,
+    context: ScoringContext | None = None,
 ) -> GroupScore:
     """Score the channels of one prunable group.
 
@@ -142,12 +220,14 @@ def score_group(
         criterion: a name from :func:`criteria`.
         weights: returns a layer's weight ``(path, index)`` as numpy.
         rng: source of the ``random`` criterion.
+        context: the model and data of data-driven criteria (``taylor``).
 
     Returns:
         Scores (higher = more important) and the criterion actually used.
 
     Raises:
-        InvalidSpecError: ``criterion`` is not registered.
+        InvalidSpecError: ``criterion`` is not registered, or needs data
+            that ``context`` lacks.
     """
     fn = _CRITERIA.get(criterion)
     if fn is None:
@@ -155,7 +235,8 @@ def score_group(
             f"criterion must be one of {', '.join(criteria())}. Received: criterion={criterion!r}",
             "criterion",
         )
-    return fn(GroupView(graph, group, weights, rng))
+    require_data(criterion, context is not None and context.data is not None)
+    return fn(GroupView(graph, group, weights, rng, context))
 
 
 # -- reductions over one weight's filters ------------------------------------
@@ -214,3 +295,42 @@ def l2(view: GroupView) -> GroupScore:
 def random(view: GroupView) -> GroupScore:
     """Seeded uniform scores, the baseline."""
     return GroupScore(view.rng.random(view.group.size), "random")
+
+
+def _sum_squares(moved: np.ndarray) -> np.ndarray:
+    return np.sum(np.square(moved.astype(np.float64)), axis=1)
+
+
+def lamp_normalise(values: np.ndarray) -> np.ndarray:
+    """LAMP scores: ``v_i / sum of v_j over j at or after i in ascending order``."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    tail = np.cumsum(values[order][::-1])[::-1]  # sum over the not-smaller ones
+    out = np.empty_like(values)
+    out[order] = np.divide(values[order], tail, out=np.ones_like(tail), where=tail > 0)
+    return out
+
+
+@register_criterion("lamp")
+def lamp(view: GroupView) -> GroupScore:
+    """Squared filter norms normalised within the group (Lee et al. 2021)."""
+    base = _magnitude(view, "lamp", _sum_squares, None)
+    return GroupScore(lamp_normalise(base.scores), "lamp", base.fallback)
+
+
+@register_criterion("taylor", needs_data=True)
+def taylor(view: GroupView) -> GroupScore:
+    """|activation x gradient| at the channel's producer, over training batches."""
+    from secateur.pruner.taylor import taylor_scores  # TensorFlow, loaded on use
+
+    ctx = view.context
+    assert ctx is not None  # score_group refused a context without data
+    per_layer: dict[str, np.ndarray] = ctx.cached(
+        "taylor", lambda: taylor_scores(ctx.model, view.graph, ctx.data, ctx.batches)
+    )
+    members = view.members(["bn_gamma"]) or view.members(_FILTER_ROLES)
+    members = [m for m in members if m.layer in per_layer]
+    scores = view.mean_of(members, lambda ax: per_layer[ax.layer]) if members else None
+    if scores is None:
+        return _magnitude(view, "l1", _l1, "no producing layer output to differentiate; by l1")
+    return GroupScore(scores, "taylor")

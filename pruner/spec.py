@@ -18,6 +18,8 @@ SCOPES = ("global", "layerwise")
 # Beyond any layer's width (the widest Keras models have a few thousand channels).
 MAX_ROUND_TO = 4096
 MAX_CHANNELS = 1_000_000
+# Each batch is one forward and backward pass of the whole model per candidate.
+MAX_TAYLOR_BATCHES = 10_000
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class PruneSpec:
         ratio: fraction of the prunable channels to remove, in [0, 1).
         criterion: channel importance: ``bn_scale`` (|BatchNorm gamma|,
             Network Slimming), ``l1`` / ``l2`` (filter norms, Li et al.),
-            or ``random``.
+            ``lamp`` (layer-adaptive magnitude), ``taylor`` (activation x
+            gradient over training batches; needs data) or ``random``.
         scope: ``global`` ranks all channels together; ``layerwise`` removes
             ``ratio`` of every group.
         round_to: kept channel counts are multiples of this (a group whose
@@ -44,6 +47,7 @@ class PruneSpec:
             (zero filters, zero or small BatchNorm gammas) into the next
             layer's bias instead of dropping it (see
             :mod:`secateur.pruner.compensation`).
+        taylor_batches: training batches the ``taylor`` criterion reads.
 
     Raises:
         InvalidSpecError: any field out of range; the message names it.
@@ -58,6 +62,7 @@ class PruneSpec:
     reload_weights: bool = True
     seed: int = 0
     bias_compensation: bool = True
+    taylor_batches: int = 8
 
     def __post_init__(self) -> None:
         ratio = _checked_ratio(self.ratio)
@@ -90,6 +95,7 @@ class PruneSpec:
                 f"Received: bias_compensation={self.bias_compensation!r}",
                 "bias_compensation",
             )
+        _check_int("taylor_batches", self.taylor_batches, MAX_TAYLOR_BATCHES)
 
     def with_ratio(self, ratio: float) -> PruneSpec:
         """This spec at another ratio; only the ratio is checked (the rest was, once).

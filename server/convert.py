@@ -40,6 +40,7 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "pruning.reload_weights": (PruneSpec, "reload_weights"),
     "pruning.seed": (PruneSpec, "seed"),
     "pruning.bias_compensation": (PruneSpec, "bias_compensation"),
+    "pruning.taylor_batches": (PruneSpec, "taylor_batches"),
     "training.epochs": (TrainConfig, "epochs"),
     "training.batch_size": (TrainConfig, "batch_size"),
     "training.learning_rate": (TrainConfig, "learning_rate"),
@@ -55,6 +56,8 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "training.cache_mib": (DataSpec, "cache_mib"),
     "training.sparsity_epochs": (TrainConfig, "sparsity_epochs"),
     "training.sparsity_lambda": (TrainConfig, "sparsity_lambda"),
+    "training.distill_alpha": (TrainConfig, "distill_alpha"),
+    "training.distill_temperature": (TrainConfig, "distill_temperature"),
     "max_accuracy_drop": (JobRequest, "max_accuracy_drop"),
     "version": (JobRequest, "version"),
 }
@@ -170,7 +173,14 @@ def prune_spec(p: pb.PruningSpec) -> PruneSpec:
     """
     kwargs: dict[str, Any] = {
         name: getattr(p, name)
-        for name in ("ratio", "min_channels", "reload_weights", "seed", "bias_compensation")
+        for name in (
+            "ratio",
+            "min_channels",
+            "reload_weights",
+            "seed",
+            "bias_compensation",
+            "taylor_batches",
+        )
         if p.HasField(name)
     }
     for name, enum in (("criterion", pb.Criterion), ("scope", pb.Scope)):
@@ -219,6 +229,7 @@ def job_request(spec: pb.JobSpec) -> JobRequest:
                     {n: n for n in ("steps_per_execution", "mixed_precision", "deterministic")},
                 ),
                 **_present(t, {n: n for n in ("sparsity_epochs", "sparsity_lambda")}),
+                **_present(t, {n: n for n in ("distill_alpha", "distill_temperature")}),
             ),
             train_data=t.train_data or None,
             eval_data=t.eval_data or None,

@@ -14,6 +14,7 @@ from typing import Any
 from secateur.pruner.config import MeasureConfig, TrainConfig, check_float, check_int
 from secateur.pruner.data import DataSpec
 from secateur.pruner.errors import InvalidSpecError
+from secateur.pruner.scoring import needs_data
 from secateur.pruner.spec import PruneSpec
 from secateur.v1 import enums
 
@@ -107,6 +108,12 @@ class JobRequest:
                 "sparsity_epochs needs train_data to train on. "
                 f"Received: sparsity_epochs={self.train.sparsity_epochs} and no train_data",
                 "sparsity_epochs",
+            )
+        if needs_data(self.spec.criterion) and not self.train_data:
+            raise InvalidSpecError(
+                f"criterion {self.spec.criterion} needs train_data to compute gradients. "
+                f"Received: criterion={self.spec.criterion!r} and no train_data",
+                "criterion",
             )
         if self.version is not None:
             check_int("version", self.version, 1, 2**63 - 1)

@@ -171,11 +171,13 @@ def plan_spec(request: pb.PlanPruningRequest) -> bytes:
         ServiceError: INVALID_ARGUMENT naming the offending field.
     """
     from secateur.pruner.errors import InvalidSpecError
+    from secateur.pruner.scoring import require_data
 
     if not request.model_uri.strip():
         raise convert.invalid("model_uri", "model_uri is required. Received: an empty string")
     try:
-        convert.prune_spec(request.pruning)
+        # A plan reads no data: data-driven criteria (taylor) need a job.
+        require_data(convert.prune_spec(request.pruning).criterion, False)
     except InvalidSpecError as exc:
         path = convert.field_path(exc.field).removeprefix("spec.")
         raise convert.invalid(path, str(exc)) from exc

@@ -132,6 +132,8 @@ class PruneJob:
         self._stage = ""
         #: seed, op determinism and how, for the report (set when the run starts).
         self.reproducibility: dict[str, Any] = {}
+        #: the original under the device's strategy when distilling (train.distill_alpha).
+        self._teacher: Any = None
 
     # -- plumbing ----------------------------------------------------------
     def _enter(self, stage: str, message: str = "", progress: float = 0.0, **detail: Any) -> None:
@@ -198,6 +200,11 @@ class PruneJob:
         )  # fmt: skip
 
         base, graph = self._sparsify(original, graph, data, device)
+        self._teacher = None  # one teacher for every candidate of a sweep
+        if req.train.distill_alpha > 0 and data.train_ds is not None and req.train.epochs > 0:
+            from secateur.pruner.distill import make_teacher
+
+            self._teacher = make_teacher(original, device)
         candidates = [
             self._candidate(base, graph, r, data, device, i) for i, r in enumerate(req.sweep)
         ]
@@ -301,7 +308,7 @@ class PruneJob:
         n = len(self.req.sweep)
         spec = self.req.specs[i]  # checked once, when the request was made
         self._enter("SCORING", f"ratio {ratio}", sweep_progress("SCORING", i, n), ratio=ratio)
-        plan = make_plan(original, spec, graph=graph, device_kind=device.kind)
+        plan = make_plan(original, spec, graph=graph, device_kind=device.kind, data=data.train_ds)
         agree_on_plan(plan.to_dict(), device)  # multi-host: every member made this plan
         self._enter("REBUILDING", f"ratio {ratio}", sweep_progress("REBUILDING", i, n), ratio=ratio)
         model = apply_plan(original, plan, reload_weights=spec.reload_weights, graph=graph)
@@ -324,7 +331,7 @@ class PruneJob:
 
             train_ds = member_dataset(data.train_ds, device)  # multi-host: a share each
             model, history = finetune(
-                model, train_ds, self.req.train, device, progress, self.should_cancel
+                model, train_ds, self.req.train, device, progress, self.should_cancel, self._teacher
             )
             if device.members > 1:  # every member, in step: the chief goes on alone
                 model = out_of_strategy(model)

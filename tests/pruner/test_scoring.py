@@ -47,8 +47,8 @@ def test_registerCriterion_duplicateName_rejected() -> None:
 
 
 def test_spec_unknownCriterion_listsRegistry() -> None:
-    with pytest.raises(InvalidSpecError, match="bn_scale, l1, l2, random") as info:
-        PruneSpec(criterion="taylor")
+    with pytest.raises(InvalidSpecError, match="bn_scale, l1, l2, random, lamp, taylor") as info:
+        PruneSpec(criterion="hessian")
     assert info.value.field == "criterion"
 
 

@@ -19,6 +19,8 @@ class Criterion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CRITERION_L1: _ClassVar[Criterion]
     CRITERION_L2: _ClassVar[Criterion]
     CRITERION_RANDOM: _ClassVar[Criterion]
+    CRITERION_LAMP: _ClassVar[Criterion]
+    CRITERION_TAYLOR: _ClassVar[Criterion]
 
 class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,12 +32,14 @@ CRITERION_BN_SCALE: Criterion
 CRITERION_L1: Criterion
 CRITERION_L2: Criterion
 CRITERION_RANDOM: Criterion
+CRITERION_LAMP: Criterion
+CRITERION_TAYLOR: Criterion
 SCOPE_UNSPECIFIED: Scope
 SCOPE_GLOBAL: Scope
 SCOPE_LAYERWISE: Scope
 
 class PruningSpec(_message.Message):
-    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation")
+    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation", "taylor_batches")
     RATIO_FIELD_NUMBER: _ClassVar[int]
     RATIOS_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +51,7 @@ class PruningSpec(_message.Message):
     RELOAD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     BIAS_COMPENSATION_FIELD_NUMBER: _ClassVar[int]
+    TAYLOR_BATCHES_FIELD_NUMBER: _ClassVar[int]
     ratio: float
     ratios: _containers.RepeatedScalarFieldContainer[float]
     criterion: Criterion
@@ -58,10 +63,11 @@ class PruningSpec(_message.Message):
     reload_weights: bool
     seed: int
     bias_compensation: bool
-    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ...) -> None: ...
+    taylor_batches: int
+    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ..., taylor_batches: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda")
+    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda", "distill_alpha", "distill_temperature")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +83,8 @@ class TrainingSpec(_message.Message):
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     SPARSITY_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     SPARSITY_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     learning_rate: float
@@ -92,7 +100,9 @@ class TrainingSpec(_message.Message):
     deterministic: bool
     sparsity_epochs: int
     sparsity_lambda: float
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ..., sparsity_epochs: _Optional[int] = ..., sparsity_lambda: _Optional[float] = ...) -> None: ...
+    distill_alpha: float
+    distill_temperature: float
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ..., sparsity_epochs: _Optional[int] = ..., sparsity_lambda: _Optional[float] = ..., distill_alpha: _Optional[float] = ..., distill_temperature: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version")
