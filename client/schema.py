@@ -37,6 +37,7 @@ HELP: dict[str, str] = {
     "reload_weights": "copy the kept slices of the original weights (no: fresh initialisation)",
     "seed": "the job's seed: random criterion, initialisation, shuffle, Dropout, every generator",
     "bias_compensation": "fold the constant output of removed channels into the next bias",
+    "taylor_batches": "training batches the taylor criterion reads to score channels",
     "epochs": "fine-tuning epochs per candidate (needs train_data)",
     "batch_size": "fine-tuning and measurement batch size",
     "learning_rate": "SGD learning rate (momentum 0.9)",
