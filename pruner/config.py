@@ -52,11 +52,17 @@ class TrainConfig:
     #: penalty ``sparsity_lambda * sum|gamma|`` on prunable BatchNorm scales.
     sparsity_epochs: int = 0
     sparsity_lambda: float = 1e-4
+    #: Distillation from the original while fine-tuning: the weight of the
+    #: soft-target loss (0: off, labels only) and its softmax temperature.
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 0, MAX_EPOCHS)
         check_int("sparsity_epochs", self.sparsity_epochs, 0, MAX_EPOCHS)
         check_float("sparsity_lambda", self.sparsity_lambda, 0.0, MAX_SPARSITY_LAMBDA)
+        check_float("distill_alpha", self.distill_alpha, 0.0, 1.0)
+        check_float("distill_temperature", self.distill_temperature, 0.0, 100.0, low_open=True)
         if not isinstance(self.deterministic, bool):
             raise InvalidSpecError(
                 f"deterministic must be true or false. Received: {self.deterministic!r}",

@@ -290,8 +290,13 @@ def finetune(
     device: Device,
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    teacher: Any | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
     """Train ``model`` on ``train_ds`` for ``config.epochs`` epochs.
+
+    With ``teacher`` (a model under the device's strategy) and
+    ``config.distill_alpha > 0`` the loss also distills the teacher's soft
+    outputs (:mod:`secateur.pruner.distill`).
 
     Returns:
         (the trained model — a clone when a strategy required one, history).
@@ -310,11 +315,16 @@ def finetune(
     if setup.mixed_precision != "off":
         trained = with_policy(model, setup.mixed_precision, device)
     compile_for_training(trained, config, device, setup.steps_per_execution, setup.mixed_precision)
+    fitted = trained
+    if teacher is not None and config.distill_alpha > 0:
+        from secateur.pruner.distill import distiller
+
+        fitted = distiller(trained, teacher, config, setup.xla, setup.steps_per_execution)
     # Progress and cancellation are looked at once per execution (Keras calls
     # batch-end hooks there), so the host syncs every steps_per_execution steps.
     hooks = _Hooks(config.epochs, steps, on_progress, should_cancel)
     with data_loss_as_data_error():
-        history = trained.fit(
+        history = fitted.fit(
             train_ds,
             epochs=config.epochs,
             steps_per_epoch=config.steps_per_epoch,

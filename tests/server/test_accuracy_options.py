@@ -52,3 +52,22 @@ def test_sparsityEpochs_withoutTrainData_invalidArgumentNamingTheField(digits_da
     assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "sparsity_epochs needs train_data" in exc.value.message
     assert [f for f, _ in exc.value.violations] == ["spec.training.sparsity_epochs"]
+
+
+def test_distillation_sweep_trainsEachCandidateAgainstOneTeacher(digits_data, tmp_path) -> None:
+    spec = _spec(
+        digits_data, tmp_path / "out", epochs=1, distill_alpha=0.5, distill_temperature=3.0,
+        measure_steps=2,
+    )  # fmt: skip
+    spec.pruning.ratios.extend([0.2, 0.4])
+    req = job_request(spec)
+    assert (req.train.distill_alpha, req.train.distill_temperature) == (0.5, 3.0)
+    job = PruneJob(req, Storage())
+    report = job.run()
+    assert report["train"]["distill_alpha"] == 0.5
+    assert report["train"]["distill_temperature"] == 3.0
+    for c in report["candidates"]:
+        assert len(c["history"]["loss"]) == 1 and c["figures"]["accuracy"] > 0.5
+    # The teacher is the user's model, frozen, and is not what was measured as the original.
+    assert job._teacher is not None and not job._teacher.trainable
+    assert report["original"]["accuracy"] == pytest.approx(digits_data.eval_accuracy, abs=1e-3)
