@@ -52,6 +52,8 @@ HELP: dict[str, str] = {
     "cache_mib": "cache decoded data in memory when it fits this many MiB (0: never)",
     "sparsity_epochs": "epochs of L1 sparsity training on BatchNorm gammas before scoring",
     "sparsity_lambda": "weight of the L1 penalty on BatchNorm gammas in sparsity training",
+    "iterative_steps": "reach the ratio in this many prune + fine-tune rounds (1: one shot)",
+    "iterative_schedule": "cumulative share removed per round: linear or geometric",
     "distill_alpha": "weight of distillation from the original while fine-tuning (0: off)",
     "distill_temperature": "softmax temperature of the distillation term",
     "deterministic": "op determinism: same job twice, same weights (no: faster, may differ)",

@@ -74,3 +74,23 @@ def sparsity_train(
     clean = model.__class__.from_config(model.get_config())
     clean.set_weights(trained.get_weights())
     return clean
+
+
+def sparsify(
+    model: Any,
+    graph: Any,
+    train_ds: Any,
+    config: TrainConfig,
+    device: Device,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[Any, Any]:
+    """A job's sparsity training: (the sparsity-trained copy, its traced graph).
+
+    Every member of a multi-host job trains on its share of each global batch.
+    """
+    from secateur.pruner.cluster import member_dataset
+    from secateur.pruner.tracing import analyze
+
+    train_ds = member_dataset(train_ds, device)
+    base = sparsity_train(model, graph, train_ds, config, device, should_cancel=should_cancel)
+    return base, analyze(base)

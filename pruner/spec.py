@@ -15,6 +15,9 @@ from secateur.pruner.scoring import criteria
 # The built-in criteria; validation reads the live registry (scoring.criteria()).
 CRITERIA = criteria()
 SCOPES = ("global", "layerwise")
+#: ``iterative_schedule`` values (see PruneSpec).
+SCHEDULES = ("linear", "geometric")
+MAX_ITERATIVE_STEPS = 20
 # Beyond any layer's width (the widest Keras models have a few thousand channels).
 MAX_ROUND_TO = 4096
 MAX_CHANNELS = 1_000_000
@@ -48,6 +51,11 @@ class PruneSpec:
             layer's bias instead of dropping it (see
             :mod:`secateur.pruner.compensation`).
         taylor_batches: training batches the ``taylor`` criterion reads.
+        iterative_steps: reach ``ratio`` in this many prune + fine-tune
+            rounds, each re-scoring the current model (1: one shot).
+        iterative_schedule: the cumulative share removed after round j of k:
+            ``linear`` ratio*j/k, ``geometric`` 1-(1-ratio)^(j/k) (the same
+            fraction of what remains every round).
 
     Raises:
         InvalidSpecError: any field out of range; the message names it.
@@ -63,6 +71,8 @@ class PruneSpec:
     seed: int = 0
     bias_compensation: bool = True
     taylor_batches: int = 8
+    iterative_steps: int = 1
+    iterative_schedule: str = "linear"
 
     def __post_init__(self) -> None:
         ratio = _checked_ratio(self.ratio)
@@ -96,6 +106,29 @@ class PruneSpec:
                 "bias_compensation",
             )
         _check_int("taylor_batches", self.taylor_batches, MAX_TAYLOR_BATCHES)
+        _check_int("iterative_steps", self.iterative_steps, MAX_ITERATIVE_STEPS)
+        if self.iterative_schedule not in SCHEDULES:
+            raise InvalidSpecError(
+                f"iterative_schedule must be one of {', '.join(SCHEDULES)}. "
+                f"Received: iterative_schedule={self.iterative_schedule!r}",
+                "iterative_schedule",
+            )
+
+    def round_ratios(self) -> tuple[float, ...]:
+        """The ratio of each iterative round, relative to the channels left before it.
+
+        The cumulative share removed follows ``iterative_schedule`` and ends
+        at ``ratio``: removing ``r_j`` of what remains in round j leaves
+        ``prod(1 - r_j)`` of the prunable channels.
+        """
+        k, r = self.iterative_steps, self.ratio
+        if k == 1:
+            return (r,)
+        if self.iterative_schedule == "geometric":
+            removed = [1 - (1 - r) ** (j / k) for j in range(k + 1)]
+        else:
+            removed = [r * j / k for j in range(k + 1)]
+        return tuple(1 - (1 - removed[j]) / (1 - removed[j - 1]) for j in range(1, k + 1))
 
     def with_ratio(self, ratio: float) -> PruneSpec:
         """This spec at another ratio; only the ratio is checked (the rest was, once).

@@ -41,6 +41,8 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "pruning.seed": (PruneSpec, "seed"),
     "pruning.bias_compensation": (PruneSpec, "bias_compensation"),
     "pruning.taylor_batches": (PruneSpec, "taylor_batches"),
+    "pruning.iterative_steps": (PruneSpec, "iterative_steps"),
+    "pruning.iterative_schedule": (PruneSpec, "iterative_schedule"),
     "training.epochs": (TrainConfig, "epochs"),
     "training.batch_size": (TrainConfig, "batch_size"),
     "training.learning_rate": (TrainConfig, "learning_rate"),
@@ -180,6 +182,8 @@ def prune_spec(p: pb.PruningSpec) -> PruneSpec:
             "seed",
             "bias_compensation",
             "taylor_batches",
+            "iterative_steps",
+            "iterative_schedule",
         )
         if p.HasField(name)
     }

@@ -199,12 +199,7 @@ class PruneJob:
             self.storage.read_records,
         )  # fmt: skip
 
-        base, graph = self._sparsify(original, graph, data, device)
-        self._teacher = None  # one teacher for every candidate of a sweep
-        if req.train.distill_alpha > 0 and data.train_ds is not None and req.train.epochs > 0:
-            from secateur.pruner.distill import make_teacher
-
-            self._teacher = make_teacher(original, device)
+        base, graph = self._before_pruning(original, graph, data, device)
         candidates = [
             self._candidate(base, graph, r, data, device, i) for i, r in enumerate(req.sweep)
         ]
@@ -277,77 +272,105 @@ class PruneJob:
                 self.req.model_uri,
             )
 
-    def _sparsify(self, original: Any, graph: Any, data: _Data, device: Any) -> tuple[Any, Any]:
-        """Sparsity training (``train.sparsity_epochs``): the model and graph to prune from.
+    def _before_pruning(self, original: Any, graph: Any, data: _Data, device: Any) -> Any:
+        """Sparsity training and the distillation teacher: (model to prune, its graph).
 
-        The original stays the measured baseline; candidates prune a copy
-        trained with the L1 gamma penalty (Network Slimming).
+        The measured baseline stays the user's model either way.
         """
-        epochs = self.req.train.sparsity_epochs
-        if epochs == 0 or data.train_ds is None:
-            return original, graph
-        from secateur.pruner.cluster import member_dataset
-        from secateur.pruner.sparsity import sparsity_train
-        from secateur.pruner.tracing import analyze
+        train = self.req.train
+        if train.distill_alpha > 0 and data.train_ds is not None and train.epochs > 0:
+            from secateur.pruner.distill import make_teacher
 
-        self._enter("ANALYZING", f"sparsity training, {epochs} epoch(s)")
-        train_ds = member_dataset(data.train_ds, device)  # multi-host: a share each
-        base = sparsity_train(
-            original, graph, train_ds, self.req.train, device, should_cancel=self.should_cancel
-        )
-        return base, analyze(base)
+            self._teacher = make_teacher(original, device)  # one for every candidate
+        if not train.sparsity_epochs or data.train_ds is None:
+            return original, graph
+        from secateur.pruner.sparsity import sparsify  # Network Slimming
+
+        self._enter("ANALYZING", f"sparsity training, {train.sparsity_epochs} epoch(s)")
+        return sparsify(original, graph, data.train_ds, train, device, self.should_cancel)
 
     def _candidate(
         self, original: Any, graph: Any, ratio: float, data: _Data, device: Any, i: int
     ) -> dict[str, Any]:
-        from secateur.pruner.cluster import agree_on_plan, member_dataset, out_of_strategy
-        from secateur.pruner.finetune import evaluate, finetune
-        from secateur.pruner.plan import make_plan
-        from secateur.pruner.surgery import apply_plan
+        """One candidate: ``spec.iterative_steps`` prune + fine-tune rounds, evaluated."""
+        from secateur.pruner.finetune import evaluate
+        from secateur.pruner.tracing import analyze
 
         n = len(self.req.sweep)
         spec = self.req.specs[i]  # checked once, when the request was made
-        self._enter("SCORING", f"ratio {ratio}", sweep_progress("SCORING", i, n), ratio=ratio)
-        plan = make_plan(original, spec, graph=graph, device_kind=device.kind, data=data.train_ds)
-        agree_on_plan(plan.to_dict(), device)  # multi-host: every member made this plan
-        self._enter("REBUILDING", f"ratio {ratio}", sweep_progress("REBUILDING", i, n), ratio=ratio)
-        model = apply_plan(original, plan, reload_weights=spec.reload_weights, graph=graph)
-        history: dict[str, list[float]] = {}
-        if data.train_ds is not None and self.req.train.epochs > 0:
-            self._enter(
-                "FINE_TUNING", f"ratio {ratio}", sweep_progress("FINE_TUNING", i, n), ratio=ratio
+        steps = spec.round_ratios()
+        model, rounds = original, []
+        for j, step_ratio in enumerate(steps):
+            where = f"ratio {ratio}" + (f", round {j + 1}/{len(steps)}" if len(steps) > 1 else "")
+            if j:  # each round re-scores the current model
+                graph = analyze(model)
+            step_spec = spec if len(steps) == 1 else spec.with_ratio(step_ratio)
+            plan, model, history = self._round(
+                model, graph, step_spec, ratio, where, data, device, i
             )
-
-            def progress(p: Any) -> None:
-                frac = (p.epoch - 1 + (p.step / p.steps if p.steps else 0)) / p.epochs
-                self.on_event(
-                    StageEvent(
-                        "FINE_TUNING",
-                        f"ratio {ratio}",
-                        sweep_progress("FINE_TUNING", i, n, frac),
-                        asdict(p) | {"ratio": ratio},
-                    )
-                )
-
-            train_ds = member_dataset(data.train_ds, device)  # multi-host: a share each
-            model, history = finetune(
-                model, train_ds, self.req.train, device, progress, self.should_cancel, self._teacher
-            )
-            if device.members > 1:  # every member, in step: the chief goes on alone
-                model = out_of_strategy(model)
-        accuracy = None
-        if data.eval_ds is not None and device.is_chief:
-            self._enter(
-                "EVALUATING", f"ratio {ratio}", sweep_progress("EVALUATING", i, n), ratio=ratio
-            )
-            accuracy = evaluate(model, data.eval_ds, device.use_xla(self.req.train.jit_compile))
-        return {
+            accuracy = None
+            if data.eval_ds is not None and device.is_chief:
+                self._enter("EVALUATING", where, sweep_progress("EVALUATING", i, n), ratio=ratio)
+                accuracy = evaluate(model, data.eval_ds, device.use_xla(self.req.train.jit_compile))
+            rounds.append({"round": j + 1, "ratio": step_ratio, "accuracy": accuracy})
+            rounds[-1] |= {"params": plan.params_after, "flops": plan.flops_after}
+        out = {
             "ratio": ratio,
             "plan": plan.to_dict(),
             "history": history,
             "accuracy": accuracy,
             "_model": model,
         }
+        if len(steps) > 1:  # the last round's plan is relative to the model before it
+            out["rounds"] = rounds
+        return out
+
+    def _round(
+        self,
+        model: Any,
+        graph: Any,
+        spec: Any,
+        ratio: float,
+        where: str,
+        data: _Data,
+        device: Any,
+        i: int,
+    ) -> tuple[Any, Any, dict[str, list[float]]]:
+        """Score, rebuild and fine-tune once: (plan, pruned model, history)."""
+        from secateur.pruner.cluster import agree_on_plan, member_dataset, out_of_strategy
+        from secateur.pruner.finetune import finetune
+        from secateur.pruner.plan import make_plan
+        from secateur.pruner.surgery import apply_plan
+
+        n = len(self.req.sweep)
+        self._enter("SCORING", where, sweep_progress("SCORING", i, n), ratio=ratio)
+        plan = make_plan(model, spec, graph=graph, device_kind=device.kind, data=data.train_ds)
+        agree_on_plan(plan.to_dict(), device)  # multi-host: every member made this plan
+        self._enter("REBUILDING", where, sweep_progress("REBUILDING", i, n), ratio=ratio)
+        pruned = apply_plan(model, plan, reload_weights=spec.reload_weights, graph=graph)
+        history: dict[str, list[float]] = {}
+        if data.train_ds is not None and self.req.train.epochs > 0:
+            self._enter("FINE_TUNING", where, sweep_progress("FINE_TUNING", i, n), ratio=ratio)
+
+            def progress(p: Any) -> None:
+                frac = (p.epoch - 1 + (p.step / p.steps if p.steps else 0)) / p.epochs
+                self.on_event(
+                    StageEvent(
+                        "FINE_TUNING",
+                        where,
+                        sweep_progress("FINE_TUNING", i, n, frac),
+                        asdict(p) | {"ratio": ratio},
+                    )
+                )
+
+            train_ds = member_dataset(data.train_ds, device)  # multi-host: a share each
+            pruned, history = finetune(
+                pruned, train_ds, self.req.train, device, progress, self.should_cancel,
+                self._teacher,
+            )  # fmt: skip
+            if device.members > 1:  # every member, in step: the chief goes on alone
+                pruned = out_of_strategy(pruned)
+        return plan, pruned, history
 
     def _report(
         self, figures: dict[str, Any], candidates: list[dict[str, Any]], device: Any

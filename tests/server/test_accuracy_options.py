@@ -71,3 +71,28 @@ def test_distillation_sweep_trainsEachCandidateAgainstOneTeacher(digits_data, tm
     # The teacher is the user's model, frozen, and is not what was measured as the original.
     assert job._teacher is not None and not job._teacher.trainable
     assert report["original"]["accuracy"] == pytest.approx(digits_data.eval_accuracy, abs=1e-3)
+
+
+def _kept(plan: dict) -> int:
+    return sum(g["size_after"] for g in plan["groups"] if g["size_before"] > 1 and not g["frozen"])
+
+
+def test_iterative_twoRounds_reachOneShotChannelCount_reportEachRound(digits_data, tmp_path):
+    spec = _spec(digits_data, tmp_path / "one", epochs=0, measure_steps=2)
+    spec.pruning.ratio = 0.5
+    one_shot = PruneJob(job_request(spec), Storage()).run()["candidates"][0]
+    spec.output_uri = str(tmp_path / "two")
+    spec.pruning.iterative_steps = 2
+    spec.pruning.iterative_schedule = "geometric"
+    req = job_request(spec)
+    assert (req.spec.iterative_steps, req.spec.iterative_schedule) == (2, "geometric")
+    report = PruneJob(req, Storage()).run()
+    [cand] = report["candidates"]
+    rounds = cand["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["params"] > rounds[1]["params"] and rounds[0]["flops"] > rounds[1]["flops"]
+    assert all(r["accuracy"] is not None for r in rounds)
+    assert rounds[1]["params"] == cand["figures"]["params"]
+    groups = sum(1 for g in cand["plan"]["groups"] if g["size_before"] > 1 and not g["frozen"])
+    assert abs(_kept(cand["plan"]) - _kept(one_shot["plan"])) <= groups
+    assert "rounds" not in one_shot

@@ -39,7 +39,7 @@ SCOPE_GLOBAL: Scope
 SCOPE_LAYERWISE: Scope
 
 class PruningSpec(_message.Message):
-    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation", "taylor_batches")
+    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation", "taylor_batches", "iterative_steps", "iterative_schedule")
     RATIO_FIELD_NUMBER: _ClassVar[int]
     RATIOS_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class PruningSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     BIAS_COMPENSATION_FIELD_NUMBER: _ClassVar[int]
     TAYLOR_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ITERATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ITERATIVE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     ratio: float
     ratios: _containers.RepeatedScalarFieldContainer[float]
     criterion: Criterion
@@ -64,7 +66,9 @@ class PruningSpec(_message.Message):
     seed: int
     bias_compensation: bool
     taylor_batches: int
-    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ..., taylor_batches: _Optional[int] = ...) -> None: ...
+    iterative_steps: int
+    iterative_schedule: str
+    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ..., taylor_batches: _Optional[int] = ..., iterative_steps: _Optional[int] = ..., iterative_schedule: _Optional[str] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda", "distill_alpha", "distill_temperature")
