@@ -70,7 +70,7 @@ def _plain(model: Any, ds: Any, clock: _Clock, epochs: int, xla: bool) -> float:
     """A plain model.fit: nothing attached per batch (an epoch-end timestamp only)."""
     import keras
 
-    from secateur.pruner.finetune import outputs_probabilities
+    from secateur.pruner.losses import outputs_probabilities
 
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),

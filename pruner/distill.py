@@ -92,7 +92,7 @@ def distiller(
     student: Any, teacher: Any, config: TrainConfig, jit: bool, steps_per_execution: int
 ) -> Distiller:
     """A compiled Distiller of ``student`` (compiled, trained in place) and ``teacher``."""
-    from secateur.pruner.finetune import outputs_probabilities
+    from secateur.pruner.losses import outputs_probabilities
 
     with student.distribute_strategy.scope():
         model = Distiller(

@@ -17,6 +17,7 @@ from typing import Any
 from secateur.pruner._keras import keras
 from secateur.pruner.config import TrainConfig
 from secateur.pruner.errors import CancelledError, DataError
+from secateur.pruner.losses import outputs_probabilities
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,6 @@ def select_device(
     if gpus:
         return Device("GPU", getattr(gpus[0], "name", "GPU:0"), len(gpus), make("GPU", gpus))
     return Device("CPU", "CPU:0", 1, make("CPU", None))
-
-
-def outputs_probabilities(model: Any) -> bool:
-    """True when the model ends in a softmax (probabilities), False for logits."""
-    layer = model.outputs[0]._keras_history[0]
-    if isinstance(layer, keras.layers.Softmax):
-        return True
-    activation = getattr(layer, "activation", None)
-    return getattr(activation, "__name__", "") == "softmax"
 
 
 def _member_device(member: Any) -> Device:

@@ -39,7 +39,7 @@ def taylor_scores(
         ``{layer path: scores}`` (float64, length = the layer's channels);
         layers whose output is not one tensor are absent.
     """
-    from secateur.pruner.finetune import outputs_probabilities
+    from secateur.pruner.losses import outputs_probabilities
 
     paths = {m.layer for g in graph.groups() for m in g.members if m.role in _PRODUCER_ROLES}
     layers = {p: graph.layers[p] for p in sorted(paths) if p in graph.layers}
