@@ -272,7 +272,6 @@ def make_dataset(
             the file and the record).
         CancelledError: ``should_cancel`` returned True during the check.
     """
-    tf = _tf()
     if not files:
         raise DataError("data needs at least one TFRecord file. Received: no files")
     names = list(names) if names is not None else list(files)
@@ -280,11 +279,27 @@ def make_dataset(
         raise ValueError(f"names must match files one to one. Received: {len(names)} names")
     kind = _inspect(files[0], names[0], spec, read_records)
     shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
-    parse = _parser(spec, kind, shape)
     count = sum(
         check_file(path, name, spec, kind, shape, num_classes, should_cancel, read_records)
         for path, name in zip(files, names, strict=True)
     )
+    parse = _parser(spec, kind, shape)
+    return _pipeline(files, parse, count, shape, batch_size, spec, shuffle, seed, read_records)
+
+
+def _pipeline(
+    files: Sequence[str],
+    parse: Any,
+    count: int,
+    shape: tuple[int, int, int],
+    batch_size: int,
+    spec: DataSpec,
+    shuffle: bool,
+    seed: int,
+    read_records: RecordReader | None,
+) -> Any:
+    """The tf.data chain over files already checked (``count`` records in all)."""
+    tf = _tf()
     ds = tf.data.Dataset.from_tensor_slices(list(files))
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed)
@@ -359,21 +374,32 @@ def check_file(
             located = _locate(path, name, spec, kind, shape, num_classes, done, exc, read_records)
             raise located from exc
         labels = labels.numpy()
-        if num_classes is not None:
-            bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-            if bad.size:
-                record = done + int(bad[0])
-                raise DataError(
-                    f"labels must be in [0, {num_classes}) for this model's output. "
-                    f"Received: label {int(labels[bad[0]])} at record {record} of {name}",
-                    file=name,
-                    record=record,
-                )
+        _check_labels(labels, num_classes, done, name)
         done += len(labels)
         payload += int(np.sum(lengths.numpy())) + _FRAMING * len(labels)
-    if read_records is not None:
-        return done
-    size = int(tf.io.gfile.stat(path).length)
+    if read_records is None:
+        _check_size(path, payload, done, name)
+    return done
+
+
+def _check_labels(labels: Any, num_classes: int | None, done: int, name: str) -> None:
+    """A chunk's labels (the chunk starts at record ``done``) are the model's classes."""
+    if num_classes is None:
+        return
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        record = done + int(bad[0])
+        raise DataError(
+            f"labels must be in [0, {num_classes}) for this model's output. "
+            f"Received: label {int(labels[bad[0]])} at record {record} of {name}",
+            file=name,
+            record=record,
+        )
+
+
+def _check_size(path: str, payload: int, done: int, name: str) -> None:
+    """The records account for every byte of the file (TensorFlow stops quietly at a cut)."""
+    size = int(_tf().io.gfile.stat(path).length)
     if payload != size:
         raise DataError(
             "a TFRecord file must end where its last record ends; corrupt or truncated "
@@ -382,7 +408,6 @@ def check_file(
             file=name,
             record=done,
         )
-    return done
 
 
 def _locate(
