@@ -32,7 +32,7 @@ from .conftest import flatten_dense, mobilenetv2_block
         ({"ratio": float("nan")}, "ratio", "ratio=nan"),
         ({"ratio": "0.3"}, "ratio", "ratio='0.3'"),
         ({"ratio": True}, "ratio", "ratio=True"),
-        ({"criterion": "taylor"}, "criterion", "criterion='taylor'"),
+        ({"criterion": "hessian"}, "criterion", "criterion='hessian'"),
         ({"scope": "local"}, "scope", "scope='local'"),
         ({"round_to": 0}, "round_to", "round_to=0"),
         ({"round_to": 2.5}, "round_to", "round_to=2.5"),
