@@ -28,7 +28,7 @@ class DemoConfig:
     ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
     width: float = 0.25
     pretrain_epochs: int = 6
-    finetune_epochs: int = 2
+    finetune_epochs: int = 4
     max_accuracy_drop: float = 0.02
     batch_size: int = 64
 

@@ -139,7 +139,7 @@ def _add_local_commands(sub: Any) -> None:
         default=(0.3, 0.5, 0.7),
         help="the sweep: ratios separated by commas",
     )
-    d.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per candidate")
+    d.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs per candidate")
     d.set_defaults(func=local.cmd_demo)
     sv = sub.add_parser(
         "serve",
