@@ -123,6 +123,6 @@ def test_help_everyFlagShowsItsDefault() -> None:
             text = formatter._get_help_string(action) or ""  # type: ignore[attr-defined]
             assert "default" in text, f"secateur {name} {action.option_strings[0]}: {text!r}"
     help_text = " ".join(commands["demo"].format_help().split())
-    assert "(default: 0.3,0.5,0.7)" in help_text and "(default: 2)" in help_text
+    assert "(default: 0.3,0.5,0.7)" in help_text and "(default: 4)" in help_text
     assert "--wait" in commands["submit"].format_help()
     assert "(default: off)" in commands["submit"].format_help()
