@@ -44,12 +44,12 @@ from secateur.server.pglisten import Listener, Subscriber
 from secateur.server.pgschema import CHANNEL, migrate
 from secateur.server.records import JobError, JobRecord, JobState, now_ns
 from secateur.server.store import (
-    QUARANTINE_MESSAGE,
     Claim,
     Lease,
     StoreOpenError,
     _decode,
     _row,
+    quarantined,
 )
 
 log = logging.getLogger("secateur.server")
@@ -454,15 +454,7 @@ def _record(row: Any) -> JobRecord:
     record = _decode(job_id, bytes(data) if data is not None else None, report)
     if record is None:
         log.error("job %s: its row does not decode as a secateur.v1.Job", job_id)
-        record = JobRecord(
-            id=job_id,
-            spec=b"",
-            state=JobState.FAILED,
-            request_id=request_id or "",
-            message=QUARANTINE_MESSAGE,
-            error=JobError(grpc.StatusCode.DATA_LOSS, QUARANTINE_MESSAGE),
-            create_ns=create_ns,
-        )
+        record = quarantined(job_id, request_id, create_ns)
     return _with_lease(record, worker or "", expires)
 
 

@@ -61,6 +61,21 @@ QUARANTINE_MESSAGE = (
 )
 
 
+def quarantined(job_id: str, request_id: str | None, create_ns: int, end_ns: int = 0) -> JobRecord:
+    """The FAILED (DATA_LOSS) record that stands for a row that does not decode."""
+    return JobRecord(
+        id=job_id,
+        spec=b"",
+        state=JobState.FAILED,
+        request_id=request_id or "",
+        message=QUARANTINE_MESSAGE,
+        error=JobError(grpc.StatusCode.DATA_LOSS, QUARANTINE_MESSAGE),
+        create_ns=create_ns,
+        end_ns=end_ns,
+        update_ns=end_ns,
+    )
+
+
 class StoreOpenError(Exception):
     """The job database cannot be opened; the message names the file and what to do."""
 
@@ -225,18 +240,8 @@ class SqliteJobStore:
             job_id,
             self.path,
         )
-        now = now_ns()
-        job = JobRecord(
-            id=job_id,
-            spec=b"",
-            state=JobState.FAILED,
-            request_id=request_id or "",
-            message=QUARANTINE_MESSAGE,
-            error=JobError(grpc.StatusCode.DATA_LOSS, QUARANTINE_MESSAGE),
-            create_ns=int(create * 1e9) if isinstance(create, int | float) else 0,
-            end_ns=now,
-            update_ns=now,
-        )
+        create_ns = int(create * 1e9) if isinstance(create, int | float) else 0
+        job = quarantined(job_id, request_id, create_ns, end_ns=now_ns())
         self._db.execute(
             "INSERT OR IGNORE INTO quarantine (id, data, reason, time) VALUES (?, ?, ?, ?)",
             (job_id, data, "does not decode as secateur.v1.Job", time.time()),
