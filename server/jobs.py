@@ -42,10 +42,10 @@ import grpc
 
 from secateur.server import convert
 from secateur.server.errors import ServiceError, echo, internal_error
-from secateur.server.lifecycle import log_end, outcome_label, recovered
+from secateur.server.lifecycle import ended, log_end, outcome_label, recovered
 from secateur.server.page_tokens import Cursor, PageTokens
 from secateur.server.pipeline import STAGES, JobRequest, overall_progress
-from secateur.server.records import JobError, JobRecord, JobState, Submission, now_ns
+from secateur.server.records import JobRecord, JobState, Submission, now_ns
 from secateur.server.runner import WorkerRunner, error_of
 from secateur.server.storage import Storage
 from secateur.server.store import JobStore
@@ -445,19 +445,9 @@ class JobManager:
         old = self.store.get(jid)
         assert old is not None
         now = now_ns()
-        changes: dict[str, Any] = {"state": state, "end_ns": now, "update_ns": now}
-        if state == JobState.SUCCEEDED:
-            changes |= {"progress": 1.0, "stage": ""}
-        message = old.message
-        if error is not None:
-            changes["error"] = JobError.of(error)
-            message = error.message
-        if report is not None:
-            changes["result"] = report
-            message = report.get("decision") or message
-            if self.metrics:
-                self.metrics.record_figures(report.get("original"), report.get("pruned"))
-        await self.writes.save_end(old.evolve(**changes, message=message))
+        if report is not None and self.metrics:
+            self.metrics.record_figures(report.get("original"), report.get("pruned"))
+        await self.writes.save_end(ended(old, state, error, report, now))
         log_end(old, state, error, report, now)
         self._cancel_requested.discard(jid)
         await self._notify()

@@ -59,6 +59,27 @@ def recovered(record: JobRecord, max_attempts: int) -> JobRecord:
     )
 
 
+def ended(
+    record: JobRecord,
+    state: JobState,
+    error: ServiceError | None,
+    report: dict[str, Any] | None,
+    now: int,
+) -> JobRecord:
+    """``record`` at its end: state, times, error and result; the message says why."""
+    changes: dict[str, Any] = {"state": state, "end_ns": now, "update_ns": now}
+    if state == JobState.SUCCEEDED:
+        changes |= {"progress": 1.0, "stage": ""}
+    message = record.message
+    if error is not None:
+        changes["error"] = JobError.of(error)
+        message = error.message
+    if report is not None:
+        changes["result"] = report
+        message = report.get("decision") or message
+    return record.evolve(message=message, **changes)
+
+
 def log_end(
     old: JobRecord,
     state: JobState,

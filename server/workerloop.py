@@ -36,9 +36,9 @@ from typing import Any
 import grpc
 
 from secateur.server.errors import ServiceError
-from secateur.server.lifecycle import outcome_label
+from secateur.server.lifecycle import ended, outcome_label
 from secateur.server.pipeline import STAGES, overall_progress
-from secateur.server.records import JobError, JobRecord, JobState, now_ns
+from secateur.server.records import JobRecord, JobState, now_ns
 from secateur.server.runner import WorkerRunner, error_of
 
 log = logging.getLogger("secateur.server")
@@ -277,15 +277,12 @@ async def publish_counts(store: Any, metrics: Any) -> None:
 def conclude(record: JobRecord, outcome: dict[str, Any], cancelled: bool) -> JobRecord:
     """The job's final record from its subprocess's outcome (as the embedded server ends it)."""
     kind = outcome.get("type")
-    now = now_ns()
-    changes: dict[str, Any] = {"end_ns": now, "update_ns": now}
     error: ServiceError | None = None
     report = outcome.get("report") if kind in ("result", "gate_failed") else None
     if cancelled and kind != "result":
         state, error = JobState.CANCELLED, ServiceError(grpc.StatusCode.CANCELLED, "cancelled")
     elif kind == "result":
         state = JobState.SUCCEEDED
-        changes |= {"progress": 1.0, "stage": ""}
     elif kind == "gate_failed":
         state = JobState.FAILED
         assert report is not None
@@ -294,14 +291,7 @@ def conclude(record: JobRecord, outcome: dict[str, Any], cancelled: bool) -> Job
         )
     else:
         state, error = JobState.FAILED, error_of(outcome)
-    message = record.message
-    if error is not None:
-        changes["error"] = JobError.of(error)
-        message = error.message
-    if report is not None:
-        changes["result"] = report
-        message = report.get("decision") or message
-    return record.evolve(state=state, message=message, **changes)
+    return ended(record, state, error, report, now_ns())
 
 
 def end_line(final: JobRecord, outcome: dict[str, Any]) -> None:
