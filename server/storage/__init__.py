@@ -40,18 +40,8 @@ google-cloud-storage (allow-listed, ``STORAGE_EMULATOR_HOST`` honoured, which
 TensorFlow's own GCS filesystem does not) and yields each record, checksums
 checked (``tfrecord.py``). Neither makes a local copy.
 
-Errors (all carry the offending URI as ``.uri``; messages end with
-``Received: <uri>``)::
-
-    StorageError(Exception)
-    ├── StorageNotFoundError       nothing at the URI
-    ├── StoragePermissionError     URI outside the allow-list, or access denied
-    ├── StorageExistsError         the target version already exists
-    ├── StorageUnreachableError    host or bucket cannot be reached, network error,
-    │                              bucket missing when writing, no credentials
-    ├── DiskBudgetError            a job's local files exceed its local disk budget
-    └── InvalidUriError            unsupported scheme or malformed URI
-                                   (also a ValueError)
+Errors: the typed tree in :mod:`secateur.server.storage.errors` (each carries the
+offending URI as ``.uri``; messages end with ``Received: <uri>``).
 
 This package never imports TensorFlow.
 """
