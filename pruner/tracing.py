@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+# Sibling handler modules register on import.
+from secateur.pruner import handlers_attention, handlers_layers, handlers_ops  # noqa: F401
 from secateur.pruner._keras import keras
 from secateur.pruner.errors import UnsupportedModelError
 from secateur.pruner.graph import ChannelGraph, ConfigEdit
