@@ -50,19 +50,28 @@ class WeightAxis:
     role: str
 
 
+# Space id -> sorted kept channel indices of that space.
+KeptFn = Callable[[int], np.ndarray]
+
+
 @dataclass(frozen=True)
 class ConfigEdit:
     """A config entry that must change with the kept channel count.
 
     ``kind`` is ``"size"`` (the new count), ``"last_dim"`` (a shape tuple
     whose last entry becomes the new count) or ``"flat"`` (a shape of one
-    entry, the new flattened size).
+    entry, the new flattened size). When ``compute`` is given it overrides
+    ``kind``: the new value is ``compute(old_value, kept)``, for values the
+    generic kinds cannot express (split indices, head counts, ...). ``layer``
+    may name a layer or a keras.ops node's operation; either is re-created
+    from its edited ``get_config()``.
     """
 
     layer: str
     key: str
     layout: Layout
     kind: str = "size"
+    compute: Callable[[Any, KeptFn], Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,11 +26,9 @@ from secateur.pruner.compensation import (
 from secateur.pruner.constant_tracing import trace_constants
 from secateur.pruner.constants import WeightGetter
 from secateur.pruner.errors import PlanMismatchError
-from secateur.pruner.graph import ChannelGraph, ConfigEdit
+from secateur.pruner.graph import ChannelGraph, ConfigEdit, KeptFn
 from secateur.pruner.plan import PruningPlan, keep_function
 from secateur.pruner.tracing import analyze
-
-KeptFn = Callable[[int], np.ndarray]
 
 
 def apply_plan(
@@ -161,6 +158,9 @@ def _drop_build_configs(config: dict[str, Any]) -> None:
 def _apply_edit(config: dict[str, Any], edit: ConfigEdit, kept: KeptFn) -> None:
     entry = _layer_config(config, edit.layer)
     cfg = entry["config"]
+    if edit.compute is not None:
+        cfg[edit.key] = edit.compute(cfg.get(edit.key), kept)
+        return
     new = len(lay.kept_positions(edit.layout, kept))
     if edit.key == "build_input_shape":
         # Nested Sequential: its recorded build shape has the old width.
