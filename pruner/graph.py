@@ -36,6 +36,8 @@ class Space:
     origin: str
     frozen: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # "channels", or "heads" for attention heads (allocated by head_ratio).
+    kind: str = "channels"
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Group:
         return tuple(sorted(self.origins))
 
     origins: list[str] = field(default_factory=list)
+    kind: str = "channels"
 
 
 class ChannelGraph:
@@ -216,8 +219,10 @@ class ChannelGraph:
             root = self.find(space.id)
             grp = by_root.get(root)
             if grp is None:
-                grp = Group(len(by_root), [], space.size, [], [], [])
+                grp = Group(len(by_root), [], space.size, [], [], [], kind=space.kind)
                 by_root[root] = grp
+            if space.kind != grp.kind:
+                grp.frozen.append("attention heads were coupled with channels")
             grp.spaces.append(space.id)
             grp.origins.append(space.origin)
             if space.size != grp.size:  # unions only join equal sizes
