@@ -1,8 +1,133 @@
 """Handlers for attention.
 
-MultiHeadAttention head pruning and the ops that split channels into heads.
+``keras.layers.MultiHeadAttention`` is traced as one layer with two kinds of
+space:
+
+- its *heads* (a space of ``num_heads``, kind ``"heads"``): head ``h`` owns
+  slice ``h`` of the query/key/value (and gate) kernels, axis 1, and biases,
+  axis 0, and of the output kernel, axis 0. Attention never mixes heads (the
+  softmax runs over positions of one head), so removing a head removes its
+  term of the output projection's sum and nothing else; ``num_heads`` is
+  edited and ``key_dim``/``value_dim`` stay. Heads are allocated by
+  ``PruneSpec.head_ratio``, apart from channels.
+- the *channels* of its inputs and output: the query/key/value kernels read
+  their input's channels on axis 0; without ``output_shape`` the output has
+  the query's channels (the output kernel's axis 2 and bias follow the
+  query's layout), so a residual stream through the layer stays prunable.
+  An ``output_shape`` of one entry is a new space of that width.
 
 Registers on import; :mod:`secateur.pruner.tracing` imports this module.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from secateur.pruner import layout as lay
+from secateur.pruner._keras import keras
+from secateur.pruner.graph import FlopTerm, WeightAxis
+from secateur.pruner.handlers import Call, Unsupported, register_handler
+from secateur.pruner.layout import Layout
+
+# Sub-layers that project an operand into heads, with the operand they read.
+_PROJECTIONS = (
+    ("_query_dense", "query"),
+    ("_key_dense", "key"),
+    ("_value_dense", "value"),
+    ("_gate_dense", "query"),
+)
+
+
+@register_handler(keras.layers.MultiHeadAttention)
+def _multi_head_attention(c: Call) -> list[Layout]:
+    layer = c.layer
+    operands = _operands(c)
+    heads = c.graph.memo_space(c.path, "heads", int(layer.num_heads), f"{c.path}:heads")
+    for sid in set(lay.spaces(heads)):
+        c.graph.spaces[sid].kind = "heads"
+    for attr, operand in _PROJECTIONS:
+        dense = getattr(layer, attr, None)
+        if dense is None:  # no gate
+            continue
+        layout, shape = operands[operand]
+        _axis(c, dense.kernel, 0, layout, "in")
+        _axis(c, dense.kernel, 1, heads, "out")
+        _axis(c, dense.bias, 0, heads, "bias")
+        _flops(c, dense.kernel, shape)
+    out = _output_layout(c, operands["query"][0])
+    output = layer._output_dense
+    _axis(c, output.kernel, 0, heads, "out")
+    _axis(c, output.kernel, 2, out, "out")
+    _axis(c, output.bias, 0, out, "bias")
+    _flops(c, output.kernel, operands["query"][1])
+    c.edit("num_heads", heads)
+    why = _heads_coupled(layer, len(operands["query"][1]))
+    if why is None and len(c.out_shapes) > 1:
+        why = "its attention scores (one map per head) are an output of the model graph"
+    if why is not None:
+        c.graph.freeze(heads, f"heads of '{c.path}': {why}")
+    outs = [out]
+    for i, shape in enumerate(c.out_shapes[1:], start=1):
+        scores = c.graph.memo_space(c.path, f"scores{i}", shape[-1], f"{c.path}:scores")
+        c.graph.freeze(scores, f"'{c.path}' returns attention scores, not channels")
+        outs.append(scores)
+    return outs
+
+
+def _operands(c: Call) -> dict[str, tuple[Layout, tuple[Any, ...]]]:
+    """Layout and shape of the call's query, value and key (key defaults to value)."""
+    args = list(c.node.arguments.args)
+    kwargs = c.node.arguments.kwargs
+    found: dict[str, Any] = {}
+    for i, name in enumerate(("query", "value", "key")):
+        found[name] = args[i] if i < len(args) else kwargs.get(name)
+    if found["key"] is None:
+        found["key"] = found["value"]
+    out = {}
+    for name, tensor in found.items():
+        index = next((i for i, t in enumerate(c.node.input_tensors) if t is tensor), None)
+        if index is None:
+            raise Unsupported(f"its {name} is not a tensor of the graph")
+        out[name] = (c.inputs[index], c.in_shapes[index])
+    return out
+
+
+def _output_layout(c: Call, query: Layout) -> Layout:
+    shape = c.layer._output_shape
+    if not shape:
+        return query  # the output projection maps back to the query's channels
+    if len(shape) == 1:
+        out = c.produce(int(shape[0]), key="out")
+        c.edit("output_shape", out, "last_dim")
+        return out
+    raise Unsupported(f"output_shape={tuple(shape)} is not one channel axis")
+
+
+def _heads_coupled(layer: Any, rank: int) -> str | None:
+    """Why heads cannot be pruned apart, or None.
+
+    Inputs of rank r are projected to rank r + 1 (..., heads, dim); attention
+    must run over axes 1 .. r - 2 only, never the head or feature axis.
+    """
+    axes = layer.attention_axes
+    if axes is None:
+        return None
+    if any(not 1 <= int(a) <= rank - 2 for a in axes):
+        return f"attention_axes={tuple(axes)} include the head or feature axis"
+    return None
+
+
+def _axis(c: Call, var: Any, axis: int, layout: Layout, role: str) -> None:
+    if var is None:  # use_bias=False
+        return
+    index = next(i for i, w in enumerate(c.layer.weights) if w is var)
+    name = var.path.rsplit("/", 2)[-2] + "/" + var.name if "/" in var.path else var.name
+    c.graph.add_axis(WeightAxis(c.path, index, name, axis % len(var.shape), layout, role))
+
+
+def _flops(c: Call, kernel: Any, shape: tuple[Any, ...]) -> None:
+    index = next(i for i, w in enumerate(c.layer.weights) if w is kernel)
+    positions = int(np.prod([int(d) if d is not None else 1 for d in shape[1:-1]]))
+    c.graph.flops.append(FlopTerm(c.path, index, positions))

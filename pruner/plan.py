@@ -48,7 +48,7 @@ class Member:
 
 @dataclass
 class GroupPlan:
-    """One channel group and what it keeps.
+    """One channel group (or group of attention heads) and what it keeps.
 
     Attributes:
         id: index of the group in trace order.
@@ -62,6 +62,9 @@ class GroupPlan:
         notes: caveats, e.g. a LayerNormalization over the channels.
         compensated: removed channels whose constant output was folded into
             the next layer's bias (see :mod:`secateur.pruner.compensation`).
+        kind: ``"channels"``, or ``"heads"`` for the heads of an attention
+            layer (sizes and indices count heads; ``PruneSpec.head_ratio``
+            allocates them). Plans without it are channel plans.
     """
 
     id: int
@@ -75,6 +78,7 @@ class GroupPlan:
     frozen: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     compensated: list[int] = field(default_factory=list)
+    kind: str = "channels"
 
     @property
     def pruned(self) -> bool:
@@ -104,17 +108,28 @@ class PruningPlan:
 
     @property
     def prunable_channels(self) -> int:
-        return sum(g.size_before for g in self.groups if not g.frozen)
+        return sum(g.size_before for g in self._of_kind("channels") if not g.frozen)
 
     @property
     def removed_channels(self) -> int:
-        return sum(g.size_before - g.size_after for g in self.groups)
+        return sum(g.size_before - g.size_after for g in self._of_kind("channels"))
+
+    @property
+    def prunable_heads(self) -> int:
+        return sum(g.size_before for g in self._of_kind("heads") if not g.frozen)
+
+    @property
+    def removed_heads(self) -> int:
+        return sum(g.size_before - g.size_after for g in self._of_kind("heads"))
+
+    def _of_kind(self, kind: str) -> list[GroupPlan]:
+        return [g for g in self.groups if g.kind == kind]
 
     @property
     def layer_widths(self) -> dict[str, tuple[int, int]]:
         """Producer layer -> (channels before, after), for pruned groups."""
         out: dict[str, tuple[int, int]] = {}
-        for g in self.groups:
+        for g in self._of_kind("channels"):
             for m in g.members:
                 if m.role == "out" and g.pruned:
                     out[m.layer] = (g.size_before, g.size_after)
@@ -173,10 +188,14 @@ class PruningPlan:
 
     def summary(self) -> str:
         pruned = [g for g in self.groups if g.pruned]
+        heads = ""
+        if self._of_kind("heads"):
+            left = self.prunable_heads - self.removed_heads
+            heads = f", attention heads {self.prunable_heads} -> {left} (prunable)"
         return (
             f"{len(pruned)} of {len(self.groups)} groups pruned, channels "
             f"{self.prunable_channels} -> {self.prunable_channels - self.removed_channels} "
-            f"(prunable), params {self.params_before:,} -> {self.params_after:,}, FLOPs "
+            f"(prunable){heads}, params {self.params_before:,} -> {self.params_after:,}, FLOPs "
             f"{self.flops_before:,} -> {self.flops_after:,}"
         )
 
@@ -228,7 +247,10 @@ def make_plan(
         trace = trace_constants(model, graph, weights)
         live = live_channels(graph, trace)
         scores = _score_live(scores, live)
-    keep_counts = _allocate(prunable, scores, spec)
+    keep_counts = _allocate([g for g in prunable if g.kind != "heads"], scores, spec)
+    # Heads are ranked among heads only, at head_ratio; a layer keeps one at least.
+    heads = replace(spec, ratio=spec.head_ratio, round_to=1, min_channels=1)
+    keep_counts |= _allocate([g for g in prunable if g.kind == "heads"], scores, heads)
     kept: dict[int, np.ndarray] = {}
     for g in prunable:
         order = np.argsort(-scores[g.id].scores, kind="stable")
@@ -391,8 +413,9 @@ def _build_plan(
                 kept=[int(k) for k in keep],
                 criterion=sc.criterion if sc else None,
                 fallback=sc.fallback if sc else None,
-                frozen=list(g.frozen) or ([] if g.size > 1 else ["a single channel"]),
+                frozen=list(g.frozen) or ([] if g.size > 1 else [f"a single {_unit(g)}"]),
                 notes=list(g.notes),
+                kind=g.kind,
             )
         )
     params_before, flops_before = graph.count()
@@ -410,6 +433,10 @@ def _build_plan(
     )
     plan.validate()
     return plan
+
+
+def _unit(group: Group) -> str:
+    return "head" if group.kind == "heads" else "channel"
 
 
 def keep_function(graph: ChannelGraph, kept_by_group: Mapping[int, np.ndarray]) -> Any:

@@ -28,6 +28,12 @@ Built-in criteria:
   examples of ``PruneSpec.taylor_batches`` training batches. Needs data: a
   :class:`ScoringContext` (``make_plan(..., data=...)``).
 
+Groups of attention heads (``group.kind == "heads"``) are scored by the same
+functions: ``l1``/``l2``/``lamp`` read each head's slices of the query, key,
+value (gate) and output kernels, ``random`` is unchanged; ``bn_scale`` (heads
+have no BatchNorm) and ``taylor`` (it differentiates layer outputs, which
+are channels, not heads) fall back to ``l1`` and the plan says so.
+
 This module loads no TensorFlow: the spec imports it to validate names.
 """
 
@@ -49,6 +55,7 @@ WeightGetter = Callable[[str, int], np.ndarray]
 Reduce = Callable[[np.ndarray], np.ndarray]
 
 _FILTER_ROLES = ("out", "depthwise")
+_HEADS_BY_L1 = "attention heads {}; scored by l1 of their query/key/value/output weights"
 
 
 @dataclass(frozen=True)
@@ -273,6 +280,8 @@ def _magnitude(view: GroupView, name: str, reduce: Reduce, fallback: str | None)
 @register_criterion("bn_scale")
 def bn_scale(view: GroupView) -> GroupScore:
     """|gamma| of the group's BatchNorms; l1 where the group has none."""
+    if view.group.kind == "heads":
+        return _magnitude(view, "l1", _l1, _HEADS_BY_L1.format("have no BatchNormalization"))
     scores = view.mean_over(view.members(["bn_gamma"]), _abs)
     if scores is not None:
         return GroupScore(scores, "bn_scale")
@@ -323,6 +332,9 @@ def taylor(view: GroupView) -> GroupScore:
     """|activation x gradient| at the channel's producer, over training batches."""
     from secateur.pruner.taylor import taylor_scores  # TensorFlow, loaded on use
 
+    if view.group.kind == "heads":
+        reason = "have no output of their own to differentiate (taylor scores layer outputs)"
+        return _magnitude(view, "l1", _l1, _HEADS_BY_L1.format(reason))
     ctx = view.context
     assert ctx is not None  # score_group refused a context without data
     per_layer: dict[str, np.ndarray] = ctx.cached(

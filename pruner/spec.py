@@ -31,6 +31,10 @@ class PruneSpec:
 
     Args:
         ratio: fraction of the prunable channels to remove, in [0, 1).
+        head_ratio: fraction of the attention heads to remove, in [0, 1)
+            (``MultiHeadAttention``; 0 leaves heads alone). Heads are ranked
+            and allocated apart from channels (``ratio`` never removes a
+            head); every attention layer keeps at least one head.
         criterion: channel importance: ``bn_scale`` (|BatchNorm gamma|,
             Network Slimming), ``l1`` / ``l2`` (filter norms, Li et al.),
             ``lamp`` (layer-adaptive magnitude), ``taylor`` (activation x
@@ -73,9 +77,11 @@ class PruneSpec:
     taylor_batches: int = 8
     iterative_steps: int = 1
     iterative_schedule: str = "linear"
+    head_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         ratio = _checked_ratio(self.ratio)
+        object.__setattr__(self, "head_ratio", _checked_ratio(self.head_ratio, "head_ratio"))
         if self.criterion not in criteria():
             raise InvalidSpecError(
                 f"criterion must be one of {', '.join(criteria())}. "
@@ -121,14 +127,21 @@ class PruneSpec:
         at ``ratio``: removing ``r_j`` of what remains in round j leaves
         ``prod(1 - r_j)`` of the prunable channels.
         """
-        k, r = self.iterative_steps, self.ratio
-        if k == 1:
-            return (r,)
-        if self.iterative_schedule == "geometric":
-            removed = [1 - (1 - r) ** (j / k) for j in range(k + 1)]
-        else:
-            removed = [r * j / k for j in range(k + 1)]
-        return tuple(1 - (1 - removed[j]) / (1 - removed[j - 1]) for j in range(1, k + 1))
+        return _schedule(self.ratio, self.iterative_steps, self.iterative_schedule)
+
+    def round_spec(self, j: int) -> PruneSpec:
+        """The spec of iterative round ``j`` (0-based): its channel and head ratios.
+
+        Both follow ``iterative_schedule`` relative to what is left before
+        the round, so heads are not removed ``head_ratio`` at a time k times.
+        """
+        if self.iterative_steps == 1:
+            return self
+        out = copy.copy(self)
+        object.__setattr__(out, "ratio", self.round_ratios()[j])
+        heads = _schedule(self.head_ratio, self.iterative_steps, self.iterative_schedule)
+        object.__setattr__(out, "head_ratio", heads[j])
+        return out
 
     def with_ratio(self, ratio: float) -> PruneSpec:
         """This spec at another ratio; only the ratio is checked (the rest was, once).
@@ -161,13 +174,24 @@ class PruneSpec:
         return cls(**kwargs)
 
 
-def _checked_ratio(ratio: Any) -> float:
+def _schedule(r: float, k: int, schedule: str) -> tuple[float, ...]:
+    """Per-round ratios (of what is left) whose cumulative share follows ``schedule`` to ``r``."""
+    if k == 1:
+        return (r,)
+    if schedule == "geometric":
+        removed = [1 - (1 - r) ** (j / k) for j in range(k + 1)]
+    else:
+        removed = [r * j / k for j in range(k + 1)]
+    return tuple(1 - (1 - removed[j]) / (1 - removed[j - 1]) for j in range(1, k + 1))
+
+
+def _checked_ratio(ratio: Any, name: str = "ratio") -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise InvalidSpecError(
-            f"ratio must be a number in [0, 1). Received: ratio={ratio!r}", "ratio"
+            f"{name} must be a number in [0, 1). Received: {name}={ratio!r}", name
         )
     if not (math.isfinite(ratio) and 0 <= ratio < 1):
-        raise InvalidSpecError(f"ratio must be in [0, 1). Received: ratio={ratio}", "ratio")
+        raise InvalidSpecError(f"{name} must be in [0, 1). Received: {name}={ratio}", name)
     return float(ratio)
 
 
