@@ -304,7 +304,7 @@ class PruneJob:
             where = f"ratio {ratio}" + (f", round {j + 1}/{len(steps)}" if len(steps) > 1 else "")
             if j:  # each round re-scores the current model
                 graph = analyze(model)
-            step_spec = spec if len(steps) == 1 else spec.with_ratio(step_ratio)
+            step_spec = spec.round_spec(j)  # this round's channel and head ratios
             plan, model, history = self._round(
                 model, graph, step_spec, ratio, where, data, device, i
             )
