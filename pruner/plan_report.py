@@ -1,0 +1,76 @@
+"""How much of a model a plan can prune, and what froze the rest.
+
+A group is frozen for one or more reasons (``GroupPlan.frozen``), written per
+layer ("layer 'block_3/conv' (Foo): layer class is not in the registry"). The
+report counts channels per *normalised* reason (layer names dropped, the class
+kept), so the same cause across a hundred blocks adds up to one line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_LAYER_REASON = re.compile(r"^layer '[^']*' \(([^)]*)\): (.*)$", re.DOTALL)
+_QUOTED = re.compile(r"'[^']*'")
+
+
+@dataclass(frozen=True)
+class FrozenReason:
+    """Channels frozen for one normalised reason.
+
+    Attributes:
+        reason: the reason with layer names replaced by ``<layer>``.
+        channels: channels of the groups frozen for it (a group frozen for
+            several reasons counts under each).
+        groups: how many groups it freezes.
+        example: one reason as written, with its layer name.
+    """
+
+    reason: str
+    channels: int
+    groups: int
+    example: str
+
+
+def normalise_reason(reason: str) -> str:
+    """``"layer 'a/b' (Foo): why 'x'"`` -> ``"Foo: why <layer>"``."""
+    match = _LAYER_REASON.match(reason)
+    if match:
+        reason = f"{match.group(1)}: {match.group(2)}"
+    return " ".join(_QUOTED.sub("<layer>", reason).split())
+
+
+def prunable_share(groups: Sequence[Any]) -> float:
+    """Share of all channels that lie in groups the plan may prune."""
+    total = sum(g.size_before for g in groups)
+    free = sum(g.size_before for g in groups if not g.frozen)
+    return free / total if total else 0.0
+
+
+def frozen_reasons(groups: Iterable[Any]) -> list[FrozenReason]:
+    """Normalised reasons of the frozen groups, most channels first."""
+    channels: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    for g in groups:
+        for key, raw in {normalise_reason(r): r for r in reversed(g.frozen)}.items():
+            channels[key] = channels.get(key, 0) + g.size_before
+            counts[key] = counts.get(key, 0) + 1
+            examples.setdefault(key, raw)
+    return sorted(
+        (FrozenReason(k, channels[k], counts[k], examples[k]) for k in channels),
+        key=lambda r: (-r.channels, r.reason),
+    )
+
+
+def describe(share: float, reasons: Sequence[FrozenReason], top: int = 3) -> str:
+    """One line: the prunable share and the ``top`` reasons for the rest."""
+    text = f"{share:.0%} of channels prunable"
+    if reasons:
+        listed = "; ".join(f"{r.reason} ({r.channels:,} ch)" for r in reasons[:top])
+        more = f"; +{len(reasons) - top} more" if len(reasons) > top else ""
+        text += f"; frozen: {listed}{more}"
+    return text
