@@ -43,6 +43,9 @@ _PROJECTIONS = (
 @register_handler(keras.layers.MultiHeadAttention)
 def _multi_head_attention(c: Call) -> list[Layout]:
     layer = c.layer
+    shape = layer._output_shape
+    if shape and len(shape) != 1:  # refused before anything is recorded
+        raise Unsupported(f"output_shape={tuple(shape)} is not one channel axis")
     operands = _operands(c)
     heads = c.graph.memo_space(c.path, "heads", int(layer.num_heads), f"{c.path}:heads")
     for sid in set(lay.spaces(heads)):
@@ -98,11 +101,9 @@ def _output_layout(c: Call, query: Layout) -> Layout:
     shape = c.layer._output_shape
     if not shape:
         return query  # the output projection maps back to the query's channels
-    if len(shape) == 1:
-        out = c.produce(int(shape[0]), key="out")
-        c.edit("output_shape", out, "last_dim")
-        return out
-    raise Unsupported(f"output_shape={tuple(shape)} is not one channel axis")
+    out = c.produce(int(shape[0]), key="out")
+    c.edit("output_shape", out, "last_dim")
+    return out
 
 
 def _heads_coupled(layer: Any, rank: int) -> str | None:
