@@ -54,6 +54,7 @@ HELP: dict[str, str] = {
     "sparsity_lambda": "weight of the L1 penalty on BatchNorm gammas in sparsity training",
     "iterative_steps": "reach the ratio in this many prune + fine-tune rounds (1: one shot)",
     "iterative_schedule": "cumulative share removed per round: linear or geometric",
+    "head_ratio": "fraction of attention heads to remove, in [0, 1), apart from channels",
     "distill_alpha": "weight of distillation from the original while fine-tuning (0: off)",
     "distill_temperature": "softmax temperature of the distillation term",
     "deterministic": "op determinism: same job twice, same weights (no: faster, may differ)",

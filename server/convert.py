@@ -43,6 +43,7 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "pruning.taylor_batches": (PruneSpec, "taylor_batches"),
     "pruning.iterative_steps": (PruneSpec, "iterative_steps"),
     "pruning.iterative_schedule": (PruneSpec, "iterative_schedule"),
+    "pruning.head_ratio": (PruneSpec, "head_ratio"),
     "training.epochs": (TrainConfig, "epochs"),
     "training.batch_size": (TrainConfig, "batch_size"),
     "training.learning_rate": (TrainConfig, "learning_rate"),
@@ -184,6 +185,7 @@ def prune_spec(p: pb.PruningSpec) -> PruneSpec:
             "taylor_batches",
             "iterative_steps",
             "iterative_schedule",
+            "head_ratio",
         )
         if p.HasField(name)
     }
@@ -318,6 +320,7 @@ def plan_response(plan: Mapping[str, Any]) -> pb.PlanPruningResponse:
             size_after=g["size_after"],
             criterion=g.get("criterion") or "",
             frozen_reasons=g.get("frozen") or [],
+            kind=g.get("kind") or "channels",
         )
     return resp
 

@@ -39,7 +39,7 @@ SCOPE_GLOBAL: Scope
 SCOPE_LAYERWISE: Scope
 
 class PruningSpec(_message.Message):
-    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation", "taylor_batches", "iterative_steps", "iterative_schedule")
+    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation", "taylor_batches", "iterative_steps", "iterative_schedule", "head_ratio")
     RATIO_FIELD_NUMBER: _ClassVar[int]
     RATIOS_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class PruningSpec(_message.Message):
     TAYLOR_BATCHES_FIELD_NUMBER: _ClassVar[int]
     ITERATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
     ITERATIVE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_RATIO_FIELD_NUMBER: _ClassVar[int]
     ratio: float
     ratios: _containers.RepeatedScalarFieldContainer[float]
     criterion: Criterion
@@ -68,7 +69,8 @@ class PruningSpec(_message.Message):
     taylor_batches: int
     iterative_steps: int
     iterative_schedule: str
-    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ..., taylor_batches: _Optional[int] = ..., iterative_steps: _Optional[int] = ..., iterative_schedule: _Optional[str] = ...) -> None: ...
+    head_ratio: float
+    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ..., taylor_batches: _Optional[int] = ..., iterative_steps: _Optional[int] = ..., iterative_schedule: _Optional[str] = ..., head_ratio: _Optional[float] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda", "distill_alpha", "distill_temperature")
@@ -329,20 +331,22 @@ class PlanPruningRequest(_message.Message):
     def __init__(self, model_uri: _Optional[str] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ...) -> None: ...
 
 class ChannelGroup(_message.Message):
-    __slots__ = ("id", "origins", "size_before", "size_after", "criterion", "frozen_reasons")
+    __slots__ = ("id", "origins", "size_before", "size_after", "criterion", "frozen_reasons", "kind")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORIGINS_FIELD_NUMBER: _ClassVar[int]
     SIZE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     SIZE_AFTER_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     FROZEN_REASONS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     id: int
     origins: _containers.RepeatedScalarFieldContainer[str]
     size_before: int
     size_after: int
     criterion: str
     frozen_reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[int] = ..., origins: _Optional[_Iterable[str]] = ..., size_before: _Optional[int] = ..., size_after: _Optional[int] = ..., criterion: _Optional[str] = ..., frozen_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    kind: str
+    def __init__(self, id: _Optional[int] = ..., origins: _Optional[_Iterable[str]] = ..., size_before: _Optional[int] = ..., size_after: _Optional[int] = ..., criterion: _Optional[str] = ..., frozen_reasons: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class PlanPruningResponse(_message.Message):
     __slots__ = ("plan", "groups", "params_before", "params_after", "flops_before", "flops_after")
