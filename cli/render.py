@@ -183,9 +183,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         for g in groups
     ]
     table = _table(["group", "layers", "kept/total", "criterion"], rows, right=2)
-    prunable = [g for g in groups if not g.get("frozen")]
+    prunable = [g for g in groups if not g.get("frozen") and g.get("kind") != "heads"]
     kept = sum(g["size_after"] for g in prunable)
     total = sum(g["size_before"] for g in prunable)
+    heads = [g for g in groups if not g.get("frozen") and g.get("kind") == "heads"]
     spec = plan.get("spec") or {}
     out = [
         f"plan for {plan.get('model_name')}: ratio {spec.get('ratio')}, "
@@ -194,6 +195,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         render_text(table),
         f"channels kept: {kept:,} of {total:,} prunable in {len(prunable)} of {len(groups)} groups",
     ]
+    if heads:  # attention heads (PruneSpec.head_ratio), counted apart from channels
+        left, total_heads = (sum(g[k] for g in heads) for k in ("size_after", "size_before"))
+        out.append(f"attention heads kept: {left:,} of {total_heads:,} in {len(heads)} layers")
     for name, key in (("params", "params"), ("FLOPs/example", "flops")):
         before, after = plan[f"{key}_before"], plan[f"{key}_after"]
         ratio = f" ({after / before:.2f}x)" if before else ""
