@@ -12,14 +12,17 @@ prove safe freezes the spaces it touches, with the reason recorded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from secateur.pruner import layout as lay
 from secateur.pruner.layout import Layout, Seg
+from secateur.pruner.refine import Refinable, Unrefinable
+
+__all__ = ["ChannelGraph", "ConfigEdit", "Group", "Space", "Unrefinable", "WeightAxis"]
 
 # Roles of weight axes. The first set carries a channel's own parameters:
 # zeroing them makes the channel dead, which is what exactness tests rely on.
@@ -38,6 +41,8 @@ class Space:
     notes: list[str] = field(default_factory=list)
     # "channels", or "heads" for attention heads (allocated by head_ratio).
     kind: str = "channels"
+    # Original channels per channel of this space (b for a space of blocks).
+    unit: int = 1
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,15 @@ class Group:
 
     origins: list[str] = field(default_factory=list)
     kind: str = "channels"
+    # Original channels per channel of the group (blocks of b count b).
+    unit: int = 1
 
 
-class ChannelGraph:
+class ChannelGraph(Refinable):
     """The result of tracing a model: spaces, groups and weight axes.
+
+    Spaces can be refined into consecutive parts or blocks
+    (:meth:`split`, :meth:`blocks`; see :mod:`secateur.pruner.refine`).
 
     Attributes:
         layers: layer path ("outer/inner") -> layer object, weighted layers only.
@@ -133,6 +143,10 @@ class ChannelGraph:
         # id(KerasTensor) -> layout of its channel axis, for every traced tensor.
         self.tensor_layouts: dict[int, Layout] = {}
         self._groups: list[Group] | None = None
+        # Union-find root -> definition of a refined class (see refine.py).
+        self._defs: dict[int, Layout] = {}
+        self._version = 0
+        self._finalized = 0
 
     # -- spaces and union-find -------------------------------------------
     def new_space(self, size: int | None, origin: str, frozen: str | None = None) -> Layout:
@@ -161,8 +175,21 @@ class ChannelGraph:
 
     def _union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self._parent[max(ra, rb)] = min(ra, rb)
+        if ra == rb:
+            return
+        root, other = min(ra, rb), max(ra, rb)
+        self._parent[other] = root
+        theirs = self._defs.pop(other, None)
+        pairs = self.merge_definitions(root, theirs)
+        if pairs is None:
+            reason = (
+                f"channels of '{self.spaces[root].origin}' are split into parts or "
+                "blocks in two ways that do not fit together"
+            )
+            self.freeze(self._defs[root], reason)
+            self.freeze(theirs or (), reason)
+        for x, y in pairs or ():
+            self._union(x, y)
 
     def freeze(self, layout: Layout, reason: str) -> None:
         for sid in set(lay.spaces(layout)):
@@ -178,13 +205,15 @@ class ChannelGraph:
         """Make layouts share channels position by position.
 
         Layouts of different structure (a concat of two against one space)
-        cannot be matched without splitting spaces; they are frozen instead.
+        are refined to a common structure first (:meth:`align`); layouts
+        that have none (different sizes, different repetitions) are frozen.
         """
         base = layouts[0]
         for other in layouts[1:]:
-            if _same_structure(base, other):
-                for a, b in zip(_segs(base), _segs(other)):
-                    self._union(a.space, b.space)
+            pairs = self.align(base, other)
+            if pairs is not None:
+                for a, b in pairs:
+                    self._union(a, b)
             else:
                 reason = f"'{where}' couples channels of different layouts"
                 self.freeze(base, reason)
@@ -214,12 +243,18 @@ class ChannelGraph:
         """Groups in trace order, computed once after tracing."""
         if self._groups is not None:
             return self._groups
+        self.finalize()
         by_root: dict[int, Group] = {}
+        refined: list[Space] = []
         for space in self.spaces:
             root = self.find(space.id)
+            if root in self._defs:
+                refined.append(space)  # its parts or blocks are the groups
+                continue
             grp = by_root.get(root)
             if grp is None:
                 grp = Group(len(by_root), [], space.size, [], [], [], kind=space.kind)
+                grp.unit = space.unit
                 by_root[root] = grp
             if space.kind != grp.kind:
                 grp.frozen.append("attention heads were coupled with channels")
@@ -227,8 +262,14 @@ class ChannelGraph:
             grp.origins.append(space.origin)
             if space.size != grp.size:  # unions only join equal sizes
                 grp.frozen.append("spaces of different sizes were coupled")
+            grp.unit = min(grp.unit, space.unit)
             grp.frozen.extend(r for r in space.frozen if r not in grp.frozen)
             grp.notes.extend(n for n in space.notes if n not in grp.notes)
+        for space in refined:  # reasons given before refining reach every part
+            for leaf in self.leaves([space.id]):
+                grp = by_root[self.find(leaf)]
+                grp.frozen.extend(r for r in space.frozen if r not in grp.frozen)
+                grp.notes.extend(n for n in space.notes if n not in grp.notes)
         for per_weight in self.axes.values():
             for ax in per_weight.values():
                 for root in {self.find(s) for s in lay.spaces(ax.layout)}:
@@ -237,17 +278,37 @@ class ChannelGraph:
         return self._groups
 
     def space_to_group(self) -> np.ndarray:
-        """Array mapping space id -> group id."""
-        out = np.zeros(len(self.spaces), dtype=np.int64)
+        """Array mapping space id -> group id (-1 for refined spaces)."""
+        out = np.full(len(self.spaces), -1, dtype=np.int64)
         for grp in self.groups():
             out[grp.spaces] = grp.id
         return out
+
+    def finalize(self) -> None:
+        """Rewrite every recorded layout over unrefined spaces (after tracing).
+
+        Weight axes, config edits, tensor layouts and touched spaces then name
+        the parts and blocks that groups are made of; idempotent.
+        """
+        if self._finalized == self._version:
+            return
+        self._finalized = self._version
+        for per_weight in self.axes.values():
+            for axis, ax in per_weight.items():
+                per_weight[axis] = replace(ax, layout=self.expand(ax.layout))
+        for key, edit in self.edits.items():
+            self.edits[key] = replace(edit, layout=self.expand(edit.layout))
+        for tid, layout in self.tensor_layouts.items():
+            self.tensor_layouts[tid] = self.expand(layout)
+        for path, sids in self.touched.items():
+            self.touched[path] = self.leaves(sids)
 
     # -- counting ----------------------------------------------------------
     def weight_shapes(
         self, kept: Callable[[int], np.ndarray] | None = None
     ) -> dict[tuple[str, int], tuple[int, ...]]:
         """Shapes of every traced weight, after pruning when ``kept`` is given."""
+        self.finalize()
         shapes: dict[tuple[str, int], tuple[int, ...]] = {}
         seen: set[int] = set()
         for path, layer in self.layers.items():
@@ -272,28 +333,3 @@ class ChannelGraph:
             if (term.layer, term.weight) in shapes
         )
         return params, flops
-
-
-def _segs(layout: Layout) -> Iterable[Seg]:
-    for item in layout:
-        if isinstance(item, Seg):
-            yield item
-        else:
-            yield from _segs(item.layout)
-
-
-def _same_structure(a: Layout, b: Layout) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if type(x) is not type(y):
-            return False
-        if isinstance(x, Seg):
-            if x.size != y.size:  # type: ignore[union-attr]
-                return False
-        elif isinstance(x, lay.Rep):
-            if x.n != y.n or not _same_structure(x.layout, y.layout):  # type: ignore[union-attr]
-                return False
-        elif x.k != y.k or not _same_structure(x.layout, y.layout):  # type: ignore[union-attr]
-            return False
-    return True

@@ -138,3 +138,50 @@ def remap(layout: Layout, find: Mapping[int, int] | Callable[[int], int]) -> Lay
         else:
             out.append(Inner(remap(item.layout, fn), item.k))
     return tuple(out)
+
+
+def item_size(item: Item) -> int:
+    """Number of positions of one layout item."""
+    return size((item,))
+
+
+def boundaries(layout: Layout) -> list[int]:
+    """Offsets where the layout's top-level items start and end."""
+    out = [0]
+    for item in layout:
+        out.append(out[-1] + item_size(item))
+    return out
+
+
+def slice_layout(layout: Layout, start: int, stop: int) -> Layout:
+    """The positions ``[start, stop)`` of ``layout`` as a layout of their own.
+
+    A cut may fall between items, between repetitions of a ``Rep`` and
+    between runs of an ``Inner``; a cut inside a ``Seg`` needs the space
+    refined first (:meth:`secateur.pruner.graph.ChannelGraph.split`).
+
+    Raises:
+        ValueError: a cut falls inside a ``Seg`` or inside one repetition.
+    """
+    out: list[Item] = []
+    offset = 0
+    for item in layout:
+        n = item_size(item)
+        lo, hi = max(start, offset) - offset, min(stop, offset + n) - offset
+        offset += n
+        if lo >= hi:
+            continue
+        if lo == 0 and hi == n:
+            out.append(item)
+        elif isinstance(item, Rep):
+            step = size(item.layout)
+            if lo % step or hi % step:
+                raise ValueError(f"cut inside a repetition of {step} positions")
+            out.append(Rep((hi - lo) // step, item.layout))
+        elif isinstance(item, Inner):
+            if lo % item.k or hi % item.k:
+                raise ValueError(f"cut inside a run of {item.k} repeated positions")
+            out.append(Inner(slice_layout(item.layout, lo // item.k, hi // item.k), item.k))
+        else:
+            raise ValueError(f"cut inside space {item.space}")
+    return tuple(out)

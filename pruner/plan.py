@@ -10,6 +10,7 @@ save/load round trip of the model.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -28,6 +29,7 @@ from secateur.pruner.constants import ConstantTrace, WeightGetter
 from secateur.pruner.errors import EmptyGroupError, InvalidSpecError, PlanError
 from secateur.pruner.graph import ChannelGraph, Group
 from secateur.pruner.hardware import detect_device_kind, resolve_round_to
+from secateur.pruner.layout import kept_positions
 from secateur.pruner.layout import spaces as layout_spaces
 from secateur.pruner.scoring import GroupScore, ScoringContext, require_data, score_group
 from secateur.pruner.spec import PruneSpec
@@ -324,19 +326,19 @@ def _record_compensation(
     plan.params_after += new_bias_params(graph, comp, kept)
 
 
-def _floor(size: int, spec: PruneSpec) -> int:
-    """Fewest channels a group of ``size`` may keep."""
-    return min(size, spec.min_channels)
+def _floor(size: int, spec: PruneSpec, unit: int = 1) -> int:
+    """Fewest units a group of ``size`` may keep (a unit is ``unit`` channels)."""
+    return min(size, -(-spec.min_channels // unit))
 
 
-def _round(keep: int, size: int, spec: PruneSpec) -> int:
-    """Nearest legal kept count: a multiple of round_to, >= the floor."""
-    step = int(spec.round_to)  # resolved by make_plan
+def _round(keep: int, size: int, spec: PruneSpec, unit: int = 1) -> int:
+    """Nearest legal kept count: ``keep * unit`` a multiple of round_to, >= the floor."""
+    step = int(spec.round_to) // math.gcd(int(spec.round_to), unit)  # resolved by make_plan
     if step > 1:
         keep = max(step, int(round(keep / step)) * step)
-        while keep < _floor(size, spec):
+        while keep < _floor(size, spec, unit):
             keep += step
-    keep = max(keep, _floor(size, spec))
+    keep = max(keep, _floor(size, spec, unit))
     return size if keep >= size else keep
 
 
@@ -346,20 +348,22 @@ def _allocate(
     """How many channels each prunable group keeps."""
     if spec.scope == "layerwise":
         return {
-            g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec) for g in groups
+            g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec, g.unit)
+            for g in groups
         }
     # Global: rank channels of groups scored by the requested criterion
     # together; scores of other criteria are not comparable, so groups that
     # fell back are cut layerwise at the same ratio.
     pooled = [g for g in groups if scores[g.id].fallback is None]
     out = {
-        g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec)
+        g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec, g.unit)
         for g in groups
         if scores[g.id].fallback is not None
     }
     if not pooled:
         return out
-    total = sum(g.size for g in pooled)
+    # A unit of a block group (a whole conv group, a head) counts its channels.
+    total = sum(g.size * g.unit for g in pooled)
     to_remove = int(round(spec.ratio * total))
     flat = np.concatenate([scores[g.id].scores for g in pooled])
     owner = np.concatenate([np.full(g.size, i) for i, g in enumerate(pooled)])
@@ -367,7 +371,7 @@ def _allocate(
     # channel's relative rank inside its group, so equal scores are removed
     # proportionally across groups instead of emptying the first group.
     rel = np.concatenate([_relative_rank(scores[g.id].scores) for g in pooled])
-    removable = np.array([g.size - _floor(g.size, spec) for g in pooled])
+    removable = np.array([g.size - _floor(g.size, spec, g.unit) for g in pooled])
     removed = np.zeros(len(pooled), dtype=np.int64)
     for pos in np.lexsort((rel, flat)):
         if to_remove <= 0:
@@ -375,9 +379,9 @@ def _allocate(
         gi = owner[pos]
         if removed[gi] < removable[gi]:
             removed[gi] += 1
-            to_remove -= 1
+            to_remove -= pooled[gi].unit
     for i, g in enumerate(pooled):
-        out[g.id] = _round(g.size - int(removed[i]), g.size, spec)
+        out[g.id] = _round(g.size - int(removed[i]), g.size, spec, g.unit)
     return out
 
 
@@ -445,6 +449,9 @@ def keep_function(graph: ChannelGraph, kept_by_group: Mapping[int, np.ndarray]) 
     arrays = {gid: np.asarray(k, dtype=np.int64) for gid, k in kept_by_group.items()}
 
     def kept(sid: int) -> np.ndarray:
-        return arrays[int(space_group[sid])]
+        gid = int(space_group[sid])
+        if gid < 0:  # a refined space keeps what its parts or blocks keep
+            return kept_positions(graph.definition(sid) or (), kept)
+        return arrays[gid]
 
     return kept
