@@ -1,7 +1,8 @@
 """What the command prints: the before/after table, the plan, job lines (with ``rich``).
 
 Progress is :mod:`secateur.cli.progress`. Protobuf and ``rich`` only
-(``secateur.v1`` and the client's ``protospec``).
+(``secateur.v1`` and the client's ``protospec``; a plan without its report gets
+one from ``secateur.pruner.plan_report``, which loads no TensorFlow).
 """
 
 from __future__ import annotations
@@ -170,8 +171,6 @@ def _origins(origins: list[str], width: int = 40) -> str:
 
 def format_plan(plan: dict[str, Any]) -> str:
     """``secateur plan``: the groups with kept/total channels, totals, why groups are frozen."""
-    from collections import Counter
-
     groups = plan["groups"]
     rows = [
         [
@@ -202,15 +201,38 @@ def format_plan(plan: dict[str, Any]) -> str:
         before, after = plan[f"{key}_before"], plan[f"{key}_after"]
         ratio = f" ({after / before:.2f}x)" if before else ""
         out.append(f"{name}: {human(before, 'count')} -> {human(after, 'count')}{ratio}")
-    reasons = Counter(r for g in groups for r in g.get("frozen") or [])
-    if reasons:
-        summary = ", ".join(f"{reason} ({n})" for reason, n in sorted(reasons.items()))
-        out.append(f"frozen groups: {summary}")
+    out.extend(_frozen_report(plan))
     for layer in plan.get("unsupported_layers") or []:
         out.append(
             f"unsupported: {layer.get('layer', layer)}: {layer.get('reason', '')}".rstrip(": ")
         )
     return "\n".join(out)
+
+
+def _frozen_report(plan: dict[str, Any], top: int = 5) -> list[str]:
+    """The plan's prunable share and its top frozen reasons (computed for older plans)."""
+    share, reasons = plan.get("prunable_share"), plan.get("frozen_reasons")
+    if share is None or reasons is None:
+        from types import SimpleNamespace
+
+        from secateur.pruner import plan_report
+
+        rows = [SimpleNamespace(**g) for g in plan["groups"]]
+        share = plan_report.prunable_share(rows)
+        reasons = [vars(r) for r in plan_report.frozen_reasons(rows)]
+    out = [f"prunable: {share:.0%} of channels"]
+    for r in reasons[:top]:
+        out.append(
+            f"frozen: {r['reason']} ({_count(r['channels'], 'channel')}, "
+            f"{_count(r['groups'], 'group')})"
+        )
+    if len(reasons) > top:
+        out.append(f"frozen: {len(reasons) - top} more reasons (--json lists them)")
+    return out
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n:,} {unit}{'' if n == 1 else 's'}"
 
 
 def percent(job: pruning_pb2.Job) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from secateur.pruner import plan_report
 from secateur.pruner.compensation import (
     cached_weights,
     fold,
@@ -137,8 +138,22 @@ class PruningPlan:
                     out[m.layer] = (g.size_before, g.size_after)
         return out
 
+    @property
+    def prunable_share(self) -> float:
+        """Share of the model's channels in groups the plan may prune."""
+        return plan_report.prunable_share(self.groups)
+
+    @property
+    def frozen_reasons(self) -> list[dict[str, Any]]:
+        """Why the rest is frozen: {reason, channels, groups, example}, most channels first."""
+        return [asdict(r) for r in plan_report.frozen_reasons(self.groups)]
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields plus the derived prunable_share/frozen_reasons (from_dict skips them)."""
+        return asdict(self) | {
+            "prunable_share": self.prunable_share,
+            "frozen_reasons": self.frozen_reasons,
+        }
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -198,7 +213,8 @@ class PruningPlan:
             f"{len(pruned)} of {len(self.groups)} groups pruned, channels "
             f"{self.prunable_channels} -> {self.prunable_channels - self.removed_channels} "
             f"(prunable){heads}, params {self.params_before:,} -> {self.params_after:,}, FLOPs "
-            f"{self.flops_before:,} -> {self.flops_after:,}"
+            f"{self.flops_before:,} -> {self.flops_after:,}; "
+            + plan_report.describe(self.prunable_share, plan_report.frozen_reasons(self.groups))
         )
 
 

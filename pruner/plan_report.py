@@ -43,19 +43,25 @@ def normalise_reason(reason: str) -> str:
     return " ".join(_QUOTED.sub("<layer>", reason).split())
 
 
-def prunable_share(groups: Sequence[Any]) -> float:
+def _channel_groups(groups: Iterable[Any]) -> list[Any]:
+    # Attention-head groups (kind "heads") count heads, not channels.
+    return [g for g in groups if getattr(g, "kind", "channels") == "channels"]
+
+
+def prunable_share(groups: Iterable[Any]) -> float:
     """Share of all channels that lie in groups the plan may prune."""
-    total = sum(g.size_before for g in groups)
-    free = sum(g.size_before for g in groups if not g.frozen)
+    channel_groups = _channel_groups(groups)
+    total = sum(g.size_before for g in channel_groups)
+    free = sum(g.size_before for g in channel_groups if not g.frozen)
     return free / total if total else 0.0
 
 
 def frozen_reasons(groups: Iterable[Any]) -> list[FrozenReason]:
-    """Normalised reasons of the frozen groups, most channels first."""
+    """Normalised reasons of the frozen channel groups, most channels first."""
     channels: dict[str, int] = {}
     counts: dict[str, int] = {}
     examples: dict[str, str] = {}
-    for g in groups:
+    for g in _channel_groups(groups):
         for key, raw in {normalise_reason(r): r for r in reversed(g.frozen)}.items():
             channels[key] = channels.get(key, 0) + g.size_before
             counts[key] = counts.get(key, 0) + 1

@@ -55,7 +55,12 @@ def test_plan_local_printsGroupsTotalsAndFrozenReasons(tiny_model, capsys) -> No
     assert lines[4].split() == ["1", "block1_conv1", "2/4", "bn_scale"]
     assert "channels kept: 132 of 264 prunable in 13 of 16 groups" in lines
     assert "params: 58.7K -> 15.1K (0.26x)" in lines
-    assert lines[-1].startswith("frozen groups: a single channel (1), touches model input (1)")
+    assert lines[-4:] == [
+        "prunable: 95% of channels",
+        "frozen: touches model output (10 channels, 1 group)",
+        "frozen: touches model input (3 channels, 1 group)",
+        "frozen: a single channel (1 channel, 1 group)",
+    ]
 
 
 def test_plan_json_isThePlanAsData_sameHereAndOnTheServer(tiny_model, server, capsys) -> None:

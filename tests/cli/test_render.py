@@ -147,9 +147,33 @@ def test_plan_groupsTotalsAndFrozenReasons() -> None:
             "channels kept: 18 of 36 prunable in 2 of 4 groups",
             "params: 58.7K -> 15.1K (0.26x)",
             "FLOPs/example: 2.65M -> 719K (0.27x)",
-            "frozen groups: touches model input (1), touches model output (1)",
+            "prunable: 73% of channels",
+            "frozen: touches model output (10 channels, 1 group)",
+            "frozen: touches model input (3 channels, 1 group)",
         ]
     )
+
+
+def test_plan_showsTheReportItCarries_topFiveReasons() -> None:
+    reasons = [
+        {
+            "reason": f"Block{i}: layer class is not in the registry",
+            "channels": 100 - i,
+            "groups": 2,
+            "example": f"layer 'b{i}' (Block{i}): layer class is not in the registry",
+        }
+        for i in range(7)
+    ]
+    text = format_plan({**PLAN, "prunable_share": 0.25, "frozen_reasons": reasons})
+    lines = text.splitlines()
+    assert lines[-7:] == [
+        "prunable: 25% of channels",
+        *(
+            f"frozen: Block{i}: layer class is not in the registry ({100 - i} channels, 2 groups)"
+            for i in range(5)
+        ),
+        "frozen: 2 more reasons (--json lists them)",
+    ]
 
 
 def test_jobsTable_hasNoRuleAndOneLinePerJob() -> None:
