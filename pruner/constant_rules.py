@@ -23,6 +23,8 @@ from secateur.pruner.constants import (
     elementwise,
     register_rule,
 )
+from secateur.pruner.handlers import Unsupported
+from secateur.pruner.handlers_layers import einsum_axes
 
 L = keras.layers
 
@@ -114,6 +116,22 @@ def _dense(ctx: Ctx) -> list[State] | None:
     kernel = ctx.array("kernel")
     _feed(ctx, kernel)
     return _finish(ctx, _zero_filters(ctx, kernel, -1))
+
+
+@register_rule(L.EinsumDense)
+def _einsum_dense(ctx: Ctx) -> list[State] | None:
+    try:
+        _, out_axis = einsum_axes(ctx.layer.equation)
+    except Unsupported:
+        return None
+    ctx.lose(0, ctx.x.live_constant)  # no bias folding through an einsum yet
+    bias = ctx.value("bias")
+    if bias is not None and bias.size != bias.shape[-1]:
+        return None  # a bias over other axes too is no per-channel constant
+    kernel = np.moveaxis(ctx.array("kernel"), out_axis, -1)
+    dead = dead_filters(kernel, -1)
+    values = bias.reshape(-1) if bias is not None else np.zeros(len(dead))
+    return _finish(ctx, State.exact(values, dead))
 
 
 @register_rule(L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)

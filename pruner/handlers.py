@@ -88,9 +88,26 @@ def register_handler(*classes: type) -> Callable[[Handler], Handler]:
     return deco
 
 
+def on_registry_miss(hook: Callable[[], None]) -> None:
+    """Run ``hook`` when a class is not found, then look again.
+
+    Optional libraries (keras-hub) register their layers this way once the
+    user has imported them, without the pruner ever importing them.
+    """
+    _MISS_HOOKS.append(hook)
+
+
+_MISS_HOOKS: list[Callable[[], None]] = []
+
+
 def handler_for(layer: Any) -> Handler | None:
     """The handler registered for ``layer``'s exact class, if any."""
-    return _REGISTRY.get(type(layer))
+    handler = _REGISTRY.get(type(layer))
+    if handler is None and _MISS_HOOKS:
+        for hook in _MISS_HOOKS:
+            hook()
+        handler = _REGISTRY.get(type(layer))
+    return handler
 
 
 def supported_layers() -> list[str]:
@@ -106,7 +123,8 @@ def _weight_index(layer: Any, var: Any) -> int:
 
 
 def _prod(dims: Any) -> int:
-    return int(np.prod([int(d) for d in dims])) if len(dims) else 1
+    # An unknown dimension (a dynamic sequence length) counts as one position.
+    return int(np.prod([int(d) for d in dims if d is not None])) if len(dims) else 1
 
 
 # -- producers -------------------------------------------------------------

@@ -21,6 +21,7 @@ from secateur.pruner._keras import keras
 from secateur.pruner.errors import UnsupportedModelError
 from secateur.pruner.graph import ChannelGraph, ConfigEdit
 from secateur.pruner.handlers import Call, Unsupported, handler_for
+from secateur.pruner.inline import inline_graph
 from secateur.pruner.layout import Layout
 
 
@@ -104,6 +105,8 @@ def trace_node(graph: ChannelGraph, node: Any, prefix: str, ins: list[Layout]) -
     path = prefix + op.name
     if is_graph_model(op):
         return _trace_nested(graph, op, path, ins)
+    if handler_for(op) is None and (sub := inline_graph(node)) is not None:
+        return trace_functional(graph, sub, path + "/", ins)  # a block, through its sub-layers
     if getattr(op, "weights", None):
         graph.layers.setdefault(path, op)
     call = Call(

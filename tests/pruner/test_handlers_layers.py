@@ -1,0 +1,78 @@
+"""EinsumDense: traced like Dense when the equation contracts the channels."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from secateur.pruner import PruneSpec, analyze, apply_plan, make_plan
+from secateur.pruner.handlers import Unsupported
+from secateur.pruner.handlers_layers import einsum_axes
+
+from .conftest import assert_same_outputs, kill_pruned_channels, randomize
+
+L = keras.layers
+
+
+def _einsum_model(equation: str, out_shape, bias_axes, shape, activation=None):
+    inp = keras.Input(shape)
+    x = L.Dense(12, name="p")(inp)
+    x = L.EinsumDense(equation, out_shape, bias_axes=bias_axes, activation=activation, name="e")(x)
+    x = L.Dense(5, name="c")(x)
+    x = L.Flatten()(x) if len(x.shape) > 2 else x
+    return keras.Model(inp, L.Dense(3, name="head")(x))
+
+
+@pytest.mark.parametrize(
+    "equation,out_shape,bias_axes,shape",
+    [
+        ("ab,bc->ac", 10, "c", (6,)),
+        ("abc,cd->abd", (4, 10), "d", (4, 6)),
+        ("...b,bc->...c", (10,), None, (3, 4, 6)),
+        ("abc,cde->abde", (4, 2, 10), "de", (4, 6)),
+    ],
+)
+def test_einsumDense_deadChannels_prunedExactly(equation, out_shape, bias_axes, shape) -> None:
+    model = randomize(_einsum_model(equation, out_shape, bias_axes, shape, activation="relu"))
+    plan = make_plan(model, PruneSpec(ratio=0.5, criterion="random", seed=3))
+    assert plan.unsupported_layers == []
+    pruned_groups = {o for g in plan.groups if g.pruned for o in g.origins}
+    assert {"p", "e"} <= pruned_groups, pruned_groups
+    kill_pruned_channels(model, plan)
+    pruned = apply_plan(model, plan)
+    assert pruned.count_params() == plan.params_after < model.count_params()
+    assert pruned.get_layer("e").kernel.shape[-1] < 10
+    x = np.random.default_rng(0).normal(size=(3, *shape)).astype("float32")
+    assert_same_outputs(model, pruned, x)
+
+
+def test_einsumDense_sigmoidOfDeadChannel_isNotDroppedSilently() -> None:
+    """sigmoid(0) = 0.5: a 'dead' einsum channel still feeds the next layer."""
+    model = randomize(_einsum_model("ab,bc->ac", 10, "c", (6,), activation="sigmoid"))
+    spec = PruneSpec(ratio=0.5, criterion="random", seed=3, bias_compensation=True)
+    plan = make_plan(model, spec)
+    kill_pruned_channels(model, plan)
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
+    assert_same_outputs(model, apply_plan(model, plan), x)
+
+
+@pytest.mark.parametrize(
+    "equation,why",
+    [
+        ("abc,bd->acd", "is not contracted"),  # contracts a position axis
+        ("ab,bc->ca", "does not come from the kernel"),
+        ("abc,c->ab", "does not come from the kernel"),
+        ("ab,bb->ab", "not contracted"),
+        ("nonsense", "not of the form"),
+    ],
+)
+def test_einsumAxes_unsupportedEquations_sayWhy(equation, why) -> None:
+    with pytest.raises(Unsupported, match=why):
+        einsum_axes(equation)
+
+
+def test_einsumDense_biasOverOtherAxes_freezesWithReason() -> None:
+    model = _einsum_model("abc,cde->abde", (4, 2, 10), "d", (4, 6))
+    groups = {o: g for g in analyze(model).groups() for o in g.origins}
+    assert any("bias_axes='d'" in r for r in groups["p"].frozen), groups["p"].frozen
