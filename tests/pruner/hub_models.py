@@ -31,14 +31,6 @@ from secateur.pruner.plan_report import frozen_reasons, prunable_share
 
 from .conftest import kill_pruned_channels, randomize
 
-try:
-    import keras_hub
-
-    HUB_ERROR = ""
-except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-    keras_hub = None
-    HUB_ERROR = f"keras_hub is not importable: {type(exc).__name__}: {exc}"
-
 RATIO = 0.2
 EXACT_TOL = 1e-4
 
@@ -63,9 +55,19 @@ EXCLUDED = {
 }
 
 
+def hub() -> Any:
+    """The ``keras_hub`` module, imported on first use (it is slow to import).
+
+    Raises:
+        ImportError: keras_hub is not installed (it is in the dev extra).
+    """
+    import keras_hub
+
+    return keras_hub
+
+
 def _m() -> Any:
-    assert keras_hub is not None, HUB_ERROR
-    return keras_hub.models
+    return hub().models
 
 
 def _resnet(side: int | None = 32, stages: int = 2) -> Any:
@@ -190,11 +192,10 @@ def _efficientnet() -> Any:
 
 
 def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
-    """Backbone class name -> (builder, image side)."""
-    m = _m()
+    """Backbone class name -> (builder, image side); nothing is imported yet."""
     return {
         "CSPNetBackbone": (
-            lambda: m.CSPNetBackbone(
+            lambda: _m().CSPNetBackbone(
                 stem_filters=8,
                 stem_kernel_size=3,
                 stem_strides=1,
@@ -211,7 +212,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
         ),
         "DINOV2Backbone": (_dinov2, 28),
         "DINOV3Backbone": (
-            lambda: m.DINOV3Backbone(
+            lambda: _m().DINOV3Backbone(
                 patch_size=8,
                 num_layers=2,
                 hidden_dim=16,
@@ -223,7 +224,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "DeiTBackbone": (
-            lambda: m.DeiTBackbone(
+            lambda: _m().DeiTBackbone(
                 image_shape=(32, 32, 3),
                 patch_size=8,
                 num_layers=2,
@@ -234,7 +235,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "DenseNetBackbone": (
-            lambda: m.DenseNetBackbone(
+            lambda: _m().DenseNetBackbone(
                 stackwise_num_repeats=[2, 2], image_shape=(32, 32, 3), growth_rate=8
             ),
             32,
@@ -246,7 +247,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
         "MobileNetV5Backbone": (_mobilenetv5, 32),
         "ResNetBackbone": (_resnet, 32),
         "SwinTransformerBackbone": (
-            lambda: m.SwinTransformerBackbone(
+            lambda: _m().SwinTransformerBackbone(
                 image_shape=(32, 32, 3),
                 embed_dim=16,
                 depths=[1, 1],
@@ -259,7 +260,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "VGGBackbone": (
-            lambda: m.VGGBackbone(
+            lambda: _m().VGGBackbone(
                 stackwise_num_repeats=[1, 2],
                 stackwise_num_filters=[8, 16],
                 image_shape=(32, 32, 3),
@@ -267,7 +268,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "ViTBackbone": (
-            lambda: m.ViTBackbone(
+            lambda: _m().ViTBackbone(
                 image_shape=(32, 32, 3),
                 patch_size=8,
                 num_layers=2,
@@ -278,7 +279,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "ViTDetBackbone": (
-            lambda: m.ViTDetBackbone(
+            lambda: _m().ViTDetBackbone(
                 hidden_size=16,
                 num_layers=2,
                 intermediate_dim=32,
@@ -292,7 +293,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "XceptionBackbone": (
-            lambda: m.XceptionBackbone(
+            lambda: _m().XceptionBackbone(
                 stackwise_conv_filters=[[8, 16], [32, 32], [32, 32], [64, 64]],
                 stackwise_pooling=[False, True, False, False],
                 image_shape=(32, 32, 3),
@@ -300,7 +301,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "BASNetBackbone": (
-            lambda: m.BASNetBackbone(
+            lambda: _m().BASNetBackbone(
                 image_encoder=_resnet(None, stages=4),
                 num_classes=1,
                 image_shape=(32, 32, 3),
@@ -309,7 +310,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "DeepLabV3Backbone": (
-            lambda: m.DeepLabV3Backbone(
+            lambda: _m().DeepLabV3Backbone(
                 image_encoder=_resnet(32),
                 spatial_pyramid_pooling_key="P3",
                 upsampling_size=2,
@@ -321,7 +322,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             32,
         ),
         "RetinaNetBackbone": (
-            lambda: m.RetinaNetBackbone(
+            lambda: _m().RetinaNetBackbone(
                 image_encoder=_resnet(64, stages=3),
                 min_level=3,
                 max_level=4,
@@ -331,11 +332,11 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             64,
         ),
         "SegFormerBackbone": (
-            lambda: m.SegFormerBackbone(image_encoder=_mit(32), projection_filters=8),
+            lambda: _m().SegFormerBackbone(image_encoder=_mit(32), projection_filters=8),
             32,
         ),
         "DepthAnythingBackbone": (
-            lambda: m.DepthAnythingBackbone(
+            lambda: _m().DepthAnythingBackbone(
                 image_encoder=_dinov2(28),
                 reassemble_factors=[4, 2],
                 neck_hidden_dims=[8, 16],
@@ -347,7 +348,7 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
             28,
         ),
         "DFineBackbone": (
-            lambda: m.DFineBackbone(
+            lambda: _m().DFineBackbone(
                 backbone=_hgnetv2(["stage1", "stage2"]),
                 decoder_in_channels=[16, 16],
                 encoder_hidden_dim=16,
@@ -382,8 +383,8 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
 
 
 def backbone_names() -> list[str]:
-    """The surveyed backbones (empty when keras_hub is missing)."""
-    return sorted(_builders()) if keras_hub is not None else []
+    """The surveyed backbones."""
+    return sorted(_builders())
 
 
 def uncovered_backbones() -> list[str]:
@@ -477,7 +478,7 @@ def check(name: str) -> HubResult:
     res = HubResult(name)
     start = time.perf_counter()
     try:
-        _check(res)
+        run(res)
     except Exception as exc:  # noqa: BLE001 - the survey records every failure
         frames = traceback.extract_tb(exc.__traceback__)
         where = next(
@@ -495,7 +496,8 @@ def check(name: str) -> HubResult:
     return res
 
 
-def _check(res: HubResult) -> None:
+def run(res: HubResult) -> None:
+    """Fill ``res`` stage by stage; exceptions propagate (``res.stage`` says where)."""
     keras.utils.set_random_seed(1234)
     model, side = build(res.name)
     randomize(model)
