@@ -76,6 +76,9 @@ def test_plan_json_isThePlanAsData_sameHereAndOnTheServer(tiny_model, server, ca
     assert code == EXIT_OK, err
     remote = json.loads(out)
     assert remote == local
+    # PlanPruning's plan carries the report: share of prunable channels, reasons for the rest.
+    assert 0.9 < remote["prunable_share"] < 1
+    assert {r["reason"] for r in remote["frozen_reasons"]} >= {"touches model input"}
 
 
 def test_plan_server_table_andItsErrors(tiny_model, server, capsys) -> None:
