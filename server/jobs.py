@@ -19,12 +19,15 @@ messages to and from them (``jobs_pb.py``). Guarantees:
   restart, cancel requested, finished) is one INFO line naming the job.
 
 With a shared queue store (PostgreSQL: ``store.claim`` exists) the manager
-is stateless: every read goes to the store, idempotency is the store's
-unique ``request_id``, CancelJob asks the store (the owning worker stops the
-job at its next lease renewal), WatchJob wakes on the store's change
-notifications and re-reads at least every ``WATCH_POLL_S`` seconds anyway;
-jobs are run by :class:`~secateur.server.workerloop.WorkerLoop` s — one in
-this process unless ``max_concurrent`` is 0 (an API-only replica).
+is stateless: every read goes to the store (a serving replica's store keeps
+a record cache that the change notifications keep fresh, server/pgcache.py),
+and never on the event loop: a cached record is answered at once, anything
+else waits in a thread. Idempotency is the store's unique ``request_id``,
+CancelJob asks the store (the owning worker stops the job at its next lease
+renewal), WatchJob wakes on the store's change notifications and re-reads at
+least every ``WATCH_POLL_S`` seconds anyway; jobs are run by
+:class:`~secateur.server.workerloop.WorkerLoop` s — one in this process
+unless ``max_concurrent`` is 0 (an API-only replica).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -61,6 +64,9 @@ from secateur.server.workerloop import (
 log = logging.getLogger("secateur.server")
 #: A watcher on a shared store re-reads its job at least this often (notifications can be lost).
 WATCH_POLL_S = 2.0
+T = TypeVar("T")
+#: A ListJobs page: its jobs and the token of the next page ("" after the last).
+Page = tuple[list[JobRecord], str]
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class JobManager:
         self._tokens = PageTokens(config.state_dir)
         #: A shared queue store (PostgreSQL): see the module docstring.
         self.shared = callable(getattr(store, "claim", None))
+        #: A job's record from the store's cache without I/O, or None (see pgcache).
+        self._cached: Callable[[str], JobRecord | None] = getattr(store, "cached", lambda _id: None)
         self.worker_loop: Any = None
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -192,8 +200,24 @@ class JobManager:
         records, last = self.store.page(state, after, min(page_size or 50, 1000))
         return records, self._tokens.issue(state, Cursor(*last)) if last is not None else ""
 
+    async def get_async(self, name: str) -> JobRecord:
+        """:meth:`get` that never blocks the event loop on a shared store: its
+        cached record at once, else the database read in a thread."""
+        if not self.shared:
+            return self.get(name)  # the embedded store answers from memory
+        hit = self._cached(job_id(name))
+        return hit if hit is not None else await asyncio.to_thread(self.get, name)
+
+    async def list_async(self, state: JobState | None, page_size: int, page_token: str) -> Page:
+        """:meth:`list`, in a thread on a shared store."""
+        return await self._off_loop(self.list, state, page_size, page_token)
+
+    async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` in a thread on a shared store (database I/O), else here."""
+        return await asyncio.to_thread(call, *args) if self.shared else call(*args)
+
     async def watch(self, name: str) -> AsyncIterator[JobRecord]:
-        last = self.get(name)
+        last = await self.get_async(name)
         yield last
         while self.shared and not last.state.terminal:
             async with self._changed:
@@ -214,6 +238,9 @@ class JobManager:
     async def _reread(self, last: JobRecord) -> JobRecord:
         """A watched job read again from a shared store; as last seen while the store
         is away (PostgreSQL restarting), so the watch goes on and catches up after."""
+        hit = self._cached(last.id)
+        if hit is not None:
+            return hit
         try:
             return await asyncio.to_thread(self.store.get, last.id) or last
         except Exception as exc:  # noqa: BLE001 - StoreUnavailableError and the like
@@ -227,7 +254,7 @@ class JobManager:
         The same ``request_id`` returns the job it made first.
         """
         if sub.request_id:
-            existing = self.store.by_request_id(sub.request_id)
+            existing = await self._off_loop(self.store.by_request_id, sub.request_id)
             if existing is not None:
                 return existing
         await asyncio.to_thread(self._check_uris, sub.request)
@@ -242,7 +269,7 @@ class JobManager:
                 f"the queue is full ({self.cfg.max_queued} jobs waiting); retry later",
             )
         if sub.request_id:
-            twin = self.store.by_request_id(sub.request_id)
+            twin = await self._off_loop(self.store.by_request_id, sub.request_id)
             if twin is not None:
                 return twin  # a concurrent twin won the race
         now = now_ns()
@@ -307,7 +334,7 @@ class JobManager:
             raise convert.invalid(convert.field_path(exc.field), str(exc)) from exc
 
     async def cancel(self, name: str) -> JobRecord:
-        record = self.get(name)
+        record = await self.get_async(name)
         if record.state.terminal:
             return record
         log.info("job %s: cancel requested while %s", record.id, record.state.value)

@@ -10,7 +10,10 @@ a network cut), so subscribers are ALSO called with ``None`` — "anything may
 have changed, read again" — on every (re)connect and at least every
 ``poll_s`` seconds whatever happens: a watcher is never more than ``poll_s``
 late, and is usually woken within milliseconds. The connection is re-opened
-with a capped exponential backoff.
+with a capped exponential backoff. ``on_connection(True)`` is called once
+LISTEN runs (before the ``None`` of that connect), ``on_connection(False)``
+when the connection is lost: a cache kept fresh by the notifications
+(server/pgcache.py) is only trusted in between.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ Subscriber = Callable[[str | None], None]
 class Listener:
     """A daemon thread that LISTENs on ``url`` and calls subscribers (see module docstring)."""
 
-    def __init__(self, url: str, poll_s: float = 2.0, max_backoff_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        poll_s: float = 2.0,
+        max_backoff_s: float = 2.0,
+        on_connection: Callable[[bool], None] | None = None,
+    ) -> None:
         self.url = url
+        self._on_connection = on_connection
         self.poll_s = poll_s
         self.max_backoff_s = max_backoff_s
         self._subscribers: list[Subscriber] = []
@@ -40,6 +50,7 @@ class Listener:
         self._stop = threading.Event()
         self._last_tick = time.monotonic()
         self.connected = threading.Event()  # set while LISTENing (tests wait on it)
+        self.connects = 0  # how many times LISTEN started
         self._thread = threading.Thread(target=self._run, name="secateur-pg-listen", daemon=True)
         self._thread.start()
 
@@ -82,19 +93,32 @@ class Listener:
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    self.connected.set()
+                    self._connection(True)
                     self._fire(None)  # changes may have happened while not listening
                     backoff = 0.1
                     self._listen(conn)
             except psycopg.Error as exc:
                 if self.connected.is_set():
                     log.warning("job notifications stopped (%s); reconnecting", exc)
-            self.connected.clear()
+            if self.connected.is_set():
+                self._connection(False)
             deadline = time.monotonic() + backoff
             while not self._stop.is_set() and time.monotonic() < deadline:
                 self._tick()
                 self._stop.wait(min(0.2, self.poll_s))
             backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _connection(self, up: bool) -> None:
+        if self._on_connection is not None:
+            try:
+                self._on_connection(up)
+            except Exception:  # a hook's bug must not stop the listener
+                log.exception("a job-notification connection hook failed")
+        if up:
+            self.connects += 1
+            self.connected.set()
+        else:
+            self.connected.clear()
 
     def _listen(self, conn: object) -> None:
         while not self._stop.is_set():

@@ -54,11 +54,11 @@ class PruningServicer(pb_grpc.PruningServiceServicer):
         return jobs_pb.to_pb(await self.m.create(jobs_pb.submission(request)))
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        return jobs_pb.to_pb(self.m.get(request.name))
+        return jobs_pb.to_pb(await self.m.get_async(request.name))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         state = jobs_pb.state_filter(request.state)
-        records, token = self.m.list(state, request.page_size, request.page_token)
+        records, token = await self.m.list_async(state, request.page_size, request.page_token)
         return pb.ListJobsResponse(jobs=[jobs_pb.to_pb(r) for r in records], next_page_token=token)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:

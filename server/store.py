@@ -151,13 +151,15 @@ class QueueStore(JobStore, Protocol):
     def subscribe(self, callback: Callable[[str | None], None]) -> Callable[[], None]: ...
 
 
-def open_store(url: str, state_dir: str) -> JobStore:
+def open_store(url: str, state_dir: str, cache: bool = True) -> JobStore:
     """The store a ``--store`` URL names.
 
     ``""`` or ``sqlite:///<state_dir>/jobs.sqlite`` is the embedded default
     (:class:`SqliteJobStore`); ``sqlite:///ABS/DIR/jobs.sqlite`` keeps it in
     another folder; ``postgresql://USER[:PASS]@HOST:PORT/DB`` (or
-    ``postgres://``) is the shared :class:`~secateur.server.pgstore.PostgresJobStore`.
+    ``postgres://``) is the shared :class:`~secateur.server.pgstore.PostgresJobStore`,
+    with a serving replica's record cache unless ``cache`` is False (workers:
+    see server/pgcache.py).
 
     Raises:
         StoreOpenError: an unknown scheme, a SQLite path that is not an absolute
@@ -175,9 +177,10 @@ def open_store(url: str, state_dir: str) -> JobStore:
             )
         return SqliteJobStore(os.path.dirname(path))
     if scheme in ("postgresql", "postgres"):
+        from secateur.server.pgcache import CachingPostgresJobStore
         from secateur.server.pgstore import PostgresJobStore
 
-        return PostgresJobStore(url)
+        return CachingPostgresJobStore(url) if cache else PostgresJobStore(url)
     raise StoreOpenError(
         "the store URL must start with sqlite:/// or postgresql:// "
         "(postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE). "

@@ -320,7 +320,7 @@ async def run_worker(args: Any) -> int:
     state_dir = os.path.abspath(os.path.expanduser(args.state_dir))
     allowed = tuple(args.allowed_uri_prefix or [os.path.join(state_dir, "models")])
     try:
-        store = open_store(args.store, state_dir)
+        store = open_store(args.store, state_dir, cache=False)  # it serves no reads
     except StoreOpenError as exc:
         raise StartupError(str(exc)) from exc
     metrics = _worker_metrics(args.metrics_port, args.metrics_host)
