@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from secateur.pruner._keras import keras
+from secateur.pruner.handlers import handler_for
 
 _INLINABLE: set[type] = set()
 # id(node) -> (node, inlined graph or None); the node is kept so its id
@@ -45,10 +46,13 @@ def inline_graph(node: Any) -> Any | None:
         A functional ``keras.Model`` whose inputs match ``node.input_tensors``
         and whose outputs match ``node.outputs``, one to one and in order,
         built from the layer's own sub-layers; the same object on every call.
-        None when the layer's class is not registered or its ``call`` does
-        not record as a graph (it then stays one opaque layer).
+        None when the layer's class has a handler, is not registered for
+        inlining, or its ``call`` does not record as a graph (it then stays
+        one opaque layer).
     """
-    if type(node.operation) not in _INLINABLE:
+    # A registered handler wins; looking one up also registers optional
+    # libraries' inlinable classes (handlers.on_registry_miss).
+    if handler_for(node.operation) is not None or type(node.operation) not in _INLINABLE:
         return None
     hit = _CACHE.get(id(node))
     if hit is None or hit[0] is not node:

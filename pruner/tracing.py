@@ -105,7 +105,7 @@ def trace_node(graph: ChannelGraph, node: Any, prefix: str, ins: list[Layout]) -
     path = prefix + op.name
     if is_graph_model(op):
         return _trace_nested(graph, op, path, ins)
-    if handler_for(op) is None and (sub := inline_graph(node)) is not None:
+    if (sub := inline_graph(node)) is not None:
         return trace_functional(graph, sub, path + "/", ins)  # a block, through its sub-layers
     if getattr(op, "weights", None):
         graph.layers.setdefault(path, op)
