@@ -49,9 +49,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-concurrent-jobs",
         type=int,
         default=1,
-        help="jobs this process runs at once (with a postgresql --store, 0: API only; default 1)",
+        help="jobs this process runs at once (with a postgresql --store, 0: API only; with "
+        "SQLite, 0 queues jobs that nothing runs: tests and benchmarks only; default 1)",
     )
     p.add_argument("--max-queued-jobs", type=int, default=100)
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="with a postgresql --store: the lease of jobs this process runs, as secateur "
+        "worker's --lease-seconds (default 30)",
+    )
     p.add_argument("--tls-cert", help="PEM server certificate (enables TLS)")
     p.add_argument("--tls-key", help="PEM server private key")
     p.add_argument("--tls-client-ca", help="PEM CA for client certificates (enables mTLS)")
@@ -136,6 +144,12 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise StartupError(
             f"--shutdown-grace-seconds must be >= 0. Received: {args.shutdown_grace_seconds}"
         )
+    if not args.lease_seconds >= 1:
+        raise StartupError(f"--lease-seconds must be >= 1. Received: {args.lease_seconds}")
+    if args.max_concurrent_jobs < 0:
+        raise StartupError(
+            f"--max-concurrent-jobs must be >= 0. Received: {args.max_concurrent_jobs}"
+        )
     problem = exposure_problem(args)
     if problem:
         raise StartupError(problem)
@@ -156,6 +170,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         tls_client_ca=_read(args.tls_client_ca, "--tls-client-ca"),
         shutdown_grace_s=args.shutdown_grace_seconds,
         store_url=args.store or "",
+        lease_s=args.lease_seconds,
     )
 
 
@@ -168,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         options = options_from_args(args)
+        if options.max_concurrent_jobs == 0 and not options.store_url.startswith("postgres"):
+            logging.getLogger("secateur.server").warning(
+                "--max-concurrent-jobs 0 with the embedded SQLite store: jobs are queued and "
+                "NOTHING runs them (no worker can reach this store); for tests and benchmarks "
+                "only. An API-only replica needs a shared postgresql:// --store"
+            )
         if not is_loopback(options.host) and not (options.tokens or options.tls_client_ca):
             logging.getLogger("secateur.server").warning(
                 "--allow-unauthenticated: anyone who can reach %s:%d may use this server",

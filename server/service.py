@@ -131,6 +131,7 @@ class ServerOptions:
     shutdown_grace_s: float = 0.0  # serve(): NOT_SERVING this long before stopping
     #: ``--store``: "" is the embedded SQLite store under state_dir.
     store_url: str = ""
+    lease_s: float = 30.0  # ``--lease-seconds``: a shared store's job lease (workerloop)
     version: str = "0.1.0"
 
 
@@ -173,6 +174,7 @@ class RunningServer:
                 o.max_concurrent_jobs,
                 o.max_queued_jobs,
                 store_url=o.store_url,
+                lease_s=o.lease_s,
             )
             self.manager = JobManager(cfg, self.store, self.metrics)
             self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)
