@@ -21,6 +21,7 @@ from secateur.pruner.constants import (
     rule_for,
 )
 from secateur.pruner.graph import ChannelGraph
+from secateur.pruner.inline import inline_graph
 from secateur.pruner.tracing import functional_of, is_graph_model
 
 
@@ -57,8 +58,10 @@ def _walk(
                 continue
             ins = [states[id(t)] for t in node.input_tensors]
             op = node.operation
-            if is_graph_model(op):
-                outs = _walk(trace, graph, weights, functional_of(op), prefix + op.name + "/", ins)
+            sub = inline_graph(node)  # a block traced through its sub-layers
+            if sub is not None or is_graph_model(op):
+                inner = sub if sub is not None else functional_of(op)
+                outs = _walk(trace, graph, weights, inner, prefix + op.name + "/", ins)
             else:
                 outs = _call(Ctx(trace, graph, weights, op, prefix + op.name, node, ins))
             for t, s in zip(node.outputs, outs):

@@ -16,15 +16,15 @@ graph would see as constants, which in any case freeze instead of pruning).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from secateur.pruner._keras import keras
 from secateur.pruner.handlers import handler_for
 
 _INLINABLE: set[type] = set()
-# id(node) -> (node, inlined graph or None); the node is kept so its id
-# cannot be reused while the entry lives.
-_CACHE: dict[int, tuple[Any, Any]] = {}
+# node -> its inlined graph (or None); entries go with the model's graph.
+_CACHE: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def register_inline(*classes: type) -> None:
@@ -54,11 +54,9 @@ def inline_graph(node: Any) -> Any | None:
     # libraries' inlinable classes (handlers.on_registry_miss).
     if handler_for(node.operation) is not None or type(node.operation) not in _INLINABLE:
         return None
-    hit = _CACHE.get(id(node))
-    if hit is None or hit[0] is not node:
-        hit = (node, _build(node))
-        _CACHE[id(node)] = hit
-    return hit[1]
+    if node not in _CACHE:
+        _CACHE[node] = _build(node)
+    return _CACHE[node]
 
 
 def _build(node: Any) -> Any | None:
