@@ -444,6 +444,7 @@ class HubResult:
     share: float = 0.0
     reasons: list[Any] = field(default_factory=list)
     layernorm_groups: list[int] = field(default_factory=list)
+    exact_removed: int = 0
     seconds: float = 0.0
 
     @property
@@ -456,6 +457,7 @@ class HubResult:
             and self.params_after < self.params_before
             and self.params_after == self.plan_params_after
             and bool(self.exact)
+            and self.exact_removed > 0
         )
 
 
@@ -520,6 +522,7 @@ def run(res: HubResult) -> None:
     res.finite = all(np.all(np.isfinite(b)) for b in y1)
     res.stage = "exactness"
     exact_plan = without_groups(plan, res.layernorm_groups)
+    res.exact_removed = exact_plan.removed_channels
     kill_pruned_channels(model, exact_plan)
     ref = _flat(model(x, training=False))
     out = _flat(apply_plan(model, exact_plan)(x, training=False))
@@ -533,7 +536,10 @@ def row(res: HubResult) -> str:
     """One table row for the survey."""
     ratio = f"{res.params_after:,}/{res.params_before:,}" if res.params_after else "-"
     reasons = "; ".join(f"{r.reason} ({r.channels})" for r in res.reasons[:3])
-    exact = "-" if res.exact is None else ("yes" if res.exact else f"NO ({res.max_diff:.2g})")
+    exact = "-"
+    if res.exact is not None:
+        verdict = "yes" if res.exact else f"NO (max diff {res.max_diff:.2g}/{res.scale:.2g})"
+        exact = f"{verdict}, {res.exact_removed} ch removed"
     return " | ".join(
         [
             res.name.removesuffix("Backbone"),
