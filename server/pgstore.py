@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -117,9 +117,7 @@ class PostgresJobStore:
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
             with self._pool.connection() as conn:
-                conn.autocommit = True
                 applied = migrate(conn)
-                conn.autocommit = False
         except (psycopg.Error, PoolTimeout) as exc:
             self._pool.close()
             raise StoreOpenError(
@@ -140,7 +138,8 @@ class PostgresJobStore:
             open=False,
             timeout=self._timeout_s,
             check=ConnectionPool.check_connection,  # a connection dead since a restart: replaced
-            kwargs={"connect_timeout": max(1, int(self._timeout_s))},
+            # Autocommit: a read is one round trip; writes open their transaction (_tx).
+            kwargs={"connect_timeout": max(1, int(self._timeout_s)), "autocommit": True},
             name="secateur-jobs",
         )
 
@@ -156,13 +155,17 @@ class PostgresJobStore:
             return self._pool
 
     @contextmanager
-    def _tx(self) -> Iterator[Any]:
-        """A pooled connection in a transaction (committed on exit); errors typed."""
+    def _tx(self, write: bool = True) -> Iterator[Any]:
+        """A pooled connection in a transaction (committed on exit), or for a single
+        read statement none (autocommit: no BEGIN/COMMIT round trips); errors typed."""
         import psycopg
         from psycopg_pool import PoolTimeout
 
         try:
-            with self._current_pool().connection() as conn, conn.transaction():
+            with (
+                self._current_pool().connection() as conn,
+                conn.transaction() if write else nullcontext(),
+            ):
                 yield conn
         except (psycopg.OperationalError, PoolTimeout) as exc:
             if isinstance(exc, PoolTimeout):
@@ -212,14 +215,14 @@ class PostgresJobStore:
             _write(conn, record, "id = %s", (record.id,))
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = %s", (job_id,)).fetchone()
         return _record(row) if row else None
 
     def by_request_id(self, request_id: str) -> JobRecord | None:
         if not request_id:
             return None
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             row = conn.execute(
                 f"SELECT {COLUMNS} FROM jobs WHERE request_id = %s", (request_id,)
             ).fetchone()
@@ -238,7 +241,7 @@ class PostgresJobStore:
         if after is not None:
             where.append("(create_ns, id) < (%s, %s)")
             params += [after[0], after[1]]
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             rows = conn.execute(
                 f"SELECT {COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
                 "ORDER BY create_ns DESC, id DESC LIMIT %s",
@@ -250,7 +253,7 @@ class PostgresJobStore:
 
     def all(self) -> list[JobRecord]:
         """Every job, oldest first."""
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             rows = conn.execute(f"SELECT {COLUMNS} FROM jobs ORDER BY create_ns, id").fetchall()
         return [_record(row) for row in rows]
 
@@ -349,7 +352,7 @@ class PostgresJobStore:
 
     def counts(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state present, 0 for none)."""
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             rows = conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
         counts = dict.fromkeys(JobState, 0)
         for number, count in rows:
