@@ -221,3 +221,35 @@ def test_trace_mhaNoLongerFreezesTheResidualStream() -> None:
     residual = next(g for g in graph.groups() if "embed" in g.origins)
     assert residual.prunable and {"b0_fc2", "b1_fc2"} <= set(residual.origins)
     assert sorted(g.kind for g in graph.groups() if g.prunable).count("heads") == 2
+
+
+@pytest.mark.parametrize("axes,prunable", [((1, 2), True), ((2,), True), ((3,), False)])
+def test_attentionAxes_overPositionsOnly_prunesHeads_elseFreezesThem(axes, prunable) -> None:
+    """Rank-4 tokens project to (batch, h, w, heads, dim): axis 3 would attend across heads."""
+    x = keras.Input((3, 4, 5))
+    h = L.Dense(8, name="d")(x)
+    y = L.MultiHeadAttention(2, 4, attention_axes=axes, name="mha")(h, h)
+    model = keras.Model(x, L.Dense(2, name="head")(L.Flatten()(y)))
+    randomize_all(model)
+    kill_heads(model.get_layer("mha"), [1])
+    plan = make_plan(model, PruneSpec(ratio=0.0, head_ratio=0.5, criterion="l1"))
+    [heads] = [g for g in plan.groups if g.kind == "heads"]
+    if not prunable:
+        assert heads.size_after == 2 and "attention_axes=(3,)" in heads.frozen[0]
+        return
+    assert heads.kept == [0]
+    assert_same_outputs(model, apply_plan(model, plan), tokens(shape=(3, 4, 5)), tol=1e-5)
+
+
+def test_taylor_channelsByTaylor_headsFallBackToL1_deadHeadsRemoved() -> None:
+    model = vit()
+    randomize_all(model)
+    kill_heads(model.get_layer("b0_mha"), [0, 1])
+    kill_heads(model.get_layer("b1_mha"), [3, 2])
+    data = [(tokens(8), np.arange(8) % 3)]
+    spec = PruneSpec(ratio=0.2, head_ratio=0.5, criterion="taylor", taylor_batches=1)
+    plan = make_plan(model, spec, data=data)
+    assert _heads(plan) == {"b0_mha:heads": [2, 3], "b1_mha:heads": [0, 1]}
+    heads = [g for g in plan.groups if g.kind == "heads"]
+    assert all(g.criterion == "l1" and "taylor" in (g.fallback or "") for g in heads)
+    assert {g.criterion for g in plan.groups if g.kind == "channels" and g.pruned} == {"taylor"}
