@@ -46,11 +46,17 @@ def overall_progress(stage: str, within: float) -> float:
 
 
 def sweep_progress(stage: str, i: int, n: int, frac: float = 0.0) -> float:
-    """A candidate stage's progress: candidate ``i`` of ``n``, ``frac`` through the stage."""
+    """A candidate stage's progress: candidate ``i`` of ``n``, ``frac`` through the stage.
+
+    An iterative candidate runs the stages once per round: count rounds
+    instead (round ``j`` of ``k`` of candidate ``i`` is ``i * k + j`` of
+    ``n * k``) and the value only grows from one round to the next.
+    """
     start = _CANDIDATE_START[stage]
     order = list(_CANDIDATE_START)
     end = _CANDIDATE_START[order[order.index(stage) + 1]] if stage != order[-1] else 1.0
-    return (i + start + (end - start) * frac) / n
+    at = start * (1.0 - frac) + end * frac  # exactly ``end`` at 1: the next stage's start
+    return (i + at) / n
 
 
 #: Candidates one sweep may ask for (each is pruned, trained and measured).

@@ -296,21 +296,22 @@ class PruneJob:
         from secateur.pruner.finetune import evaluate
         from secateur.pruner.tracing import analyze
 
-        n = len(self.req.sweep)
         spec = self.req.specs[i]  # checked once, when the request was made
         steps = spec.round_ratios()
+        n = len(self.req.sweep) * len(steps)  # progress counts rounds, candidate after candidate
         model, rounds = original, []
         for j, step_ratio in enumerate(steps):
+            at = (i * len(steps) + j, n)  # this round's place in the sweep
             where = f"ratio {ratio}" + (f", round {j + 1}/{len(steps)}" if len(steps) > 1 else "")
             if j:  # each round re-scores the current model
                 graph = analyze(model)
             step_spec = spec.round_spec(j)  # this round's channel and head ratios
             plan, model, history = self._round(
-                model, graph, step_spec, ratio, where, data, device, i
+                model, graph, step_spec, ratio, where, data, device, at
             )
             accuracy = None
             if data.eval_ds is not None and device.is_chief:
-                self._enter("EVALUATING", where, sweep_progress("EVALUATING", i, n), ratio=ratio)
+                self._enter("EVALUATING", where, sweep_progress("EVALUATING", *at), ratio=ratio)
                 accuracy = evaluate(model, data.eval_ds, device.use_xla(self.req.train.jit_compile))
             rounds.append({"round": j + 1, "ratio": step_ratio, "accuracy": accuracy})
             rounds[-1] |= {"params": plan.params_after, "flops": plan.flops_after}
@@ -334,7 +335,7 @@ class PruneJob:
         where: str,
         data: _Data,
         device: Any,
-        i: int,
+        at: tuple[int, int],
     ) -> tuple[Any, Any, dict[str, list[float]]]:
         """Score, rebuild and fine-tune once: (plan, pruned model, history)."""
         from secateur.pruner.cluster import agree_on_plan, member_dataset, out_of_strategy
@@ -342,7 +343,7 @@ class PruneJob:
         from secateur.pruner.plan import make_plan
         from secateur.pruner.surgery import apply_plan
 
-        n = len(self.req.sweep)
+        i, n = at  # the round's place in the sweep, in rounds
         self._enter("SCORING", where, sweep_progress("SCORING", i, n), ratio=ratio)
         plan = make_plan(model, spec, graph=graph, device_kind=device.kind, data=data.train_ds)
         agree_on_plan(plan.to_dict(), device)  # multi-host: every member made this plan
