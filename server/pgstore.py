@@ -350,6 +350,16 @@ class PostgresJobStore:
                 conn.execute(_NOTIFY, (CHANNEL, job_id))
             return record
 
+    def live_leases(self, job_ids: list[str]) -> dict[str, int]:
+        """The fencing token of each of ``job_ids`` that is RUNNING under an unexpired lease."""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                "SELECT id, lease_token FROM jobs WHERE id = ANY(%s) AND state = %s "
+                "AND lease_expires > now()",
+                (list(job_ids), _NUM[JobState.RUNNING]),
+            ).fetchall()
+        return {job_id: int(token) for job_id, token in rows}
+
     def counts(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state present, 0 for none)."""
         with self._tx(write=False) as conn:

@@ -20,7 +20,9 @@ Every write is ``store.save_leased(record, token)``: refused once the token
 is stale, so a zombie never overwrites the new owner's job. The subprocess
 itself checks the lease (``store.fence``) right before publishing, so a model
 is never published by a worker that lost its job. On SIGTERM the loop stops
-claiming, stops its subprocesses and hands their jobs back to the queue.
+claiming, stops its subprocesses and hands their jobs back to the queue. On
+start it removes the work dirs a killed worker left in its state dir
+(:func:`sweep_work`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -97,6 +100,7 @@ class WorkerLoop:
 
     async def run(self) -> None:
         """Claim jobs until :meth:`stop`; then hand the running ones back."""
+        await self._sweep()
         while not self._stopping.is_set():
             if len(self._held) >= self.cfg.max_concurrent:
                 self._slot.clear()
@@ -124,6 +128,16 @@ class WorkerLoop:
         finally:
             waiter.cancel()
             stop.cancel()
+
+    async def _sweep(self) -> None:
+        """Remove the work dirs a killed worker left here (see :func:`sweep_work`)."""
+        try:
+            removed = await asyncio.to_thread(sweep_work, self.runner.state_dir, self.store)
+        except Exception as exc:  # noqa: BLE001 - the store is away: the next start sweeps
+            log.warning("worker %s: sweeping old work dirs failed (%s)", self.cfg.worker_id, exc)
+            return
+        if removed:
+            log.info("removed work dirs no lease holds any more: %s", ", ".join(removed))
 
     async def _claim(self) -> Any:
         try:
@@ -272,6 +286,33 @@ async def publish_counts(store: Any, metrics: Any) -> None:
         log.warning("reading the job counts failed (%s)", exc)
         return
     metrics.set_queue(int(counts.get(JobState.QUEUED, 0)), int(counts.get(JobState.RUNNING, 0)))
+
+
+def sweep_work(state_dir: str, store: Any) -> list[str]:
+    """Remove each ``<state_dir>/work/<job>-<token>`` that no live lease holds; their names.
+
+    A worker killed with its jobs (SIGKILL, OOM, node lost) leaves their work
+    dirs behind; its jobs are reclaimed elsewhere under new tokens. A dir
+    whose job still runs under that very token (another worker process
+    sharing this state dir) is kept; so are plan dirs and anything else.
+    """
+    root = os.path.join(state_dir, "work")
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    keys: dict[str, tuple[str, int]] = {}
+    for name in names:
+        job, sep, token = name.rpartition("-")
+        if sep and job and not name.startswith("plan-") and token.isdigit():
+            keys[name] = (job, int(token))
+    if not keys:
+        return []
+    live = store.live_leases(sorted({job for job, _ in keys.values()}))
+    stale = sorted(name for name, (job, token) in keys.items() if live.get(job) != token)
+    for name in stale:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return stale
 
 
 def conclude(record: JobRecord, outcome: dict[str, Any], cancelled: bool) -> JobRecord:

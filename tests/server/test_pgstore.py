@@ -23,6 +23,7 @@ from secateur.server.pgstore import (
 )
 from secateur.server.records import JobError, JobRecord, JobState, now_ns
 from secateur.server.store import SqliteJobStore, StoreOpenError, open_store
+from secateur.server.workerloop import sweep_work
 from secateur.v1 import pruning_pb2 as pb
 from tests.server.conftest import free_port
 from tests.server.pg_fixture import PostgresServer
@@ -223,6 +224,26 @@ def test_staleToken_saveLeasedAndFenceRefuse(
     assert stored is not None and stored.state == JobState.SUCCEEDED and stored.result == REPORT
     assert not other.save_leased(ended, new.token)  # ended: no more leased writes
     assert not other.renew("b", new.token, 30.0).held
+
+
+def test_sweepWork_removesDirsNoLiveLeaseHolds(
+    store: PostgresJobStore, other: PostgresJobStore, tmp_path: Path
+) -> None:
+    for job in ("run", "dead", "queued"):
+        store.insert(_record(job, create_ns=now_ns()))
+    running = store.claim("w1", 30.0, 3)  # "run", token 1, lease live
+    dead = store.claim("w1", 0.2, 3)  # "dead": its worker was killed
+    assert running is not None and dead is not None
+    time.sleep(0.4)
+    reclaimed = other.claim("w2", 30.0, 3)  # elsewhere, under token 2
+    assert reclaimed is not None and (reclaimed.record.id, reclaimed.token) == ("dead", 2)
+    work = tmp_path / "work"
+    names = ["run-1", "run-0", "dead-1", "queued-0", "gone-3", "plan-12345678", "notes"]
+    for name in names:
+        (work / name / "model").mkdir(parents=True)
+    assert sweep_work(str(tmp_path), store) == ["dead-1", "gone-3", "queued-0", "run-0"]
+    assert sorted(p.name for p in work.iterdir()) == ["notes", "plan-12345678", "run-1"]
+    assert sweep_work(str(tmp_path / "nothing-here"), store) == []
 
 
 def test_fence_extendsTheLease(store: PostgresJobStore) -> None:
