@@ -71,6 +71,8 @@ def _multi_head_attention(c: Call) -> list[Layout]:
         why = "its attention scores (one map per head) are an output of the model graph"
     if why is not None:
         c.graph.freeze(heads, f"heads of '{c.path}': {why}")
+    else:
+        _attention_flops(c, operands["query"][1], operands["value"][1])
     outs = [out]
     for i, shape in enumerate(c.out_shapes[1:], start=1):
         scores = c.graph.memo_space(c.path, f"scores{i}", shape[-1], f"{c.path}:scores")
@@ -128,7 +130,24 @@ def _axis(c: Call, var: Any, axis: int, layout: Layout, role: str) -> None:
     c.graph.add_axis(WeightAxis(c.path, index, name, axis % len(var.shape), layout, role))
 
 
-def _flops(c: Call, kernel: Any, shape: tuple[Any, ...]) -> None:
-    index = next(i for i, w in enumerate(c.layer.weights) if w is kernel)
-    positions = int(np.prod([int(d) if d is not None else 1 for d in shape[1:-1]]))
+def _flops(c: Call, var: Any, shape: tuple[Any, ...], more: tuple[Any, ...] = ()) -> None:
+    """``2 * size(var)`` FLOPs at every position of ``shape`` (times the ``more`` dims)."""
+    index = next(i for i, w in enumerate(c.layer.weights) if w is var)
+    positions = int(np.prod([int(d) if d is not None else 1 for d in (*shape[1:-1], *more)]))
     c.graph.flops.append(FlopTerm(c.path, index, positions))
+
+
+def _attention_flops(c: Call, query: tuple[Any, ...], value: tuple[Any, ...]) -> None:
+    """The scores (q.k) and the weighted sum of values, for every (query, key) pair.
+
+    They cost ``2 * pairs * heads * key_dim`` and ``2 * pairs * heads *
+    value_dim``: exactly the sizes of the query and value biases, which shrink
+    with the heads, so the biases stand for them. Without biases (use_bias
+    False) these FLOPs are not counted.
+    """
+    q_bias, v_bias = c.layer._query_dense.bias, c.layer._value_dense.bias
+    if q_bias is None or v_bias is None:
+        return
+    attended = tuple(value[int(a)] for a in c.layer.attention_axes)
+    _flops(c, q_bias, query, attended)
+    _flops(c, v_bias, query, attended)

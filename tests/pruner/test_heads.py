@@ -84,6 +84,10 @@ def test_vit_deadHeads_areTheOnesRemoved_outputsExact(criterion: str) -> None:
         layer = pruned.get_layer(f"b{b}_mha")
         assert layer.num_heads == 2 and layer.key_dim == 4
     assert pruned.count_params() == plan.params_after < plan.params_before
+    # Per removed head and layer: q/k/v/output projections at 6 tokens (d=16,
+    # key_dim=value_dim=4) plus scores and weighted values over 6x6 pairs.
+    per_head = 2 * 6 * (3 * 16 * 4 + 4 * 16) + 2 * 36 * (4 + 4)
+    assert plan.flops_before - plan.flops_after == 2 * 2 * per_head
     assert_same_outputs(model, pruned, tokens(), tol=1e-5)
 
 
