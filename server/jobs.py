@@ -116,7 +116,8 @@ class JobManager:
         self._tasks: list[asyncio.Task[Any]] = []
         self._running = 0
         self._closing = False
-        self._tokens = PageTokens(config.state_dir)
+        secret = getattr(store, "secret", None)  # shared: any replica reads any one's tokens
+        self._tokens = PageTokens(config.state_dir, secret("page-tokens") if secret else None)
         #: A shared queue store (PostgreSQL): see the module docstring.
         self.shared = callable(getattr(store, "claim", None))
         #: A job's record from the store's cache without I/O, or None (see pgcache).

@@ -45,8 +45,9 @@ class Cursor(NamedTuple):
 class PageTokens:
     """Issues and checks page tokens (see module docstring)."""
 
-    def __init__(self, state_dir: str) -> None:
-        self._secret = _load_secret(state_dir)
+    def __init__(self, state_dir: str, secret: bytes | None = None) -> None:
+        # ``secret``: a key shared by replicas (PostgreSQL store) instead of the state dir's.
+        self._secret = secret if secret is not None else _load_secret(state_dir)
 
     def issue(self, state: JobState | None, after: Cursor) -> str:
         number = _NUMBERS[state] if state is not None else 0

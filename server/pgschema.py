@@ -11,6 +11,7 @@ version appended to :data:`MIGRATIONS`.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 #: The advisory lock key of migrations (any constant shared by every process).
@@ -53,6 +54,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX job_events_by_job ON job_events (job_id, seq)",
         ],
     ),
+    (
+        2,
+        [
+            # Secrets every replica shares, as ListJobs page tokens' signing key:
+            # a token one replica issues is accepted by the others.
+            "CREATE TABLE shared_secrets (name text PRIMARY KEY, value bytea NOT NULL)",
+        ],
+    ),
 ]
 
 
@@ -78,6 +87,16 @@ def migrate(conn: Any) -> list[int]:
             conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
             applied.append(version)
     return applied
+
+
+def shared_secret(conn: Any, name: str) -> bytes:
+    """The secret called ``name`` (32 random bytes made by the first process to ask)."""
+    conn.execute(
+        "INSERT INTO shared_secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+        (name, os.urandom(32)),
+    )
+    row = conn.execute("SELECT value FROM shared_secrets WHERE name = %s", (name,)).fetchone()
+    return bytes(row[0])
 
 
 def newest_version() -> int:

@@ -41,7 +41,7 @@ import grpc
 
 from secateur.server import jobs_pb
 from secateur.server.pglisten import Listener, Subscriber
-from secateur.server.pgschema import CHANNEL, migrate
+from secateur.server.pgschema import CHANNEL, migrate, shared_secret
 from secateur.server.records import JobError, JobRecord, JobState, now_ns
 from secateur.server.store import (
     Claim,
@@ -349,6 +349,11 @@ class PostgresJobStore:
                 _event(conn, job_id, "cancel_requested", "")
                 conn.execute(_NOTIFY, (CHANNEL, job_id))
             return record
+
+    def secret(self, name: str) -> bytes:
+        """A secret every process on this database shares (page tokens' key)."""
+        with self._tx() as conn:
+            return shared_secret(conn, name)
 
     def live_leases(self, job_ids: list[str]) -> dict[str, int]:
         """The fencing token of each of ``job_ids`` that is RUNNING under an unexpired lease."""

@@ -1,6 +1,6 @@
-"""``secateur serve``'s flags for a shared store: the in-process worker's lease
-(--lease-seconds), refused values, and the loud warning of a SQLite server that
-runs nothing (--max-concurrent-jobs 0)."""
+"""``secateur serve`` with a shared store: ListJobs pages continued on another
+replica, the in-process worker's lease (--lease-seconds), refused values, and the
+loud warning of a SQLite server that runs nothing (--max-concurrent-jobs 0)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,38 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from secateur.server.main import main
+from secateur.server.pgstore import PostgresJobStore
+from secateur.server.records import JobRecord, JobState, now_ns
 from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.v1 import pruning_pb2 as pb
+from secateur.v1 import pruning_pb2_grpc as pbg
+
+
+def test_listJobs_pageTokenOfOneReplica_continuedOnTheOther(pg_url: str, tmp_path: Path) -> None:
+    store = PostgresJobStore(pg_url)
+    base = now_ns()
+    spec = pb.JobSpec(model_uri="/m.keras", output_uri="/out").SerializeToString()
+    for i in range(3):
+        store.insert(JobRecord(id=f"j{i}", spec=spec, state=JobState.QUEUED, create_ns=base + i))
+    store.close()
+    options = [
+        ServerOptions(str(tmp_path / name), port=0, store_url=pg_url, max_concurrent_jobs=0)
+        for name in ("a", "b")  # state dirs of their own, as pods have
+    ]
+    with BackgroundServer(options[0]) as a, BackgroundServer(options[1]) as b:
+        stubs = [pbg.PruningServiceStub(grpc.insecure_channel(s.target)) for s in (a, b)]
+        first = stubs[0].ListJobs(pb.ListJobsRequest(page_size=2))
+        assert [j.name for j in first.jobs] == ["jobs/j2", "jobs/j1"] and first.next_page_token
+        rest = stubs[1].ListJobs(pb.ListJobsRequest(page_size=2, page_token=first.next_page_token))
+        assert [j.name for j in rest.jobs] == ["jobs/j0"] and rest.next_page_token == ""
+        forged = first.next_page_token[:-2] + ("AA" if first.next_page_token[-2:] != "AA" else "BB")
+        with pytest.raises(grpc.RpcError) as err:
+            stubs[1].ListJobs(pb.ListJobsRequest(page_size=2, page_token=forged))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize(
