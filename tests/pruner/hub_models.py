@@ -70,10 +70,10 @@ def _m() -> Any:
     return hub().models
 
 
-def _resnet(side: int | None = 32, stages: int = 2) -> Any:
+def _resnet(side: int | None = 32, stages: int = 2, stem: int = 16) -> Any:
     # keras-hub requires 64 filters in the first stage.
     return _m().ResNetBackbone(
-        input_conv_filters=[16],
+        input_conv_filters=[stem],
         input_conv_kernel_sizes=[3],
         stackwise_num_filters=[64, 16, 16, 16][:stages],
         stackwise_num_blocks=[1] * stages,
@@ -302,10 +302,10 @@ def _builders() -> dict[str, tuple[Callable[[], Any], int]]:
         ),
         "BASNetBackbone": (
             lambda: _m().BASNetBackbone(
-                image_encoder=_resnet(None, stages=4),
+                image_encoder=_resnet(None, stages=4, stem=8),
                 num_classes=1,
                 image_shape=(32, 32, 3),
-                projection_filters=16,  # feeds the encoder's first stage
+                projection_filters=8,  # feeds the encoder's first stage: its stem width
             ),
             32,
         ),
