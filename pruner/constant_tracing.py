@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from secateur.pruner import constant_rules  # noqa: F401  (registers the rules)
+from secateur.pruner import constant_rules, constant_rules_ops  # noqa: F401  (registers the rules)
 from secateur.pruner.constants import (
     ConstantTrace,
     Ctx,

@@ -275,7 +275,13 @@ def test_subclassOfRegisteredLayer_isNotTrusted() -> None:
 @pytest.mark.parametrize(
     "make,why",
     [
-        (lambda x: L.Conv2D(8, 3, groups=2)(L.Conv2D(4, 1, name="p")(x)), "grouped convolution"),
+        (
+            # Groups of 3 input channels would straddle 'p' (4) and the other conv (2).
+            lambda x: L.Conv2D(8, 3, groups=2)(
+                L.Concatenate()([L.Conv2D(4, 1, name="p")(x), L.Conv2D(2, 1)(x)])
+            ),
+            "grouped convolution",
+        ),
         (lambda x: L.Softmax()(L.Conv2D(4, 1, name="p")(x)), "softmax"),
         (lambda x: L.Activation("softmax")(L.Conv2D(4, 1, name="p")(x)), "softmax"),
         (

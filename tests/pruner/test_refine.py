@@ -104,11 +104,14 @@ def test_unify_blocksAgainstPlainSpace_makesItBlocks() -> None:
 def test_unionOfRefinedSpaces_sameRefinementIsShared() -> None:
     graph = ChannelGraph()
     x, y = graph.new_space(8, "x"), graph.new_space(8, "y")
-    x1, x2 = graph.split(x, [4, 4])
-    y1, y2 = graph.split(y, [4, 4])
+    x_parts = graph.split(x, [4, 4])
+    y_parts = graph.split(y, [4, 4])
     graph.unify([x, y], "add")
-    groups = graph.groups()
-    assert len(groups) == 2 and all(len(g.spaces) == 2 for g in groups)
+    by_space = {s: g.id for g in graph.groups() for s in g.spaces}
+    for xp, yp in zip(x_parts, y_parts, strict=True):
+        (xs,), (ys,) = lay.spaces(xp), lay.spaces(yp)
+        assert by_space[xs] == by_space[ys]
+    assert len(graph.groups()) == 2
 
 
 def test_commonRefinement_ofTwoSplits_cutsBoth() -> None:
