@@ -31,6 +31,13 @@ from secateur.pruner.graph import FlopTerm, WeightAxis
 from secateur.pruner.handlers import Call, Unsupported, register_handler
 from secateur.pruner.layout import Layout
 
+# Softmax weights sum to one, so head h adds b_v[h] @ W_o[h] to every output.
+_VALUE_BIAS_NOTE = (
+    "'{}': a removed head's value bias adds a constant (its value bias times its output "
+    "rows) that is dropped, not folded into the output bias; heads whose value bias is "
+    "zero are removed exactly"
+)
+
 # Sub-layers that project an operand into heads, with the operand they read.
 _PROJECTIONS = (
     ("_query_dense", "query"),
@@ -73,6 +80,8 @@ def _multi_head_attention(c: Call) -> list[Layout]:
         c.graph.freeze(heads, f"heads of '{c.path}': {why}")
     else:
         _attention_flops(c, operands["query"][1], operands["value"][1])
+    if layer._value_dense.bias is not None:
+        c.graph.note(heads, _VALUE_BIAS_NOTE.format(c.path))
     outs = [out]
     for i, shape in enumerate(c.out_shapes[1:], start=1):
         scores = c.graph.memo_space(c.path, f"scores{i}", shape[-1], f"{c.path}:scores")

@@ -96,6 +96,7 @@ def test_vit_headsOfBnScale_fallBackToL1_sayingWhy() -> None:
     heads = [g for g in plan.groups if g.kind == "heads"]
     assert len(heads) == 2 and all(g.size_after == 3 for g in heads)
     assert all(g.criterion == "l1" and "no BatchNormalization" in (g.fallback or "") for g in heads)
+    assert all(any("value bias" in n and "dropped" in n for n in g.notes) for g in heads)
     assert {m.weight for m in heads[0].members} == {
         "query/kernel", "query/bias", "key/kernel", "key/bias",
         "value/kernel", "value/bias", "attention_output/kernel",
