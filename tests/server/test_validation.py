@@ -320,6 +320,8 @@ NUMBER_CASES = [
     ({"training.learning_rate": -0.1}, "spec.training.learning_rate"),
     ({"pruning.ratio": math.nan}, "spec.pruning.ratio"),
     ({"pruning.ratio": -math.inf}, "spec.pruning.ratio"),
+    ({"pruning.head_ratio": math.nan}, "spec.pruning.head_ratio"),
+    ({"pruning.head_ratio": 1.0}, "spec.pruning.head_ratio"),
     ({"pruning.ratios": [0.2, math.inf]}, "spec.pruning.ratios"),
     ({"max_accuracy_drop": math.nan}, "spec.max_accuracy_drop"),
     ({"max_accuracy_drop": math.inf}, "spec.max_accuracy_drop"),
