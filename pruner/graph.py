@@ -135,6 +135,8 @@ class ChannelGraph(Refinable):
         self._parent: list[int] = []
         self._memo: dict[tuple[str, str], Layout] = {}
         self.layers: dict[str, Any] = {}
+        # path -> every traced layer or keras.ops operation (nested models excepted).
+        self.operations: dict[str, Any] = {}
         self.axes: dict[tuple[str, int], dict[int, WeightAxis]] = {}
         self.edits: dict[tuple[str, str], ConfigEdit] = {}
         self.flops: list[FlopTerm] = []

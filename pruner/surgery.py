@@ -1,21 +1,22 @@
 """Build the physically smaller model a plan describes.
 
-The new model is made from the original's config with new widths
-(``filters``, ``units``, reshape targets, nested input shapes), then each
-layer receives the kept slices of the original weights. No masks, no
-wrappers: the result is an ordinary Keras model of smaller shapes.
+The new model is rebuilt node by node from the old functional graph
+(:mod:`rebuild`): layers the plan changes are re-created from their own
+edited configs (new ``filters``, ``units``, reshape targets, nested input
+widths), unchanged layers are cloned, and each layer receives the kept
+slices of the original weights, matched by graph position. No masks, no
+wrappers: the result is an ordinary Keras model of smaller shapes that
+shares no variable with the original.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any
 
 import numpy as np
 
 from secateur.pruner import layout as lay
-from secateur.pruner._keras import keras
 from secateur.pruner.compensation import (
     Compensation,
     bias_values,
@@ -26,8 +27,9 @@ from secateur.pruner.compensation import (
 from secateur.pruner.constant_tracing import trace_constants
 from secateur.pruner.constants import WeightGetter
 from secateur.pruner.errors import PlanMismatchError
-from secateur.pruner.graph import ChannelGraph, ConfigEdit, KeptFn
+from secateur.pruner.graph import ChannelGraph, KeptFn
 from secateur.pruner.plan import PruningPlan, keep_function
+from secateur.pruner.rebuild import rebuild
 from secateur.pruner.tracing import analyze
 
 
@@ -52,7 +54,14 @@ def apply_plan(
             (default: as the plan's spec says; off for plans that predate it).
 
     Returns:
-        A new ``keras.Model``; ``model`` is left untouched.
+        A new model that shares no variable with ``model``, which is left
+        untouched: a Sequential for a Sequential, otherwise a functional
+        ``keras.Model``. A ``keras.Model`` subclass built functionally (a
+        keras-hub ``Backbone``) is pruned through its functional graph and
+        comes back as a plain functional ``keras.Model``. With
+        ``reload_weights=False`` every layer is freshly initialised, except
+        layers whose class cannot be re-created from its config, which are
+        copied with their weights.
 
     Warns:
         UserWarning: compensation found a caveat the plan does not carry
@@ -62,26 +71,30 @@ def apply_plan(
     Raises:
         PlanMismatchError: the plan's groups do not match the model's.
         EmptyGroupError: the plan keeps no channel in some group.
+        UnsupportedModelError: a changed layer cannot be re-created from its
+            config (only for plans made without the plan-time check).
     """
     plan.validate()
     graph = graph or analyze(model)
     kept = keep_function(graph, _match_groups(graph, plan))
-    config = _edited_config(model, graph, kept)
     if bias_compensation is None:
         bias_compensation = bool(plan.spec.get("bias_compensation", False))
     comp = None
+    added: list[str] = []
     # Each weight is read once, for the constants and for the copy alike.
     weights = cached_weights(graph)
     if bias_compensation:
         comp = _compensation(model, graph, plan, kept, weights) if reload_weights else None
         # Fresh weights get the planned architecture, biases included.
-        for path in new_biases(graph, comp) if comp else plan.bias_added:
-            _layer_config(config, path)["config"]["use_bias"] = True
-    custom = _custom_objects(model)
-    with keras.saving.custom_object_scope(custom):
-        new_model = model.__class__.from_config(config)
+        added = new_biases(graph, comp) if comp else list(plan.bias_added)
+    new_model, new_layers = rebuild(model, graph, kept, added, fresh=not reload_weights)
     if reload_weights:
-        _copy_weights(graph, new_model, kept, comp, weights)
+        _copy_weights(graph, new_layers, kept, comp, weights)
+    _restore_compile(model, new_model)
+    return new_model
+
+
+def _restore_compile(model: Any, new_model: Any) -> None:
     if getattr(model, "compiled", False):
         # Compile state is a convenience: a custom loss that cannot be rebuilt
         # from config must not fail the prune.
@@ -89,7 +102,6 @@ def apply_plan(
             new_model.compile_from_config(model.get_compile_config())
         except Exception:  # noqa: BLE001
             pass
-    return new_model
 
 
 def _match_groups(graph: ChannelGraph, plan: PruningPlan) -> dict[int, np.ndarray]:
@@ -119,94 +131,6 @@ def _match_groups(graph: ChannelGraph, plan: PruningPlan) -> dict[int, np.ndarra
     return out
 
 
-def _layer_config(config: dict[str, Any], path: str) -> dict[str, Any]:
-    """The config dict of the layer at ``path`` ("outer/inner") in a model config."""
-    node: dict[str, Any] = {"config": config}
-    for name in path.split("/"):
-        for entry in node["config"]["layers"]:
-            if entry.get("config", {}).get("name") == name or entry.get("name") == name:
-                node = entry
-                break
-        else:
-            raise PlanMismatchError(f"layer '{path}' not found in the model config")
-    return node
-
-
-def _edited_config(model: Any, graph: ChannelGraph, kept: KeptFn) -> dict[str, Any]:
-    """``model``'s config with every channel count changed to the kept one."""
-    config = copy.deepcopy(model.get_config())
-    _drop_build_configs(config)
-    for edit in graph.edits.values():
-        _apply_edit(config, edit, kept)
-    return config
-
-
-def _drop_build_configs(config: dict[str, Any]) -> None:
-    """Let layers build from the tensors they are called on.
-
-    A layer's ``build_config`` records its old input shape; rebuilding from
-    it would create weights of the old width. Nested models keep theirs,
-    corrected by the ``build_input_shape`` edits.
-    """
-    for entry in config.get("layers", []):
-        if "layers" in entry.get("config", {}):
-            _drop_build_configs(entry["config"])
-        else:
-            entry.pop("build_config", None)
-
-
-def _apply_edit(config: dict[str, Any], edit: ConfigEdit, kept: KeptFn) -> None:
-    entry = _layer_config(config, edit.layer)
-    cfg = entry["config"]
-    if edit.compute is not None:
-        cfg[edit.key] = edit.compute(cfg.get(edit.key), kept)
-        return
-    new = len(lay.kept_positions(edit.layout, kept))
-    if edit.key == "build_input_shape":
-        # Nested Sequential: its recorded build shape has the old width.
-        for holder in (cfg, entry.get("build_config") or {}):
-            for key in ("build_input_shape", "input_shape"):
-                if holder.get(key):
-                    holder[key] = [*holder[key][:-1], new]
-        return
-    if edit.kind == "size":
-        cfg[edit.key] = new
-    elif edit.kind == "last_dim":
-        shape = list(cfg[edit.key])
-        if shape[-1] not in (-1, None):
-            shape[-1] = new
-        cfg[edit.key] = shape
-    else:  # flat
-        cfg[edit.key] = [-1] if list(cfg[edit.key]) == [-1] else [new]
-
-
-def _custom_objects(model: Any) -> dict[str, Any]:
-    """Non-Keras layer classes in the model, so custom layers deserialize.
-
-    Keras's own classes are left to Keras: their short names collide (the
-    ``Add`` layer and the ``Add`` op) and Keras resolves them by module.
-    """
-    out: dict[str, Any] = {}
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        for layer in m.layers:
-            cls = type(layer)
-            if not cls.__module__.startswith("keras."):
-                out[cls.__name__] = cls
-                out[keras.saving.get_registered_name(cls)] = cls
-            if isinstance(layer, keras.Model):
-                stack.append(layer)
-    return out
-
-
-def _resolve(model: Any, path: str) -> Any:
-    layer = model
-    for name in path.split("/"):
-        layer = layer.get_layer(name)
-    return layer
-
-
 def _compensation(
     model: Any, graph: ChannelGraph, plan: PruningPlan, kept: KeptFn, weights: WeightGetter
 ) -> Compensation:
@@ -223,7 +147,7 @@ def _compensation(
 
 def _copy_weights(
     graph: ChannelGraph,
-    new_model: Any,
+    new_layers: dict[str, Any],
     kept: KeptFn,
     comp: Compensation | None,
     weights: WeightGetter,
@@ -247,4 +171,4 @@ def _copy_weights(
         added = bias_values(graph, comp, path, kept) if comp is not None else None
         if added is not None:
             values.append(added)  # Conv/Dense create their bias last
-        _resolve(new_model, path).set_weights(values)
+        new_layers[path].set_weights(values)

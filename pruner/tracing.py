@@ -17,12 +17,14 @@ from typing import Any
 
 # Sibling handler modules register on import.
 from secateur.pruner import handlers_attention, handlers_layers, handlers_ops  # noqa: F401
+from secateur.pruner import layout as lay
 from secateur.pruner._keras import keras
 from secateur.pruner.errors import UnsupportedModelError
 from secateur.pruner.graph import ChannelGraph, ConfigEdit
 from secateur.pruner.handlers import Call, Unsupported, handler_for
 from secateur.pruner.inline import inline_graph
 from secateur.pruner.layout import Layout
+from secateur.pruner.recreate import CALL_EDIT, custom_objects, recreate_error
 
 
 def functional_of(model: Any) -> Any:
@@ -79,7 +81,40 @@ def analyze(model: Any) -> ChannelGraph:
     outputs = trace_functional(graph, fn, "", inputs)
     for out in outputs:
         graph.freeze(out, "touches model output")
+    _freeze_unrecreatable(graph, model)
     return graph
+
+
+def _freeze_unrecreatable(graph: ChannelGraph, model: Any) -> None:
+    """Freeze the groups of every layer a plan could change but surgery cannot re-create.
+
+    Surgery re-creates a changed layer from its edited config; a class that
+    does not round-trip through ``get_config``/``from_config`` can only be
+    copied as it is, so its channels must stay. Checked once per layer, and
+    only for layers with a weight axis or config entry in a prunable space.
+    """
+    layouts: dict[str, list[Layout]] = {}
+    for (path, _), per_axis in graph.axes.items():
+        layouts.setdefault(path, []).extend(ax.layout for ax in per_axis.values())
+    for edit in graph.edits.values():
+        if not edit.key.startswith(CALL_EDIT):
+            layouts.setdefault(edit.layer, []).append(edit.layout)
+    custom: dict[str, Any] | None = None
+    for path, los in layouts.items():
+        op = graph.operations.get(path)
+        if op is None or is_graph_model(op):
+            continue  # nested models and their inputs are rebuilt structurally
+        if all(graph.spaces[s].frozen for lo in los for s in lay.spaces(lo)):
+            continue
+        if custom is None:
+            custom = custom_objects(model)
+        why = recreate_error(op, custom)
+        if why is not None:
+            cls, why = type(op).__name__, f"cannot be re-created from its config: {why}"
+            reason = f"layer '{path}' ({cls}): {why}"
+            graph.unsupported.append((path, cls, why))
+            for lo in los:
+                graph.freeze(lo, reason)
 
 
 def trace_functional(
@@ -107,6 +142,7 @@ def trace_node(graph: ChannelGraph, node: Any, prefix: str, ins: list[Layout]) -
         return _trace_nested(graph, op, path, ins)
     if (sub := inline_graph(node)) is not None:
         return trace_functional(graph, sub, path + "/", ins)  # a block, through its sub-layers
+    graph.operations.setdefault(path, op)
     if getattr(op, "weights", None):
         graph.layers.setdefault(path, op)
     call = Call(
