@@ -258,3 +258,33 @@ def test_taylor_channelsByTaylor_headsFallBackToL1_deadHeadsRemoved() -> None:
     heads = [g for g in plan.groups if g.kind == "heads"]
     assert all(g.criterion == "l1" and "taylor" in (g.fallback or "") for g in heads)
     assert {g.criterion for g in plan.groups if g.kind == "channels" and g.pruned} == {"taylor"}
+
+
+@pytest.mark.parametrize("use_gate", [False, True])
+def test_groupedQueryAttention_deadKeyValueHead_removedWithItsQueryHeads_exact(use_gate) -> None:
+    inp = keras.Input((6, 5))
+    x = L.Dense(12, name="embed")(inp)
+    gqa = L.GroupQueryAttention(4, 4, 2, use_gate=use_gate, name="gqa")  # head_dim 4
+    x = L.Add(name="add")([x, gqa(x, x)])
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling1D()(x)))
+    randomize_all(model)
+    layer = model.get_layer("gqa")
+    # Key/value head 1 serves query heads 2 and 3 (each repeated r = 2 times).
+    for dense, dead in (
+        (layer._key_dense, 1),
+        (layer._value_dense, 1),
+        (layer._query_dense, [2, 3]),
+    ):
+        kernel, bias = [w.numpy() for w in dense.weights]
+        kernel[:, dead], bias[dead] = 0.0, 0.0
+        dense.set_weights([kernel, bias])
+    kernel, bias = [w.numpy() for w in layer._output_dense.weights]
+    kernel[[2, 3]] = 0.0
+    layer._output_dense.set_weights([kernel, bias])
+    plan = make_plan(model, PruneSpec(ratio=0.0, head_ratio=0.5, criterion="l1"))
+    assert _heads(plan) == {"gqa:heads": [0]}
+    pruned = apply_plan(model, plan)
+    new = pruned.get_layer("gqa")
+    assert (new.num_query_heads, new.num_key_value_heads, new.head_dim) == (2, 1, 4)
+    assert pruned.count_params() == plan.params_after
+    assert_same_outputs(model, pruned, tokens(), tol=1e-5)
