@@ -123,7 +123,21 @@ def _group_norm(x):
     return L.Conv2D(4, 1, name="c")(x)
 
 
+def _qkv(x):
+    """A Dense(3d) split into q, k, v: each part pruned on its own, q and k coupled."""
+    q, k, v = ops.split(L.Dense(12, name="qkv")(x), 3, axis=-1)
+    return L.Dense(4, name="out")(ops.relu(q * k) + v)
+
+
+def _concat_plus_conv(x):
+    """concat(a, b) + c: c's filters are cut at the concat boundary, not frozen."""
+    cat = ops.concatenate([conv_bn(4, "pa")(x), conv_bn(6, "pb")(x)], axis=-1)
+    return L.Conv2D(4, 1)(ops.relu(cat + conv_bn(10, "pc")(x)))
+
+
 CASES: dict[str, tuple[tuple[int, ...], Callable]] = {
+    "dense_qkv_split": ((5, 6), _qkv),
+    "concat_plus_conv": ((6, 6, 3), _concat_plus_conv),
     "csp_split_concat": ((6, 6, 3), _csp),
     "split_uneven_sections": ((6, 6, 3), _split_uneven),
     "split_other_axis": ((6, 6, 3), _split_other_axis),
@@ -170,6 +184,13 @@ def test_cspBlock_halvesPrunedIndependently_notFrozen() -> None:
     halves = [by_origin["stem[0:8]"], by_origin["stem[8:16]"]]
     assert all(not g.frozen and g.pruned for g in halves)
     assert not by_origin["inner"].frozen
+
+
+def test_concatAddedToOneConv_cutsItsFilters() -> None:
+    model = randomize(_wrap((6, 6, 3), _concat_plus_conv))
+    plan = make_plan(model, PruneSpec(ratio=0.5, criterion="random", seed=1))
+    keys = {tuple(sorted(g.origins)) for g in plan.groups if not g.frozen}
+    assert {("pa", "pc[0:4]"), ("pb", "pc[4:10]")} <= keys
 
 
 def test_seBlock_expandedWidthPrunable() -> None:
