@@ -55,6 +55,7 @@ INLINE: dict[str, tuple[str, ...]] = {
         "HGNetV2ConvLayerLight",
     ),
     "vit.vit_layers": ("ViTEncoder", "ViTEncoderBlock", "MLP"),
+    "vit_det.vit_layers": ("ViTDetPatchingAndEmbedding",),
     "dinov2.dinov2_layers": ("DINOV2Encoder", "DINOV2Layer", "DINOV2Attention", "DINOV2MLP"),
     "dinov3.dinov3_layers": ("DINOV3Encoder", "DINOV3Layer", "DINOV3MLP"),
     "clip.clip_layers": ("CLIPEncoderLayer",),
@@ -69,6 +70,40 @@ DROP_PATH: dict[str, str] = {
     "mobilenetv5.mobilenetv5_layers": "DropPath",
     "dinov2.dinov2_layers": "DINOV2DropPath",
     "dinov3.dinov3_layers": "DINOV3DropPath",
+}
+
+_RESHAPES = "its call reshapes with sizes read when it runs (the batch size)"
+_EMBEDS = "a patch embedding with class tokens and position embeddings is not traced"
+# Layers that neither inline nor have a handler: why, for the plan report.
+OPAQUE: dict[str, dict[str, str]] = {
+    "swin_transformer.swin_transformer_layers": dict.fromkeys(
+        (
+            "SwinTransformerStage",
+            "SwinTransformerBlock",
+            "WindowAttention",
+            "PatchMerging",
+            "PatchEmbedding",
+        ),
+        _RESHAPES,
+    ),
+    "mit.mit_layers": dict.fromkeys(("MixFFN", "SegFormerMultiheadAttention"), _RESHAPES),
+    "vit.vit_layers": {"ViTPatchingAndEmbedding": _EMBEDS},
+    "vit_det.vit_layers": {
+        "WindowedTransformerEncoder": _RESHAPES,
+        "MultiHeadAttentionWithRelativePE": _RESHAPES,
+        "AddPositionalEmbedding": "it adds position embeddings, which are not traced",
+    },
+    "deit.deit_layers": {
+        "DeiTEncoder": "its blocks return None for the attention scores",
+        "DeiTEmbeddings": _EMBEDS,
+    },
+    "dinov2.dinov2_layers": {"DINOV2Embedding": _EMBEDS},
+    "dinov3.dinov3_layers": {
+        "DINOV3Embedding": _EMBEDS,
+        "DINOV3RopePositionEmbedding": "it computes rotary position tables",
+        "DINOV3Attention": "its rotary position attention is not traced",
+    },
+    "clip.clip_layers": {"CLIPVisionEmbedding": _EMBEDS},
 }
 
 _done = False
@@ -96,6 +131,9 @@ def ensure_registered() -> None:
     affine_block = _classes("hgnetv2.hgnetv2_layers", ("HGNetV2LearnableAffineBlock",))
     register_handler(*affine_block)(_passthrough)
     register_rule(*affine_block)(_scalar_affine)
+    for module, reasons in OPAQUE.items():
+        for cls in _classes(module, tuple(reasons)):
+            register_handler(cls)(_opaque(reasons[cls.__name__]))
 
 
 def _classes(module: str, names: tuple[str, ...]) -> list[type]:
@@ -112,6 +150,16 @@ def _classes(module: str, names: tuple[str, ...]) -> list[type]:
 def _passthrough(c: Call) -> list[Layout]:
     """Drop-path and scalar affine: each channel maps onto itself."""
     return [c.x]
+
+
+def _opaque(reason: str) -> Any:
+    def handler(c: Call) -> list[Layout]:
+        raise Unsupported(
+            f"keras-hub block layer: {reason}, so it does not record as a graph of "
+            "layers and the channels it touches cannot be traced"
+        )
+
+    return handler
 
 
 def _channels_last(c: Call) -> None:

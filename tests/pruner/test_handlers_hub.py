@@ -185,12 +185,14 @@ def test_transformerBlock_mlpUnits_prunedExactly(case: str) -> None:
     _prune_dead_exactly(model, _images((5, 8)), must_prune=("b/",))
 
 
-def test_blockClassNotInlined_freezesWithItsName() -> None:
-    """A keras-hub layer that is neither handled nor inlined says which it is."""
+def test_blockClassNotInlined_freezesWithItsReason() -> None:
+    """A keras-hub layer that is neither handled nor inlined says why."""
     from keras_hub.src.models.vit.vit_layers import ViTPatchingAndEmbedding
 
     inp = keras.Input((8, 8, 3))
     embed = ViTPatchingAndEmbedding(image_size=(8, 8), patch_size=(4, 4), hidden_dim=8)
     x = embed(inp)
     model = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
-    assert [c for _, c, _ in analyze(model).unsupported] == ["ViTPatchingAndEmbedding"]
+    [(_, cls, why)] = analyze(model).unsupported
+    assert cls == "ViTPatchingAndEmbedding"
+    assert why.startswith("keras-hub block layer: a patch embedding"), why
