@@ -288,3 +288,12 @@ def test_groupedQueryAttention_deadKeyValueHead_removedWithItsQueryHeads_exact(u
     assert (new.num_query_heads, new.num_key_value_heads, new.head_dim) == (2, 1, 4)
     assert pruned.count_params() == plan.params_after
     assert_same_outputs(model, pruned, tokens(), tol=1e-5)
+
+
+def test_excludedAttentionLayer_keepsItsHeads_layerwiseScopeCutsEachLayer() -> None:
+    spec = PruneSpec(ratio=0.0, head_ratio=0.5, scope="layerwise", exclude=("b0_mha",))
+    plan = make_plan(vit(), spec)
+    by_origin = {g.origins[0]: g for g in plan.groups if g.kind == "heads"}
+    assert by_origin["b0_mha:heads"].size_after == 4
+    assert "excluded" in by_origin["b0_mha:heads"].frozen[0]
+    assert by_origin["b1_mha:heads"].size_after == 2
