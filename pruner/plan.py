@@ -68,6 +68,9 @@ class GroupPlan:
         kind: ``"channels"``, or ``"heads"`` for the heads of an attention
             layer (sizes and indices count heads; ``PruneSpec.head_ratio``
             allocates them). Plans without it are channel plans.
+        unit: channels per index when the group prunes whole blocks (the
+            groups of a grouped Conv or GroupNormalization): sizes and
+            indices count blocks of ``unit`` consecutive channels.
     """
 
     id: int
@@ -82,6 +85,7 @@ class GroupPlan:
     notes: list[str] = field(default_factory=list)
     compensated: list[int] = field(default_factory=list)
     kind: str = "channels"
+    unit: int = 1
 
     @property
     def pruned(self) -> bool:
@@ -436,6 +440,7 @@ def _build_plan(
                 frozen=list(g.frozen) or ([] if g.size > 1 else [f"a single {_unit(g)}"]),
                 notes=list(g.notes),
                 kind=g.kind,
+                unit=g.unit,
             )
         )
     params_before, flops_before = graph.count()

@@ -206,6 +206,8 @@ def test_groupedConv_prunesWholeGroups() -> None:
     plan = _pruned_exactly(model, PruneSpec(ratio=0.5, criterion="random", seed=1), (6, 6, 3))
     (grp,) = [g for g in plan.groups if any(o.startswith("grouped") for o in g.origins)]
     assert grp.size_before == 4 and not grp.frozen and grp.pruned
+    assert grp.unit == 2
+    assert PruningPlan.from_dict(json.loads(plan.to_json())).groups[grp.id].unit == 2
     graph = analyze(model)
     # A unit is a whole group: 4 input channels of 'p' and 2 outputs of 'grouped'.
     assert [g.unit for g in graph.groups() if g.key == tuple(sorted(grp.origins))] == [2]
