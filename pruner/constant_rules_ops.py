@@ -105,6 +105,25 @@ def _resize(ctx: Ctx) -> list[State] | None:
     return [ctx.x]  # interpolation weights add up to one
 
 
+@register_rule(keras.layers.GroupNormalization)
+def _group_norm(ctx: Ctx) -> list[State] | None:
+    """A group whose channels are all exact constants normalises to exact constants."""
+    layer, x = ctx.layer, ctx.x
+    n = len(x.mean)
+    if not _channel_axis(ctx, layer.axis):
+        return None
+    groups = n if int(layer.groups) == -1 else int(layer.groups)
+    exact = np.repeat(x.is_exact.reshape(groups, -1).all(axis=1), n // groups)
+    ctx.lose(0, x.live_constant & ~exact)
+    m = x.mean.reshape(groups, -1)
+    centred = m - m.mean(axis=1, keepdims=True)
+    var = np.mean(np.square(centred), axis=1, keepdims=True)
+    gamma, beta = ctx.value("gamma"), ctx.value("beta")
+    out = (centred / np.sqrt(var + float(layer.epsilon))).reshape(-1)
+    out = out * (1.0 if gamma is None else gamma) + (0.0 if beta is None else beta)
+    return [State.exact(out, exact)]
+
+
 _RULES = {
     "numpy.Split": _split,
     "numpy.GetItem": _get_item,

@@ -135,7 +135,14 @@ def _concat_plus_conv(x):
     return L.Conv2D(4, 1)(ops.relu(cat + conv_bn(10, "pc")(x)))
 
 
+def _group_norm_sigmoid(x):
+    """sigmoid after GroupNormalization: a removed dead group outputs 0.5, folded."""
+    x = L.GroupNormalization(groups=4, name="gn")(L.Conv2D(8, 3, name="p")(x))
+    return L.Conv2D(4, 1, name="c")(ops.sigmoid(x))
+
+
 CASES: dict[str, tuple[tuple[int, ...], Callable]] = {
+    "group_norm_sigmoid": ((6, 6, 3), _group_norm_sigmoid),
     "dense_qkv_split": ((5, 6), _qkv),
     "concat_plus_conv": ((6, 6, 3), _concat_plus_conv),
     "csp_split_concat": ((6, 6, 3), _csp),
