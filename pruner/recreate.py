@@ -104,8 +104,9 @@ def copy_layer(layer: Any) -> Any:
 def _keras_objects(root: Any) -> tuple[list[Any], list[Any]]:
     """Keras-saveable objects (layers, ops, ...) reachable from ``root``, and modules.
 
-    Only Keras's (and Keras libraries') own objects are searched; modules
-    they hold (a seed generator's backend) cannot be copied and are shared.
+    Keras objects and the other objects of Keras's (and Keras libraries')
+    own classes are searched; modules they hold (a seed generator's backend)
+    cannot be copied and are shared.
     """
     from keras.src.saving.keras_saveable import KerasSaveable
 
@@ -124,7 +125,9 @@ def _keras_objects(root: Any) -> tuple[list[Any], list[Any]]:
             stack.extend(obj)
         elif isinstance(obj, dict):
             stack.extend(obj.values())
-        elif type(obj).__module__.startswith("keras") and hasattr(obj, "__dict__"):
+        elif isinstance(obj, KerasSaveable) or (
+            type(obj).__module__.startswith("keras") and hasattr(obj, "__dict__")
+        ):
             if isinstance(obj, KerasSaveable):
                 found[id(obj)] = obj
             stack.extend(v for k, v in vars(obj).items() if k not in _NODE_ATTRS)

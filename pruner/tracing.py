@@ -90,8 +90,9 @@ def _freeze_unrecreatable(graph: ChannelGraph, model: Any) -> None:
 
     Surgery re-creates a changed layer from its edited config; a class that
     does not round-trip through ``get_config``/``from_config`` can only be
-    copied as it is, so its channels must stay. Checked once per layer, and
-    only for layers with a weight axis or config entry in a prunable space.
+    copied as it is, so its channels must stay. Checked once per layer (once
+    per class for Keras's own layers), and only for layers with a weight axis
+    or config entry in a prunable space.
     """
     layouts: dict[str, list[Layout]] = {}
     for (path, _), per_axis in graph.axes.items():
@@ -100,15 +101,18 @@ def _freeze_unrecreatable(graph: ChannelGraph, model: Any) -> None:
         if not edit.key.startswith(CALL_EDIT):
             layouts.setdefault(edit.layer, []).append(edit.layout)
     custom: dict[str, Any] | None = None
+    builtin_ok: set[type] = set()  # Keras's own classes: one instance checked is enough
     for path, los in layouts.items():
         op = graph.operations.get(path)
-        if op is None or is_graph_model(op):
+        if op is None or is_graph_model(op) or type(op) in builtin_ok:
             continue  # nested models and their inputs are rebuilt structurally
         if all(graph.spaces[s].frozen for lo in los for s in lay.spaces(lo)):
             continue
         if custom is None:
             custom = custom_objects(model)
         why = recreate_error(op, custom)
+        if why is None and type(op).__module__.startswith("keras.src."):
+            builtin_ok.add(type(op))
         if why is not None:
             cls, why = type(op).__name__, f"cannot be re-created from its config: {why}"
             reason = f"layer '{path}' ({cls}): {why}"
