@@ -139,6 +139,8 @@ _RULES = {
     "numpy.ExpandDims": _same,
     "numpy.Squeeze": _same,
     "numpy.Maximum": _merge,
+    "numpy.Reshape": _same,
+    "numpy.Transpose": _same,
     "numpy.Minimum": _merge,
 }
 

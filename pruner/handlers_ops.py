@@ -170,6 +170,33 @@ def _squeeze(c: Call) -> list[Layout]:
     return [c.x]
 
 
+def _reshape(c: Call) -> list[Layout]:
+    """A reshape keeping the last axis keeps every channel's index (row-major order)."""
+    channels = c.in_shapes[0][-1]
+    if channels is None or c.out_shapes[0][-1] != channels:
+        raise Unsupported(
+            f"reshape {c.in_shapes[0][1:]} -> {c.out_shapes[0][1:]} does not keep the channel axis"
+        )
+    graph, x = c.graph, c.x
+
+    def newshape(old: Any, kept: KeptFn) -> Any:
+        shape = list(old)
+        if shape and shape[-1] == channels:  # -1 or None is inferred again
+            shape[-1] = len(lay.kept_positions(graph.expand(x), kept))
+        return type(old)(shape) if isinstance(old, (list, tuple)) else shape
+
+    graph.add_edit(ConfigEdit(c.path, "newshape", x, compute=newshape))
+    return [x]
+
+
+def _transpose(c: Call) -> list[Layout]:
+    rank = len(c.in_shapes[0])
+    axes = c.layer.axes
+    if axes is None or int(list(axes)[-1]) % rank != rank - 1:
+        raise Unsupported(f"permutation {axes} moves the channel axis")
+    return [c.x]
+
+
 def _binary(c: Call) -> list[Layout]:
     """maximum / minimum: scalars broadcast; tensors share channels."""
     for arg in c.node.arguments._flat_arguments:
@@ -292,6 +319,8 @@ _HANDLERS: dict[str, Callable[[Call], list[Layout]]] = {
     "numpy.ExpandDims": _expand_dims,
     "numpy.Squeeze": _squeeze,
     "numpy.Maximum": _binary,
+    "numpy.Reshape": _reshape,
+    "numpy.Transpose": _transpose,
     "numpy.Minimum": _binary,
 }
 

@@ -141,7 +141,15 @@ def _group_norm_sigmoid(x):
     return L.Conv2D(4, 1, name="c")(ops.sigmoid(x))
 
 
+def _reshape_transpose(x):
+    """(B, H, W, C) -> (B, H*W, C) -> (B, W*H, C) and back: channels keep their index."""
+    x = ops.relu(conv_bn(8, "p")(x))
+    t = ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, 36, 8))
+    return L.Conv2D(4, 1, name="c")(ops.reshape(ops.sigmoid(t), (-1, 6, 6, 8)))
+
+
 CASES: dict[str, tuple[tuple[int, ...], Callable]] = {
+    "reshape_transpose": ((6, 6, 3), _reshape_transpose),
     "group_norm_sigmoid": ((6, 6, 3), _group_norm_sigmoid),
     "dense_qkv_split": ((5, 6), _qkv),
     "concat_plus_conv": ((6, 6, 3), _concat_plus_conv),
@@ -274,6 +282,8 @@ def _strided_channels(x):
         (_mean_channels, "reduces the channel axis"),
         (_pad_channels, "pads the channel axis"),
         (_strided_channels, "not a static range"),
+        (lambda x: ops.reshape(conv_bn(8, "p")(x), (-1, 6, 12, 4)), "does not keep the channel"),
+        (lambda x: ops.transpose(conv_bn(8, "p")(x), (0, 3, 1, 2)), "moves the channel axis"),
     ],
 )
 def test_channelMixingOps_freezeWithReason(body, why: str) -> None:
