@@ -297,3 +297,17 @@ def test_excludedAttentionLayer_keepsItsHeads_layerwiseScopeCutsEachLayer() -> N
     assert by_origin["b0_mha:heads"].size_after == 4
     assert "excluded" in by_origin["b0_mha:heads"].frozen[0]
     assert by_origin["b1_mha:heads"].size_after == 2
+
+
+def test_headPlan_replaysOnSavedAndReloadedModel(tmp_path) -> None:
+    model = vit(blocks=1)
+    randomize_all(model)
+    plan = make_plan(model, PruneSpec(ratio=0.2, head_ratio=0.5, criterion="l1"))
+    path = str(tmp_path / "vit.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    replayed = apply_plan(reloaded, PruningPlan.from_dict(plan.to_dict()))
+    assert replayed.get_layer("b0_mha").num_heads == 2
+    np.testing.assert_array_equal(
+        np.asarray(replayed(tokens())), np.asarray(apply_plan(model, plan)(tokens()))
+    )
