@@ -55,11 +55,30 @@ INLINE: dict[str, tuple[str, ...]] = {
         "HGNetV2ConvLayerLight",
     ),
     "vit.vit_layers": ("ViTEncoder", "ViTEncoderBlock", "MLP"),
-    "vit_det.vit_layers": ("ViTDetPatchingAndEmbedding",),
     "dinov2.dinov2_layers": ("DINOV2Encoder", "DINOV2Layer", "DINOV2Attention", "DINOV2MLP"),
     "dinov3.dinov3_layers": ("DINOV3Encoder", "DINOV3Layer", "DINOV3MLP"),
     "clip.clip_layers": ("CLIPEncoderLayer",),
-    "mit.mit_layers": ("HierarchicalTransformerEncoder", "OverlappingPatchingAndEmbedding"),
+    "mit.mit_layers": (
+        "HierarchicalTransformerEncoder",
+        "OverlappingPatchingAndEmbedding",
+        "MixFFN",
+        "SegFormerMultiheadAttention",
+    ),
+    "swin_transformer.swin_transformer_layers": (
+        "SwinTransformerStage",
+        "SwinTransformerBlock",
+        "WindowAttention",
+        "PatchMerging",
+        "PatchEmbedding",
+        "Mlp",
+    ),
+    "vit_det.vit_layers": (
+        "ViTDetPatchingAndEmbedding",
+        "WindowedTransformerEncoder",
+        "MultiHeadAttentionWithRelativePE",
+        "WindowPartitioning",
+        "MLP",
+    ),
     "deeplab_v3.deeplab_v3_layers": ("SpatialPyramidPooling",),
     "retinanet.feature_pyramid": ("FeaturePyramid",),
 }
@@ -72,9 +91,10 @@ DROP_PATH: dict[str, str] = {
     "dinov3.dinov3_layers": "DINOV3DropPath",
 }
 
-_RESHAPES = "its call reshapes with sizes read when it runs (the batch size)"
+_RESHAPES = "it does not inline (its call reshapes or moves the channel axis)"
 _EMBEDS = "a patch embedding with class tokens and position embeddings is not traced"
-# Layers that neither inline nor have a handler: why, for the plan report.
+# Why a layer stays opaque, for the plan report: it has no handler, and
+# inlining (tried first for the classes above) failed or is not offered.
 OPAQUE: dict[str, dict[str, str]] = {
     "swin_transformer.swin_transformer_layers": dict.fromkeys(
         (
@@ -155,8 +175,7 @@ def _passthrough(c: Call) -> list[Layout]:
 def _opaque(reason: str) -> Any:
     def handler(c: Call) -> list[Layout]:
         raise Unsupported(
-            f"keras-hub block layer: {reason}, so it does not record as a graph of "
-            "layers and the channels it touches cannot be traced"
+            f"keras-hub block layer: {reason}, so the channels it touches cannot be traced"
         )
 
     return handler

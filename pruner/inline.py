@@ -19,9 +19,12 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import numpy as np
+
 from secateur.pruner._keras import keras
 from secateur.pruner.handlers import handler_for
 
+_KNP = "keras.src.ops.numpy"
 _INLINABLE: set[type] = set()
 # node -> its inlined graph (or None); entries go with the model's graph.
 _CACHE: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -46,13 +49,15 @@ def inline_graph(node: Any) -> Any | None:
         A functional ``keras.Model`` whose inputs match ``node.input_tensors``
         and whose outputs match ``node.outputs``, one to one and in order,
         built from the layer's own sub-layers; the same object on every call.
-        None when the layer's class has a handler, is not registered for
-        inlining, or its ``call`` does not record as a graph (it then stays
-        one opaque layer).
+        None when the layer's class is not registered for inlining or its
+        ``call`` does not record as a graph that computes what the layer
+        does (it then stays one layer, traced by its handler if any).
     """
-    # A registered handler wins; looking one up also registers optional
-    # libraries' inlinable classes (handlers.on_registry_miss).
-    if handler_for(node.operation) is not None or type(node.operation) not in _INLINABLE:
+    # Looking a handler up registers optional libraries' classes
+    # (handlers.on_registry_miss). Inlining wins: a handler registered for
+    # an inlinable class only says why it stays opaque when inlining fails.
+    handler_for(node.operation)
+    if type(node.operation) not in _INLINABLE:
         return None
     if node not in _CACHE:
         _CACHE[node] = _build(node)
@@ -78,10 +83,82 @@ def _build(node: Any) -> Any | None:
         out = node.operation.call(*args, **kwargs)
         outs = keras.tree.flatten(out)
         if len(outs) != len(node.outputs) or not all(
-            isinstance(t, keras.KerasTensor) and tuple(t.shape) == tuple(o.shape)
+            isinstance(t, keras.KerasTensor) and _compatible(t.shape, o.shape)
             for t, o in zip(outs, node.outputs)
         ):
             return None
-        return keras.Model([fresh[i] for i in ids], outs, name=node.operation.name)
+        model = keras.Model([fresh[i] for i in ids], outs, name=node.operation.name)
+        if not _pin_batch_reshapes(model) or not _same_outputs(node, model):
+            return None
+        return model
     except Exception:  # noqa: BLE001 - any failure leaves the layer opaque
         return None
+
+
+def _compatible(a: Any, b: Any) -> bool:
+    """Shapes of one rank that agree wherever both are known."""
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
+def _pin_batch_reshapes(model: Any) -> bool:
+    """Let reshapes recorded with the unknown batch size run on any batch.
+
+    ``ops.reshape(x, (ops.shape(x)[0], h, w, c))`` records ``None`` for the
+    batch size, which only a symbolic tensor accepts. When every other size
+    of the input is known, ``(-1, h, w, c)`` (with any ``-1`` among the
+    others worked out) is the same reshape. False for a recorded reshape
+    that cannot be pinned so.
+    """
+    for node in (n for nodes in model._nodes_by_depth.values() for n in nodes):
+        op = node.operation
+        if type(op).__name__ != "Reshape" or type(op).__module__ != _KNP:
+            continue
+        shape = list(op.newshape)
+        if None not in shape:
+            continue
+        rest = _batch_free(shape, tuple(node.input_tensors[0].shape))
+        if rest is None:
+            return False
+        op.newshape = (-1, *rest)
+        auto = getattr(op, "_auto_config", None)
+        if auto is not None:
+            auto.config["newshape"] = op.newshape
+    return True
+
+
+def _batch_free(shape: list[Any], in_shape: tuple[Any, ...]) -> list[int] | None:
+    """The sizes after the batch of ``reshape(x, shape)``, all known, or None."""
+    rest = shape[1:]
+    if shape[0] is not None or None in rest or rest.count(-1) > 1:
+        return None
+    if any(d is None for d in in_shape[1:]):
+        return None
+    total = int(np.prod(in_shape[1:], dtype=np.int64))
+    known = int(np.prod([d for d in rest if d != -1], dtype=np.int64))
+    if -1 in rest:
+        if known == 0 or total % known:
+            return None
+        rest[rest.index(-1)] = total // known
+    elif known != total:
+        return None
+    return [int(d) for d in rest]
+
+
+def _same_outputs(node: Any, model: Any) -> bool:
+    """The inlined graph computes what the layer does, on a random batch of 2.
+
+    Skipped (trusted) when an input has unknown sizes besides the batch.
+    """
+    shapes = [tuple(t.shape) for t in node.input_tensors]
+    if any(d is None for s in shapes for d in s[1:]) or any(
+        not str(t.dtype).startswith("float") for t in node.input_tensors
+    ):
+        return True
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(2, *s[1:])).astype(t.dtype) for s, t in zip(shapes, node.input_tensors)]
+    args, kwargs = node.arguments.fill_in({id(t): x for t, x in zip(node.input_tensors, xs)})
+    want = keras.tree.flatten(node.operation(*args, **kwargs))
+    got = keras.tree.flatten(model(xs))
+    return all(
+        np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5) for a, b in zip(want, got)
+    )
