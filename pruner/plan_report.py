@@ -48,11 +48,16 @@ def _channel_groups(groups: Iterable[Any]) -> list[Any]:
     return [g for g in groups if getattr(g, "kind", "channels") == "channels"]
 
 
+def _channels(group: Any) -> int:
+    # A group pruned in whole blocks counts blocks of ``unit`` channels.
+    return int(group.size_before) * int(getattr(group, "unit", 1) or 1)
+
+
 def prunable_share(groups: Iterable[Any]) -> float:
     """Share of all channels that lie in groups the plan may prune."""
     channel_groups = _channel_groups(groups)
-    total = sum(g.size_before for g in channel_groups)
-    free = sum(g.size_before for g in channel_groups if not g.frozen)
+    total = sum(_channels(g) for g in channel_groups)
+    free = sum(_channels(g) for g in channel_groups if not g.frozen)
     return free / total if total else 0.0
 
 
@@ -63,7 +68,7 @@ def frozen_reasons(groups: Iterable[Any]) -> list[FrozenReason]:
     examples: dict[str, str] = {}
     for g in _channel_groups(groups):
         for key, raw in {normalise_reason(r): r for r in reversed(g.frozen)}.items():
-            channels[key] = channels.get(key, 0) + g.size_before
+            channels[key] = channels.get(key, 0) + _channels(g)
             counts[key] = counts.get(key, 0) + 1
             examples.setdefault(key, raw)
     return sorted(

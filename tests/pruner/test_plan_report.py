@@ -39,8 +39,11 @@ def _two_unknown_layers() -> keras.Model:
     return keras.Model(inp, layers.Dense(2, name="head")(x))
 
 
-def _group(gid: int, size: int, frozen: list[str], kind: str = "channels") -> GroupPlan:
-    return GroupPlan(gid, [f"g{gid}"], [], size, size, list(range(size)), frozen=frozen, kind=kind)
+def _group(
+    gid: int, size: int, frozen: list[str], kind: str = "channels", unit: int = 1
+) -> GroupPlan:
+    keep = list(range(size))
+    return GroupPlan(gid, [f"g{gid}"], [], size, size, keep, frozen=frozen, kind=kind, unit=unit)
 
 
 @pytest.mark.parametrize(
@@ -65,8 +68,8 @@ def test_frozenReasons_sumChannelsPerReason_mostFirst_headsApart() -> None:
         _group(0, 3, ["touches model input"]),
         _group(1, 16, ["layer 'a/se' (SE): layer class is not in the registry"]),
         _group(2, 32, ["layer 'b/se' (SE): layer class is not in the registry", "a note 'x'"]),
-        _group(3, 64, []),
-        _group(4, 40, ["'add' couples channels of different layouts"]),
+        _group(3, 16, [], unit=4),  # 16 blocks of 4 channels: 64 channels
+        _group(4, 10, ["'add' couples channels of different layouts"], unit=4),
         _group(5, 4, ["a single head"], kind="heads"),
     ]
     reasons = frozen_reasons(groups)
