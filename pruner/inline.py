@@ -88,7 +88,8 @@ def _build(node: Any) -> Any | None:
         ):
             return None
         model = keras.Model([fresh[i] for i in ids], outs, name=node.operation.name)
-        if not _pin_batch_reshapes(model) or not _same_outputs(node, model):
+        model = _pin_batch_reshapes(model)
+        if model is None or not _same_outputs(node, model):
             return None
         return model
     except Exception:  # noqa: BLE001 - any failure leaves the layer opaque
@@ -100,30 +101,42 @@ def _compatible(a: Any, b: Any) -> bool:
     return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
-def _pin_batch_reshapes(model: Any) -> bool:
-    """Let reshapes recorded with the unknown batch size run on any batch.
+def _pin_batch_reshapes(model: Any) -> Any | None:
+    """The graph again, with reshapes that hold the unknown batch size pinned.
 
     ``ops.reshape(x, (ops.shape(x)[0], h, w, c))`` records ``None`` for the
     batch size, which only a symbolic tensor accepts. When every other size
-    of the input is known, ``(-1, h, w, c)`` (with any ``-1`` among the
-    others worked out) is the same reshape. False for a recorded reshape
-    that cannot be pinned so.
+    of its input is known, ``(-1, h, w, c)`` (any ``-1`` among the others
+    worked out) is the same reshape. The graph is replayed in order so each
+    pinned reshape gives the sizes the next one needs. None when a recorded
+    reshape cannot be pinned so.
     """
-    for node in (n for nodes in model._nodes_by_depth.values() for n in nodes):
+    by_depth = model._nodes_by_depth
+    nodes = [n for d in sorted(by_depth, reverse=True) for n in by_depth[d]]
+    if not any(_is_reshape(n.operation) and None in tuple(n.operation.newshape) for n in nodes):
+        return model
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in model.inputs]
+    tensors: dict[int, Any] = {id(t): new for t, new in zip(model.inputs, inputs)}
+    for node in nodes:
+        if node.is_input or node.operation is None:
+            continue
         op = node.operation
-        if type(op).__name__ != "Reshape" or type(op).__module__ != _KNP:
-            continue
-        shape = list(op.newshape)
-        if None not in shape:
-            continue
-        rest = _batch_free(shape, tuple(node.input_tensors[0].shape))
-        if rest is None:
-            return False
-        op.newshape = (-1, *rest)
-        auto = getattr(op, "_auto_config", None)
-        if auto is not None:
-            auto.config["newshape"] = op.newshape
-    return True
+        if _is_reshape(op) and None in tuple(op.newshape):
+            rest = _batch_free(list(op.newshape), tuple(tensors[id(node.input_tensors[0])].shape))
+            if rest is None:
+                return None
+            op.newshape = (-1, *rest)
+            auto = getattr(op, "_auto_config", None)
+            if auto is not None:
+                auto.config["newshape"] = op.newshape
+        args, kwargs = node.arguments.fill_in(tensors)
+        for old, new in zip(node.outputs, keras.tree.flatten(op(*args, **kwargs))):
+            tensors[id(old)] = new
+    return keras.Model(inputs, [tensors[id(t)] for t in model.outputs], name=model.name)
+
+
+def _is_reshape(op: Any) -> bool:
+    return type(op).__name__ == "Reshape" and type(op).__module__ == _KNP
 
 
 def _batch_free(shape: list[Any], in_shape: tuple[Any, ...]) -> list[int] | None:

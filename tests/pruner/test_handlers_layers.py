@@ -1,4 +1,4 @@
-"""EinsumDense: traced like Dense when the equation contracts the channels."""
+"""EinsumDense, traced like Dense, and composite layers traced through their sub-layers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from secateur.pruner import PruneSpec, analyze, apply_plan, make_plan
 from secateur.pruner.handlers import Unsupported
 from secateur.pruner.handlers_layers import einsum_axes
+from secateur.pruner.inline import register_inline
 
 from .conftest import assert_same_outputs, kill_pruned_channels, randomize
 
@@ -76,3 +77,58 @@ def test_einsumDense_biasOverOtherAxes_freezesWithReason() -> None:
     model = _einsum_model("abc,cde->abde", (4, 2, 10), "d", (4, 6))
     groups = {o: g for g in analyze(model).groups() for o in g.origins}
     assert any("bias_axes='d'" in r for r in groups["p"].frozen), groups["p"].frozen
+
+
+# -- inlining: a composite layer traced through its sub-layers ------------------
+
+
+class _Bottleneck(L.Layer):
+    """Expand, reshape through the batch size (as keras-hub blocks do), project, add."""
+
+    def __init__(self, width: int, expanded: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.width, self.expanded = width, expanded
+        self.expand = L.Dense(expanded, name="expand")
+        self.norm = L.BatchNormalization(name="norm")
+        self.project = L.Dense(width, name="project")
+
+    def call(self, x):
+        y = keras.ops.relu(self.norm(self.expand(x)))
+        shape = keras.ops.shape(y)
+        y = keras.ops.reshape(y, (shape[0], 2, -1, self.expanded))  # batch kept
+        y = keras.ops.reshape(y, (shape[0], -1, self.expanded))
+        return x + self.project(y)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "expanded": self.expanded}
+
+
+class _Opaque(_Bottleneck):
+    pass
+
+
+def _block_model(cls):
+    inp = keras.Input((6, 4))
+    x = L.Dense(8, name="p")(inp)
+    x = cls(8, 16, name="b")(x)
+    return keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(L.Dense(4, name="c")(x))))
+
+
+def test_inlinedLayer_expandedWidth_prunedExactly() -> None:
+    register_inline(_Bottleneck)
+    model = randomize(_block_model(_Bottleneck))
+    plan = make_plan(model, PruneSpec(ratio=0.5, criterion="random", seed=1))
+    assert plan.unsupported_layers == [], plan.unsupported_layers
+    pruned = {o for g in plan.groups if g.pruned for o in g.origins}
+    assert "b/expand" in pruned, pruned
+    kill_pruned_channels(model, plan)
+    new = apply_plan(model, plan)
+    assert new.count_params() == plan.params_after < model.count_params()
+    x = np.random.default_rng(0).normal(size=(5, 6, 4)).astype("float32")  # a new batch size
+    assert_same_outputs(model, new, x)
+
+
+def test_layerNotRegisteredForInlining_staysOpaque() -> None:
+    register_inline(_Bottleneck)
+    model = _block_model(_Opaque)
+    assert [(p, c) for p, c, _ in analyze(model).unsupported] == [("b", "_Opaque")]
