@@ -8,8 +8,9 @@ runs a functional model, and every node is re-applied to new tensors:
   re-created from its own edited config and built by calling it;
 - an unchanged layer is cloned from its own config and must produce weights
   of the same shapes; a class that does not round-trip is deep-copied;
-- a keras.ops node reuses its (stateless) operation, or an operation
-  re-created from its edited ``get_config()`` when a config edit changes it;
+- a keras.ops node gets an operation re-created from its (edited)
+  ``get_config()``; a stateless operation that does not round-trip and that
+  no edit changes is reused;
   edits keyed ``"call:<i>"`` / ``"call:<name>"`` change the node's i-th
   positional / named call argument instead (a ``GetItem`` key);
 - nested functional and Sequential models are rebuilt recursively, with new
@@ -112,7 +113,7 @@ def _model(walk: _Walk, model: Any, path: str, top: bool = False) -> Any:
     outputs = _functional(walk, fn, path + "/" if path else "", inputs)
     walk.names = outer
     name = model.name
-    if isinstance(model, keras.Sequential):
+    if isinstance(model, keras.Sequential) and all(id(x) in walk.memo for x in model.layers):
         layers = [walk.memo[id(layer)] for layer in model.layers]
         return keras.Sequential([_new_input(walk, fn.inputs[0]), *layers], name=name)
     ins = keras.tree.pack_sequence_as(getattr(fn, "_inputs_struct", inputs), inputs)
@@ -179,14 +180,24 @@ def _edit_call(
 
 
 def _operation(walk: _Walk, op: Any, path: str) -> Any:
-    """A keras.ops operation, re-created when a config edit changes it."""
+    """A keras.ops operation re-created from its (edited) config.
+
+    Operations hold no state; one whose config does not round-trip and that
+    no edit changes is reused as it is.
+    """
     if id(op) not in walk.memo:
-        new = op
-        if any(not e.key.startswith(CALL_EDIT) for e in walk.edits.get(path, ())):
+        try:
             config = op.get_config()
-            edited = _edited(walk, path, config)
-            if edited is not None:
-                new = _recreate_changed(walk, op, path, edited)
+        except Exception:  # noqa: BLE001 - the class does not round-trip
+            config = None
+        edited = _edited(walk, path, config) if config is not None else None
+        if edited is not None:
+            new = _recreate_changed(walk, op, path, edited)
+        else:
+            try:
+                new = recreate(op, config, walk.custom) if config is not None else op
+            except Exception:  # noqa: BLE001 - stateless, so sharing it is exact
+                new = op
         walk.memo[id(op)] = new
     return walk.memo[id(op)]
 
