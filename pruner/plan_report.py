@@ -3,7 +3,8 @@
 A group is frozen for one or more reasons (``GroupPlan.frozen``), written per
 layer ("layer 'block_3/conv' (Foo): layer class is not in the registry"). The
 report counts channels per *normalised* reason (layer names dropped, the class
-kept), so the same cause across a hundred blocks adds up to one line.
+kept, shapes such as ``(16, 2, 8)`` dropped), so the same cause across a
+hundred blocks adds up to one line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 _LAYER_REASON = re.compile(r"^layer '[^']*' \(([^)]*)\): (.*)$", re.DOTALL)
 _QUOTED = re.compile(r"'[^']*'")
+_DIM = r"(?:-?\d+|None)"
+_SHAPE = re.compile(rf"\(\s*{_DIM}(?:\s*,\s*{_DIM})*\s*,?\s*\)")
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class FrozenReason:
     """Channels frozen for one normalised reason.
 
     Attributes:
-        reason: the reason with layer names replaced by ``<layer>``.
+        reason: the reason with layer names replaced by ``<layer>``, shapes
+            by ``<shape>``.
         channels: channels of the groups frozen for it (a group frozen for
             several reasons counts under each).
         groups: how many groups it freezes.
@@ -36,11 +40,12 @@ class FrozenReason:
 
 
 def normalise_reason(reason: str) -> str:
-    """``"layer 'a/b' (Foo): why 'x'"`` -> ``"Foo: why <layer>"``."""
+    """``"layer 'a/b' (Foo): why 'x' (8, 4)"`` -> ``"Foo: why <layer> <shape>"``."""
     match = _LAYER_REASON.match(reason)
     if match:
         reason = f"{match.group(1)}: {match.group(2)}"
-    return " ".join(_QUOTED.sub("<layer>", reason).split())
+    reason = _SHAPE.sub("<shape>", _QUOTED.sub("<layer>", reason))
+    return " ".join(reason.split())
 
 
 def _channel_groups(groups: Iterable[Any]) -> list[Any]:

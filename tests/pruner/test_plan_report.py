@@ -57,6 +57,11 @@ def _group(
         ("channel axis of 'conv' has unknown size", "channel axis of <layer> has unknown size"),
         ("layer 'x' is excluded by the spec", "layer <layer> is excluded by the spec"),
         ("touches model output", "touches model output"),
+        (
+            "layer 'attn/reshape' (Reshape): reshape (16, 16) -> (16, 2, 8) does not keep it",
+            "Reshape: reshape <shape> -> <shape> does not keep it",
+        ),
+        ("layer 'r' (Reshape): (None, -1, 4) (a note)", "Reshape: <shape> (a note)"),
     ],
 )  # fmt: skip
 def test_normaliseReason_dropsLayerNames_keepsTheClass(raw: str, normalised: str) -> None:
