@@ -19,7 +19,7 @@ import itertools
 import numpy as np
 
 from secateur.pruner._keras import keras
-from secateur.pruner.constant_rules import _merge, _same
+from secateur.pruner.constant_rules import _conv, _finish, _merge, _same, _zero_filters
 from secateur.pruner.constants import Ctx, State, affine, channels, elementwise, register_rule
 from secateur.pruner.handlers import Unsupported
 from secateur.pruner.handlers_ops import UNARY, normalised_key, op_class
@@ -103,6 +103,16 @@ def _resize(ctx: Ctx) -> list[State] | None:
     if ctx.layer.pad_to_aspect_ratio:
         return _padded(ctx, float(ctx.layer.fill_value or 0.0))
     return [ctx.x]  # interpolation weights add up to one
+
+
+@register_rule(keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+def _grouped_conv(ctx: Ctx) -> list[State] | None:
+    """A grouped conv's dead filters output their bias, like a plain conv's."""
+    kernel = ctx.array("kernel")
+    if int(ctx.layer.groups) in (1, kernel.shape[-1]):
+        return _conv(ctx)
+    ctx.lose(0, ctx.x.live_constant)  # a grouped kernel is not folded into yet
+    return _finish(ctx, _zero_filters(ctx, kernel, -1))
 
 
 @register_rule(keras.layers.GroupNormalization)

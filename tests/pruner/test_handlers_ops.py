@@ -148,7 +148,14 @@ def _reshape_transpose(x):
     return L.Conv2D(4, 1, name="c")(ops.reshape(ops.sigmoid(t), (-1, 6, 6, 8)))
 
 
+def _grouped_sigmoid(x):
+    """sigmoid after a grouped conv without BatchNorm: a dead group outputs 0.5, folded."""
+    x = L.Conv2D(9, 3, groups=3, name="grouped")(L.Conv2D(6, 1, name="p")(x))
+    return L.Conv2D(4, 1, name="c")(ops.sigmoid(x))
+
+
 CASES: dict[str, tuple[tuple[int, ...], Callable]] = {
+    "grouped_conv_sigmoid": ((6, 6, 3), _grouped_sigmoid),
     "reshape_transpose": ((6, 6, 3), _reshape_transpose),
     "group_norm_sigmoid": ((6, 6, 3), _group_norm_sigmoid),
     "dense_qkv_split": ((5, 6), _qkv),
