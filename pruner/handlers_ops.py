@@ -103,7 +103,10 @@ def _get_item(c: Call) -> list[Layout]:
     channels = c.in_shapes[0][-1]
     if not isinstance(last, slice) or channels is None:
         raise Unsupported("indexing the channel axis")
-    start, stop, step = last.indices(int(channels))
+    try:
+        start, stop, step = last.indices(int(channels))
+    except TypeError as exc:  # bounds computed from a tensor
+        raise Unsupported(f"channel slice {last!r} is not a static range") from exc
     if step != 1 or stop <= start:
         raise Unsupported(f"channel slice {last!r} is not a static range")
     before, taken, _ = _split_parts(c, [start, stop - start, int(channels) - stop])

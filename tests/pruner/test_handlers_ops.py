@@ -289,6 +289,7 @@ def _strided_channels(x):
         (_mean_channels, "reduces the channel axis"),
         (_pad_channels, "pads the channel axis"),
         (_strided_channels, "not a static range"),
+        (lambda x: conv_bn(8, "p")(x)[..., 2:2], "not a static range"),
         (lambda x: ops.reshape(conv_bn(8, "p")(x), (-1, 6, 12, 4)), "does not keep the channel"),
         (lambda x: ops.transpose(conv_bn(8, "p")(x), (0, 3, 1, 2)), "moves the channel axis"),
     ],
