@@ -321,6 +321,8 @@ def _merge(ctx: Ctx) -> list[State] | None:
         result = op(np.stack([np.broadcast_to(s.mean, (n,)) for s in ctx.ins]))
     else:
         result = _call_on_means(ctx)
+    if result.size not in (1, n):
+        return None  # a constant operand of more than one channel broadcast the result
     mean = np.broadcast_to(result.reshape(-1), (n,))
     known = np.logical_and.reduce([np.broadcast_to(s.known, (n,)) for s in ctx.ins])
     var = np.add.reduce([np.broadcast_to(np.square(s.std), (n,)) for s in ctx.ins])

@@ -64,13 +64,21 @@ def inline_graph(node: Any) -> Any | None:
     return _CACHE[node]
 
 
+# The batch size the block's call is recorded with: code such as
+# ``ops.shape(x)[0] // windows`` needs a number, and a prime no model uses
+# as a size tells the batch apart in what the call records.
+_BATCH = 7919
+
+
 def _build(node: Any) -> Any | None:
     fresh: dict[int, Any] = {}
 
     def replace(value: Any) -> Any:
         if isinstance(value, keras.KerasTensor):
             if id(value) not in fresh:
-                fresh[id(value)] = keras.Input(batch_shape=value.shape, dtype=value.dtype)
+                shape = tuple(value.shape)
+                batch = _BATCH if shape and shape[0] is None else shape[0]
+                fresh[id(value)] = keras.Input(batch_shape=(batch, *shape[1:]), dtype=value.dtype)
             return fresh[id(value)]
         return value
 
@@ -80,15 +88,14 @@ def _build(node: Any) -> Any | None:
     if len(set(ids)) != len(ids):
         return None  # one tensor passed twice: inputs would not map one to one
     try:
-        out = node.operation.call(*args, **kwargs)
-        outs = keras.tree.flatten(out)
+        outs = keras.tree.flatten(node.operation.call(*args, **kwargs))
         if len(outs) != len(node.outputs) or not all(
             isinstance(t, keras.KerasTensor) and _compatible(t.shape, o.shape)
             for t, o in zip(outs, node.outputs)
         ):
             return None
-        model = keras.Model([fresh[i] for i in ids], outs, name=node.operation.name)
-        model = _pin_batch_reshapes(model)
+        recorded = keras.Model([fresh[i] for i in ids], outs)
+        model = _replay(recorded, node.input_tensors, node.operation.name)
         if model is None or not _same_outputs(node, model):
             return None
         return model
@@ -101,60 +108,44 @@ def _compatible(a: Any, b: Any) -> bool:
     return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
-def _pin_batch_reshapes(model: Any) -> Any | None:
-    """The graph again, with reshapes that hold the unknown batch size pinned.
+def _replay(recorded: Any, like: Any, name: str) -> Any | None:
+    """The recorded graph on inputs of any batch size, or None.
 
-    ``ops.reshape(x, (ops.shape(x)[0], h, w, c))`` records ``None`` for the
-    batch size, which only a symbolic tensor accepts. When every other size
-    of its input is known, ``(-1, h, w, c)`` (any ``-1`` among the others
-    worked out) is the same reshape. The graph is replayed in order so each
-    pinned reshape gives the sizes the next one needs. None when a recorded
-    reshape cannot be pinned so.
+    A reshape whose first size is a multiple of the recording batch (the
+    batch, or the batch times a window count) becomes ``(-1, *rest)`` with
+    the rest as recorded; one that puts the batch elsewhere cannot.
     """
-    by_depth = model._nodes_by_depth
-    nodes = [n for d in sorted(by_depth, reverse=True) for n in by_depth[d]]
-    if not any(_is_reshape(n.operation) and None in tuple(n.operation.newshape) for n in nodes):
-        return model
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in model.inputs]
-    tensors: dict[int, Any] = {id(t): new for t, new in zip(model.inputs, inputs)}
-    for node in nodes:
+    by_depth = recorded._nodes_by_depth
+    inputs = [keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype) for t in like]
+    tensors: dict[int, Any] = {id(t): new for t, new in zip(recorded.inputs, inputs)}
+    for node in (n for d in sorted(by_depth, reverse=True) for n in by_depth[d]):
         if node.is_input or node.operation is None:
             continue
         op = node.operation
-        if _is_reshape(op) and None in tuple(op.newshape):
-            rest = _batch_free(list(op.newshape), tuple(tensors[id(node.input_tensors[0])].shape))
-            if rest is None:
-                return None
-            op.newshape = (-1, *rest)
-            auto = getattr(op, "_auto_config", None)
-            if auto is not None:
-                auto.config["newshape"] = op.newshape
+        if _is_reshape(op) and not _unbatch(op, tuple(node.outputs[0].shape)):
+            return None
         args, kwargs = node.arguments.fill_in(tensors)
         for old, new in zip(node.outputs, keras.tree.flatten(op(*args, **kwargs))):
             tensors[id(old)] = new
-    return keras.Model(inputs, [tensors[id(t)] for t in model.outputs], name=model.name)
+    return keras.Model(inputs, [tensors[id(t)] for t in recorded.outputs], name=name)
+
+
+def _unbatch(op: Any, out: tuple[Any, ...]) -> bool:
+    sizes = list(op.newshape)
+    hits = [i for i, d in enumerate(sizes) if isinstance(d, int) and d > 0 and d % _BATCH == 0]
+    if not hits:
+        return None not in sizes
+    if hits != [0] or any(d is None for d in out[1:]):
+        return False
+    op.newshape = (-1, *(int(d) for d in out[1:]))
+    auto = getattr(op, "_auto_config", None)
+    if auto is not None:
+        auto.config["newshape"] = op.newshape
+    return True
 
 
 def _is_reshape(op: Any) -> bool:
     return type(op).__name__ == "Reshape" and type(op).__module__ == _KNP
-
-
-def _batch_free(shape: list[Any], in_shape: tuple[Any, ...]) -> list[int] | None:
-    """The sizes after the batch of ``reshape(x, shape)``, all known, or None."""
-    rest = shape[1:]
-    if shape[0] is not None or None in rest or rest.count(-1) > 1:
-        return None
-    if any(d is None for d in in_shape[1:]):
-        return None
-    total = int(np.prod(in_shape[1:], dtype=np.int64))
-    known = int(np.prod([d for d in rest if d != -1], dtype=np.int64))
-    if -1 in rest:
-        if known == 0 or total % known:
-            return None
-        rest[rest.index(-1)] = total // known
-    elif known != total:
-        return None
-    return [int(d) for d in rest]
 
 
 def _same_outputs(node: Any, model: Any) -> bool:
