@@ -45,7 +45,6 @@ class _Walk:
     graph: ChannelGraph
     kept: KeptFn
     added_bias: set[str]
-    fresh: bool
     custom: dict[str, Any]
     edits: dict[str, list[ConfigEdit]] = field(default_factory=dict)
     axes: dict[str, list[int]] = field(default_factory=dict)
@@ -68,7 +67,6 @@ def rebuild(
     graph: ChannelGraph,
     kept: KeptFn,
     added_bias: Iterable[str] = (),
-    fresh: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """The pruned architecture of ``model``, and its layers by old path.
 
@@ -78,22 +76,21 @@ def rebuild(
         graph: ``model``'s traced graph.
         kept: space id -> kept channel indices.
         added_bias: paths of layers that gain a bias (``use_bias=True``).
-        fresh: leave changed and cloned layers freshly initialised; a layer
-            whose class does not round-trip is still deep-copied, weights
-            included.
 
     Returns:
         ``(new_model, layers)``: a Sequential for a Sequential, otherwise a
         functional ``keras.Model`` (a subclass's own class and attributes are
         not kept); ``layers`` maps every path of ``graph.layers`` to its new
         layer, whose weights the caller sets (unchanged ones have the old
-        shapes, changed ones the kept ones).
+        shapes, changed ones the kept ones). Re-created and cloned layers are
+        freshly initialised; deep-copied ones (a class that does not
+        round-trip) hold the old weights.
 
     Raises:
         UnsupportedModelError: the model is not a graph model, or a changed
             layer cannot be re-created or built from its edited config.
     """
-    walk = _Walk(graph, kept, set(added_bias), fresh, custom_objects(model))
+    walk = _Walk(graph, kept, set(added_bias), custom_objects(model))
     for edit in graph.edits.values():
         walk.edits.setdefault(edit.layer, []).append(edit)
     for path, idx in graph.axes:

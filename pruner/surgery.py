@@ -87,7 +87,7 @@ def apply_plan(
         comp = _compensation(model, graph, plan, kept, weights) if reload_weights else None
         # Fresh weights get the planned architecture, biases included.
         added = new_biases(graph, comp) if comp else list(plan.bias_added)
-    new_model, new_layers = rebuild(model, graph, kept, added, fresh=not reload_weights)
+    new_model, new_layers = rebuild(model, graph, kept, added)
     if reload_weights:
         _copy_weights(graph, new_layers, kept, comp, weights)
     _restore_compile(model, new_model)
