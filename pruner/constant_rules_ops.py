@@ -146,6 +146,10 @@ _RULES = {
     "numpy.Sum": _sum,
     "numpy.Pad": _pad,
     "image.Resize": _resize,
+    # A pooling window of one constant holds that constant (TensorFlow's
+    # average pooling leaves padding out of the mean).
+    "nn.MaxPool": _same,
+    "nn.AveragePool": _same,
     "numpy.ExpandDims": _same,
     "numpy.Squeeze": _same,
     "numpy.Maximum": _merge,

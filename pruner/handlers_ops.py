@@ -151,6 +151,7 @@ def _pad(c: Call) -> list[Layout]:
 
 
 def _resize(c: Call) -> list[Layout]:
+    """image.resize, max_pool, average_pool: per channel over space."""
     fmt = c.layer.data_format or keras.config.image_data_format()
     if fmt != "channels_last":
         raise Unsupported(f"data_format={fmt!r}; only channels_last is traced")
@@ -319,6 +320,8 @@ _HANDLERS: dict[str, Callable[[Call], list[Layout]]] = {
     "numpy.Amin": _reduce,
     "numpy.Pad": _pad,
     "image.Resize": _resize,
+    "nn.MaxPool": _resize,
+    "nn.AveragePool": _resize,
     "numpy.ExpandDims": _expand_dims,
     "numpy.Squeeze": _squeeze,
     "numpy.Maximum": _binary,

@@ -88,9 +88,17 @@ def _channel_slice(x):
 
 
 def _pad_resize(x):
-    x = ops.relu(conv_bn(8, "p")(x))
+    """Dead channels output sigmoid(0) = 0.5 through every op: folded into 'c'."""
+    x = ops.sigmoid(conv_bn(8, "p")(x))
     x = ops.pad(x, [[0, 0], [1, 1], [2, 0], [0, 0]], mode="reflect")
     x = ops.image.resize(x, (5, 5))
+    x = ops.average_pool(ops.max_pool(x, 2, 1, "same"), 3, 1, "same")
+    return L.Conv2D(4, 3, name="c")(x)
+
+
+def _zero_pad(x):
+    """A zero border makes a 0.5 constant non-uniform: kept live, never dropped."""
+    x = ops.sigmoid(conv_bn(8, "p")(x))
     return L.Conv2D(4, 3, name="c")(ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]))
 
 
@@ -168,7 +176,7 @@ CASES: dict[str, tuple[tuple[int, ...], Callable]] = {
     "sum_max_squeeze": ((6, 6, 3), _reductions),
     "getitem_other_axes": ((6, 6, 3), _slices),
     "getitem_channel_slice": ((6, 6, 3), _channel_slice),
-    "pad_resize": ((6, 6, 3), _pad_resize),
+    "pad_resize_pool": ((6, 6, 3), _pad_resize),
     "unary_ops": ((6, 6, 3), _unary),
     "concatenate_op": ((6, 6, 3), _concat_op),
     "grouped_conv": ((6, 6, 3), _grouped),
@@ -265,6 +273,19 @@ def test_planJsonRoundTrip_appliesTheSame() -> None:
     kill_pruned_channels(model, plan)
     x = np.random.default_rng(0).normal(size=(2, *shape)).astype("float32")
     assert_same_outputs(apply_plan(model, plan), apply_plan(model, again), x)
+
+
+def test_zeroPad_nonZeroConstantsKeptLive() -> None:
+    """sigmoid of a dead channel is 0.5; a zero border breaks it, so no bias can take it in."""
+    model = randomize(_wrap((6, 6, 3), _zero_pad))
+    spec = PruneSpec(ratio=0.5, criterion="random", seed=1)
+    first = make_plan(model, spec)
+    kill_pruned_channels(model, first)
+    plan = make_plan(model, spec)
+    dead = next(set(range(g.size_before)) - set(g.kept) for g in first.groups if "p" in g.origins)
+    grp = next(g for g in plan.groups if "p" in g.origins)
+    assert dead and dead <= set(grp.kept)
+    assert any("kept as live" in n for n in grp.notes), grp.notes
 
 
 def _mean_channels(x):
