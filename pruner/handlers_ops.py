@@ -3,8 +3,9 @@
 Ops are looked up by exact class like layers. Channel-wise ops (activations,
 ``cast``, ``abs``...) and ops that only move or reduce non-channel axes
 (``mean``/``sum``/``max`` over space, the squeeze of squeeze-and-excitation;
-``pad``, ``image.resize``, ``expand_dims``, ``squeeze``, slicing other axes)
-pass channels through. ``split`` and a static channel slice cut the channels
+``pad``, ``image.resize``, pooling, ``expand_dims``, ``squeeze``, slicing
+other axes, reshapes and transposes that keep the channel axis last) pass
+channels through. ``split`` and a static channel slice cut the channels
 into consecutive parts pruned independently
 (:meth:`secateur.pruner.graph.ChannelGraph.split`); their arguments follow
 the kept counts through ``ConfigEdit.compute``. Grouped convolutions and
