@@ -10,12 +10,16 @@ in place, like a nested model, and surgery rebuilds the block as that graph.
 
 Only classes registered with :func:`register_inline` are inlined: their
 ``call`` must depend on nothing but its tensor arguments and sub-layers (no
-per-call state, no weights used directly as ``keras.ops`` operands that the
-graph would see as constants, which in any case freeze instead of pruning).
+per-call state; a weight used directly as a ``keras.ops`` operand is seen as
+a constant and freezes what it touches). The call is recorded at a sentinel
+batch size, so code that computes with the batch size runs, then replayed on
+inputs of any batch; the replayed graph must reproduce the layer's outputs
+on random inputs, or the layer stays opaque.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -28,6 +32,7 @@ _KNP = "keras.src.ops.numpy"
 _INLINABLE: set[type] = set()
 # node -> its inlined graph (or None); entries go with the model's graph.
 _CACHE: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_LOCK = threading.RLock()
 
 
 def register_inline(*classes: type) -> None:
@@ -59,9 +64,10 @@ def inline_graph(node: Any) -> Any | None:
     handler_for(node.operation)
     if type(node.operation) not in _INLINABLE:
         return None
-    if node not in _CACHE:
-        _CACHE[node] = _build(node)
-    return _CACHE[node]
+    with _LOCK:  # jobs trace models on several threads
+        if node not in _CACHE:
+            _CACHE[node] = _build(node)
+        return _CACHE[node]
 
 
 # The batch size the block's call is recorded with: code such as
