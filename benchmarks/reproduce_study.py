@@ -49,6 +49,7 @@ import tempfile
 import time
 from typing import Any
 
+CONTROL = "control: nothing pruned, same fine-tune"
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -165,15 +166,18 @@ def merge(paths: list[str]) -> tuple[dict[str, dict[str, list]], dict[str, Any],
     return runs, cands, commands
 
 
-def plot(agg: dict[str, list[dict]], out: str) -> list[str]:
-    """Fig. 2 (accuracy) and the drop figure, mean and 95% t-interval per arm."""
+def plot(agg: dict[str, list[dict]], out: str, control: dict | None = None) -> list[str]:
+    """Fig. 2 (accuracy) and the drop figure, mean and 95% t-interval per arm.
+
+    ``control``: the unpruned model after the same fine-tune (a band on Fig. 2).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     n = len(agg)
     for k, (arm, rows) in enumerate(agg.items()):
         dx = (k - (n - 1) / 2) * 0.006  # spread the arms so error bars do not overlap
@@ -181,16 +185,21 @@ def plot(agg: dict[str, list[dict]], out: str) -> list[str]:
         ys = [100 * r["accuracy"]["mean"] for r in rows]
         err = [100 * (r["accuracy"]["half"] if r["accuracy"]["n"] > 1 else 0) for r in rows]
         ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=arm, color=f"C{k}")
+    ax.axhline(10, color="gray", ls=":", label="chance (10 classes)")
+    if control:
+        low, high = (100 * (control["mean"] + s * control["half"]) for s in (-1, 1))
+        ax.axhspan(low, high, color="gray", alpha=0.15)
+        ax.axhline(100 * control["mean"], color="gray", ls="--", label=CONTROL)
     ax.set(
         xlabel="pruned ratio of channels",
         ylabel="top-1 accuracy, % (held-out digits)",
         title="Fig. 2: accuracy vs pruned ratio (mean, 95% t-interval over seeds)",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     paths.append(_save(fig, out, "study_fig2_accuracy.png"))
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for k, (arm, rows) in enumerate(agg.items()):
         rows = [r for r in rows if r["ratio"] > 0]
         dx = (k - (n - 1) / 2) * 0.006
@@ -202,11 +211,12 @@ def plot(agg: dict[str, list[dict]], out: str) -> list[str]:
     ax.set(
         xlabel="pruned ratio of channels",
         ylabel="accuracy drop, points (log scale)",
-        yscale="symlog",
+        yscale="symlog",  # linear within 1 point of 0, log above
         title="Accuracy drop vs the unpruned model (mean, 95% t-interval)",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_ylim(-1, 100)
     paths.append(_save(fig, out, "study_fig5_drop.png"))
     return paths
 
@@ -332,6 +342,7 @@ def parse_args() -> argparse.Namespace:
         "--merge", default=None, help="comma-separated study_results.json files: tabulate and "
         "plot their runs together (no training; figs. 3-4 are left as they are)",
     )  # fmt: skip
+    parser.add_argument("--control", default=None, help="with --merge: a --ratios 0 run's json")
     args = parser.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="secateur-study-")
     return args
@@ -390,19 +401,30 @@ def merged(args: argparse.Namespace) -> int:
     """``--merge``: the runs of several result files, tabulated and plotted together."""
     runs, cands, commands = merge(args.merge.split(","))
     agg = aggregate(runs)
-    for path in plot(agg, args.out):
+    control, note = None, ""
+    if args.control:  # a run at ratio 0: its candidates are the unpruned model, fine-tuned
+        with open(args.control) as fh:
+            data = json.load(fh)
+        accs = [rows[-1]["accuracy"] for rows in data["runs"][next(iter(data["runs"]))].values()]
+        control = summary(accs)
+        commands.append(
+            f"{data.get('command', args.control)} ({data['wall_seconds'] / 60:.1f} min)"
+        )
+        note = f"{CONTROL}: accuracy {_cell(control)} %.\n\n"
+    for path in plot(agg, args.out, control):
         print(f"wrote {path}")
     seeds = sorted({int(s) for by_seed in runs.values() for s in by_seed})
     first = next(iter(next(iter(runs.values())).values()))
     md = (
         "Commands (merged with `" + _command() + "`):\n\n"
         + "".join(f"- `{c}`\n" for c in commands)
-        + "\n" + _legend(seeds, first) + tables(agg, None) + "\n"
+        + "\n" + _legend(seeds, first) + note + tables(agg, None) + "\n"
     )  # fmt: skip
     with open(os.path.join(args.out, "study_results.md"), "w") as fh:
         fh.write(md)
     with open(os.path.join(args.out, "study_results.json"), "w") as fh:
-        out = {"commands": commands, "summary": agg, "runs": runs, "candidates": cands}
+        out = {"commands": commands, "summary": agg, "control": control, "runs": runs}
+        out["candidates"] = cands
         json.dump(out, fh, indent=2, default=str)
     print(md)
     return 0
