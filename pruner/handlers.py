@@ -98,15 +98,30 @@ def on_registry_miss(hook: Callable[[], None]) -> None:
 
 
 _MISS_HOOKS: list[Callable[[], None]] = []
+# Checks that recognise one unregistered layer object by what it computes.
+_PROBES: list[Callable[[Any], Handler | None]] = []
+
+
+def register_probe(probe: Callable[[Any], Handler | None]) -> None:
+    """Ask ``probe(layer)`` for a handler when ``layer``'s class has none."""
+    _PROBES.append(probe)
 
 
 def handler_for(layer: Any) -> Handler | None:
-    """The handler registered for ``layer``'s exact class, if any."""
+    """The handler registered for ``layer``'s exact class, if any.
+
+    Failing that, the first handler a probe (:func:`register_probe`) gives
+    for this very layer object.
+    """
     handler = _REGISTRY.get(type(layer))
     if handler is None and _MISS_HOOKS:
         for hook in _MISS_HOOKS:
             hook()
         handler = _REGISTRY.get(type(layer))
+    for probe in _PROBES if handler is None else ():
+        handler = probe(layer)
+        if handler is not None:
+            break
     return handler
 
 

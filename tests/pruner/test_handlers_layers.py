@@ -132,3 +132,54 @@ def test_layerNotRegisteredForInlining_staysOpaque() -> None:
     register_inline(_Bottleneck)
     model = _block_model(_Opaque)
     assert [(p, c) for p, c, _ in analyze(model).unsupported] == [("b", "_Opaque")]
+
+
+# -- layer scale written as a custom class ----------------------------------------
+
+
+class _LayerScale(L.Layer):
+    """What model code writes: one factor per channel."""
+
+    def __init__(self, dim: int, init: float = 1e-2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dim, self.init = dim, init
+        self.gamma = self.add_weight(shape=(dim,), initializer="ones", name="gamma")
+
+    def call(self, x):
+        return x * self.gamma
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "init": self.init}
+
+
+class _ScaleAndShift(_LayerScale):
+    """Not a scale: it also adds one, so a dead channel outputs a constant."""
+
+    def call(self, x):
+        return x * self.gamma + 1.0
+
+
+def _scale_model(cls):
+    inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, padding="same", name="p")(inp)
+    x = cls(8, name="ls")(x)
+    x = L.Conv2D(4, 1, name="c")(x)
+    return keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(x)))
+
+
+def test_customLayerScale_recognised_prunedExactly() -> None:
+    model = randomize(_scale_model(_LayerScale))
+    model.get_layer("ls").set_weights([np.linspace(0.5, 2.0, 8).astype("float32")])
+    plan = make_plan(model, PruneSpec(ratio=0.5, criterion="random", seed=1))
+    assert plan.unsupported_layers == []
+    assert any(g.pruned and "p" in g.origins for g in plan.groups)
+    kill_pruned_channels(model, plan)
+    new = apply_plan(model, plan)
+    assert new.get_layer("ls").dim == new.get_layer("ls").gamma.shape[0] < 8
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
+    assert_same_outputs(model, new, x)
+
+
+def test_customLayerThatIsNotAScale_staysOpaque() -> None:
+    model = _scale_model(_ScaleAndShift)
+    assert [(p, c) for p, c, _ in analyze(model).unsupported] == [("ls", "_ScaleAndShift")]
