@@ -33,7 +33,7 @@ import numpy as np
 
 from secateur.pruner import layout as lay
 from secateur.pruner._keras import keras
-from secateur.pruner.errors import UnsupportedModelError
+from secateur.pruner.errors import SecateurError, UnsupportedModelError
 from secateur.pruner.graph import ChannelGraph, ConfigEdit, KeptFn
 from secateur.pruner.inline import inline_graph
 from secateur.pruner.recreate import CALL_EDIT, copy_layer, custom_objects, recreate
@@ -87,15 +87,24 @@ def rebuild(
         round-trip) hold the old weights.
 
     Raises:
-        UnsupportedModelError: the model is not a graph model, or a changed
-            layer cannot be re-created or built from its edited config.
+        UnsupportedModelError: the model is not a graph model, a changed
+            layer cannot be re-created or built from its edited config, or
+            Keras refuses the rebuilt graph (the message carries its error).
     """
     walk = _Walk(graph, kept, set(added_bias), custom_objects(model))
     for edit in graph.edits.values():
         walk.edits.setdefault(edit.layer, []).append(edit)
     for path, idx in graph.axes:
         walk.axes.setdefault(path, []).append(idx)
-    new_model = _model(walk, model, "", top=True)
+    try:
+        new_model = _model(walk, model, "", top=True)
+    except SecateurError:
+        raise
+    except Exception as exc:  # Keras raises anything; callers get a typed error
+        raise UnsupportedModelError(
+            f"the pruned model of '{model.name}' cannot be rebuilt. "
+            f"Received: {type(exc).__name__}: {exc}"
+        ) from exc
     missing = sorted(set(graph.layers) - set(walk.layers))
     if missing:  # pragma: no cover - the walk visits what the tracer visited
         raise UnsupportedModelError(f"layers not rebuilt: {missing[:5]}")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from secateur.pruner import PruneSpec, analyze, apply_plan, make_plan
+from secateur.pruner.errors import UnsupportedModelError
 from secateur.pruner.graph import ConfigEdit
 from secateur.pruner.handlers import Call, handler_for, register_handler
 from secateur.pruner.layout import Layout, kept_positions
@@ -54,6 +55,15 @@ class NoRoundTripConv(L.Conv2D):
         config = super().get_config()
         config.pop("filters")
         return config
+
+
+class PickyConv(L.Conv2D):
+    """Round-trips, but refuses to build at any width but 8."""
+
+    def build(self, input_shape: Any) -> None:
+        if self.filters != 8:
+            raise ValueError(f"PickyConv builds with 8 filters only, not {self.filters}")
+        super().build(input_shape)
 
 
 class ScaleOp(keras.Operation):
@@ -114,7 +124,7 @@ def _arg_op(c: Call) -> list[Layout]:
     return [c.x]
 
 
-register_handler(RenamingConv, NoRoundTripConv)(_CONV)
+register_handler(RenamingConv, NoRoundTripConv, PickyConv)(_CONV)
 
 
 # -- models -------------------------------------------------------------------
@@ -232,6 +242,16 @@ def test_rebuild_changedLayerWithoutRoundTrip_frozenAtPlanWithReason() -> None:
     assert "bad" not in plan.layer_widths and plan.layer_widths["c"][1] < 8
     assert pruned.get_layer("bad").filters == 8
     assert_same_outputs(model, pruned, images((8, 8, 3)))
+
+
+def test_rebuild_changedLayerFailsToBuild_typedError() -> None:
+    inp = keras.Input((8, 8, 3))
+    x = _conv_bn(_conv_bn(inp, 8, "picky", PickyConv), 8, "c")
+    model = _head(inp, x, "picky")
+    plan = make_plan(model, SPEC)
+    assert plan.layer_widths["picky"][1] < 8
+    with pytest.raises(UnsupportedModelError, match=r"layer 'picky' \(PickyConv\).*8 filters only"):
+        apply_plan(model, plan)
 
 
 def test_rebuild_opsWithConfigAndCallEdits_reappliedExactly() -> None:
