@@ -80,6 +80,16 @@ INLINE: dict[str, tuple[str, ...]] = {
         "MLP",
     ),
     "deeplab_v3.deeplab_v3_layers": ("SpatialPyramidPooling",),
+    "depth_anything.depth_anything_layers": (
+        "DepthAnythingNeck",
+        "DepthAnythingDepthEstimationHead",
+        "DepthAnythingReassembleLayer",
+        "DepthAnythingFeatureFusionLayer",
+        "DepthAnythingPreActResidualLayer",
+        "DepthAnythingTokenToImage",
+    ),
+    "d_fine.d_fine_hybrid_encoder": ("DFineHybridEncoder",),
+    "d_fine.d_fine_encoder": ("DFineEncoder", "DFineEncoderLayer"),
     "retinanet.feature_pyramid": ("FeaturePyramid",),
 }
 
