@@ -22,6 +22,7 @@ from keras_hub.src.models.dinov2 import dinov2_layers
 from keras_hub.src.models.efficientnet.fusedmbconv import FusedMBConvBlock
 from keras_hub.src.models.efficientnet.mbconv import MBConvBlock
 from keras_hub.src.models.hgnetv2 import hgnetv2_layers
+from keras_hub.src.models.mit import mit_layers
 from keras_hub.src.models.mobilenet.mobilenet_backbone import InvertedResidualBlock
 from keras_hub.src.models.mobilenetv5 import mobilenetv5_blocks, mobilenetv5_layers
 from keras_hub.src.models.vit.vit_layers import ViTEncoderBlock
@@ -45,7 +46,7 @@ def _sequence_model(block: Callable, shape=(5, 8)):
     inp = keras.Input(shape)
     x = block(inp)
     x = L.Dense(4, name="c")(x)
-    return keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(x)))
+    return keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
 
 
 def _dense_model(layer: Callable, shape=(5, 6)):
@@ -141,6 +142,20 @@ IMAGE_BLOCKS: dict[str, Callable] = {
         padding=1,
         name="b",
     ),
+    "inverted_residual_se": lambda: InvertedResidualBlock(
+        expansion=24,
+        infilters=8,
+        filters=8,
+        kernel_size=3,
+        stride=1,
+        squeeze_excite_ratio=0.25,
+        activation="relu",
+        padding=1,
+        name="b",
+    ),
+    "edge_residual": lambda: mobilenetv5_blocks.EdgeResidual(
+        8, exp_ratio=4.0, data_format="channels_last", channel_axis=-1, name="b"
+    ),
     "hgnetv2_basic_layer": lambda: hgnetv2_layers.HGNetV2BasicLayer(
         8,
         6,
@@ -173,6 +188,8 @@ def test_imageBlock_internalChannels_prunedExactly(case: str) -> None:
 
 SEQUENCE_BLOCKS: dict[str, Callable] = {
     "vit_encoder_block": lambda: ViTEncoderBlock(num_heads=2, hidden_dim=8, mlp_dim=16, name="b"),
+    # Reshapes through the batch size: (B, N, C) -> (B, H, W, C) -> (B, N, C).
+    "mix_ffn": lambda: mit_layers.MixFFN(channels=8, mid_channels=16),
     "dinov2_layer": lambda: dinov2_layers.DINOV2Layer(
         hidden_dim=8, num_heads=2, intermediate_dim=16, name="b"
     ),
@@ -181,8 +198,9 @@ SEQUENCE_BLOCKS: dict[str, Callable] = {
 
 @pytest.mark.parametrize("case", sorted(SEQUENCE_BLOCKS))
 def test_transformerBlock_mlpUnits_prunedExactly(case: str) -> None:
-    model = randomize(_sequence_model(SEQUENCE_BLOCKS[case]()))
-    _prune_dead_exactly(model, _images((5, 8)), must_prune=("b/",))
+    block = SEQUENCE_BLOCKS[case]()
+    model = randomize(_sequence_model(block, shape=(16, 8)))
+    _prune_dead_exactly(model, _images((16, 8)), must_prune=(block.name + "/",))
 
 
 def test_blockClassNotInlined_freezesWithItsReason() -> None:
