@@ -39,7 +39,8 @@ class Space:
     origin: str
     frozen: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # "channels", or "heads" for attention heads (allocated by head_ratio).
+    # "channels", or "heads" for attention heads (allocated by head_ratio), or
+    # "inner" for a frozen axis inside one head (attention_ops.py).
     kind: str = "channels"
     # Original channels per channel of this space (b for a space of blocks).
     unit: int = 1
@@ -149,6 +150,9 @@ class ChannelGraph(Refinable):
         self._defs: dict[int, Layout] = {}
         self._version = 0
         self._finalized = 0
+        # Space id -> a layout frozen whenever it is (attention heads with the
+        # axis inside one head of a per-head tensor; see attention_ops.py).
+        self.frozen_with: dict[int, Layout] = {}
 
     # -- spaces and union-find -------------------------------------------
     def new_space(self, size: int | None, origin: str, frozen: str | None = None) -> Layout:
@@ -197,6 +201,8 @@ class ChannelGraph(Refinable):
         for sid in set(lay.spaces(layout)):
             if reason not in self.spaces[sid].frozen:
                 self.spaces[sid].frozen.append(reason)
+                if sid in self.frozen_with:
+                    self.freeze(self.frozen_with[sid], reason)
 
     def note(self, layout: Layout, text: str) -> None:
         for sid in set(lay.spaces(layout)):

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from secateur.pruner import attention_ops  # noqa: F401  (registers keras.ops attention)
 from secateur.pruner import layout as lay
 from secateur.pruner._keras import keras
 from secateur.pruner.graph import FlopTerm, WeightAxis
