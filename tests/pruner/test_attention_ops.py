@@ -162,3 +162,18 @@ def test_scoresUsedAndReturnedAsModelOutput_freezeHeads() -> None:
     reasons = _frozen_reasons(keras.Model(inp, [L.Dense(C)(y), scores]))
     assert any("touches model output" in r for r in reasons)
     assert _frozen_reasons(keras.Model(inp, L.Dense(C)(y))) == []
+
+
+def test_deadHeadWithValueBias_keptLiveWithANote_neverDroppedSilently() -> None:
+    """Its values are the bias (softmax weights sum to one): a constant not folded here."""
+    model = ops_attention(blocks=1)
+    randomize_all(model)
+    for name in ("b0_q", "b0_k", "b0_v"):
+        kernel, bias = model.get_layer(name).get_weights()
+        kernel[:, :D] = 0.0
+        bias[:D] = bias[:D] if name == "b0_v" else 0.0
+        model.get_layer(name).set_weights([kernel, bias])
+    plan = make_plan(model, PruneSpec(ratio=0.0, head_ratio=0.25, criterion="l1"))
+    (heads,) = [g for g in plan.groups if g.kind == "heads"]
+    assert 0 in heads.kept and heads.size_after == 3
+    assert any("kept as live" in n and "constant" in n for n in heads.notes)
