@@ -138,6 +138,9 @@ def _reshape(c: Call, plain: Handler) -> list[Layout]:
             # e.g. a qkv Dense into (3, heads, features)
             raise Unsupported(f"{NOT_TRACED} (reshape {src[1:]} -> {dst[1:]})")
         return plain(c)
+    users = _consumers(c.node.outputs[0])
+    if not users or any(type(u) not in _AWARE for u in users):
+        return plain(c)  # not attention: its channels stay channels
     d = int(d)  # known: checked above
     try:
         heads = c.graph.blocks(c.x, d, kind="heads")

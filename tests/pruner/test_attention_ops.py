@@ -177,3 +177,11 @@ def test_deadHeadWithValueBias_keptLiveWithANote_neverDroppedSilently() -> None:
     (heads,) = [g for g in plan.groups if g.kind == "heads"]
     assert 0 in heads.kept and heads.size_after == 3
     assert any("kept as live" in n and "constant" in n for n in heads.notes)
+
+
+def test_splitReshapeOutsideAttention_staysChannels_withThePlainReason() -> None:
+    inp = keras.Input((N, C))
+    y = ops.mean(ops.reshape(L.Dense(C, name="d")(inp), (-1, N, H, D)), axis=-1)
+    graph = analyze(keras.Model(inp, L.Dense(3)(y)))
+    assert not [g for g in graph.groups() if g.kind == "heads"]
+    assert any("does not keep the channel axis" in why for _, _, why in graph.unsupported)
