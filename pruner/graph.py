@@ -230,6 +230,7 @@ class ChannelGraph(Refinable):
 
     # -- recording ---------------------------------------------------------
     def add_axis(self, ax: WeightAxis) -> None:
+        self._reaches(ax.layout, ax.layer)
         per_weight = self.axes.setdefault((ax.layer, ax.weight), {})
         old = per_weight.get(ax.axis)
         if old is None:
@@ -240,11 +241,18 @@ class ChannelGraph(Refinable):
         self.touched.setdefault(ax.layer, set()).update(lay.spaces(ax.layout))
 
     def add_edit(self, edit: ConfigEdit) -> None:
+        self._reaches(edit.layout, edit.layer)
         old = self.edits.get((edit.layer, edit.key))
         if old is None:
             self.edits[(edit.layer, edit.key)] = edit
         elif old.layout != edit.layout:
             self.unify([old.layout, edit.layout], edit.layer)
+
+    def _reaches(self, layout: Layout, where: str) -> None:
+        """A weight or config entry following a ``frozen_with`` space freezes what is linked."""
+        for sid in set(lay.spaces(layout)) & self.frozen_with.keys():
+            reason = f"an axis inside one attention head reaches '{where}'"
+            self.freeze(self.frozen_with[sid], reason)
 
     # -- groups ------------------------------------------------------------
     def groups(self) -> list[Group]:

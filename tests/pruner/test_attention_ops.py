@@ -185,3 +185,16 @@ def test_splitReshapeOutsideAttention_staysChannels_withThePlainReason() -> None
     graph = analyze(keras.Model(inp, L.Dense(3)(y)))
     assert not [g for g in graph.groups() if g.kind == "heads"]
     assert any("does not keep the channel axis" in why for _, _, why in graph.unsupported)
+
+
+def test_scoresReturnedByNestedModel_andUsedOutside_freezeHeads() -> None:
+    inp = keras.Input((N, C))
+    q, k, v = _heads(L.Dense(C)(inp)), _heads(L.Dense(C)(inp)), _heads(L.Dense(C)(inp))
+    scores = ops.softmax(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))))
+    y = ops.reshape(ops.transpose(ops.matmul(scores, v), (0, 2, 1, 3)), (-1, N, C))
+    inner = keras.Model(inp, [y, scores], name="inner")
+    outer_in = keras.Input((N, C))
+    y, scores = inner(outer_in)
+    out = L.Dense(3, name="reader")(scores)  # reads the scores' last axis outside the block
+    model = keras.Model(outer_in, [L.Dense(C)(y), out])
+    assert any("reaches" in r for r in _frozen_reasons(model))
