@@ -24,8 +24,9 @@ the heads, with a reason, on anything it does not recognise (the head axis
 reduced, moved last or broadcast, a tensor operand, a marked tensor with no
 consumer). The axis inside one head of a marked tensor is a frozen space
 linked to the heads (``ChannelGraph.frozen_with``): whatever freezes it
-later (a model output) freezes the heads. Channels within a head are not
-pruned.
+later (a model output), or a weight or config entry that follows it (a
+per-head tensor returned by a block and read outside), freezes the heads.
+Channels within a head are not pruned.
 
 Registers on import, wrapping the plain handlers of these classes;
 :mod:`secateur.pruner.handlers_attention` imports this module.
