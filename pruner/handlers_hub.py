@@ -58,6 +58,12 @@ INLINE: dict[str, tuple[str, ...]] = {
     "dinov2.dinov2_layers": ("DINOV2Encoder", "DINOV2Layer", "DINOV2Attention", "DINOV2MLP"),
     "dinov3.dinov3_layers": ("DINOV3Encoder", "DINOV3Layer", "DINOV3MLP"),
     "clip.clip_layers": ("CLIPEncoderLayer",),
+    "deit.deit_layers": (
+        "DeiTEncoder",
+        "DeiTEncoderBlock",
+        "DeiTIntermediate",
+        "DeiTOutput",
+    ),
     "mit.mit_layers": (
         "HierarchicalTransformerEncoder",
         "OverlappingPatchingAndEmbedding",
@@ -123,10 +129,7 @@ OPAQUE: dict[str, dict[str, str]] = {
         "MultiHeadAttentionWithRelativePE": _RESHAPES,
         "AddPositionalEmbedding": "it adds position embeddings, which are not traced",
     },
-    "deit.deit_layers": {
-        "DeiTEncoder": "its blocks return None for the attention scores",
-        "DeiTEmbeddings": _EMBEDS,
-    },
+    "deit.deit_layers": {"DeiTEmbeddings": _EMBEDS},
     "dinov2.dinov2_layers": {"DINOV2Embedding": _EMBEDS},
     "dinov3.dinov3_layers": {
         "DINOV3Embedding": _EMBEDS,

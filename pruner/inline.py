@@ -19,8 +19,10 @@ on random inputs, or the layer stays opaque.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -94,19 +96,69 @@ def _build(node: Any) -> Any | None:
     if len(set(ids)) != len(ids):
         return None  # one tensor passed twice: inputs would not map one to one
     try:
-        outs = keras.tree.flatten(node.operation.call(*args, **kwargs))
-        if len(outs) != len(node.outputs) or not all(
-            isinstance(t, keras.KerasTensor) and _compatible(t.shape, o.shape)
-            for t, o in zip(outs, node.outputs)
-        ):
-            return None
-        recorded = keras.Model([fresh[i] for i in ids], outs)
-        model = _replay(recorded, node.input_tensors, node.operation.name)
-        if model is None or not _same_outputs(node, model):
-            return None
-        return model
+        with _tensor_outputs(node.operation):
+            outs = keras.tree.flatten(node.operation.call(*args, **kwargs))
+            outs = _tensor_prefix(node, outs)
+            if outs is None:
+                return None
+            recorded = keras.Model([fresh[i] for i in ids], outs)
+            model = _replay(recorded, node.input_tensors, node.operation.name)
+            if model is None or not _same_outputs(node, model):
+                return None
+            return model
     except Exception:  # noqa: BLE001 - any failure leaves the layer opaque
         return None
+
+
+def _tensor_prefix(node: Any, outs: list[Any]) -> list[Any] | None:
+    """The recorded outputs that are tensors, or None when they do not fit.
+
+    A call may end its outputs with values that are not symbolic tensors:
+    None (attention scores not asked for) or constants (an empty tensor
+    standing for "no hidden states"). Those are left out of the graph when
+    nothing consumes the layer's matching outputs; callers zip the layer's
+    outputs with the graph's, so those get no value.
+    """
+    n = next((i for i, t in enumerate(outs) if not isinstance(t, keras.KerasTensor)), len(outs))
+    if len(outs) != len(node.outputs) or n == 0:
+        return None
+    if any(isinstance(t, keras.KerasTensor) for t in outs[n:]):
+        return None
+    if not all(_compatible(t.shape, o.shape) for t, o in zip(outs[:n], node.outputs)):
+        return None
+    dropped = {id(t) for t in node.outputs[n:]}
+    used = (id(t) for user in node.operation._outbound_nodes for t in user.arguments.keras_tensors)
+    return None if any(i in dropped for i in used) else outs[:n]
+
+
+@contextlib.contextmanager
+def _tensor_outputs(layer: Any) -> Iterator[None]:
+    """Inlinable sub-layers of ``layer`` give a placeholder tensor for a None output.
+
+    Keras records a call only when every output is a tensor; a block that
+    returns ``(x, None)`` would stop the recording of the layer around it.
+    The placeholder is never consumed (the calling code got None before);
+    the sub-layers get their own method back afterwards.
+    """
+    patched = []
+    for sub in layer._flatten_layers(include_self=False):
+        if is_inlinable(sub) and "compute_output_spec" not in vars(sub):
+            object.__setattr__(sub, "compute_output_spec", _no_none(sub.compute_output_spec))
+            patched.append(sub)
+    try:
+        yield
+    finally:
+        for sub in patched:
+            object.__delattr__(sub, "compute_output_spec")
+
+
+def _no_none(spec: Any) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return keras.tree.map_structure(
+            lambda v: keras.KerasTensor((0,)) if v is None else v, spec(*args, **kwargs)
+        )
+
+    return wrapped
 
 
 def _compatible(a: Any, b: Any) -> bool:

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from secateur.pruner import PruneSpec, analyze, apply_plan, make_plan
+from secateur.pruner.plan_report import frozen_reasons
 
 from .conftest import assert_same_outputs, kill_pruned_channels, randomize
 
 pytest.importorskip("keras_hub")
 
+from keras_hub.src.models.deit.deit_layers import DeiTEncoder
 from keras_hub.src.models.dinov2 import dinov2_layers
 from keras_hub.src.models.efficientnet.fusedmbconv import FusedMBConvBlock
 from keras_hub.src.models.efficientnet.mbconv import MBConvBlock
@@ -201,6 +203,27 @@ def test_transformerBlock_mlpUnits_prunedExactly(case: str) -> None:
     block = SEQUENCE_BLOCKS[case]()
     model = randomize(_sequence_model(block, shape=(16, 8)))
     _prune_dead_exactly(model, _images((16, 8)), must_prune=(block.name + "/",))
+
+
+def test_deitEncoder_blocksReturnNoneScores_inlinedAndMlpUnitsPrunedExactly() -> None:
+    """DeiT's blocks return ``(x, None)`` and its encoder ``(x, empty, empty)``.
+
+    The None and constant outputs nobody consumes are left out of the
+    inlined graphs, so the encoder and its blocks are traced through.
+    """
+    encoder = DeiTEncoder(num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16, name="e")
+    inp = keras.Input((16, 8))
+    x, _, _ = encoder(inp)
+    x = L.Dense(4, name="c")(x)
+    model = randomize(keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x))))
+    plan = _prune_dead_exactly(model, _images((16, 8)), must_prune=("e/transformer_block_",))
+    reasons = frozen_reasons(plan.groups)
+    assert not any("DeiT" in r.reason for r in reasons), reasons
+    # The blocks get their own output spec back (scores None again).
+    block = encoder.encoder_layers[0]
+    assert "compute_output_spec" not in vars(block)
+    _, scores = block.compute_output_spec(keras.KerasTensor((None, 16, 8)))
+    assert scores is None
 
 
 def test_blockClassNotInlined_freezesWithItsReason() -> None:
