@@ -444,6 +444,7 @@ class HubResult:
     share: float = 0.0
     reasons: list[Any] = field(default_factory=list)
     layernorm_groups: list[int] = field(default_factory=list)
+    pruned_groups: list[int] = field(default_factory=list)
     exact_removed: int = 0
     seconds: float = 0.0
 
@@ -457,8 +458,22 @@ class HubResult:
             and self.params_after < self.params_before
             and self.params_after == self.plan_params_after
             and bool(self.exact)
-            and self.exact_removed > 0
+            and self.exactness_checked
         )
+
+    @property
+    def exactness_checked(self) -> bool:
+        """The exactness check removed channels, or could not and the plan says why.
+
+        Removing a channel a LayerNorm (or RmsNorm2d) normalises over changes
+        the statistics, so such groups are kept whole for the check; when every
+        group the plan prunes is one, the check removes nothing, and each of
+        those groups must then carry the plan's "normalises over channels" note.
+        """
+        if self.exact_removed > 0:
+            return True
+        noted = set(self.layernorm_groups)
+        return bool(self.pruned_groups) and all(g in noted for g in self.pruned_groups)
 
 
 def layernorm_groups(plan: Any) -> list[int]:
@@ -511,6 +526,7 @@ def run(res: HubResult) -> None:
     res.share = prunable_share(plan.groups)
     res.reasons = frozen_reasons(plan.groups)
     res.layernorm_groups = layernorm_groups(plan)
+    res.pruned_groups = [g.id for g in plan.groups if g.pruned]
     res.prunes = plan.removed_channels > 0
     res.plan_params_after = plan.params_after
     res.stage = "apply_plan"
