@@ -16,6 +16,7 @@ from secateur.pruner.graph import ConfigEdit
 from secateur.pruner.handlers import Call, handler_for, register_handler
 from secateur.pruner.layout import Layout, kept_positions
 
+from . import hub_models
 from .conftest import assert_same_outputs, images, kill_pruned_channels, randomize
 
 L = keras.layers
@@ -307,46 +308,14 @@ def test_rebuild_sequential_staysSequential() -> None:
 # -- real keras-hub backbones (tiny random configs, no presets) ------------------
 
 
-def _hub_backbones() -> dict[str, Any]:
-    hub = pytest.importorskip("keras_hub")
-    m = hub.models
-    return {
-        # Keras renames its depthwise blocks on re-creation (block_0_0 -> block_0_0_0).
-        "MobileNetBackbone": lambda: m.MobileNetBackbone(
-            stackwise_expansion=[[16], [24, 24]],
-            stackwise_num_blocks=[1, 2],
-            stackwise_num_filters=[[8], [16, 16]],
-            stackwise_kernel_size=[[3], [3, 3]],
-            stackwise_num_strides=[[2], [2, 1]],
-            stackwise_se_ratio=[[None], [0.25, 0.25]],
-            stackwise_activation=[["relu"], ["hard_swish", "hard_swish"]],
-            stackwise_padding=[[1], [1, 1]],
-            output_num_filters=32,
-            depthwise_filters=8,
-            depthwise_stride=2,
-            depthwise_residual=False,
-            last_layer_filter=32,
-            squeeze_and_excite=0.5,
-            image_shape=(32, 32, 3),
-            input_num_filters=8,
-        ),
-        # Custom layers that do not round-trip through their config.
-        "ViTBackbone": lambda: m.ViTBackbone(
-            image_shape=(32, 32, 3),
-            patch_size=8,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            mlp_dim=32,
-        ),
-    }
-
-
 @pytest.mark.parametrize("name", ["MobileNetBackbone", "ViTBackbone"])
 def test_rebuild_kerasHubBackbone_prunesExactlyWithDeadChannels(name: str) -> None:
-    model = _hub_backbones()[name]()
+    # MobileNet: Keras renames its depthwise blocks on re-creation (block_0_0 ->
+    # block_0_0_0); ViT: custom layers that do not round-trip through their config.
+    pytest.importorskip("keras_hub")
+    model, side = hub_models.build(name)
     pruned, _ = _prune_dead(model, PruneSpec(ratio=0.2, criterion="bn_scale"))
     assert isinstance(pruned, keras.Model)
     assert pruned.count_params() < model.count_params()
     assert not {id(v) for v in model.weights} & {id(v) for v in pruned.weights}
-    assert_same_outputs(model, pruned, np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)))
+    assert_same_outputs(model, pruned, np.random.default_rng(0).uniform(0, 1, (2, side, side, 3)))
