@@ -269,9 +269,7 @@ def _register() -> None:
         (keras.layers.Softmax, _softmax),
     ]
     for name, fn in wrappers.items():
-        cls = handlers_ops.op_class(name)
-        if cls is not None:
-            classes.append((cls, fn))
+        classes.extend((cls, fn) for cls in handlers_ops.op_classes(name))
     for cls, fn in classes:
         _AWARE.add(cls)
         register_handler(cls)(_wrap(fn, _REGISTRY.get(cls)))

@@ -22,7 +22,7 @@ from secateur.pruner._keras import keras
 from secateur.pruner.constant_rules import _conv, _finish, _merge, _same, _zero_filters
 from secateur.pruner.constants import Ctx, State, affine, channels, elementwise, register_rule
 from secateur.pruner.handlers import Unsupported
-from secateur.pruner.handlers_ops import UNARY, normalised_key, op_class
+from secateur.pruner.handlers_ops import UNARY, normalised_key, op_classes
 
 _FIELDS = ("mean", "std", "known")
 
@@ -160,14 +160,9 @@ _RULES = {
 
 
 def _register() -> None:
-    for name in UNARY:
-        cls = op_class(name)
-        if cls is not None:
-            register_rule(cls)(_unary)
+    register_rule(*op_classes(*UNARY))(_unary)
     for name, rule in _RULES.items():
-        cls = op_class(name)
-        if cls is not None:
-            register_rule(cls)(rule)
+        register_rule(*op_classes(name))(rule)
 
 
 _register()

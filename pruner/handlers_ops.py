@@ -343,15 +343,15 @@ def op_class(name: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
+def op_classes(*names: str) -> list[type]:
+    """The op classes of ``names`` (see :func:`op_class`) that this Keras has."""
+    return [cls for cls in map(op_class, names) if cls is not None]
+
+
 def _register() -> None:
-    for name in UNARY:
-        cls = op_class(name)
-        if cls is not None:
-            register_handler(cls)(_passthrough)
+    register_handler(*op_classes(*UNARY))(_passthrough)
     for name, fn in _HANDLERS.items():
-        cls = op_class(name)
-        if cls is not None:
-            register_handler(cls)(fn)
+        register_handler(*op_classes(name))(fn)
 
 
 _register()
