@@ -8,12 +8,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from secateur.server.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
+
+from .test_service import _violations
 
 Job = pb.Job
 
@@ -43,16 +43,6 @@ def _spec(data, out: str, **training) -> pb.JobSpec:
         pruning=pb.PruningSpec(ratio=0.3, criterion=pb.CRITERION_TAYLOR, taylor_batches=2),
         training=pb.TrainingSpec(**t),
     )
-
-
-def _violations(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)
-    out = []
-    for detail in status.details if status else []:
-        br = error_details_pb2.BadRequest()
-        if detail.Unpack(br):
-            out += [v.field for v in br.field_violations]
-    return out
 
 
 def test_taylor_withoutTrainData_invalidArgumentOnTheCriterion(stub, digits_data, out) -> None:

@@ -8,14 +8,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from secateur.server.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 
 from ..attention_models import image_attention_model
+from .test_service import _violations
 
 Job = pb.Job
 
@@ -38,16 +37,6 @@ def stub(digits_data, paths) -> Iterator[pbg.PruningServiceStub]:
     )
     with BackgroundServer(opts) as s:
         yield pbg.PruningServiceStub(grpc.insecure_channel(s.target))
-
-
-def _violations(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)
-    out = []
-    for detail in status.details if status else []:
-        br = error_details_pb2.BadRequest()
-        if detail.Unpack(br):
-            out += [v.field for v in br.field_violations]
-    return out
 
 
 def test_planPruning_headGroupsHaveTheirKind(stub, paths) -> None:

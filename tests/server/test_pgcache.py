@@ -16,19 +16,8 @@ from secateur.server.pgcache import CachingPostgresJobStore, RecordCache
 from secateur.server.pgstore import PostgresJobStore
 from secateur.server.records import JobRecord, JobState, now_ns
 from secateur.server.store import _row
-from secateur.v1 import pruning_pb2 as pb
 
-
-def _record(job_id: str, **changes: object) -> JobRecord:
-    spec = pb.JobSpec(model_uri="/m.keras", output_uri="/served")
-    fields: dict[str, object] = {
-        "id": job_id,
-        "spec": spec.SerializeToString(),
-        "state": JobState.QUEUED,
-        "create_ns": now_ns(),
-        "message": "queued",
-    }
-    return JobRecord(**(fields | changes))  # type: ignore[arg-type]
+from .test_pgstore import _record
 
 
 class Clock:
