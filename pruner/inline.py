@@ -64,7 +64,7 @@ def inline_graph(node: Any) -> Any | None:
     # (handlers.on_registry_miss). Inlining wins: a handler registered for
     # an inlinable class only says why it stays opaque when inlining fails.
     handler_for(node.operation)
-    if type(node.operation) not in _INLINABLE:
+    if not is_inlinable(node.operation):
         return None
     with _LOCK:  # jobs trace models on several threads
         if node not in _CACHE:

@@ -192,11 +192,7 @@ def _operation(walk: _Walk, op: Any, path: str) -> Any:
     no edit changes is reused as it is.
     """
     if id(op) not in walk.memo:
-        try:
-            config = op.get_config()
-        except Exception:  # noqa: BLE001 - the class does not round-trip
-            config = None
-        edited = _edited(walk, path, config) if config is not None else None
+        config, edited = _configs(walk, op, path)
         if edited is not None:
             new = _recreate_changed(walk, op, path, edited)
         else:
@@ -213,7 +209,7 @@ def _call_layer(walk: _Walk, op: Any, path: str, args: list[Any], kwargs: dict[s
     new = walk.memo.get(id(op))
     if new is not None:
         return new(*args, **kwargs)
-    config, edited = _layer_configs(walk, op, path)
+    config, edited = _configs(walk, op, path)
     if edited is not None or _resized(walk, op, path) or path in walk.added_bias:
         cfg = dict(edited if edited is not None else config or {})
         if path in walk.added_bias:
@@ -232,7 +228,7 @@ def _call_layer(walk: _Walk, op: Any, path: str, args: list[Any], kwargs: dict[s
     return outs
 
 
-def _layer_configs(walk: _Walk, op: Any, path: str) -> tuple[Any, Any]:
+def _configs(walk: _Walk, op: Any, path: str) -> tuple[Any, Any]:
     """(config, edited config or None when no edit changes it); config None: no config."""
     try:
         config = op.get_config()
@@ -276,15 +272,13 @@ def _unique_name(walk: _Walk, layer: Any, path: str) -> None:
 def _edited(walk: _Walk, path: str, config: dict[str, Any]) -> dict[str, Any] | None:
     """``config`` with the plan's edits, or None when no value changes."""
     edited = dict(config)
+    changed = False
     for edit in walk.edits.get(path, ()):
         if edit.key.startswith(CALL_EDIT):
             continue
-        edited[edit.key] = _new_value(walk, edit, config.get(edit.key))
-    changed = any(
-        _differs(edited[e.key], config.get(e.key))
-        for e in walk.edits.get(path, ())
-        if not e.key.startswith(CALL_EDIT)
-    )
+        old = config.get(edit.key)
+        edited[edit.key] = _new_value(walk, edit, old)
+        changed = changed or _differs(edited[edit.key], old)
     return edited if changed else None
 
 

@@ -134,7 +134,7 @@ class Refinable:
         return _units(self.expand(layout), b)
 
     # -- refining ----------------------------------------------------------
-    def _part(self, parent: Any, size: int, origin: str, unit: int, kind: str) -> Seg:
+    def _part(self, size: int, origin: str, unit: int, kind: str) -> Seg:
         space = self.spaces[next(lay.spaces(self.new_space(size, origin)))]
         space.unit, space.kind = unit, kind
         return Seg(space.id, size)
@@ -143,17 +143,17 @@ class Refinable:
         self._defs[self.find(sid)] = definition
         self._version += 1
 
-    def _refine_parts(self, sid: int, size: int, edges: Sequence[int]) -> None:
+    def _refine_parts(self, sid: int, edges: Sequence[int]) -> None:
         root = self.spaces[self.find(sid)]
         parts = tuple(
-            self._part(root, b - a, f"{root.origin}[{a}:{b}]", root.unit, root.kind)
+            self._part(b - a, f"{root.origin}[{a}:{b}]", root.unit, root.kind)
             for a, b in itertools.pairwise(edges)
         )
         self._refine(sid, parts)
 
     def _refine_blocks(self, sid: int, size: int, b: int, kind: str | None) -> None:
         root = self.spaces[self.find(sid)]
-        unit = self._part(root, size // b, f"{root.origin}/{b}", root.unit * b, kind or root.kind)
+        unit = self._part(size // b, f"{root.origin}/{b}", root.unit * b, kind or root.kind)
         self._refine(sid, (Inner((unit,), b),))
 
     def _cut(self, layout: Layout, cuts: Sequence[int]) -> None:
@@ -170,7 +170,7 @@ class Refinable:
             if not inside:
                 continue
             if isinstance(item, Seg):
-                self._refine_parts(item.space, n, [0, *inside, n])
+                self._refine_parts(item.space, [0, *inside, n])
                 return True
             if isinstance(item, Rep):
                 step = lay.size(item.layout)
