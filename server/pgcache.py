@@ -70,8 +70,6 @@ class RecordCache:
         self._records: OrderedDict[str, tuple[float, JobRecord]] = OrderedDict()
         self._tickets: dict[str, object] = {}
         self._live = False  # off until LISTEN runs: nothing would invalidate
-        self.hits = 0
-        self.misses = 0
 
     @property
     def live(self) -> bool:
@@ -83,11 +81,9 @@ class RecordCache:
             kept = self._records.get(job_id)
             if kept is not None and self._clock() < kept[0]:
                 self._records.move_to_end(job_id)
-                self.hits += 1
                 return kept[1]
             if kept is not None:
                 del self._records[job_id]
-            self.misses += 1
             return None
 
     def begin(self, job_id: str) -> object | None:
