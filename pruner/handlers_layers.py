@@ -17,7 +17,7 @@ import numpy as np
 
 from secateur.pruner import handlers_hub  # noqa: F401  (keras-hub, once loaded)
 from secateur.pruner._keras import keras
-from secateur.pruner.handlers import Call, Unsupported, register_handler, register_probe
+from secateur.pruner.handlers import Call, Unsupported, _prod, register_handler, register_probe
 from secateur.pruner.layout import Layout
 
 L = keras.layers
@@ -81,9 +81,7 @@ def _einsum_dense(c: Call) -> list[Layout]:
 
 def _positions(c: Call, dst: str) -> int:
     """Output entries per example divided by the kernel's share of them."""
-    total = 1
-    for d in c.out_shapes[0][1:]:
-        total *= int(d) if d is not None else 1
+    total = _prod(c.out_shapes[0][1:])
     ker = c.layer.equation.split(",")[1].split("->")[0]
     for axis, letter in enumerate(ker):
         if letter in dst:
