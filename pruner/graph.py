@@ -269,8 +269,9 @@ class ChannelGraph(Refinable):
                 continue
             grp = by_root.get(root)
             if grp is None:
-                grp = Group(len(by_root), [], space.size, [], [], [], kind=space.kind)
-                grp.unit = space.unit
+                grp = Group(
+                    len(by_root), [], space.size, [], [], [], kind=space.kind, unit=space.unit
+                )
                 by_root[root] = grp
             if space.kind != grp.kind:
                 grp.frozen.append("attention heads were coupled with channels")
