@@ -26,13 +26,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from secateur.pruner import attention_ops  # noqa: F401  (registers keras.ops attention)
 from secateur.pruner import layout as lay
 from secateur.pruner._keras import keras
 from secateur.pruner.graph import FlopTerm, WeightAxis
-from secateur.pruner.handlers import Call, Unsupported, register_handler
+from secateur.pruner.handlers import Call, Unsupported, _prod, _weight_index, register_handler
 from secateur.pruner.layout import Inner, Layout
 
 # Softmax weights sum to one, so head h adds b_v[h] @ W_o[h] to every output.
@@ -185,15 +183,15 @@ def _heads_coupled(layer: Any, rank: int) -> str | None:
 def _axis(c: Call, var: Any, axis: int, layout: Layout, role: str) -> None:
     if var is None:  # use_bias=False
         return
-    index = next(i for i, w in enumerate(c.layer.weights) if w is var)
+    index = _weight_index(c.layer, var)
     name = var.path.rsplit("/", 2)[-2] + "/" + var.name if "/" in var.path else var.name
     c.graph.add_axis(WeightAxis(c.path, index, name, axis % len(var.shape), layout, role))
 
 
 def _flops(c: Call, var: Any, shape: tuple[Any, ...], more: tuple[Any, ...] = ()) -> None:
     """``2 * size(var)`` FLOPs at every position of ``shape`` (times the ``more`` dims)."""
-    index = next(i for i, w in enumerate(c.layer.weights) if w is var)
-    positions = int(np.prod([int(d) if d is not None else 1 for d in (*shape[1:-1], *more)]))
+    index = _weight_index(c.layer, var)
+    positions = _prod((*shape[1:-1], *more))
     c.graph.flops.append(FlopTerm(c.path, index, positions))
 
 
