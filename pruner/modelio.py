@@ -25,30 +25,15 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from typing import Any
 
 from secateur.pruner._keras import keras
 from secateur.pruner.errors import ModelLoadError, UnsupportedModelError
 from secateur.pruner.safety import check_model_file
+from secateur.pruner.savedmodel.reader import SavedModelFile, ServingSignature, TensorSig
 
 SECATEUR_ASSETS = os.path.join("assets.extra", "secateur")
 ARCHIVE_NAME = "model.keras"
-
-
-@dataclass(frozen=True)
-class TensorSig:
-    """One signature entry: key, dtype name and shape (None for unknown)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | None, ...]
-
-
-@dataclass(frozen=True)
-class ServingSignature:
-    inputs: tuple[TensorSig, ...]
-    outputs: tuple[TensorSig, ...]
 
 
 def load_model(path: str) -> Any:
@@ -181,17 +166,8 @@ def export_serving(model: Any, out_dir: str) -> ServingSignature:
 
 
 def read_serving_signature(saved_model_dir: str) -> ServingSignature:
-    """The ``serving_default`` signature of any SavedModel on disk."""
-    import tensorflow as tf
+    """The ``serving_default`` signature of any SavedModel on disk, read from its protobuf.
 
-    loaded = tf.saved_model.load(saved_model_dir)
-    fn = loaded.signatures["serving_default"]
-    _, kwargs = fn.structured_input_signature
-    ins = tuple(
-        TensorSig(k, v.dtype.name, tuple(v.shape.as_list())) for k, v in sorted(kwargs.items())
-    )
-    outs = tuple(
-        TensorSig(k, v.dtype.name, tuple(v.shape.as_list()))
-        for k, v in sorted(fn.structured_outputs.items())
-    )
-    return ServingSignature(ins, outs)
+    Nothing in the directory runs (no ``tf.saved_model.load``).
+    """
+    return SavedModelFile(saved_model_dir).signature()
