@@ -25,23 +25,26 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 from secateur.pruner._keras import keras
 from secateur.pruner.errors import ModelLoadError, UnsupportedModelError
-from secateur.pruner.safety import check_model_file
+from secateur.pruner.safety import check_model_file, trusted_objects
 from secateur.pruner.savedmodel.reader import SavedModelFile, ServingSignature, TensorSig
 
 SECATEUR_ASSETS = os.path.join("assets.extra", "secateur")
 ARCHIVE_NAME = "model.keras"
 
 
-def load_model(path: str) -> Any:
+def load_model(path: str, trusted: Sequence[str] = ()) -> Any:
     """Load a Keras 3 model from a local file or directory.
 
     Args:
         path: a ``.keras``/``.h5`` file, a tf.keras SavedModel directory or a
             Secateur output version directory.
+        trusted: installed packages (``keras_hub``) whose registered classes
+            the file may name (``--trust-package``; see ``safety``).
 
     Returns:
         An uncompiled ``keras.Model``.
@@ -55,11 +58,11 @@ def load_model(path: str) -> Any:
     if not os.path.exists(path):
         raise ModelLoadError(f"model path must exist. Received: {path}")
     if os.path.isdir(path):
-        return _load_directory(path)
-    return _load_file(path, path)
+        return _load_directory(path, trusted)
+    return _load_file(path, path, trusted)
 
 
-def _load_file(path: str, shown: str) -> Any:
+def _load_file(path: str, shown: str, trusted: Sequence[str] = ()) -> Any:
     """Load a ``.keras``/``.h5`` file; errors name ``shown``, the user's path."""
     lower = path.lower()
     if lower.endswith(".keras") and not zipfile.is_zipfile(path):
@@ -70,19 +73,21 @@ def _load_file(path: str, shown: str) -> Any:
         raise ModelLoadError(
             f"model files must end in .keras, .h5 or be a SavedModel directory. Received: {shown}"
         )
-    check_model_file(path, shown)
+    check_model_file(path, shown, trusted)
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        return keras.saving.load_model(
+            path, custom_objects=trusted_objects(trusted), compile=False, safe_mode=True
+        )
     except Exception as exc:
         raise ModelLoadError(
             f"could not read the model ({type(exc).__name__}: {exc}). Received: {shown}"
         ) from exc
 
 
-def _load_directory(path: str) -> Any:
+def _load_directory(path: str, trusted: Sequence[str] = ()) -> Any:
     ours = os.path.join(path, SECATEUR_ASSETS, ARCHIVE_NAME)
     if os.path.exists(ours):
-        return load_model(ours)
+        return load_model(ours, trusted)
     if os.path.exists(os.path.join(path, "keras_metadata.pb")):
         return _load_tf_keras_savedmodel(path)
     if os.path.exists(os.path.join(path, "saved_model.pb")):

@@ -20,15 +20,24 @@ and class names that are not Keras built-ins. ``compile_config`` and
 ``training_config`` at the root are skipped: models are loaded with
 ``compile=False``, so those are never deserialised (the same keys deeper
 down are checked like any other).
+
+Trusted packages: an operator may name installed packages (``--trust-package
+keras_hub``) whose *registered* classes and functions a file may name. The
+file still carries no code: a ``package>Name`` it names is accepted only when
+Keras' global registry holds that name and the object there was defined by a
+trusted package (its ``__module__``; the prefix before ``>`` is only what
+the file claims). Everything else above stays refused, trusted or not.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import json
 import os
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +72,8 @@ _NAMESPACES = (
 )  # fmt: skip
 _NOT_DESERIALISED = ("compile_config", "training_config")
 MAX_CONFIG_BYTES = 64 << 20
+#: The option that names trusted packages, in every command that loads models.
+TRUST_OPTION = "--trust-package"
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,16 @@ class _Finding:
     layer: str
     class_name: str
     reason: str
+
+
+@dataclass(frozen=True)
+class _Allowed:
+    """What a config may name: Keras built-ins, and the trusted packages' registered objects."""
+
+    known: Callable[[str], bool]
+    #: registered name (``keras_hub>ResNetBackbone``) -> object, trusted packages only.
+    registered: Mapping[str, Any]
+    trusted: tuple[str, ...]
 
 
 @functools.cache
@@ -86,16 +107,84 @@ def builtin_names(library: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def check_model_file(path: str, shown: str | None = None) -> None:
+def installed_packages(names: Iterable[str]) -> tuple[str, ...]:
+    """The operator's trusted packages, each checked to be installed; nothing is imported.
+
+    Light enough for a server's start-up (no TensorFlow): the packages are
+    imported by :func:`trusted_objects`, in the process that loads models.
+
+    Args:
+        names: top-level package names (``keras_hub``), as given to ``--trust-package``.
+
+    Returns:
+        The names, without duplicates, in the order given.
+
+    Raises:
+        ValueError: a name that is not a top-level package installed here.
+    """
+    packages = tuple(dict.fromkeys(names))
+    for name in packages:
+        if not name.isidentifier():
+            raise ValueError(
+                f"{TRUST_OPTION} takes the name of an installed top-level package, such as "
+                f"keras_hub. Received: {name!r}"
+            )
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(
+                f"{TRUST_OPTION} names a package that must be installed where models are "
+                f"loaded; no package {name!r} is installed here (pip install it, or drop the "
+                f"option). Received: {TRUST_OPTION} {name}"
+            )
+    return packages
+
+
+def trusted_objects(trusted: Sequence[str]) -> dict[str, Any]:
+    """Every Keras object the ``trusted`` packages register, by registered name.
+
+    Imports each package first (its classes register themselves on import).
+    An object counts as the package's when it was defined in it (its
+    ``__module__``), whatever prefix it is registered under: ``keras_hub``
+    registers its classes as ``keras_nlp>...`` too, and imports
+    ``tensorflow_text``, whose own registrations stay untrusted.
+
+    Raises:
+        ValueError: a package that is not installed or fails to import.
+    """
+    packages = installed_packages(trusted)
+    if not packages:
+        return {}
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ValueError(
+                f"a trusted package must import cleanly; importing {name!r} failed "
+                f"({type(exc).__name__}: {exc}). Received: {TRUST_OPTION} {name}"
+            ) from exc
+    from keras.saving import get_custom_objects
+
+    return {key: obj for key, obj in get_custom_objects().items() if _owner(obj) in packages}
+
+
+def _owner(obj: Any) -> str:
+    """The top-level package that defined ``obj``."""
+    return str(getattr(obj, "__module__", None) or "").split(".")[0]
+
+
+def check_model_file(path: str, shown: str | None = None, trusted: Sequence[str] = ()) -> None:
     """Refuse ``path`` (a ``.keras``/``.h5`` file or tf.keras SavedModel dir) if loading runs code.
 
     Args:
         path: the local file or directory about to be loaded.
         shown: the path to name in errors (the user's, when ``path`` is a copy).
+        trusted: installed packages whose registered classes and functions the
+            file may name (imported here; see the module docstring).
 
     Raises:
-        UnsafeModelError: the config holds code or non-built-in objects.
+        UnsafeModelError: the config holds code, or objects that are neither
+            Keras built-ins nor registered by a trusted package.
         ModelLoadError: the config cannot be read at all.
+        ValueError: a trusted package is not installed or fails to import.
     """
     shown = shown or path
     if os.path.isdir(path):
@@ -104,20 +193,23 @@ def check_model_file(path: str, shown: str | None = None) -> None:
         configs, library = iter([_archive_config(path, shown)]), "keras"
     else:
         configs, library = iter([_h5_config(path, shown)]), "keras"
-    known = builtin_names(library).__contains__
+    allowed = _Allowed(
+        builtin_names(library).__contains__, trusted_objects(trusted), tuple(trusted)
+    )
     for config in configs:
         if isinstance(config, dict):  # only the root's are skipped: see the module docstring
             config = {k: v for k, v in config.items() if k not in _NOT_DESERIALISED}
         try:
-            finding = _scan(config, (), known)
+            finding = _scan(config, (), allowed)
         except RecursionError:
             raise ModelLoadError(
                 f"the model's config is nested too deeply to check. Received: {shown}"
             ) from None
         if finding is not None:
             raise UnsafeModelError(
-                "model files may hold only built-in Keras layers and objects, never code "
-                f"that runs when loaded; in layer '{finding.layer}', {finding.class_name} "
+                "model files may hold only built-in Keras layers and objects (and classes "
+                "registered by installed packages the operator trusts), never code that runs "
+                f"when loaded; in layer '{finding.layer}', {finding.class_name} "
                 f"{finding.reason}, so the model was refused before loading it. "
                 f"Received: {shown}",
                 layer=finding.layer,
@@ -189,7 +281,7 @@ def _parse(raw: bytes | str, what: str, shown: str) -> Any:
 
 
 def _scan(
-    node: Any, owners: tuple[str, ...], known: Callable[[str], bool], owner_cls: str = "model"
+    node: Any, owners: tuple[str, ...], allowed: _Allowed, owner_cls: str = "model"
 ) -> _Finding | None:
     """The first refused object under ``node``; ``owners`` names the enclosing layers."""
     items: Any = ()
@@ -200,7 +292,7 @@ def _scan(
         if isinstance(cls, str):
             name = _layer_name(node)
             owners, owner_cls = ((*owners, name), cls) if name else (owners, owner_cls)
-            reason = _refusal(node, cls, known)
+            reason = _refusal(node, cls, allowed)
             if reason:
                 what = f"function {node.get('config')!r}" if cls == "function" else cls
                 return _Finding("/".join(owners) or "<model>", what, reason)
@@ -208,7 +300,7 @@ def _scan(
             return _Finding("/".join(owners) or "<model>", owner_cls, "holds Python bytecode")
         items = node.values()
     for item in items:
-        found = _scan(item, owners, known, owner_cls)
+        found = _scan(item, owners, allowed, owner_cls)
         if found is not None:
             return found
     return None
@@ -223,26 +315,53 @@ def _layer_name(node: dict[str, Any]) -> str:
     return name if isinstance(name, str) else ""
 
 
-def _refusal(node: dict[str, Any], cls: str, known: Callable[[str], bool]) -> str:
+def _refusal(node: dict[str, Any], cls: str, allowed: _Allowed) -> str:
     """Why ``node`` (an object with ``class_name``) would run code; "" when it is safe."""
     if cls in DENIED_CLASSES:
         return DENIED_CLASSES[cls]
-    registered = node.get("registered_name")
-    if isinstance(registered, str) and ">" in registered:
-        return f"is a custom object registered as '{registered}'"
     module = node.get("module")
     if cls == "function":
         fn = node.get("config")
-        if not _within(module, _FUNCTION_MODULES) or not isinstance(fn, str) or ">" in fn:
+        if isinstance(fn, str) and ">" in fn:  # Keras looks a function up by this name
+            return _unregistered(fn, allowed)
+        if not _within(module, _FUNCTION_MODULES) or not isinstance(fn, str):
             return f"from module {module!r} is not a Keras built-in activation, loss or metric"
         return ""
+    # Keras looks a class up in the registry by registered_name (the class name when absent).
+    registered = node.get("registered_name", cls)
+    if isinstance(registered, str) and ">" in registered:
+        return _unregistered(registered, allowed)
     if module is not None:
         if not _within(module, _KERAS_MODULES):
             return f"is a class from module {module!r}, not from Keras"
         return ""
-    if cls not in _VALUE_CLASSES and not known(cls):
+    if cls not in _VALUE_CLASSES and not allowed.known(cls):
         return "is not a built-in Keras class (custom objects are not accepted)"
     return ""
+
+
+def _unregistered(name: str, allowed: _Allowed) -> str:
+    """Why the registered name ``name`` (``package>Name``) is refused; "" if a trusted package's."""
+    if name in allowed.registered:
+        return ""
+    from keras.saving import get_custom_objects
+
+    registered = get_custom_objects().get(name)
+    # The package that registered it, when imported here; else the one the name claims.
+    package = _owner(registered) if registered is not None else name.split(">", 1)[0]
+    installed = package.isidentifier() and importlib.util.find_spec(package) is not None
+    why = f"is a custom object registered as '{name}'"
+    if installed and package not in allowed.trusted:
+        return (
+            f"{why} by package '{package}', which is not trusted (to trust that installed "
+            f"package's registered classes, start secateur with {TRUST_OPTION} {package})"
+        )
+    if allowed.trusted:
+        return (
+            f"{why}, which no trusted package ({', '.join(allowed.trusted)}) registers "
+            "(custom objects of other packages are not accepted)"
+        )
+    return f"{why} (custom objects are not accepted)"
 
 
 def _within(module: Any, roots: tuple[str, ...]) -> bool:
