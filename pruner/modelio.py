@@ -22,6 +22,7 @@ has the same input and output keys, dtypes and shapes as the original model
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import zipfile
@@ -31,8 +32,15 @@ from typing import Any
 from secateur.pruner._keras import keras
 from secateur.pruner.errors import ModelLoadError, UnsupportedModelError
 from secateur.pruner.safety import check_model_file, trusted_objects
-from secateur.pruner.savedmodel.reader import SavedModelFile, ServingSignature, TensorSig
+from secateur.pruner.savedmodel.keras2 import METADATA_PB, has_keras_model, read_keras2
+from secateur.pruner.savedmodel.reader import (
+    SAVED_MODEL_PB,
+    SavedModelFile,
+    ServingSignature,
+    TensorSig,
+)
 
+_log = logging.getLogger(__name__)
 SECATEUR_ASSETS = os.path.join("assets.extra", "secateur")
 ARCHIVE_NAME = "model.keras"
 
@@ -88,41 +96,33 @@ def _load_directory(path: str, trusted: Sequence[str] = ()) -> Any:
     ours = os.path.join(path, SECATEUR_ASSETS, ARCHIVE_NAME)
     if os.path.exists(ours):
         return load_model(ours, trusted)
-    if os.path.exists(os.path.join(path, "keras_metadata.pb")):
-        return _load_tf_keras_savedmodel(path)
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
-        raise UnsupportedModelError(
-            "this SavedModel has no keras_metadata.pb, so its layers cannot be recovered "
-            "(it was not written by tf.keras Model.save). Provide the model as a .keras or .h5 "
-            "file, or a SavedModel saved by tf.keras / Keras 2. "
-            f"Received: {path}"
+    if not os.path.exists(os.path.join(path, SAVED_MODEL_PB)):
+        raise ModelLoadError(
+            "a model directory must hold saved_model.pb (a SavedModel), or a Secateur "
+            f"output ({SECATEUR_ASSETS}/{ARCHIVE_NAME}). Received: {path}"
         )
-    raise ModelLoadError(
-        "a model directory must hold saved_model.pb with keras_metadata.pb, or a Secateur "
-        f"output ({SECATEUR_ASSETS}/{ARCHIVE_NAME}). Received: {path}"
+    saved = SavedModelFile(path)
+    if os.path.exists(os.path.join(path, METADATA_PB)):
+        check_model_file(path, path, trusted)  # before anything of the config is used
+        if has_keras_model(path, path):
+            return _load_tf_keras_savedmodel(saved)
+    raise UnsupportedModelError(
+        "this SavedModel has no keras_metadata.pb, so its layers cannot be recovered "
+        "(it was not written by tf.keras Model.save). Provide the model as a .keras or .h5 "
+        "file, or a SavedModel saved by tf.keras / Keras 2. "
+        f"Received: {path}"
     )
 
 
-def _load_tf_keras_savedmodel(path: str) -> Any:
-    check_model_file(path)  # tf_keras ignores safe_mode for SavedModels
-    import tf_keras
-
-    try:
-        legacy = tf_keras.models.load_model(path, compile=False)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"tf_keras could not load the SavedModel ({type(exc).__name__}: {exc}). "
-            f"Received: {path}"
-        ) from exc
-    if not isinstance(legacy, tf_keras.Model) or not hasattr(legacy, "_nested_inputs"):
-        raise UnsupportedModelError(
-            "only functional or Sequential tf.keras models can be converted. "
-            f"Received: {type(legacy).__name__} from {path}"
-        )
+def _load_tf_keras_savedmodel(saved: SavedModelFile) -> Any:
+    """A tf.keras SavedModel rebuilt from its data, carried into Keras 3 through HDF5."""
+    legacy = read_keras2(saved)
+    for note in legacy.notes:
+        _log.warning("%s", note)
     with tempfile.TemporaryDirectory(prefix="secateur-h5-") as tmp:
         h5 = os.path.join(tmp, "model.h5")
-        legacy.save(h5, save_format="h5")
-        return _load_file(h5, path)
+        legacy.model.save(h5, save_format="h5")
+        return _load_file(h5, saved.shown)
 
 
 def signature_of(model: Any) -> ServingSignature:

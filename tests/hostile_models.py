@@ -125,3 +125,58 @@ def tf_keras_custom_layer(path: str, marker: str) -> str:
     out = _tf_keras_marker_layer()(marker, name="custom")(tf_keras.layers.Dense(2, name="d")(inp))
     model = tf_keras.Model(inp, out, name="m")
     return _saved(lambda p: model.save(p, save_format="tf"), path, marker)
+
+
+def _marker_resource(marker: str) -> Any:
+    """A resource whose saved create and initialize functions write ``marker`` (a WriteFile op).
+
+    ``tf.saved_model.load`` (and ``tf_keras.models.load_model``, which uses it)
+    recreates resources by running these functions from the file.
+    """
+    import tensorflow as tf
+
+    class MarkerResource(tf.saved_model.experimental.TrackableResource):
+        def __init__(self) -> None:
+            super().__init__()
+            self.marker = marker  # a Python str: traced into the functions as a constant
+
+        def _create_resource(self) -> Any:
+            tf.io.write_file(self.marker, "created")
+            return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="")
+
+        def _initialize(self) -> Any:
+            return tf.io.write_file(self.marker, "initialized")
+
+    return MarkerResource()
+
+
+def _trap_tf_keras_model() -> Any:
+    import tf_keras
+
+    inp = tf_keras.Input((6, 6, 3), name="pixels")
+    x = tf_keras.layers.Conv2D(8, 3, name="c1")(inp)
+    x = tf_keras.layers.BatchNormalization(name="bn")(x)
+    x = tf_keras.layers.ReLU(name="relu")(x)
+    x = tf_keras.layers.Conv2D(6, 3, name="c2")(x)
+    x = tf_keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return tf_keras.Model(inp, tf_keras.layers.Dense(3, name="scores")(x), name="m")
+
+
+def trap_module(path: str, marker: str) -> str:
+    """Trap (1): a plain tf.Module holding the resource, beside an empty keras_metadata.pb."""
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.trap = _marker_resource(marker)
+    _saved(lambda p: tf.saved_model.save(module, p), path, marker)
+    with open(os.path.join(path, "keras_metadata.pb"), "wb"):
+        pass
+    return path
+
+
+def trap_tf_keras(path: str, marker: str, on_layer: bool) -> str:
+    """Traps (2) and (3): a valid tf.keras model, the resource on the model or on layer 'c1'."""
+    model = _trap_tf_keras_model()
+    owner = model.get_layer("c1") if on_layer else model
+    owner.trap = _marker_resource(marker)
+    return _saved(lambda p: model.save(p, save_format="tf"), path, marker)

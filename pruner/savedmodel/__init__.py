@@ -3,4 +3,7 @@
 - :mod:`.reader`: ``saved_model.pb`` parsed as a protobuf, the serving
   signature, and variables read from ``variables/`` with TensorFlow's
   checkpoint reader, addressed by their node in the SavedModel's object graph.
+- :mod:`.keras2`: tf.keras / Keras 2 SavedModels rebuilt from ``keras_metadata.pb``'s
+  config and the checkpoint's weights, matched to the layers through the object
+  graph; other objects in the file are ignored and noted.
 """
