@@ -1,0 +1,326 @@
+"""The CIFAR-10 study's outputs from whatever runs are cached: figures, tables, docs section.
+
+Called by ``benchmarks/cifar_study.py`` after the runs, or alone with
+``--report-only``. Numbers come only from the cached run files; the section
+says how many runs of the planned grid it holds.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from cifar_train import unpack
+from reproduce_study import _save, plot_cost, summary
+
+BEGIN, END = "<!-- cifar10:begin -->", "<!-- cifar10:end -->"
+GOAL = 0.005  # the largest drop "the answer" accepts: 0.5 points
+FIG2_ARMS = ("bn_scale + reload", "bn_scale, no reload", "l1 + reload")
+
+
+def load(args: Any, grid: list[tuple[str, Any, tuple[float, ...]]], key: Any) -> dict[str, Any]:
+    """Base, measurement, sparsity records and the runs of the grid that exist.
+
+    ``grid``: (arm name, arm, ratios); ``key(name, arm, ratio, seed, args)``: a run's file name.
+    """
+    work = args.work
+    out: dict[str, Any] = {"base": None, "measure": None, "sparsity": [], "runs": {}}
+    for what, name in (("base", "base.json"), ("measure", "measure.json")):
+        if os.path.exists(os.path.join(work, name)):
+            with open(os.path.join(work, name)) as fh:
+                out[what] = json.load(fh)
+    for path in sorted(glob.glob(os.path.join(work, "sparse-*.json"))):
+        with open(path) as fh:
+            out["sparsity"].append(json.load(fh))
+    planned = 0
+    for name, arm, ratios in grid:
+        for ratio in ratios:
+            for seed in args.seeds:
+                planned += 1
+                path = os.path.join(work, "runs", key(name, arm, ratio, seed, args))
+                if os.path.exists(path):
+                    with open(path) as fh:
+                        out["runs"].setdefault(name, []).append(json.load(fh))
+    out["planned"] = planned
+    return out
+
+
+def aggregate(study: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per arm, per ratio: accuracy over seeds (t-interval) and the paired drop."""
+    from secateur.pruner.stats import paired_drop
+
+    base = study["base"]
+    n = base["test_images"]
+    base_correct = unpack(base["correct"], n)
+    agg: dict[str, list[dict[str, Any]]] = {}
+    for arm, rows in study["runs"].items():
+        by_ratio: dict[float, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_ratio.setdefault(row["ratio"], []).append(row)
+        agg[arm] = []
+        for ratio, rs in sorted(by_ratio.items()):
+            drop = paired_drop(base_correct, [unpack(r["correct"], n) for r in rs])
+            agg[arm].append(
+                {
+                    "ratio": ratio,
+                    "n": len(rs),
+                    "seeds": sorted(r["seed"] for r in rs),
+                    "accuracy": summary([r["accuracy"] for r in rs]),
+                    "drop": {"mean": drop.drop, "low": drop.low, "high": drop.high},
+                    "params": rs[0]["params"],
+                    "minutes": sum(r["seconds"] for r in rs) / len(rs) / 60,
+                }
+            )
+    return agg
+
+
+def answer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The largest ratio whose drop's upper end is within the goal (None: none is)."""
+    ok = [r for r in rows if r["ratio"] > 0 and r["drop"]["high"] <= GOAL]
+    return max(ok, key=lambda r: r["ratio"]) if ok else None
+
+
+def plot(agg: dict[str, list[dict]], base_acc: float, out: str) -> list[str]:
+    """Fig. 2 (accuracy, t-interval over seeds) and the drop figure (paired interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    shown = {a: [r for r in rows if r["ratio"] > 0] for a, rows in agg.items()}
+    for what in ("accuracy", "drop"):
+        fig, ax = plt.subplots(figsize=(10, 5))
+        for k, (arm, rows) in enumerate(shown.items()):
+            dx = (k - (len(shown) - 1) / 2) * 0.004
+            xs = [r["ratio"] + dx for r in rows]
+            if what == "accuracy":
+                ys = [100 * r["accuracy"]["mean"] for r in rows]
+                err = [100 * (r["accuracy"]["half"] if r["n"] > 1 else 0) for r in rows]
+                yerr: Any = err
+            else:
+                ys = [100 * r["drop"]["mean"] for r in rows]
+                yerr = [
+                    [100 * (r["drop"]["mean"] - r["drop"]["low"]) for r in rows],
+                    [100 * (r["drop"]["high"] - r["drop"]["mean"]) for r in rows],
+                ]
+            style = "o-" if arm in FIG2_ARMS else "s--"
+            ax.errorbar(xs, ys, yerr=yerr, fmt=style, capsize=3, label=arm, color=f"C{k}")
+        if what == "accuracy":
+            ax.axhline(100 * base_acc, color="black", ls="--", label="base model (unpruned)")
+            ax.set(ylabel="top-1 accuracy, % (10,000 test images)", ylim=(0, 100))
+            ax.set_title("Fig. 2 on CIFAR-10: accuracy vs pruned ratio (mean, 95% t over seeds)")
+        else:
+            ax.axhline(100 * GOAL, color="gray", ls=":", label="goal: 0.5-point drop")
+            ax.set(ylabel="accuracy drop, points (symlog)", yscale="symlog")
+            ax.set_title("Drop vs the base model (mean, paired 95% interval on the test images)")
+        ax.set_xlabel("pruned ratio of channels")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        name = "cifar10_fig2_accuracy.png" if what == "accuracy" else "cifar10_fig5_drop.png"
+        paths.append(_save(fig, out, name))
+    return paths
+
+
+def plot_measure(measure: dict[str, Any] | None, out: str) -> list[str]:
+    """Figs. 3 and 4 with the digits study's plotting, under CIFAR-10 names."""
+    if not measure:
+        return []
+    rows = sorted(measure["rows"], key=lambda r: r["ratio"])
+    paths = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for made in plot_cost(rows, tmp):
+            name = os.path.basename(made).replace("study_", "cifar10_")
+            paths.append(shutil.copyfile(made, os.path.join(out, name)))
+    return paths
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def table(agg: dict[str, list[dict]]) -> str:
+    """One row per arm and ratio: accuracy (t over seeds), paired drop interval, n."""
+    lines = [
+        "| arm | ratio | accuracy % (mean ± 95% t, [min, max]) | drop, points "
+        "(mean [paired 95% interval]) | n | params | min/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, rows in agg.items():
+        for r in rows:
+            a, d = r["accuracy"], r["drop"]
+            acc = f"{_pct(a['mean'])}" + (f" ± {_pct(a['half'])}" if r["n"] > 1 else "")
+            acc += f" [{_pct(a['min'])}, {_pct(a['max'])}]"
+            drop = f"{_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}]"
+            lines.append(
+                f"| {arm} | {r['ratio']:.0%} | {acc} | {drop} | {r['n']} | "
+                f"{r['params']:,} | {r['minutes']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def answers(agg: dict[str, list[dict]]) -> str:
+    lines = ["| arm | largest ratio with upper end <= 0.5 points | its drop [interval] | n |"]
+    lines.append("|---|---|---|---|")
+    for arm, rows in agg.items():
+        if not any(r["ratio"] > 0 for r in rows):
+            continue
+        best = answer(rows)
+        if best is None:
+            tried = ", ".join(f"{r['ratio']:.0%}" for r in rows)
+            lines.append(f"| {arm} | none of {tried} | | |")
+            continue
+        d = best["drop"]
+        lines.append(
+            f"| {arm} | **{best['ratio']:.0%}** | {_pct(d['mean'])} "
+            f"[{_pct(d['low'])}, {_pct(d['high'])}] | {best['n']} |"
+        )
+    return "\n".join(lines)
+
+
+def _at(agg: dict[str, list[dict]], arm: str, ratio: float) -> dict[str, Any] | None:
+    return next((r for r in agg.get(arm, []) if abs(r["ratio"] - ratio) < 1e-9), None)
+
+
+def compare(agg: dict[str, list[dict]], better: str, worse: str) -> list[str]:
+    """Per shared ratio: held / not held / not shown beyond the noise, from the drop intervals."""
+    out = []
+    for r in agg.get(better, []):
+        other = _at(agg, worse, r["ratio"])
+        if other is None or r["ratio"] == 0:
+            continue
+        a, b = r["drop"], other["drop"]
+        if a["high"] < b["low"]:
+            verdict = "held"
+        elif b["high"] < a["low"]:
+            verdict = "not held (the other way round)"
+        else:
+            verdict = "not shown beyond the noise (intervals overlap)"
+        out.append(
+            f"at {r['ratio']:.0%}: drop {_pct(a['mean'])} [{_pct(a['low'])}, {_pct(a['high'])}] "
+            f"vs {_pct(b['mean'])} [{_pct(b['low'])}, {_pct(b['high'])}] "
+            f"(n = {r['n']}, {other['n']}): **{verdict}**"
+        )
+    return out
+
+
+def findings(agg: dict[str, list[dict]], measure: dict[str, Any] | None) -> str:
+    """The paper's findings one by one, judged from the intervals."""
+    parts = ["**Reloading weights beats re-initialising** (bn_scale + reload vs no reload):"]
+    parts += [f"- {x}" for x in compare(agg, "bn_scale + reload", "bn_scale, no reload")]
+    parts += ["", "**BN-scale beats L1** (both with reload):"]
+    parts += [f"- {x}" for x in compare(agg, "bn_scale + reload", "l1 + reload")]
+    at30 = _at(agg, "bn_scale + reload", 0.3)
+    parts += ["", "**VGG-16 keeps its accuracy at 30% pruned on CIFAR-10** (bn_scale + reload):"]
+    if at30:
+        d = at30["drop"]
+        verdict = (
+            "held (upper end <= 0.5 points)"
+            if d["high"] <= GOAL
+            else "not held (the whole interval is above 0.5 points)"
+            if d["low"] > GOAL
+            else "not shown beyond the noise"
+        )
+        parts.append(
+            f"- drop {_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}], "
+            f"n = {at30['n']}: **{verdict}**"
+        )
+    rows = [r for r in agg.get("bn_scale + reload", []) if r["ratio"] > 0]
+    if len(rows) >= 3:
+        slopes = [
+            (b["drop"]["mean"] - a["drop"]["mean"]) / (b["ratio"] - a["ratio"])
+            for a, b in itertools.pairwise(rows)
+        ]
+        rising = all(s2 >= s1 for s1, s2 in itertools.pairwise(slopes))
+        parts += [
+            "",
+            "**Accuracy falls faster and faster as the ratio grows** (bn_scale + reload, "
+            "points lost per 10% more pruned, in the mean): "
+            + ", ".join(f"{10 * s:.2f}" for s in slopes)
+            + (": **held** (in the means)" if rising else ": **not held** (not monotone)"),
+        ]
+    if measure:
+        m = sorted(measure["rows"], key=lambda r: r["ratio"])
+        first, last = m[0], m[-1]
+        parts += [
+            "",
+            f"**Memory and step time fall with the ratio, not linearly** (measured at "
+            f"{last['ratio']:.0%} vs unpruned, batch {measure['batch_size']}, CPU): params "
+            f"{last['params'] / first['params']:.1%}, step time "
+            f"{last['train_step_seconds'] / first['train_step_seconds']:.1%}"
+            + (
+                f", peak memory {last['peak_memory_bytes'] / first['peak_memory_bytes']:.1%}"
+                if first.get("peak_memory_bytes") and last.get("peak_memory_bytes")
+                else ""
+            )
+            + ". See the table below for every ratio.",
+        ]
+    return "\n".join(parts)
+
+
+def measure_table(measure: dict[str, Any] | None) -> str:
+    if not measure:
+        return "Not measured yet."
+    lines = [
+        "| ratio | params | FLOPs/image | peak memory MiB | step ms |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(measure["rows"], key=lambda r: r["ratio"]):
+        mem = r.get("peak_memory_bytes")
+        lines.append(
+            f"| {r['ratio']:.0%} | {r['params']:,} | {r['flops']:,} | "
+            f"{mem / 2**20 if mem else float('nan'):.1f} | {1000 * r['train_step_seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def section(args: Any, study: dict[str, Any], agg: dict[str, list[dict]]) -> str:
+    from cifar_section import render
+
+    return render(args, study, agg, findings(agg, study["measure"]), table(agg), answers(agg),
+                  measure_table(study["measure"]))  # fmt: skip
+
+
+def write_outputs(args: Any, grid: list[tuple[str, Any, tuple[float, ...]]], key: Any) -> list[str]:
+    """Figures, json, md and the docs section from the cached runs; the paths written."""
+    study = load(args, grid, key)
+    arm_names = [g[0] for g in grid]
+    if study["base"] is None:
+        print("no base model cached yet: nothing to report", file=sys.stderr)
+        return []
+    agg = aggregate(study)
+    agg = {a: agg[a] for a in arm_names if a in agg}
+    paths = plot(agg, study["base"]["accuracy"], args.out)
+    paths += plot_measure(study["measure"], args.out)
+    text = section(args, study, agg)
+    md = os.path.join(args.out, "cifar10_study_results.md")
+    with open(md, "w") as fh:
+        fh.write(text)
+    out = os.path.join(args.out, "cifar10_study_results.json")
+    with open(out, "w") as fh:
+        json.dump({"args": dict(vars(args)), "summary": agg} | study, fh, indent=1, default=str)
+    paths += [md, out, splice(os.path.join(args.out, "study.md"), text)]
+    return paths
+
+
+def splice(path: str, text: str) -> str:
+    """Put ``text`` between the CIFAR-10 markers of ``path`` (appended when absent)."""
+    old = ""
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = fh.read()
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + block + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as fh:
+        fh.write(new)
+    return path

