@@ -16,6 +16,7 @@ import sys
 import tempfile
 from typing import Any
 
+from cifar_section import render
 from cifar_train import unpack
 from reproduce_study import _save, plot_cost, summary
 
@@ -95,6 +96,7 @@ def plot(agg: dict[str, list[dict]], base_acc: float, out: str) -> list[str]:
 
     paths = []
     shown = {a: [r for r in rows if r["ratio"] > 0] for a, rows in agg.items()}
+    shown = {a: rows for a, rows in shown.items() if rows}  # the control is a band
     for what in ("accuracy", "drop"):
         fig, ax = plt.subplots(figsize=(10, 5))
         for k, (arm, rows) in enumerate(shown.items()):
@@ -112,9 +114,17 @@ def plot(agg: dict[str, list[dict]], base_acc: float, out: str) -> list[str]:
                 ]
             style = "o-" if arm in FIG2_ARMS else "s--"
             ax.errorbar(xs, ys, yerr=yerr, fmt=style, capsize=3, label=arm, color=f"C{k}")
+        control = next((rows[0] for a, rows in agg.items() if a.startswith("control")), None)
+        if what == "accuracy" and control is not None:
+            c = control["accuracy"]
+            half = c["half"] if control["n"] > 1 else 0.0
+            ax.axhspan(100 * (c["mean"] - half), 100 * (c["mean"] + half), color="gray", alpha=0.2)
+            ax.axhline(
+                100 * c["mean"], color="gray", ls=":", label="control (unpruned, fine-tuned)"
+            )
         if what == "accuracy":
             ax.axhline(100 * base_acc, color="black", ls="--", label="base model (unpruned)")
-            ax.set(ylabel="top-1 accuracy, % (10,000 test images)", ylim=(0, 100))
+            ax.set(ylabel="top-1 accuracy, % (CIFAR-10 test images)", ylim=(0, 100))
             ax.set_title("Fig. 2 on CIFAR-10: accuracy vs pruned ratio (mean, 95% t over seeds)")
         else:
             ax.axhline(100 * GOAL, color="gray", ls=":", label="goal: 0.5-point drop")
@@ -281,8 +291,8 @@ def measure_table(measure: dict[str, Any] | None) -> str:
 
 
 def section(args: Any, study: dict[str, Any], agg: dict[str, list[dict]]) -> str:
-    from cifar_section import render
-
+    if study["base"] is None:
+        return render(args, study, agg, "", "", "", "")
     return render(args, study, agg, findings(agg, study["measure"]), table(agg), answers(agg),
                   measure_table(study["measure"]))  # fmt: skip
 
@@ -292,8 +302,8 @@ def write_outputs(args: Any, grid: list[tuple[str, Any, tuple[float, ...]]], key
     study = load(args, grid, key)
     arm_names = [g[0] for g in grid]
     if study["base"] is None:
-        print("no base model cached yet: nothing to report", file=sys.stderr)
-        return []
+        print("no base model cached yet: the section says so", file=sys.stderr)
+        return [splice(os.path.join(args.out, "study.md"), section(args, study, {}))]
     agg = aggregate(study)
     agg = {a: agg[a] for a in arm_names if a in agg}
     paths = plot(agg, study["base"]["accuracy"], args.out)

@@ -42,13 +42,14 @@ def _status(study: dict[str, Any]) -> str:
 def _model(args: Any, study: dict[str, Any]) -> str:
     base = study["base"]
     acc = 100 * base["accuracy"]
+    n = base["test_images"]
     lines = [
         f"- **Model**: VGG-16 with BatchNorm (`secateur.pruner.models.vgg16_bn`), every width "
         f"x{args.width:g} ({base['params']:,} parameters; full width is `--width 1`, for a "
         f"machine with an accelerator), trained once from scratch: {base['epochs']} epochs, "
         f"SGD momentum 0.9, batch {args.batch_size}, learning rate on a cosine from "
         f"{base['lr']:g} to 0, weight decay 5e-4, random crop (4-pixel zero padding) and "
-        f"horizontal flip in the tf.data pipeline. **{acc:.2f}%** on the 10,000 test "
+        f"horizontal flip in the tf.data pipeline. **{acc:.2f}%** on the {n:,} test "
         f"images, {PAPER_ACCURACY - acc:.1f} points below the ~{PAPER_ACCURACY}% of the "
         f"paper's full-width VGG-16 trained 100 epochs ({base['train_seconds'] / 60:.1f} min, "
         f"{base['seconds_per_epoch']:.0f} s per epoch here, on the shared 2-core CPU).",
@@ -56,7 +57,7 @@ def _model(args: Any, study: dict[str, Any]) -> str:
         f"product's planner and surgery), fine-tunes it with the product's fine-tuner "
         f"(SGD momentum 0.9, batch {args.batch_size}, constant learning rate {args.lr:g}, "
         f"the study's recipe) for **{args.epochs} epoch(s)** of augmented data (the compared "
-        f"arms), and classifies the 10,000 test images. The answer arm fine-tunes "
+        f"arms), and classifies the {n:,} test images. The answer arm fine-tunes "
         f"**{args.answer_epochs} epochs** (the last at a tenth of the rate) after "
         f"{args.sparsity_epochs} epochs of sparsity training (L1 {args.lam:g} on the BN "
         f"gammas) of the base model, once per seed. Iterative: 3 rounds of a third of the "
@@ -65,9 +66,9 @@ def _model(args: Any, study: dict[str, Any]) -> str:
         f"- **Seeds**: {args.seeds} (the job's seed: shuffle, augmentation, re-initialisation, "
         "sparsity training, Taylor's batches); the base model is the same for all.",
         "- **Intervals**: accuracy: mean ± the 95% Student t half-width over seeds. Drop: "
-        "**paired** on the 10,000 test images (`secateur.pruner.stats.paired_drop`): "
+        f"**paired** on the {n:,} test images (`secateur.pruner.stats.paired_drop`): "
         "z x sd of the per-image difference (the base's outcome minus the seeds' mean "
-        "outcome) / sqrt(10,000) (for one run, the McNemar-style interval of paired "
+        f"outcome) / sqrt({n:,}) (for one run, the McNemar-style interval of paired "
         "proportions), added in quadrature to t x sd of the per-seed drops / sqrt(n).",
     ]
     for s in study["sparsity"]:
@@ -101,6 +102,18 @@ def render(
     measure_table: str,
 ) -> str:
     """The section's markdown."""
+    if study["base"] is None:
+        return f"""## CIFAR-10, the paper's own data
+
+{_status(study)} The base model has not finished training yet, so there are no
+numbers here.
+
+```sh
+secateur data cifar10
+{_command(args)}
+{_command(args)} --report-only
+```
+"""
     measured = study["measure"]
     how = ""
     if measured:
