@@ -103,8 +103,8 @@ def _conv(ctx: Ctx) -> list[State] | None:
     kernel = ctx.array("kernel")
     groups = int(ctx.layer.groups)
     if groups != 1:
-        if groups != kernel.shape[-1]:
-            return None  # grouped convs are frozen by the tracer
+        if groups != kernel.shape[-1] or kernel.shape[-2] != 1:
+            return None  # not one input per filter: see constant_rules_ops
         # Depthwise written as a grouped conv: (k.., 1, C) is (k.., C, 1).
         return _depthwise(ctx, kernel.reshape(*kernel.shape[:-2], groups, 1))
     _feed(ctx, kernel)

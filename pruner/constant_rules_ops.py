@@ -109,8 +109,9 @@ def _resize(ctx: Ctx) -> list[State] | None:
 def _grouped_conv(ctx: Ctx) -> list[State] | None:
     """A grouped conv's dead filters output their bias, like a plain conv's."""
     kernel = ctx.array("kernel")
-    if int(ctx.layer.groups) in (1, kernel.shape[-1]):
-        return _conv(ctx)
+    groups = int(ctx.layer.groups)
+    if groups == 1 or (groups == kernel.shape[-1] and kernel.shape[-2] == 1):
+        return _conv(ctx)  # plain, or depthwise written as a grouped conv
     ctx.lose(0, ctx.x.live_constant)  # a grouped kernel is not folded into yet
     return _finish(ctx, _zero_filters(ctx, kernel, -1))
 
@@ -153,6 +154,7 @@ _RULES = {
     "numpy.ExpandDims": _same,
     "numpy.Squeeze": _same,
     "numpy.Maximum": _merge,
+    "numpy.Power": _merge,
     "numpy.Reshape": _same,
     "numpy.Transpose": _same,
     "numpy.Minimum": _merge,

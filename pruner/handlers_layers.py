@@ -1,8 +1,8 @@
 """Handlers for more layer classes.
 
-EinsumDense (equations that contract the channels and produce new ones),
-custom layer-scale layers recognised by what they compute, and, through
-:mod:`handlers_hub`, keras-hub's layers and blocks.
+EinsumDense (equations that contract the channels and produce new ones)
+and, through :mod:`handlers_hub`, keras-hub's layers and blocks. Custom
+per-channel layers are recognised by what they compute (:mod:`probes`).
 
 Registers on import; :mod:`secateur.pruner.tracing` imports this module.
 """
@@ -10,14 +10,10 @@ Registers on import; :mod:`secateur.pruner.tracing` imports this module.
 from __future__ import annotations
 
 import re
-import weakref
-from typing import Any
-
-import numpy as np
 
 from secateur.pruner import handlers_hub  # noqa: F401  (keras-hub, once loaded)
 from secateur.pruner._keras import keras
-from secateur.pruner.handlers import Call, Unsupported, _prod, register_handler, register_probe
+from secateur.pruner.handlers import Call, Unsupported, _prod, register_handler
 from secateur.pruner.layout import Layout
 
 L = keras.layers
@@ -87,68 +83,3 @@ def _positions(c: Call, dst: str) -> int:
         if letter in dst:
             total //= max(int(c.layer.kernel.shape[axis]), 1)
     return max(total, 1)
-
-
-# -- custom per-channel scale layers ("layer scale") ---------------------------
-
-# layer -> its handler or None, decided once per layer object.
-_SCALES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-
-def _probe_scale(layer: Any) -> Any:
-    """A custom layer that only multiplies each channel by its own weight.
-
-    Model code writes layer scale as its own small class (``x * gamma``).
-    Such a layer is recognised by what it computes, never by its name: no
-    sub-layers, one weight of shape ``(C,)``, one config entry equal to
-    ``C`` (edited with the kept count), and ``layer(x) == x * gamma`` on
-    random inputs.
-    """
-    if not isinstance(layer, L.Layer) or type(layer).__module__.startswith("keras."):
-        return None
-    try:
-        if layer not in _SCALES:
-            _SCALES[layer] = _scale_handler(layer)
-        return _SCALES[layer]
-    except TypeError:  # not weak-referenceable
-        return None
-
-
-def _scale_handler(layer: Any) -> Any:
-    weights = layer.weights
-    if len(weights) != 1 or len(weights[0].shape) != 1 or layer._layers:
-        return None
-    var, size = weights[0], int(weights[0].shape[0])
-    attr = next((k for k, v in vars(layer).items() if v is var), None)
-    try:
-        config = layer.get_config()
-    except Exception:  # noqa: BLE001 - a layer that cannot say its config is not re-created
-        return None
-    keys = [k for k, v in config.items() if type(v) is int and v == size]
-    if attr is None or len(keys) != 1 or not _multiplies(layer, np.asarray(var), size):
-        return None
-    key = keys[0]
-
-    def handler(c: Call) -> list[Layout]:
-        if c.in_shapes[0][-1] != size:
-            raise Unsupported("the scale does not follow the channel axis")
-        c.weight(attr, 0, c.x, "scale")
-        c.edit(key, c.x)
-        return [c.x]
-
-    return handler
-
-
-def _multiplies(layer: Any, gamma: np.ndarray, size: int) -> bool:
-    rng = np.random.default_rng(0)
-    for rank in (4, 3, 2):
-        x = rng.normal(size=(2, *([3] * (rank - 2)), size)).astype("float32")
-        try:
-            y = np.asarray(keras.ops.convert_to_numpy(layer(x)))
-        except Exception:  # noqa: BLE001 - does not take this rank
-            continue
-        return y.shape == x.shape and bool(np.allclose(y, x * gamma, rtol=1e-5, atol=1e-6))
-    return False
-
-
-register_probe(_probe_scale)

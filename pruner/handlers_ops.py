@@ -326,6 +326,7 @@ _HANDLERS: dict[str, Callable[[Call], list[Layout]]] = {
     "numpy.ExpandDims": _expand_dims,
     "numpy.Squeeze": _squeeze,
     "numpy.Maximum": _binary,
+    "numpy.Power": _binary,  # x ** 2: per channel for a scalar exponent
     "numpy.Reshape": _reshape,
     "numpy.Transpose": _transpose,
     "numpy.Minimum": _binary,

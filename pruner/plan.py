@@ -190,8 +190,22 @@ class PruningPlan:
         return plan
 
     def validate(self) -> None:
-        """Check internal consistency; raise typed errors otherwise."""
+        """Check internal consistency; raise typed errors otherwise.
+
+        A plan that passes applies to the model it was made for: every group
+        keeps distinct indices in range, at least one, and a frozen group
+        (one surgery cannot change exactly) keeps all of them.
+
+        Raises:
+            PlanError: counts or indices that do not fit, or a frozen group pruned.
+            EmptyGroupError: a group keeps nothing.
+        """
         for g in self.groups:
+            if g.frozen and g.size_after < g.size_before:
+                raise PlanError(
+                    f"a frozen group cannot prune ({'; '.join(g.frozen)}). Received: group "
+                    f"{g.id} ({', '.join(g.origins)}) keeps {g.size_after} of {g.size_before}"
+                )
             if len(g.kept) != g.size_after:
                 raise PlanError(
                     f"group {g.id} lists {len(g.kept)} kept channels but size_after={g.size_after}"
@@ -218,7 +232,11 @@ class PruningPlan:
             f"{self.prunable_channels} -> {self.prunable_channels - self.removed_channels} "
             f"(prunable){heads}, params {self.params_before:,} -> {self.params_after:,}, FLOPs "
             f"{self.flops_before:,} -> {self.flops_after:,}; "
-            + plan_report.describe(self.prunable_share, plan_report.frozen_reasons(self.groups))
+            + plan_report.describe(
+                self.prunable_share,
+                plan_report.frozen_reasons(self.groups),
+                blocker=plan_report.sole_blocker(self.groups),
+            )
         )
 
 

@@ -82,8 +82,42 @@ def frozen_reasons(groups: Iterable[Any]) -> list[FrozenReason]:
     )
 
 
-def describe(share: float, reasons: Sequence[FrozenReason], top: int = 3) -> str:
-    """One line: the prunable share and the ``top`` reasons for the rest."""
+_BOUNDARY = ("touches model input", "touches model output")
+
+
+def sole_blocker(groups: Iterable[Any]) -> str | None:
+    """The one layer class that freezes a model with nothing to prune, if there is one.
+
+    Returns:
+        ``"every channel group is frozen by layer class Foo (why)"`` when no
+        channel group of more than one channel is prunable and one class is
+        named in the reasons of every group frozen for anything but touching
+        the model's inputs or outputs; None otherwise.
+    """
+    channel_groups = [g for g in _channel_groups(groups) if int(g.size_before) > 1]
+    if not channel_groups or any(not g.frozen for g in channel_groups):
+        return None
+    common: dict[str, str] | None = None
+    for g in channel_groups:
+        named = {m.group(1): m.group(2) for r in g.frozen if (m := _LAYER_REASON.match(r))}
+        if not named and all(r in _BOUNDARY for r in g.frozen):
+            continue
+        common = named if common is None else {k: v for k, v in common.items() if k in named}
+    if not common or len(common) != 1:
+        return None
+    cls, why = next(iter(common.items()))
+    return f"every channel group is frozen by layer class {cls} ({normalise_reason(why)})"
+
+
+def describe(
+    share: float, reasons: Sequence[FrozenReason], top: int = 3, blocker: str | None = None
+) -> str:
+    """One line: the prunable share and the ``top`` reasons for the rest.
+
+    A ``blocker`` (:func:`sole_blocker`) comes first, in place of the list.
+    """
+    if blocker:
+        return f"{share:.0%} of channels prunable: {blocker}"
     text = f"{share:.0%} of channels prunable"
     if reasons:
         listed = "; ".join(f"{r.reason} ({r.channels:,} ch)" for r in reasons[:top])

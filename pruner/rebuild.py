@@ -297,6 +297,8 @@ def _new_value(walk: _Walk, edit: ConfigEdit, old: Any) -> Any:
 
 
 def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) != isinstance(b, (list, tuple)):
+        return True  # split sections 2 -> split indices [2]: same number, other meaning
     try:
         return bool(np.any(np.asarray(a, dtype=object) != np.asarray(b, dtype=object)))
     except Exception:  # noqa: BLE001 - incomparable values: treat as changed

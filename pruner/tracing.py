@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # Sibling handler modules register on import.
-from secateur.pruner import handlers_attention, handlers_layers, handlers_ops  # noqa: F401
+from secateur.pruner import handlers_attention, handlers_layers, handlers_ops, probes  # noqa: F401
 from secateur.pruner import layout as lay
 from secateur.pruner._keras import keras
 from secateur.pruner.errors import UnsupportedModelError
@@ -161,7 +161,7 @@ def trace_node(graph: ChannelGraph, node: Any, prefix: str, ins: list[Layout]) -
     handler = handler_for(op)
     try:
         if handler is None:
-            raise Unsupported("layer class is not in the registry")
+            raise Unsupported(probes.unknown_reason(op))
         if getattr(op, "dtype_policy", None) is not None and getattr(
             op.dtype_policy, "quantization_mode", None
         ):

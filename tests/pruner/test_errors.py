@@ -110,10 +110,19 @@ def test_applyPlan_planForOtherModel_raisesPlanMismatchError() -> None:
         apply_plan(flatten_dense(), PruningPlan.from_dict(data))
 
 
-def test_applyPlan_prunesFrozenGroup_raisesPlanMismatchError() -> None:
-    model, data = _plan_dict()
+def test_planPrunesFrozenGroup_refusedByValidate_withTheReason() -> None:
+    _, data = _plan_dict()
     g = next(g for g in data["groups"] if g["frozen"] and g["size_before"] > 1)
     g["kept"], g["size_after"] = g["kept"][:1], 1
+    with pytest.raises(PlanError, match="frozen group cannot prune") as exc:
+        PruningPlan.from_dict(data)
+    assert g["frozen"][0] in str(exc.value)
+
+
+def test_applyPlan_prunesGroupFrozenInThisModel_raisesPlanMismatchError() -> None:
+    model, data = _plan_dict()
+    g = next(g for g in data["groups"] if g["frozen"] and g["size_before"] > 1)
+    g["kept"], g["size_after"], g["frozen"] = g["kept"][:1], 1, []
     with pytest.raises(PlanMismatchError, match="cannot prune"):
         apply_plan(model, PruningPlan.from_dict(data))
 
