@@ -76,9 +76,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     try:
         request = build_request(args)
         member = _join_cluster()
+        trusted = trust_packages(args.trust_package)
         storage = Storage(args.allowed_uri_prefix or None)
         with stop.installed():
-            report = PruneJob(request, storage, on_event=bar, should_cancel=stop).run()
+            report = PruneJob(
+                request, storage, on_event=bar, should_cancel=stop, trusted=trusted
+            ).run()
         code = EXIT_OK
     except GateFailed as gate:
         report, code = gate.report, EXIT_GATE
@@ -118,6 +121,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if code == EXIT_GATE:
         print(f"secateur: accuracy gate failed: {report.get('decision')}", file=sys.stderr)
     return code
+
+
+def trust_packages(names: Sequence[str] | None) -> tuple[str, ...]:
+    """``--trust-package``: each one imported now, so a missing one fails before any work.
+
+    Raises:
+        ValueError: a package that is not installed or does not import.
+    """
+    from secateur.pruner.safety import trusted_objects
+
+    trusted = tuple(names or ())
+    trusted_objects(trusted)  # imports them: their classes register themselves
+    return trusted
 
 
 def _join_cluster() -> Any:

@@ -49,6 +49,19 @@ def add_connection_arguments(p: argparse.ArgumentParser, server_help: str = "") 
     )
 
 
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    """``--trust-package``: as ``secateur serve`` and ``secateur worker`` take it."""
+    p.add_argument(
+        "--trust-package",
+        action="append",
+        dest="trust_package",
+        metavar="PACKAGE",
+        help="an installed package (e.g. keras_hub) whose registered Keras classes a model "
+        "file may name; the file still carries no code (repeatable; default: Keras built-ins "
+        "only)",
+    )
+
+
 class HelpFormatter(SpecHelpFormatter):
     """Every flag's help ends with its default.
 
@@ -129,6 +142,7 @@ def _add_local_commands(sub: Any) -> None:
         action="append",
         help="only read/write under these prefixes (repeatable; default: anywhere)",
     )
+    add_trust_argument(p)
     p.set_defaults(func=local.cmd_prune)
     d = sub.add_parser(
         "demo", help="the embedded default: train VGG-16-BN on bundled digits, then prune it"
@@ -246,6 +260,7 @@ def _add_plan(sub: Any) -> None:
         action="append",
         help="only read under these prefixes (repeatable; default: anywhere)",
     )
+    add_trust_argument(p)
     add_connection_arguments(
         p, server_help="HOST:PORT: plan on this server (PlanPruning) (default: here, locally)"
     )

@@ -32,9 +32,10 @@ def local_plan(args: argparse.Namespace) -> dict[str, Any]:
     """
     import tempfile
 
-    from secateur.cli.local import _quiet_tensorflow
+    from secateur.cli.local import _quiet_tensorflow, trust_packages
 
     _quiet_tensorflow()
+    trusted = trust_packages(args.trust_package)
     from secateur.pruner.modelio import load_model
     from secateur.pruner.plan import make_plan
     from secateur.server.boundary import user_paths
@@ -50,7 +51,7 @@ def local_plan(args: argparse.Namespace) -> dict[str, Any]:
     ):
         path = storage.download(args.model_uri, work)
         names[path] = args.model_uri
-        return make_plan(load_model(path), spec).to_dict()
+        return make_plan(load_model(path, trusted), spec).to_dict()
 
 
 def _plain(value: Any) -> Any:
@@ -80,6 +81,14 @@ def _remote_plan(client: Any, args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.server:
         from secateur.cli.remote import _remote
+
+        if args.trust_package:
+            print(
+                "secateur: error: --trust-package applies to planning here; a server trusts "
+                "the packages its operator started it with (secateur serve --trust-package)",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
 
         return int(_remote(_remote_plan)(args))
     from secateur.pruner.errors import SecateurError

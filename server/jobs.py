@@ -82,10 +82,10 @@ class ManagerConfig:
     store_retry_delays: tuple[float, ...] = (0.1, 0.5, 2.0)
     #: The command a worker runs, ``--events-fd N`` appended (tests wrap it).
     worker_command: tuple[str, ...] = (sys.executable, "-m", "secateur.server.worker")
-    #: The shared store's URL (its workers' subprocesses check their lease there).
-    store_url: str = ""
     #: A shared store's job lease (see workerloop).
     lease_s: float = 30.0
+    #: Installed packages whose registered classes model files may name (``--trust-package``).
+    trusted_packages: tuple[str, ...] = ()
 
 
 def job_id(name: str) -> str:
@@ -107,8 +107,9 @@ class JobManager:
         self.metrics = metrics
         self.storage = Storage(list(config.allowed_prefixes) if config.allowed_prefixes else None)
         self.runner = WorkerRunner(
-            config.worker_command, config.state_dir, config.allowed_prefixes, config.cancel_grace_s
-        )
+            config.worker_command, config.state_dir, config.allowed_prefixes, config.cancel_grace_s,
+            config.trusted_packages,
+        )  # fmt: skip
         self.writes = StoreWriter(store, config.store_retry_delays)
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._cancel_requested: set[str] = set()
@@ -152,7 +153,6 @@ class JobManager:
             self._tasks.append(asyncio.create_task(self._count_forever()))
         if self.cfg.max_concurrent > 0:
             cfg = LoopConfig(
-                self.cfg.store_url,
                 default_worker_id(),
                 self.cfg.max_concurrent,
                 self.cfg.lease_s,

@@ -14,9 +14,36 @@ import os
 import sys
 from collections.abc import Sequence
 
+from secateur.pruner.safety import installed_packages
 from secateur.server.service import ServerOptions, StartupError, serve
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    """``--trust-package``, shared by ``serve`` and ``worker``."""
+    p.add_argument(
+        "--trust-package",
+        action="append",
+        dest="trust_package",
+        metavar="PACKAGE",
+        help="an installed package (e.g. keras_hub) whose registered Keras classes a model "
+        "file may name; the file still carries no code, and Lambda layers, serialised "
+        "functions and other packages' classes stay refused (repeatable; default: Keras "
+        "built-ins only)",
+    )
+
+
+def trusted_packages(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--trust-package``, each checked to be installed (imported by the job processes).
+
+    Raises:
+        StartupError: a package that is not installed here.
+    """
+    try:
+        return installed_packages(args.trust_package or ())
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +104,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM/SIGINT, report NOT_SERVING this long while calls are still "
         "answered, then stop (a second signal stops at once; default 5)",
     )
+    add_trust_argument(p)
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
 
 
@@ -171,6 +199,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         shutdown_grace_s=args.shutdown_grace_seconds,
         store_url=args.store or "",
         lease_s=args.lease_seconds,
+        trusted_packages=trusted_packages(args),
     )
 
 
@@ -188,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--max-concurrent-jobs 0 with the embedded SQLite store: jobs are queued and "
                 "NOTHING runs them (no worker can reach this store); for tests and benchmarks "
                 "only. An API-only replica needs a shared postgresql:// --store"
+            )
+        if options.trusted_packages:
+            logging.getLogger("secateur.server").info(
+                "model files may name the registered classes of: %s (--trust-package)",
+                ", ".join(options.trusted_packages),
             )
         if not is_loopback(options.host) and not (options.tokens or options.tls_client_ca):
             logging.getLogger("secateur.server").warning(
@@ -234,6 +268,7 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics")
     p.add_argument("--worker-id", help="this worker's name in jobs (default: hostname-pid)")
+    add_trust_argument(p)
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
 
 
@@ -272,4 +307,8 @@ def _worker_problem(args: argparse.Namespace) -> str | None:
         return f"--max-concurrent-jobs must be >= 1. Received: {args.max_concurrent_jobs}"
     if not args.lease_seconds >= 1:
         return f"--lease-seconds must be >= 1. Received: {args.lease_seconds}"
+    try:
+        installed_packages(args.trust_package or ())
+    except ValueError as exc:
+        return str(exc)
     return None

@@ -320,7 +320,14 @@ class PostgresJobStore:
             )
 
     def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool:
-        """May the holder of ``token`` publish now? See :func:`fence`."""
+        """May the holder of ``token`` publish now?
+
+        True iff the lease of ``token`` is still current, the job RUNNING, no
+        cancel requested, and the lease has more than ``min_remaining_s`` left;
+        the lease is then extended to at least twice that from now, so no other
+        worker can reclaim the job while it publishes. The worker asks for its
+        job subprocess, which never reaches the store itself (runner.py).
+        """
         with self._tx() as conn:
             return _fence(conn, job_id, token, min_remaining_s)
 
@@ -373,25 +380,6 @@ class PostgresJobStore:
         for number, count in rows:
             counts[_STATE.get(number, JobState.UNSPECIFIED)] += int(count)
         return counts
-
-
-def fence(url: str, job_id: str, token: int, min_remaining_s: float) -> bool:
-    """One short connection's fence check, for a job subprocess about to publish.
-
-    True iff the lease of ``token`` is still current, the job RUNNING, no
-    cancel requested, and the lease has more than ``min_remaining_s`` left;
-    the lease is then extended to at least twice that from now, so no other
-    worker can reclaim the job while it publishes. False on any doubt
-    (database unreachable included): not publishing is always safe.
-    """
-    import psycopg
-
-    try:
-        with psycopg.connect(url, connect_timeout=5) as conn:
-            return _fence(conn, job_id, token, min_remaining_s)
-    except psycopg.Error as exc:
-        log.warning("job %s: fence check failed (%s); not publishing", job_id, exc)
-        return False
 
 
 def _fence(conn: Any, job_id: str, token: int, min_remaining_s: float) -> bool:
@@ -495,4 +483,4 @@ def _safe(url: str) -> str:
     )
 
 
-__all__ = ["DuplicateRequestError", "PostgresJobStore", "StoreUnavailableError", "fence"]
+__all__ = ["DuplicateRequestError", "PostgresJobStore", "StoreUnavailableError"]

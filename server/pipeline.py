@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -111,8 +111,10 @@ class PruneJob:
         device: Any | None = None,
         fence: Callable[[], bool] | None = None,
         disk_budget_bytes: int | None = None,
+        trusted: Sequence[str] = (),
     ) -> None:
         self.req = request
+        self.trusted = tuple(trusted)  # --trust-package: see secateur.pruner.safety
         #: Bytes the job may write to local disk (its work directory: the model
         #: copy and the export); data is streamed, never copied. None: no limit.
         self.disk_budget_bytes = disk_budget(disk_budget_bytes)
@@ -191,7 +193,7 @@ class PruneJob:
         from secateur.pruner.tracing import analyze
 
         with user_paths(self.names, fallback=req.model_uri):  # conversions' temporary files
-            original = load_model(model_path)
+            original = load_model(model_path, self.trusted)
             graph = analyze(original)
         device = self.device or select_device()
         data = _Data(
@@ -441,10 +443,8 @@ class _Data:
         should_cancel: Callable[[], bool],
         stream: Callable[[str], Any] | None = None,
     ) -> None:
-
-        shape = tuple(model.inputs[0].shape[1:])
+        self.shape = shape = tuple(model.inputs[0].shape[1:])
         self.classes = int(model.outputs[0].shape[-1])
-        self.shape = shape
         self.batch_size = req.train.batch_size
         if (train or evalf) and (len(model.inputs) != 1 or len(shape) != 3):
             raise DataError(

@@ -4,6 +4,13 @@ The service runs each job (and each PlanPruning call) in its own process
 (``python -m secateur.server.worker``): isolation, real cancellation, clean
 memory figures. :class:`WorkerRunner` owns those processes; the job manager
 only asks it to run or stop one, by key.
+
+That process reads a user's model file, so it gets nothing it does not need
+to read models and write versions: its environment is scrubbed of the job
+store's URL and credentials and of tokens (:func:`job_environment`), and a
+scaled-out job's publication fence is checked here, in the parent, which
+answers the worker's ``{"type": "fence"}`` on its stdin: the store's URL
+never reaches it.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ import base64
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -36,6 +44,30 @@ log = logging.getLogger("secateur.server")
 
 #: Called with each ``{"type": "event", ...}`` a job's worker sends.
 OnEvent = Callable[[dict[str, Any]], Awaitable[None]]
+#: Asked when a job's worker is about to publish: may it? (a scaled-out job's lease fence)
+Fence = Callable[[], Awaitable[bool]]
+
+#: Variables a worker process never gets, by name: libpq's (PGPASSWORD, PGHOST ...),
+#: the store URL of the deploy manifests, and anything named like a credential
+#: other than the storage's own (GOOGLE_APPLICATION_CREDENTIALS stays: jobs read gs://).
+_SECRET_NAMES = re.compile(
+    r"^PG|^SECATEUR_STORE|^DATABASE_URL$|TOKEN|PASSW|SECRET|API_?KEY", re.IGNORECASE
+)
+#: ... and by value: a PostgreSQL URL, whatever it is called.
+_SECRET_VALUES = re.compile(r"^\s*postgres(ql)?://", re.IGNORECASE)
+
+
+def job_environment(environ: Mapping[str, str], work: str) -> dict[str, str]:
+    """The environment of a worker process: ``environ`` without store credentials or tokens.
+
+    ``TMPDIR`` is the job's work dir; the CPU allocator reports peak memory.
+    """
+    kept = {
+        k: v
+        for k, v in environ.items()
+        if not _SECRET_NAMES.search(k) and not _SECRET_VALUES.match(v)
+    }
+    return kept | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
 
 
 class WorkerRunner:
@@ -47,6 +79,8 @@ class WorkerRunner:
             removed when it ends.
         allowed_prefixes: the storage allow-list the worker enforces too.
         grace_s: after SIGTERM, how long a worker may take before SIGKILL.
+        trusted: installed packages whose registered classes a model file may
+            name (``--trust-package``), passed to every worker.
     """
 
     def __init__(
@@ -55,11 +89,13 @@ class WorkerRunner:
         state_dir: str,
         allowed_prefixes: tuple[str, ...] | None,
         grace_s: float,
+        trusted: tuple[str, ...] = (),
     ) -> None:
         self.command = command
         self.state_dir = state_dir
         self.allowed = list(allowed_prefixes or [])
         self.grace_s = grace_s
+        self.trusted = list(trusted)
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._stopping: set[str] = set()
         self._killers: set[asyncio.Task[None]] = set()
@@ -103,15 +139,15 @@ class WorkerRunner:
         key: str,
         spec: bytes,
         on_event: OnEvent | None = None,
-        lease: dict[str, Any] | None = None,
+        fence: Fence | None = None,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Run a worker on ``spec`` (a serialized JobSpec); its outcome and seconds per stage.
 
         If reading it fails (a store write in ``on_event``, a reader), the
         worker is killed and reaped before the error propagates: no job waits
-        on a worker that nobody reads any more. ``lease`` (scaled-out workers:
-        store URL, job id, fencing token) lets the job check, right before
-        publishing, that it still owns the job (``worker._fence``).
+        on a worker that nobody reads any more. ``fence`` (scaled-out workers:
+        the job's lease check) is asked when the job is about to publish, and
+        its answer written to the worker's stdin (``worker._fence``).
         """
         work = os.path.join(self.state_dir, "work", key)
         os.makedirs(work, exist_ok=True)
@@ -120,21 +156,23 @@ class WorkerRunner:
             "mode": mode,
             "spec": base64.b64encode(spec).decode(),
             "allowed": self.allowed,
+            "trusted": self.trusted,
+            "fenced": fence is not None,
         }
-        if lease is not None:
-            payload["lease"] = lease
         proc = await self._spawn(work, read_fd, write_fd)
         self._procs[key] = proc
         if key in self._stopping:  # stopped before it started
             self.stop(key)
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(payload).encode())
-        proc.stdin.close()
+        proc.stdin.write(json.dumps(payload).encode() + b"\n")
+        if fence is None:
+            proc.stdin.close()
         output = WorkerOutput(key)
         logs = asyncio.create_task(output.drain(proc.stdout))
         stage_times: dict[str, float] = {}
+        answer = None if fence is None else _fence_answerer(proc, fence, key)
         try:
-            outcome = await _read_events(read_fd, key, on_event, stage_times)
+            outcome = await _read_events(read_fd, key, on_event, stage_times, answer)
             await reap(proc, logs)
         except Exception:
             if proc.returncode is None:
@@ -142,6 +180,8 @@ class WorkerRunner:
             await reap(proc, logs)
             raise
         finally:
+            if not proc.stdin.is_closing():
+                proc.stdin.close()
             self._procs.pop(key, None)
             shutil.rmtree(work, ignore_errors=True)
         checked = self._checked(key, outcome, proc.returncode, output)
@@ -150,7 +190,7 @@ class WorkerRunner:
 
     async def _spawn(self, work: str, read_fd: int, write_fd: int) -> asyncio.subprocess.Process:
         """Start the worker command writing events to ``write_fd`` (closed here either way)."""
-        env = os.environ | {"TMPDIR": work, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+        env = job_environment(os.environ, work)
         try:
             return await asyncio.create_subprocess_exec(
                 *self.command, "--events-fd", str(write_fd),
@@ -191,10 +231,39 @@ class WorkerRunner:
         return outcome
 
 
+def _fence_answerer(
+    proc: asyncio.subprocess.Process, fence: Fence, key: str
+) -> Callable[[], Awaitable[None]]:
+    """Answers a worker's fence request on its stdin: ``{"fence": true|false}``.
+
+    Any doubt (the check fails) is an answer of false: not publishing is always safe.
+    """
+
+    async def answer() -> None:
+        try:
+            ok = bool(await fence())
+        except Exception as exc:  # noqa: BLE001 - a failed check refuses publication
+            log.warning("worker %s: the fence check failed (%s); not publishing", key, exc)
+            ok = False
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps({"fence": ok}).encode() + b"\n")
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the worker is gone: nothing to publish
+
+    return answer
+
+
 async def _read_events(
-    fd: int, key: str, on_event: OnEvent | None, stage_times: dict[str, float]
+    fd: int,
+    key: str,
+    on_event: OnEvent | None,
+    stage_times: dict[str, float],
+    on_fence: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    """Events go to ``on_event`` and time their stages; the last other message is the outcome."""
+    """Events go to ``on_event`` and time their stages, fence requests to ``on_fence``;
+    the last other message is the outcome."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     transport, _ = await loop.connect_read_pipe(
@@ -206,6 +275,10 @@ async def _read_events(
         async for raw, dropped in lines(reader, MAX_EVENT_LINE):
             msg = parse_event(raw, dropped, key)
             if msg is None:
+                continue
+            if msg.get("type") == "fence":  # only a fenced job's worker asks
+                if on_fence is not None:
+                    await on_fence()
                 continue
             if msg.get("type") != "event":
                 outcome = msg

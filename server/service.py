@@ -133,6 +133,8 @@ class ServerOptions:
     store_url: str = ""
     lease_s: float = 30.0  # ``--lease-seconds``: a shared store's job lease (workerloop)
     version: str = "0.1.0"
+    #: ``--trust-package``: installed packages whose registered classes model files may name.
+    trusted_packages: tuple[str, ...] = ()
 
 
 class RunningServer:
@@ -173,8 +175,8 @@ class RunningServer:
                 o.allowed_prefixes,
                 o.max_concurrent_jobs,
                 o.max_queued_jobs,
-                store_url=o.store_url,
                 lease_s=o.lease_s,
+                trusted_packages=o.trusted_packages,
             )
             self.manager = JobManager(cfg, self.store, self.metrics)
             self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)

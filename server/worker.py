@@ -4,9 +4,14 @@ The service starts one per job (isolation, real cancellation, clean memory
 figures) and one per PlanPruning call. The request arrives on stdin as JSON;
 events and the outcome leave as JSON lines on the file descriptor
 ``--events-fd`` (stdout and stderr stay free for TensorFlow's chatter, which
-the service logs). SIGTERM asks the job to stop at its next check point; the
-process also dies with the service (PR_SET_PDEATHSIG), so an orphan can never
-publish a model for a job the restarted service runs again.
+the service logs). A scaled-out job (``"fenced": true``) asks before
+publishing whether its worker still holds the job's lease: it writes
+``{"type": "fence"}`` and reads ``{"fence": true|false}`` from stdin; the
+store itself is never reachable from here (no URL, no credentials: the
+service scrubs this process's environment, see ``runner.job_environment``).
+SIGTERM asks the job to stop at its next check point; the process also dies
+with the service (PR_SET_PDEATHSIG), so an orphan can never publish a model
+for a job the restarted service runs again.
 
 Lines written::
 
@@ -14,6 +19,7 @@ Lines written::
     {"type": "result", "report": {...}}          success
     {"type": "gate_failed", "report": {...}}     no candidate within budget
     {"type": "plan", "plan": {...}}              PlanPruning
+    {"type": "fence"}                            may this job publish? (answer on stdin)
     {"type": "error", "code": "NOT_FOUND", "message": ..., "violations": [...]}
     {"type": "error", "code": "INTERNAL", "message": ..., "incident": ID}
                                                  traceback on stderr with ID
@@ -31,6 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
@@ -80,13 +87,16 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
 
     spec = pb.JobSpec.FromString(base64.b64decode(payload["spec"]))
     storage = Storage(payload.get("allowed") or None)
+    trusted = tuple(payload.get("trusted") or ())
     if payload["mode"] == "plan":
-        emit.send(type="plan", plan=_plan(spec, storage))
+        emit.send(type="plan", plan=_plan(spec, storage, trusted))
         return
     request = job_request(spec)
     try:
-        fence = _fence(payload["lease"]) if payload.get("lease") else None
-        report = PruneJob(request, storage, emit.event, lambda: _cancelled, fence=fence).run()
+        fence = _fence(emit) if payload.get("fenced") else None
+        report = PruneJob(
+            request, storage, emit.event, lambda: _cancelled, fence=fence, trusted=trusted
+        ).run()
     except LeaseLost as lost:
         emit.send(type="error", code="ABORTED", message=str(lost), lease_lost=True)
         return
@@ -96,23 +106,25 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
     emit.send(type="result", report=report)
 
 
-def _fence(lease: dict[str, Any]) -> Any:
+def _fence(emit: Emitter) -> Callable[[], bool]:
     """The publication fence of a job a scaled-out worker leased to this process.
 
-    ``lease`` holds the store URL, the job id, the fencing token and the lease
-    time the publication still needs; the check opens its own short store
-    connection (the worker's pool is in another process).
+    The worker holding the lease checks it in the store (extending it for the
+    publication) and answers on stdin; no answer (the worker is gone) or
+    anything but true means: do not publish.
     """
 
     def check() -> bool:
-        from secateur.server.pgstore import fence
-
-        return fence(lease["store"], lease["job_id"], lease["token"], lease["min_remaining_s"])
+        emit.send(type="fence")
+        try:
+            return json.loads(sys.stdin.readline()).get("fence") is True
+        except (ValueError, AttributeError):
+            return False
 
     return check
 
 
-def _plan(spec: Any, storage: Any) -> dict[str, Any]:
+def _plan(spec: Any, storage: Any, trusted: tuple[str, ...]) -> dict[str, Any]:
     from secateur.pruner.modelio import load_model
     from secateur.pruner.plan import make_plan
     from secateur.server.boundary import user_paths
@@ -125,7 +137,7 @@ def _plan(spec: Any, storage: Any) -> dict[str, Any]:
     ):
         path = storage.download(spec.model_uri, work)
         names[path] = spec.model_uri
-        model = load_model(path)
+        model = load_model(path, trusted)
         return make_plan(model, prune_spec(spec.pruning)).to_dict()
 
 
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     emit = Emitter(args.events_fd)
     payload: dict[str, Any] = {}
     try:
-        payload = json.load(sys.stdin)
+        payload = json.loads(sys.stdin.readline())  # one line; the fence answers follow
         run(payload, emit)
     except BaseException as exc:  # noqa: BLE001 - every outcome is reported
         from secateur.server.convert import field_path

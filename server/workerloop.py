@@ -17,8 +17,9 @@ least every ``RENEW_MAX_S``, so a cancel reaches the job within seconds):
   would have expired.
 
 Every write is ``store.save_leased(record, token)``: refused once the token
-is stale, so a zombie never overwrites the new owner's job. The subprocess
-itself checks the lease (``store.fence``) right before publishing, so a model
+is stale, so a zombie never overwrites the new owner's job. Right before
+publishing, the subprocess asks this loop to check the lease (``store.fence``,
+answered through the runner: the subprocess never sees the store), so a model
 is never published by a worker that lost its job. On SIGTERM the loop stops
 claiming, stops its subprocesses and hands their jobs back to the queue. On
 start it removes the work dirs a killed worker left in its state dir
@@ -58,7 +59,6 @@ def default_worker_id() -> str:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    store_url: str
     worker_id: str
     max_concurrent: int = 1
     lease_s: float = 30.0
@@ -158,15 +158,14 @@ class WorkerLoop:
         )  # fmt: skip
         renewer = asyncio.create_task(self._renew(held))
         started = time.monotonic()
-        lease = {
-            "store": self.cfg.store_url,
-            "job_id": record.id,
-            "token": token,
-            "min_remaining_s": self.cfg.fence_margin_s,
-        }
+
+        async def fence() -> bool:
+            margin = self.cfg.fence_margin_s
+            return bool(await asyncio.to_thread(self.store.fence, record.id, token, margin))
+
         try:
             outcome, stage_times = await self.runner.run(
-                "job", held.key, record.spec, lambda msg: self._progress(held, msg), lease
+                "job", held.key, record.spec, lambda msg: self._progress(held, msg), fence
             )
         except Exception as exc:  # noqa: BLE001 - reading it failed: the job fails
             outcome, stage_times = {"type": "error", "code": "INTERNAL", "message": str(exc)}, {}
@@ -366,9 +365,9 @@ async def run_worker(args: Any) -> int:
         raise StartupError(str(exc)) from exc
     metrics = _worker_metrics(args.metrics_port, args.metrics_host)
     command = (sys.executable, "-m", "secateur.server.worker")
-    runner = WorkerRunner(command, state_dir, allowed, grace_s=10.0)
+    trusted = tuple(args.trust_package or ())
+    runner = WorkerRunner(command, state_dir, allowed, grace_s=10.0, trusted=trusted)
     cfg = LoopConfig(
-        args.store,
         args.worker_id or default_worker_id(),
         args.max_concurrent_jobs,
         args.lease_seconds,

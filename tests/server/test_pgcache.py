@@ -206,7 +206,7 @@ def test_manager_getAndWatch_answeredOffTheEventLoop(
     replica_a: CachingPostgresJobStore, replica_b: CachingPostgresJobStore, tmp_path: object
 ) -> None:
     replica_b.insert(_record("j"))
-    cfg = ManagerConfig(str(tmp_path), max_concurrent=0, store_url=replica_a.url)
+    cfg = ManagerConfig(str(tmp_path), max_concurrent=0)
     manager = JobManager(cfg, replica_a)
 
     async def scenario() -> list[JobState]:

@@ -20,7 +20,6 @@ from secateur.server.pgstore import (
     DuplicateRequestError,
     PostgresJobStore,
     StoreUnavailableError,
-    fence,
 )
 from secateur.server.records import JobError, JobRecord, JobState, now_ns
 from secateur.server.store import SqliteJobStore, StoreOpenError, open_store
@@ -205,7 +204,7 @@ def test_leaseExpiry_reclaimedWithAttemptsPlusOne_thenGivenUpAtTheCap(
 
 
 def test_staleToken_saveLeasedAndFenceRefuse(
-    store: PostgresJobStore, other: PostgresJobStore, pg_url: str
+    store: PostgresJobStore, other: PostgresJobStore
 ) -> None:
     store.insert(_record("b"))
     old = store.claim("w1", 0.2, 5)
@@ -216,9 +215,9 @@ def test_staleToken_saveLeasedAndFenceRefuse(
     assert new is not None
     late = old.record.evolve(state=JobState.SUCCEEDED, progress=1.0, result=REPORT)
     assert not store.save_leased(late, old.token)
-    assert not store.fence("b", old.token, 1.0) and not fence(pg_url, "b", old.token, 1.0)
+    assert not store.fence("b", old.token, 1.0) and not other.fence("b", old.token, 1.0)
     assert other.get("b") == new.record  # the zombie's writes changed nothing
-    assert fence(pg_url, "b", new.token, 1.0)
+    assert store.fence("b", new.token, 1.0)
     assert not other.fence("b", new.token, 60.0)  # less than a minute left: don't publish
     ended = new.record.evolve(state=JobState.SUCCEEDED, progress=1.0, result=REPORT)
     assert other.save_leased(ended, new.token)
