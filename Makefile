@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/secateur demo
 
-## Time to plan and apply a prune on five keras.applications models.
+## Time to plan and apply a prune on five keras.applications models, and to
+## import five SavedModels as data against tf.saved_model.load.
 bench: $(STAMP)
 	$(PY) benchmarks/prune_speed.py
+	$(PY) benchmarks/import_speed.py
 
 ## The study's VGG-16-BN: train step time and peak memory vs pruned ratio.
 bench-measure: $(STAMP)
