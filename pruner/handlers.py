@@ -1,7 +1,9 @@
 """The registry of supported layers and what each does to channels.
 
 Handlers are looked up by the layer's *exact* class: a subclass may override
-``call`` with anything, so it is treated as unknown until registered itself.
+``call`` with anything, so it is treated as unknown until registered itself
+or a probe (:func:`register_probe`, see :mod:`probes`) shows that it
+computes what its base does.
 Unknown layers freeze every space they touch and report themselves; a model
 is never pruned on a guess. Third parties extend the registry with
 :func:`register_handler`.

@@ -261,15 +261,25 @@ def test_unknownLayer_freezesItsGroups_reportsNameAndClass() -> None:
     assert_same_outputs(model, apply_plan(model, plan), np.ones((2, 6, 6, 3), "float32"))
 
 
-def test_subclassOfRegisteredLayer_isNotTrusted() -> None:
+def test_subclassOfRegisteredLayer_trustedOnlyWhenItComputesWhatItsBaseDoes() -> None:
     class MyConv(L.Conv2D):
         pass
 
-    inp = keras.Input((6, 6, 3))
-    x = MyConv(8, 3, name="mine")(inp)
-    model = keras.Model(inp, L.Conv2D(2, 1)(x))
-    groups = {g.origins[0]: g for g in analyze(model).groups()}
-    assert any("MyConv" in r for r in groups["mine:0"].frozen)
+    class Doubled(L.Conv2D):
+        def call(self, inputs):
+            return super().call(inputs) * 2.0
+
+    for cls in (MyConv, Doubled):
+        inp = keras.Input((6, 6, 3))
+        x = cls(8, 3, name="mine")(inp)
+        model = keras.Model(inp, L.Conv2D(2, 1)(x))
+        groups = {g.origins[0]: g for g in analyze(model).groups()}
+        if cls is MyConv:
+            assert groups["mine"].prunable
+        else:
+            assert any(
+                "Doubled" in r and "a subclass of Conv2D" in r for r in groups["mine:0"].frozen
+            )
 
 
 @pytest.mark.parametrize(
