@@ -256,22 +256,34 @@ def findings(agg: dict[str, list[dict]], measure: dict[str, Any] | None) -> str:
             + (": **held** (in the means)" if rising else ": **not held** (not monotone)"),
         ]
     if measure:
-        m = sorted(measure["rows"], key=lambda r: r["ratio"])
-        first, last = m[0], m[-1]
-        parts += [
-            "",
-            f"**Memory and step time fall with the ratio, not linearly** (measured at "
-            f"{last['ratio']:.0%} vs unpruned, batch {measure['batch_size']}, CPU): params "
-            f"{last['params'] / first['params']:.1%}, step time "
-            f"{last['train_step_seconds'] / first['train_step_seconds']:.1%}"
-            + (
-                f", peak memory {last['peak_memory_bytes'] / first['peak_memory_bytes']:.1%}"
-                if first.get("peak_memory_bytes") and last.get("peak_memory_bytes")
-                else ""
-            )
-            + ". See the table below for every ratio.",
-        ]
+        parts += ["", measure_finding(measure)]
     return "\n".join(parts)
+
+
+def measure_finding(measure: dict[str, Any]) -> str:
+    """Whether memory and step time fall at every ratio step, and how far from linear."""
+    m = sorted(measure["rows"], key=lambda r: r["ratio"])
+    verdicts = []
+    for key, what in (("peak_memory_bytes", "peak memory"), ("train_step_seconds", "step time")):
+        values = [r.get(key) for r in m]
+        if not all(values):
+            verdicts.append(f"{what}: not measured")
+            continue
+        falls = all(b < a for a, b in itertools.pairwise(values))
+        ratios = ", ".join(f"{r['ratio']:.0%}: {v / values[0]:.0%}" for r, v in zip(m, values))
+        verdicts.append(
+            f"{what} ({ratios} of unpruned): "
+            + ("falls at every step" if falls else "does **not** fall at every step")
+        )
+    params = ", ".join(f"{r['ratio']:.0%}: {r['params'] / m[0]['params']:.0%}" for r in m)
+    return (
+        "**Memory and step time fall with the ratio, not linearly** (batch "
+        f"{measure['batch_size']}, this CPU, shared with other processes): params ({params}); "
+        + "; ".join(verdicts)
+        + ". Held for what falls at every step; what does not is **not shown** by this "
+        "measurement, taken while other processes used the same 2 cores (`--measure-only` "
+        "measures again, on a quiet machine)."
+    )
 
 
 def measure_table(measure: dict[str, Any] | None) -> str:

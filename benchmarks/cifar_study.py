@@ -20,11 +20,13 @@ Usage:
     python benchmarks/cifar_study.py [--width 0.125] [--base-epochs 15]
         [--epochs 1] [--answer-epochs 3] [--seeds 0,1,2]
         [--fig2-ratios 0.1,0.3,0.5,0.7,0.9] [--ratios 0.3,0.5,0.7]
-        [--limit N] [--work DIR] [--out docs] [--report-only]
+        [--limit N] [--work DIR] [--out docs] [--report-only | --measure-only]
 
 ``--report-only`` trains nothing: figures, ``OUT/cifar10_study_results.json``
 (every run), ``OUT/cifar10_study_results.md`` and the CIFAR-10 section of
 ``OUT/study.md`` are regenerated from the runs cached in ``--work``.
+``--measure-only`` measures Figs. 3 and 4 again (step times are wall clock: do
+it on a quiet machine), then regenerates the same outputs.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def ensure_measure(args: argparse.Namespace, data: Data) -> None:
         batch,
         TrainConfig(batch_size=data.batch_size),
         select_device(),
-        measure=MeasureConfig(warmup_steps=3, steps=10, rounds=3, latency_runs=3),
+        measure=MeasureConfig(warmup_steps=3, steps=10, rounds=5, latency_runs=3),
     )
     rows = [{"ratio": float(k)} | f.to_dict() for k, f in figures.items()]
     dump(path, {"batch_size": data.batch_size, "rows": rows})
@@ -205,6 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="runs cache (default: under ~/.cache)")
     p.add_argument("--out", default="docs")
     p.add_argument("--report-only", action="store_true", help="no training: regenerate outputs")
+    p.add_argument(
+        "--measure-only", action="store_true", help="measure Figs. 3-4 again, then the outputs"
+    )
     args = p.parse_args(argv)
     if args.work is None:
         tag = f"w{args.width:g}-b{args.base_epochs}" + (f"-n{args.limit}" if args.limit else "")
@@ -217,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    if not args.report_only:
+    if args.measure_only:  # e.g. again on a quiet machine: step times are wall clock
+        data = load_data(args.cache, args.limit, args.batch_size)
+        if os.path.exists(os.path.join(args.work, "measure.json")):
+            os.remove(os.path.join(args.work, "measure.json"))
+        ensure_measure(args, data)
+    elif not args.report_only:
         data = load_data(args.cache, args.limit, args.batch_size)
         ensure_base(args, data)
         ensure_measure(args, data)
