@@ -32,6 +32,16 @@
 # --allow-unauthenticated where only trusted clients can reach the port (what
 # deploy/docker-compose.yml uses, published on 127.0.0.1 only).
 #
+# Trusted packages: the image installs keras-hub and its ENTRYPOINT trusts it
+# (--trust-package keras_hub), so a .keras file may name the model classes
+# keras-hub registers (keras_hub>ResNetBackbone, its tasks and layers). The file
+# still carries no code: only classes of that installed package are built, and
+# Lambda layers, serialised functions and any other package's classes stay
+# refused (docs/model_formats.md). --trust-package adds up rather than being
+# overridden: to trust another package installed in a derived image, pass
+# --trust-package NAME after the image name; to trust nothing but Keras' own
+# classes, run with --entrypoint secateur and `serve ...` without the flag.
+#
 # On `docker stop` (SIGTERM) health reports NOT_SERVING for --shutdown-grace-seconds
 # (default 5) before the server stops: keep docker's stop timeout above it plus 10 s.
 #
@@ -60,7 +70,9 @@ RUN python -m venv /opt/venv \
 FROM builder AS venv
 # '' (CPU; uses a GPU only if CUDA libraries are present) or '[and-cuda]'.
 ARG TF_EXTRA=""
-RUN /opt/venv/bin/pip install /wheels/secateur-*.whl "tensorflow${TF_EXTRA}==2.21.0"
+# keras-hub: the one package the ENTRYPOINT trusts (--trust-package keras_hub).
+RUN /opt/venv/bin/pip install /wheels/secateur-*.whl "tensorflow${TF_EXTRA}==2.21.0" \
+        "keras-hub==0.32.0"
 
 # -- venv-tpu: the project with tensorflow-tpu in place of tensorflow -----------
 FROM builder AS venv-tpu
@@ -69,7 +81,7 @@ ARG TF_TPU_VERSION=2.21.0
 # distribution, so the one pulled in by the project's dependencies is removed
 # before it is installed (pip check then reports tensorflow as missing; at run
 # time nothing asks for the distribution, only for the module).
-RUN /opt/venv/bin/pip install /wheels/secateur-*.whl \
+RUN /opt/venv/bin/pip install /wheels/secateur-*.whl "keras-hub==0.32.0" \
     && /opt/venv/bin/pip uninstall --yes tensorflow \
     && /opt/venv/bin/pip install "tensorflow-tpu==${TF_TPU_VERSION}" \
         -f https://storage.googleapis.com/libtpu-releases/index.html
@@ -96,7 +108,7 @@ USER 10001:10001
 EXPOSE 50051 9464
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; ch = grpc.insecure_channel(os.environ.get('SECATEUR_HEALTH_ADDR', '127.0.0.1:50051')); r = hg.HealthStub(ch).Check(h.HealthCheckRequest(service='secateur.v1.PruningService'), timeout=5); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
-ENTRYPOINT ["secateur", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", "--state-dir", "/var/lib/secateur"]
+ENTRYPOINT ["secateur", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", "--state-dir", "/var/lib/secateur", "--trust-package", "keras_hub"]
 CMD []
 
 # -- tpu: for Cloud TPU VMs and GKE TPU node pools -------------------------------

@@ -135,6 +135,13 @@ def test_server_command_uses_serve_flags(service: str) -> None:
             assert named[prefix] in SPEC["volumes"], f"{prefix} is not on a named volume"
 
 
+@pytest.mark.parametrize("service", [*REPLICAS, *WORKERS])
+def test_replicas_and_workers_trust_the_same_packages(service: str) -> None:
+    """The replicas plan, the workers prune: a model one accepts, the other must too."""
+    parse = parse_worker_args if service in WORKERS else parse_serve_args
+    assert parse(_argv(service)).trust_package == ["keras_hub"]
+
+
 def test_replicas_publish_distinct_host_ports() -> None:
     published = [h for name in REPLICAS for h in _ports(name).values()]
     assert len(published) == len(set(published)) == 4

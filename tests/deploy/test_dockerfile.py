@@ -201,6 +201,21 @@ def test_tpu_target_installs_tensorflow_tpu_from_the_libtpu_index() -> None:
 
 
 @pytest.mark.parametrize("target", RUNTIME_TARGETS)
+def test_keras_hub_isInstalledAtTheTestedVersion_andTheOnlyPackageTrusted(target: str) -> None:
+    """The ENTRYPOINT trusts keras_hub's registered classes: the image must hold keras-hub,
+    the version the tests (the dev extra) run against."""
+    dev = {
+        d.split("==")[0]: d.split("==")[1].split()[0]
+        for d in PYPROJECT["project"]["optional-dependencies"]["dev"]
+        if "==" in d
+    }
+    venv = {"runtime": "venv", "tpu": "venv-tpu"}[target]
+    runs = " ".join(i.value for i in BY_NAME[venv].all("RUN"))
+    assert f'"keras-hub=={dev["keras-hub"]}"' in runs
+    assert parse_serve_args(_entrypoint(target)[2:]).trust_package == ["keras_hub"]
+
+
+@pytest.mark.parametrize("target", RUNTIME_TARGETS)
 def test_runtime_runs_as_non_root(target: str) -> None:
     user = effective(STAGES, target, "USER")
     assert user is not None, f"{target} runs as root"

@@ -13,6 +13,7 @@ jobs table of a PostgreSQL server (tests/server/pg_fixture.py).
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
 import posixpath
 import re
@@ -35,7 +36,7 @@ API, WORKER = "secateur", "secateur-worker"
 # The oldest Kubernetes the manifests target (native gRPC probes are GA since
 # 1.27) and the newest schema kubernetes-validate bundles at its pinned version.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
-SCHEMA_GROUPS = ("v1", "apps/v1")
+SCHEMA_GROUPS = ("v1", "apps/v1", "networking.k8s.io/v1")
 CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.googleapis.com/v1", "PodMonitoring"),
@@ -182,6 +183,7 @@ def test_core_resources_validate_against_the_kubernetes_schemas(overlay: str) ->
         "Secret",
         "Service",
         "Deployment",
+        "NetworkPolicy",
     }
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} == {API, WORKER}
 
@@ -443,6 +445,133 @@ def test_runs_locked_down(overlay: str, name: str) -> None:
     assert pod["automountServiceAccountToken"] is False
     assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
     assert "memory" in c["resources"]["requests"] and "memory" in c["resources"]["limits"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_pods_that_read_model_files_are_sandboxed(overlay: str, name: str) -> None:
+    """gVisor, a read-only root with only emptyDirs writable, no token, no capability."""
+    docs = render(overlay)
+    pod, c = pod_spec(docs, name), container(docs, name)
+    assert pod["runtimeClassName"] == "gvisor"
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = [m for m in c["volumeMounts"] if not m.get("readOnly")]
+    assert all("emptyDir" in volumes[m["name"]] for m in writable), writable
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    # Keras' and keras-hub's caches (HOME/.keras, HOME/.cache) and the state dir land on them.
+    for path in (env["HOME"] + "/.keras", env["MPLCONFIGDIR"], "/var/lib/secateur"):
+        mount, volume = mount_of(docs, path, name)
+        assert "emptyDir" in volume and not mount.get("readOnly"), path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_replicas_and_workers_trust_keras_hub_alone(overlay: str) -> None:
+    """The image installs keras-hub (test_dockerfile.py); both trust it, nothing else."""
+    docs = render(overlay)
+    assert parse_serve_args(expanded_args(docs, API)).trust_package == ["keras_hub"]
+    assert parse_worker_args(expanded_args(docs, WORKER)).trust_package == ["keras_hub"]
+
+
+def _policies(docs: Docs, name: str, kind: str) -> list[dict[str, Any]]:
+    """The specs of the NetworkPolicies of type ``kind`` that select ``name``'s pods."""
+    labels = pod_labels(docs, name)
+    specs = [
+        d["spec"]
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and kind in d["spec"]["policyTypes"]
+        and selects(d["spec"]["podSelector"], labels)
+    ]
+    assert specs, f"no {kind} NetworkPolicy selects {name}: everything would be allowed"
+    return specs
+
+
+def _port(docs: Docs, name: str, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    return {p["name"]: p["containerPort"] for p in container(docs, name)["ports"]}[port]
+
+
+def _reaches(docs: Docs, name: str, ip: str, port: int, protocol: str = "TCP") -> bool:
+    """Whether a NetworkPolicy lets ``name``'s pods open ``ip:port`` (IP peers only)."""
+    address = ipaddress.ip_address(ip)
+    for spec in _policies(docs, name, "Egress"):
+        for rule in spec.get("egress", []):
+            assert rule.get("ports"), f"an egress rule of {name} allows every port: {rule}"
+            if not any(
+                (p.get("protocol", "TCP"), _port(docs, name, p["port"])) == (protocol, port)
+                for p in rule["ports"]
+            ):
+                continue
+            for peer in rule.get("to") or [{"ipBlock": {"cidr": "0.0.0.0/0"}}]:
+                block = peer.get("ipBlock")
+                if block and address in ipaddress.ip_network(block["cidr"]):
+                    if not any(address in ipaddress.ip_network(e) for e in block.get("except", [])):
+                        return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("name", [API, WORKER])
+def test_network_policy_lets_the_pods_reach_only_the_store_storage_and_dns(
+    overlay: str, name: str
+) -> None:
+    docs = render(overlay)
+    store = urlsplit(parse_serve_args(expanded_args(docs)).store)
+    assert store.hostname and store.port
+    reachable = [
+        (store.hostname, store.port),  # the job store
+        ("142.250.72.27", 443),  # storage.googleapis.com
+        ("199.36.153.8", 443),  # private.googleapis.com (Private Google Access)
+        ("169.254.169.254", 80),  # Workload Identity's token (GKE Dataplane V2)
+        ("169.254.169.252", 988),  # ... and on Calico clusters
+    ]
+    unreachable = [
+        (store.hostname, 22),
+        ("10.0.0.3", store.port),  # another database of the VPC
+        ("10.4.0.1", 443),  # the Kubernetes API's ClusterIP, any in-cluster HTTPS
+        ("172.16.0.2", 443),  # a private control plane
+        ("142.250.72.27", 80),  # plain HTTP out
+        ("93.184.216.34", 22),
+        ("169.254.169.254", 443),
+    ]
+    assert [a for a in reachable if not _reaches(docs, name, *a)] == []
+    assert [a for a in unreachable if _reaches(docs, name, *a)] == []
+    assert not _reaches(docs, name, "8.8.8.8", 53, "UDP")  # DNS: the cluster's only
+    # The one rule naming pods: port 53 of kube-dns in kube-system.
+    selector_rules = [
+        r
+        for spec in _policies(docs, name, "Egress")
+        for r in spec["egress"]
+        if any("podSelector" in p or "namespaceSelector" in p for p in r.get("to", []))
+    ]
+    assert len(selector_rules) == 1
+    (dns,) = selector_rules
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    peers = [p for p in dns["to"] if "podSelector" in p]
+    assert peers == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_opens_only_the_served_ports(overlay: str) -> None:
+    docs = render(overlay)
+    serve = parse_serve_args(expanded_args(docs, API))
+    work = parse_worker_args(expanded_args(docs, WORKER))
+
+    def opened(name: str) -> set[int]:
+        rules = [r for spec in _policies(docs, name, "Ingress") for r in spec.get("ingress", [])]
+        assert all(r.get("ports") for r in rules), rules
+        return {_port(docs, name, p["port"]) for r in rules for p in r["ports"]}
+
+    assert opened(API) == {serve.port, serve.metrics_port}
+    assert opened(WORKER) == {work.metrics_port}
 
 
 def _accelerators(docs: Docs, name: str) -> dict[str, tuple[str, str]]:
