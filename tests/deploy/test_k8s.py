@@ -507,10 +507,14 @@ def _reaches(docs: Docs, name: str, ip: str, port: int, protocol: str = "TCP") -
                 continue
             for peer in rule.get("to") or [{"ipBlock": {"cidr": "0.0.0.0/0"}}]:
                 block = peer.get("ipBlock")
-                if block and address in ipaddress.ip_network(block["cidr"]):
-                    if not any(address in ipaddress.ip_network(e) for e in block.get("except", [])):
-                        return True
+                if block and _in_block(address, block):
+                    return True
     return False
+
+
+def _in_block(address: Any, block: dict[str, Any]) -> bool:
+    nets = [ipaddress.ip_network(c) for c in block.get("except", [])]
+    return address in ipaddress.ip_network(block["cidr"]) and not any(address in n for n in nets)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
