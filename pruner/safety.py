@@ -91,6 +91,8 @@ class _Allowed:
     #: registered name (``keras_hub>ResNetBackbone``) -> object, trusted packages only.
     registered: Mapping[str, Any]
     trusted: tuple[str, ...]
+    #: A Keras 3 file (tf.keras files may name tf.keras built-ins only).
+    keras3: bool = True
 
 
 @functools.cache
@@ -193,8 +195,13 @@ def check_model_file(path: str, shown: str | None = None, trusted: Sequence[str]
         configs, library = iter([_archive_config(path, shown)]), "keras"
     else:
         configs, library = iter([_h5_config(path, shown)]), "keras"
+    # Trusted packages register with Keras 3; tf_keras resolves names in a registry of its own.
+    keras3 = library == "keras"
     allowed = _Allowed(
-        builtin_names(library).__contains__, trusted_objects(trusted), tuple(trusted)
+        builtin_names(library).__contains__,
+        trusted_objects(trusted) if keras3 else {},
+        tuple(trusted) if keras3 else (),
+        keras3,
     )
     for config in configs:
         if isinstance(config, dict):  # only the root's are skipped: see the module docstring
@@ -323,14 +330,14 @@ def _refusal(node: dict[str, Any], cls: str, allowed: _Allowed) -> str:
     if cls == "function":
         fn = node.get("config")
         if isinstance(fn, str) and ">" in fn:  # Keras looks a function up by this name
-            return _unregistered(fn, allowed)
+            return _unregistered(fn, module, allowed)
         if not _within(module, _FUNCTION_MODULES) or not isinstance(fn, str):
             return f"from module {module!r} is not a Keras built-in activation, loss or metric"
         return ""
     # Keras looks a class up in the registry by registered_name (the class name when absent).
     registered = node.get("registered_name", cls)
     if isinstance(registered, str) and ">" in registered:
-        return _unregistered(registered, allowed)
+        return _unregistered(registered, module, allowed)
     if module is not None:
         if not _within(module, _KERAS_MODULES):
             return f"is a class from module {module!r}, not from Keras"
@@ -340,17 +347,26 @@ def _refusal(node: dict[str, Any], cls: str, allowed: _Allowed) -> str:
     return ""
 
 
-def _unregistered(name: str, allowed: _Allowed) -> str:
-    """Why the registered name ``name`` (``package>Name``) is refused; "" if a trusted package's."""
+def _unregistered(name: str, module: Any, allowed: _Allowed) -> str:
+    """Why the registered name ``name`` (``package>Name``) is refused; "" if a trusted package's.
+
+    Keras resolves a registered name before it looks at ``module``; a module
+    naming another package than the object's is refused all the same.
+    """
     if name in allowed.registered:
-        return ""
+        owner = _owner(allowed.registered[name])
+        if module is None or module == "builtins" or _within(module, (owner,)):
+            return ""
+        return f"is registered as '{name}' by package '{owner}' but names module {module!r}"
+    why = f"is a custom object registered as '{name}'"
+    if not allowed.keras3:
+        return f"{why} (a tf.keras SavedModel may name tf.keras built-ins only)"
     from keras.saving import get_custom_objects
 
     registered = get_custom_objects().get(name)
     # The package that registered it, when imported here; else the one the name claims.
     package = _owner(registered) if registered is not None else name.split(">", 1)[0]
     installed = package.isidentifier() and importlib.util.find_spec(package) is not None
-    why = f"is a custom object registered as '{name}'"
     if installed and package not in allowed.trusted:
         return (
             f"{why} by package '{package}', which is not trusted (to trust that installed "

@@ -137,6 +137,7 @@ def _function(module: str, name: str) -> dict[str, Any]:
         (_function("keras_hub.src.utils.preset_utils", "get_file"), "not a Keras built-in"),
         (_function("builtins", "keras_hub>no_such_function"), "no trusted package"),
         (_hub("TransformerEncoder") | {"class_name": "Lambda"}, "Python function stored"),
+        (_hub("TransformerEncoder", module="os"), "but names module 'os'"),
     ],
     ids=[
         "unregisteredNameUnderTheTrustedPrefix",
@@ -145,6 +146,7 @@ def _function(module: str, name: str) -> dict[str, Any]:
         "unregisteredFunctionFromTheTrustedPackage",
         "unregisteredFunctionName",
         "deniedClassName",
+        "trustedNameWithAnotherPackagesModule",
     ],
 )
 def test_checkModelFile_trusted_stillRefusesEverythingElse(tmp_path, layer, match) -> None:
@@ -198,3 +200,12 @@ def test_loadModel_untrustedByDefault_keepsRefusingWhateverThisProcessImported(f
     with pytest.raises(UnsafeModelError, match="--trust-package keras_hub"):
         load_model(files["backbone"])
     assert os.path.exists(files["backbone"])
+
+
+def test_loadModel_tfKerasSavedModel_trustAppliesToKeras3Only_customLayerRefused(tmp_path) -> None:
+    """Trusted packages register with Keras 3; tf_keras would resolve names its own way."""
+    marker = tmp_path / "marker"
+    path = hm.tf_keras_custom_layer(str(tmp_path / "sm"), str(marker))
+    with pytest.raises(UnsafeModelError, match=r"tf\.keras built-ins only"):
+        load_model(path, trusted=tm.TRUSTED)
+    assert not marker.exists()
