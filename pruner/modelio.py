@@ -1,19 +1,29 @@
-"""Read models from local files and write TF Serving SavedModels.
+"""Read models from local files as data, and write TF Serving SavedModels.
 
-Reading (``load_model``):
+Reading (``load_model``), each format turned into a Keras 3 model without
+running anything from the file:
 
-- ``.keras`` archives (Keras 3) and ``.h5`` files;
-- SavedModel directories written by tf.keras / Keras 2 (``keras_metadata.pb``
-  present): loaded with ``tf_keras`` and carried into Keras 3 through the
-  legacy HDF5 format both understand, so the weights are the same;
-- a Secateur output version (``<version>/assets.extra/secateur/model.keras``);
-- a SavedModel without Keras metadata raises :class:`UnsupportedModelError`
-  naming the missing file and what to provide instead.
+- ``.keras`` archives (Keras 3) and ``.h5`` files: the config is checked by
+  :mod:`secateur.pruner.safety` (Lambda layers, serialised functions and
+  custom objects raise :class:`UnsafeModelError`; classes registered by
+  packages the operator trusts pass), then Keras loads with ``safe_mode=True``;
+- tf.keras / Keras 2 SavedModels (``keras_metadata.pb`` describing a model):
+  the metadata is checked the same way, ``tf_keras`` builds the layers from
+  its config and every weight is read with the checkpoint reader, matched to
+  its layer through the object graph in ``saved_model.pb``
+  (:mod:`.savedmodel.keras2`); other objects in the file are ignored and
+  logged. The model is carried into Keras 3 through the legacy HDF5 format
+  both understand, so the weights are the same;
+- SavedModels without Keras metadata (Keras 3 ``model.export()``,
+  ``tf.saved_model.save``, TF-Hub-style): the ``serving_default`` function is
+  read from the MetaGraphDef and its ops mapped to Keras layers, weights from
+  the checkpoint (:mod:`.savedmodel.graph_import`); an op it does not know
+  raises :class:`UnsupportedModelError` naming the op and node;
+- a Secateur output version (``<version>/assets.extra/secateur/model.keras``).
 
-Nothing from the file runs: every format's Keras config is inspected by
-:mod:`secateur.pruner.safety` before any deserialisation (Lambda layers and
-custom objects raise :class:`UnsafeModelError`), and Keras 3 then loads with
-``safe_mode=True``.
+``tf.saved_model.load`` and ``tf_keras.models.load_model`` are never called
+on a user's file: both restore every object in ``saved_model.pb`` and run its
+saved initializer functions (a test keeps them out of the source).
 
 Writing (``export_serving``): a SavedModel whose ``serving_default`` signature
 has the same input and output keys, dtypes and shapes as the original model
@@ -30,8 +40,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from secateur.pruner._keras import keras
-from secateur.pruner.errors import ModelLoadError, UnsupportedModelError
+from secateur.pruner.errors import ModelLoadError
 from secateur.pruner.safety import check_model_file, trusted_objects
+from secateur.pruner.savedmodel.graph_import import import_graph
 from secateur.pruner.savedmodel.keras2 import METADATA_PB, has_keras_model, read_keras2
 from secateur.pruner.savedmodel.reader import (
     SAVED_MODEL_PB,
@@ -49,8 +60,9 @@ def load_model(path: str, trusted: Sequence[str] = ()) -> Any:
     """Load a Keras 3 model from a local file or directory.
 
     Args:
-        path: a ``.keras``/``.h5`` file, a tf.keras SavedModel directory or a
-            Secateur output version directory.
+        path: a ``.keras``/``.h5`` file, a SavedModel directory (tf.keras, or
+            any with a ``serving_default`` signature) or a Secateur output
+            version directory.
         trusted: installed packages (``keras_hub``) whose registered classes
             the file may name (``--trust-package``; see ``safety``).
 
@@ -59,7 +71,9 @@ def load_model(path: str, trusted: Sequence[str] = ()) -> Any:
 
     Raises:
         ModelLoadError: the path is missing, unreadable or corrupt.
-        UnsupportedModelError: a SavedModel without Keras metadata.
+        UnsupportedModelError: a SavedModel whose serving graph holds an op or
+            pattern the importer does not know (named), or that has neither a
+            Keras model nor a ``serving_default`` signature.
         UnsafeModelError: loading would run code from the file (Lambda layers,
             custom objects); checked before anything is deserialised.
     """
@@ -106,12 +120,7 @@ def _load_directory(path: str, trusted: Sequence[str] = ()) -> Any:
         check_model_file(path, path, trusted)  # before anything of the config is used
         if has_keras_model(path, path):
             return _load_tf_keras_savedmodel(saved)
-    raise UnsupportedModelError(
-        "this SavedModel has no keras_metadata.pb, so its layers cannot be recovered "
-        "(it was not written by tf.keras Model.save). Provide the model as a .keras or .h5 "
-        "file, or a SavedModel saved by tf.keras / Keras 2. "
-        f"Received: {path}"
-    )
+    return import_graph(saved)  # no Keras model described: the serving function, as data
 
 
 def _load_tf_keras_savedmodel(saved: SavedModelFile) -> Any:

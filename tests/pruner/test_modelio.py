@@ -92,17 +92,32 @@ def test_loadModel_secateurOutputVersion_loadsTheArchive(tmp_path) -> None:
     assert load_model(str(tmp_path / "1")).get_layer("d").units == 2
 
 
-def test_loadModel_savedModelWithoutKerasMetadata_saysWhatIsMissing(tmp_path) -> None:
+def test_loadModel_savedModelWithoutKerasMetadata_importedFromItsServingGraph(tmp_path) -> None:
     import tensorflow as tf
 
     class Plain(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec((None, 2))])
+        @tf.function(input_signature=[tf.TensorSpec((None, 2), name="x")])
         def __call__(self, x):
-            return x * 2
+            return {"doubled": x * 2}
 
     path = str(tmp_path / "plain")
     tf.saved_model.save(Plain(), path)
-    with pytest.raises(UnsupportedModelError, match=r"no keras_metadata\.pb.*\.keras or \.h5"):
+    model = load_model(path)
+    x = np.array([[1.0, -2.0], [0.5, 3.0]], "float32")
+    np.testing.assert_array_equal(np.asarray(model(x)), x * 2)
+    assert signature_of(model) == read_serving_signature(path)
+
+
+def test_loadModel_savedModelWithoutKerasModelOrSignature_refused(tmp_path) -> None:
+    import tensorflow as tf
+
+    path = str(tmp_path / "module")
+    tf.saved_model.save(tf.Module(), path)
+    with pytest.raises(UnsupportedModelError, match="must have a 'serving_default' signature"):
+        load_model(path)
+    with open(os.path.join(path, "keras_metadata.pb"), "wb"):  # empty: describes no model
+        pass
+    with pytest.raises(UnsupportedModelError, match="must have a 'serving_default' signature"):
         load_model(path)
 
 
