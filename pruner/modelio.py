@@ -32,8 +32,10 @@ has the same input and output keys, dtypes and shapes as the original model
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -96,14 +98,55 @@ def _load_file(path: str, shown: str, trusted: Sequence[str] = ()) -> Any:
             f"model files must end in .keras, .h5 or be a SavedModel directory. Received: {shown}"
         )
     check_model_file(path, shown, trusted)
-    try:
-        return keras.saving.load_model(
-            path, custom_objects=trusted_objects(trusted), compile=False, safe_mode=True
-        )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not read the model ({type(exc).__name__}: {exc}). Received: {shown}"
-        ) from exc
+    with tempfile.TemporaryDirectory(prefix="secateur-h5-") as tmp:
+        if not lower.endswith(".keras"):
+            path = _keras3_h5(path, tmp)
+        try:
+            return keras.saving.load_model(
+                path, custom_objects=trusted_objects(trusted), compile=False, safe_mode=True
+            )
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not read the model ({type(exc).__name__}: {exc}). Received: {shown}"
+            ) from exc
+
+
+def _keras3_h5(path: str, tmp: str) -> str:
+    """``path``, or a copy in ``tmp`` whose config Keras 3 accepts.
+
+    tf.keras writes ``groups`` into DepthwiseConv2D configs (it is a Conv
+    subclass there), which Keras 3's DepthwiseConv2D refuses; the key always
+    holds 1 and means nothing for a depthwise conv, so it is dropped.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        raw = f.attrs.get("model_config")
+    if raw is None:
+        return path  # check_model_file already refused it; keep Keras' own error
+    config = json.loads(raw)
+    if not _drop_depthwise_groups(config):
+        return path
+    copy = os.path.join(tmp, "model.h5")
+    shutil.copyfile(path, copy)
+    with h5py.File(copy, "r+") as f:
+        f.attrs["model_config"] = json.dumps(config)
+    return copy
+
+
+def _drop_depthwise_groups(node: Any) -> bool:
+    """Remove ``groups`` from every DepthwiseConv2D config under ``node``; True if any."""
+    found = False
+    if isinstance(node, dict):
+        config = node.get("config")
+        if node.get("class_name") == "DepthwiseConv2D" and isinstance(config, dict):
+            found = config.pop("groups", None) is not None
+        for value in node.values():
+            found = _drop_depthwise_groups(value) or found
+    elif isinstance(node, list):
+        for value in node:
+            found = _drop_depthwise_groups(value) or found
+    return found
 
 
 def _load_directory(path: str, trusted: Sequence[str] = ()) -> Any:

@@ -63,13 +63,19 @@ def import_graph(saved: SavedModelFile, signature_key: str = SERVING_KEY) -> Any
         ModelLoadError: the checkpoint lacks a variable the graph reads.
     """
     sig = saved.signature(signature_key)
-    flat = flatten(saved, signature_key)
-    outputs = [flat.outputs[t.name] for t in sig.outputs]
-    importer = _Importer(saved, flat)
-    order = topological(flat, outputs)
-    importer.fold(order)
-    Rewriter(flat, importer.values, [n for n in order if n.name in importer.live], outputs).run()
-    return importer.build(topological(flat, outputs), sig)
+    try:
+        flat = flatten(saved, signature_key)
+        outputs = [flat.outputs[t.name] for t in sig.outputs]
+        importer = _Importer(saved, flat)
+        order = topological(flat, outputs)
+        importer.fold(order)
+        live = [n for n in order if n.name in importer.live]
+        Rewriter(flat, importer.values, live, outputs).run()
+        return importer.build(topological(flat, outputs), sig)
+    except UnsupportedModelError as exc:
+        if saved.shown in str(exc):
+            raise
+        raise UnsupportedModelError(f"{exc} in {saved.shown}") from exc
 
 
 def topological(flat: FlatGraph, roots: list[Ref]) -> list[Node]:

@@ -141,3 +141,21 @@ def test_loadModel_missingPathOrEmptyDir(tmp_path) -> None:
         load_model(str(tmp_path / "nope.keras"))
     with pytest.raises(ModelLoadError, match=r"saved_model\.pb"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("save_format", ["tf", "h5"])
+def test_loadModel_tfKerasDepthwiseConv_sameOutputsInKeras3(tmp_path, save_format) -> None:
+    # tf.keras writes groups=1 into DepthwiseConv2D configs, which Keras 3 refuses.
+    import tf_keras
+
+    inp = tf_keras.Input((8, 8, 3), name="pixels")
+    x = tf_keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(inp)
+    x = tf_keras.layers.Conv2D(4, 1, name="pw")(x)
+    legacy = tf_keras.Model(inp, tf_keras.layers.GlobalAveragePooling2D()(x))
+    path = str(tmp_path / ("k2.h5" if save_format == "h5" else "k2"))
+    legacy.save(path, save_format=save_format)
+    before = os.path.getmtime(path)
+    model = load_model(path)
+    x = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(model(x)), legacy(x).numpy(), atol=1e-6)
+    assert os.path.getmtime(path) == before  # the user's file is never rewritten
