@@ -90,7 +90,8 @@ def run_arm(
 ) -> dict[str, Any]:
     from secateur.pruner.config import MeasureConfig, TrainConfig
     from secateur.pruner.spec import PruneSpec
-    from secateur.server.pipeline import JobRequest, PruneJob
+    from secateur.server.pipeline.job_request import JobRequest
+    from secateur.server.pipeline.prune_job import PruneJob
     from secateur.server.storage import Storage
 
     spec_kw, train_kw, full_data = overrides
@@ -357,7 +358,7 @@ def main() -> int:
     if args.merge:
         return merged(args)
     from secateur.cli.demo import DemoConfig, prepare
-    from secateur.server.pipeline import curve_rows
+    from secateur.server.pipeline.report import curve_rows
 
     chosen = arms(args)
     if args.arms:

@@ -115,7 +115,7 @@ def run_demo(
         The finished job as the service reports it.
     """
     from secateur.client.client import PruningClient
-    from secateur.server.service import BackgroundServer, ServerOptions
+    from secateur.server.api.service import BackgroundServer, ServerOptions
 
     model_path, train, evalf = prepare(cfg, log, on_pretrain)
     spec = pb.JobSpec(

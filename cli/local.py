@@ -59,7 +59,7 @@ def build_request(args: argparse.Namespace) -> Any:
         ValueError: a flag or spec-file value of the wrong type.
         ServiceError: INVALID_ARGUMENT naming the field (``spec.pruning.ratio``).
     """
-    from secateur.server.convert import job_request
+    from secateur.server.pipeline.convert import job_request
 
     return job_request(job_spec(args))
 
@@ -68,7 +68,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     from secateur.pruner.errors import CancelledError, SecateurError
     from secateur.server.errors import ServiceError
-    from secateur.server.pipeline import GateFailed, PruneJob
+    from secateur.server.pipeline.prune_job import GateFailed, PruneJob
     from secateur.server.storage import Storage, StorageError
 
     bar = ProgressDisplay()
@@ -149,7 +149,7 @@ def _join_cluster() -> Any:
 
 def _write_report(report: dict[str, Any], path: str) -> None:
     """The JSON report at ``path``; for a sweep, its curves beside it."""
-    from secateur.server.pipeline import write_curves
+    from secateur.server.pipeline.report import write_curves
 
     with open(path, "w") as fh:
         json.dump(report, fh, indent=2, default=str)

@@ -59,7 +59,7 @@ class SpecHelpFormatter(argparse.HelpFormatter):
         path = getattr(action, "spec_path", None)
         if path is None:
             return text
-        from secateur.server.convert import defaults
+        from secateur.server.pipeline.convert import defaults
 
         return f"{text} (default: {_shown(defaults()[path])})".lstrip()
 

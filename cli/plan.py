@@ -38,8 +38,8 @@ def local_plan(args: argparse.Namespace) -> dict[str, Any]:
     trusted = trust_packages(args.trust_package)
     from secateur.pruner.modelio import load_model
     from secateur.pruner.plan import make_plan
-    from secateur.server.boundary import user_paths
-    from secateur.server.convert import prune_spec
+    from secateur.server.pipeline.boundary import user_paths
+    from secateur.server.pipeline.convert import prune_spec
     from secateur.server.storage import Storage
 
     spec = prune_spec(_pruning_spec(args))

@@ -7,7 +7,7 @@ leaf field (``pruning.ratio``, ``training.epochs``, ``max_accuracy_drop``
 flags from it, spec files are read through it, and
 :func:`job_spec_from_options` turns either into the one ``JobSpec`` that
 ``secateur submit`` sends and ``secateur prune`` converts locally with the
-server's own conversion (``secateur.server.convert.job_request``), where
+server's own conversion (``secateur.server.pipeline.convert.job_request``), where
 ranges are checked and unset fields take the library's defaults.
 
 Imports protobuf only.

@@ -5,7 +5,7 @@ Criteria live in a registry, the way layer handlers do
 :class:`GroupView` to a :class:`GroupScore`, registered under its name with
 :func:`register_criterion`. :func:`criteria` lists the names; the spec
 validates against it. (The CLI's ``--criterion`` choices, the proto's
-``Criterion`` enum and ``server/convert.py``'s enum map are still written
+``Criterion`` enum and ``server/pipeline/convert.py``'s enum map are still written
 out by hand; they are where the registry would be read once the request
 schema is derived from one source.)
 

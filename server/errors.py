@@ -1,26 +1,28 @@
-"""One mapping from typed errors to gRPC status codes, and the interceptor using it.
+"""The server's shared error types and one mapping from typed errors to status codes.
 
-The servicer stays thin: it converts messages and calls the job manager;
-anything raised on the way is turned into a status here, with
-``google.rpc.BadRequest`` field violations where a field is to blame.
-Unexpected exceptions become INTERNAL with the traceback logged on the
-server and an incident id, never the traceback itself, sent to the client.
+Every part of the server (the pipeline, the job store, the workers, the gRPC
+edge) raises these, and nothing here imports any of them back:
 
-The same mapping (:func:`status_of`) gives a failed job its ``error``.
+- :class:`StartupError`: a server or worker cannot start.
+- :class:`ServiceError`: an error raised on purpose, with its status code
+  and ``google.rpc.BadRequest`` field violations where a field is to blame.
+
+:func:`status_of` maps known exceptions (by class name, so that TensorFlow is
+not imported here) to a :class:`ServiceError`; it gives a failed job its
+``error`` and, through :mod:`secateur.server.api.error_interceptor`, an RPC
+its status. Unexpected exceptions become INTERNAL with the traceback logged
+on the server and an incident id, never the traceback itself, sent to the client.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 log = logging.getLogger("secateur.server")
 
@@ -52,6 +54,10 @@ def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}…({len(text) - limit} more chars)"
+
+
+class StartupError(Exception):
+    """The server or a worker cannot start; the message says why and what to do."""
 
 
 @dataclass
@@ -140,8 +146,19 @@ def to_status_proto(err: ServiceError) -> status_pb2.Status:
     return status
 
 
+def new_incident() -> str:
+    """An id that ties a client-facing INTERNAL error to its server log entry."""
+    return uuid.uuid4().hex[:12]
+
+
+def incident_message(what: str, incident: str) -> str:
+    """The client-facing text of an INTERNAL error: what failed and where the log has more."""
+    return f"internal error: {what}; see the server log for incident {incident}"
+
+
 def internal_error(exc: BaseException, where: str) -> ServiceError:
-    incident = uuid.uuid4().hex[:12]
+    """INTERNAL for an unexpected exception, its traceback logged under a new incident id."""
+    incident = new_incident()
     log.error("internal error in %s (incident %s)", where, incident, exc_info=exc)
     return ServiceError(
         grpc.StatusCode.INTERNAL, f"internal error; see the server log for incident {incident}"
@@ -150,110 +167,3 @@ def internal_error(exc: BaseException, where: str) -> ServiceError:
 
 def code_name(code: int) -> str:
     return code_pb2.Code.Name(code)
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions raised by handlers into statuses (see module docstring).
-
-    Args:
-        validate: called with every request before its handler runs (the
-            service bounds request sizes with it); what it raises is mapped too.
-    """
-
-    def __init__(self, validate: Callable[[Any], None] | None = None) -> None:
-        self.validate = validate or (lambda _request: None)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, self.validate),
-                request_deserializer=_safe_deserializer(handler.request_deserializer, method),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, self.validate),
-                request_deserializer=_safe_deserializer(handler.request_deserializer, method),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-
-@dataclass(frozen=True)
-class _Malformed:
-    """Stands in for a request whose bytes did not decode (see _safe_deserializer)."""
-
-    message_type: str
-    size: int
-
-    def error(self) -> ServiceError:
-        return ServiceError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request is not a valid {self.message_type} message (protobuf decoding "
-            f"failed). Received: {self.size} bytes",
-        )
-
-
-def _safe_deserializer(deserializer: Any, method: str) -> Any:
-    """``deserializer`` returning a :class:`_Malformed` instead of raising.
-
-    grpc answers an exception raised while decoding with UNKNOWN and the Python
-    exception's class and text, before any handler runs; the wrapped handlers
-    turn the stand-in into INVALID_ARGUMENT instead.
-    """
-    if deserializer is None:
-        return None
-    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
-    message_type = getattr(descriptor, "full_name", "") or f"{method} request"
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception:  # noqa: BLE001 - DecodeError, or whatever else bad bytes raise
-            return _Malformed(message_type, len(data))
-
-    return deserialize
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-    err = status_of(exc) or internal_error(exc, method)
-    await context.abort_with_status(rpc_status.to_status(to_status_proto(err)))
-
-
-def _wrap_unary(behavior: Any, method: str, validate: Callable[[Any], None]) -> Any:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, _Malformed):
-                raise request.error()
-            validate(request)
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status in _abort
-            await _abort(context, exc, method)
-
-    return wrapped
-
-
-def _wrap_stream(behavior: Any, method: str, validate: Callable[[Any], None]) -> Any:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, _Malformed):
-                raise request.error()
-            validate(request)
-            async for item in behavior(request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status in _abort
-            await _abort(context, exc, method)
-
-    return wrapped

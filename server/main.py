@@ -8,6 +8,7 @@ names the file or flag and what to do, and exit status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import os
@@ -15,7 +16,9 @@ import sys
 from collections.abc import Sequence
 
 from secateur.pruner.safety import installed_packages
-from secateur.server.service import ServerOptions, StartupError, serve
+from secateur.server.api.service import ServerOptions, serve
+from secateur.server.errors import StartupError
+from secateur.server.workers.command import run_worker
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -287,10 +290,6 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         print(f"secateur worker: {problem}", file=sys.stderr, flush=True)
         return 2
     try:
-        import asyncio
-
-        from secateur.server.workerloop import run_worker
-
         return asyncio.run(run_worker(args))
     except StartupError as exc:
         print(f"secateur worker: {exc}", file=sys.stderr, flush=True)

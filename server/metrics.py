@@ -3,7 +3,7 @@
 :class:`ServerMetrics` owns one :class:`prometheus_client.CollectorRegistry`
 (a new one per instance unless one is given, so several servers can live in
 one process) and serves it on its own HTTP port (``/metrics``).
-:class:`MetricsInterceptor` (in :mod:`secateur.server.metrics_interceptor`,
+:class:`MetricsInterceptor` (in :mod:`secateur.server.api.metrics_interceptor`,
 re-exported here) is a ``grpc.aio`` server interceptor that feeds the
 standard gRPC server metrics, with the names and label names of
 go-grpc-prometheus:
@@ -34,7 +34,6 @@ import grpc
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from secateur.server.metrics_interceptor import MetricsInterceptor, rpc_type
 from secateur.v1 import enums
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
     "OUTCOMES",
     "STAGE_DURATION_BUCKETS",
     "VARIANTS",
-    "MetricsInterceptor",
     "ServerMetrics",
 ]
 
@@ -53,6 +51,15 @@ OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "cancelled", "gate_failed")
 JOB_STAGES: tuple[str, ...] = enums.STAGES
 VARIANTS: tuple[str, ...] = ("original", "pruned")
 GRPC_TYPES: tuple[str, ...] = ("unary", "client_stream", "server_stream", "bidi_stream")
+
+
+def rpc_type(request_streaming: bool, response_streaming: bool) -> str:
+    """The ``grpc_type`` label of a method: unary, client_stream, server_stream or bidi_stream."""
+    if request_streaming:
+        return "bidi_stream" if response_streaming else "client_stream"
+    return "server_stream" if response_streaming else "unary"
+
+
 #: Keys of the figure mappings given to :meth:`ServerMetrics.record_figures`.
 FIGURE_KEYS: tuple[str, ...] = (
     "params",

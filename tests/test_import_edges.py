@@ -141,7 +141,7 @@ def test_cli_loads_server_and_pruner_only_inside_subcommands() -> None:
 def test_the_scan_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
     """The checks above would pass vacuously if the scan missed these forms."""
     imports = {(i.module, i.top_level) for i in _imports(ROOT / "cli" / "local.py")}
-    assert ("secateur.server.pipeline", False) in imports  # inside cmd_prune
+    assert ("secateur.server.pipeline.prune_job", False) in imports  # inside cmd_prune
     assert ("secateur.cli.render", True) in imports
     client = {i.module for i in _imports(ROOT / "client" / "client.py")}
     assert "secateur.client.protospec" in client  # `from .protospec import ...`
@@ -178,6 +178,40 @@ def test_pruner_modules_import_each_other_without_cycles() -> None:
         tuple(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as exc:
         pytest.fail("pruner/ modules import each other in a cycle: " + " -> ".join(exc.args[1]))
+
+
+def test_server_modules_import_each_other_without_cycles() -> None:
+    graph = _module_graph("server")
+    # The scan sees the real layering: the gRPC edge above the workers, the
+    # workers above the job store, the store above the pipeline.
+    assert "secateur.server.workers.loop" in graph["secateur.server.api.jobs"]
+    assert "secateur.server.jobstore.records" in graph["secateur.server.workers.loop"]
+    assert "secateur.server.pipeline.job_request" in graph["secateur.server.jobstore.records"]
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        pytest.fail("server/ modules import each other in a cycle: " + " -> ".join(exc.args[1]))
+
+
+# Server sub-packages, lowest first: each may import only those before it
+# (storage and the shared modules errors/metrics sit below them all).
+SERVER_LAYERS = ("pipeline", "jobstore", "workers", "api")
+
+
+def test_server_subpackages_import_only_the_layers_below() -> None:
+    def layer(module: str) -> int:
+        parts = module.split(".")
+        sub = parts[2] if len(parts) > 2 else ""  # secateur.server.<sub>[.<module>]
+        return SERVER_LAYERS.index(sub) if sub in SERVER_LAYERS else -1
+
+    graph = _module_graph("server")
+    bad = [
+        f"{mod} imports {dep}"
+        for mod, deps in graph.items()
+        for dep in deps
+        if mod != "secateur.server.main" and layer(dep) > layer(mod)
+    ]
+    assert not bad, f"server layers are {SERVER_LAYERS}, lowest first:\n" + "\n".join(bad)
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -35,7 +35,7 @@ def test_contract_importsWithoutTensorflow() -> None:
 
 
 def test_pipelineStages_matchTheContractsStageEnum() -> None:
-    from secateur.server.pipeline import STAGES
+    from secateur.server.pipeline.job_request import STAGES
     from secateur.v1 import pruning_pb2
 
     names = pruning_pb2.Job.Stage.keys()[1:]
@@ -52,7 +52,7 @@ def test_criteria_theRegistryAndTheContractEnumAgree() -> None:
 
 def test_scopesAndOutcomes_matchTheLibrarysNames() -> None:
     from secateur.pruner.spec import SCOPES
-    from secateur.server.pipeline import OUTCOMES
+    from secateur.server.pipeline.report import OUTCOMES
     from secateur.v1 import enums, pruning_pb2
 
     assert tuple(n.lower() for n in enums.short_names(pruning_pb2.Scope)) == SCOPES

@@ -1,9 +1,9 @@
 """The domain layer of the service: durable jobs run in worker subprocesses.
 
-``JobManager`` owns the store, the queue and the workers (``runner.py``). It
-speaks domain objects: validated :class:`~secateur.server.records.Submission` s
-in, :class:`~secateur.server.records.JobRecord` s out; the servicer converts
-messages to and from them (``jobs_pb.py``). Guarantees:
+``JobManager`` owns the store, the queue and the workers (``workers/spawn.py``). It
+speaks domain objects: validated :class:`~secateur.server.jobstore.records.Submission` s
+in, :class:`~secateur.server.jobstore.records.JobRecord` s out; the servicer converts
+messages to and from them (``jobstore/jobs_pb.py``). Guarantees:
 
 - a job is stored before CreateJob returns; the same ``request_id`` returns
   the same job;
@@ -20,13 +20,13 @@ messages to and from them (``jobs_pb.py``). Guarantees:
 
 With a shared queue store (PostgreSQL: ``store.claim`` exists) the manager
 is stateless: every read goes to the store (a serving replica's store keeps
-a record cache that the change notifications keep fresh, server/pgcache.py),
+a record cache that the change notifications keep fresh, server/jobstore/cache.py),
 and never on the event loop: a cached record is answered at once, anything
 else waits in a thread. Idempotency is the store's unique ``request_id``,
 CancelJob asks the store (the owning worker stops the job at its next lease
 renewal), WatchJob wakes on the store's change notifications and re-reads at
 least every ``WATCH_POLL_S`` seconds anyway; jobs are run by
-:class:`~secateur.server.workerloop.WorkerLoop` s — one in this process
+:class:`~secateur.server.workers.loop.WorkerLoop` s — one in this process
 unless ``max_concurrent`` is 0 (an API-only replica).
 """
 
@@ -43,23 +43,23 @@ from typing import Any, TypeVar
 
 import grpc
 
-from secateur.server import convert
 from secateur.server.errors import ServiceError, echo, internal_error
-from secateur.server.lifecycle import ended, log_end, outcome_label, recovered
-from secateur.server.page_tokens import Cursor, PageTokens
-from secateur.server.pipeline import STAGES, JobRequest, overall_progress
-from secateur.server.records import JobRecord, JobState, Submission, now_ns
-from secateur.server.runner import WorkerRunner, error_of
+from secateur.server.jobstore.interface import JobStore
+from secateur.server.jobstore.page_tokens import Cursor, PageTokens
+from secateur.server.jobstore.records import JobRecord, JobState, Submission, now_ns
+from secateur.server.jobstore.writes import StoreWriter
+from secateur.server.pipeline import convert
+from secateur.server.pipeline.job_request import STAGES, JobRequest, overall_progress
 from secateur.server.storage import Storage
-from secateur.server.store import JobStore
-from secateur.server.store_writes import StoreWriter
-from secateur.server.workerloop import (
+from secateur.server.workers.lifecycle import ended, log_end, outcome_label, recovered
+from secateur.server.workers.loop import (
     COUNTS_EVERY_S,
     LoopConfig,
     WorkerLoop,
     default_worker_id,
     publish_counts,
 )
+from secateur.server.workers.spawn import WorkerRunner, error_of
 
 log = logging.getLogger("secateur.server")
 #: A watcher on a shared store re-reads its job at least this often (notifications can be lost).
@@ -78,11 +78,11 @@ class ManagerConfig:
     max_attempts: int = 3
     cancel_grace_s: float = 10.0
     #: Pauses between tries of a store write that failed (disk full, locked);
-    #: after the last one the job fails (see store_writes.StoreWriter).
+    #: after the last one the job fails (see jobstore.writes.StoreWriter).
     store_retry_delays: tuple[float, ...] = (0.1, 0.5, 2.0)
     #: The command a worker runs, ``--events-fd N`` appended (tests wrap it).
-    worker_command: tuple[str, ...] = (sys.executable, "-m", "secateur.server.worker")
-    #: A shared store's job lease (see workerloop).
+    worker_command: tuple[str, ...] = (sys.executable, "-m", "secateur.server.workers.job_process")
+    #: A shared store's job lease (see workers.loop).
     lease_s: float = 30.0
     #: Installed packages whose registered classes model files may name (``--trust-package``).
     trusted_packages: tuple[str, ...] = ()
@@ -121,7 +121,7 @@ class JobManager:
         self._tokens = PageTokens(config.state_dir, secret("page-tokens") if secret else None)
         #: A shared queue store (PostgreSQL): see the module docstring.
         self.shared = callable(getattr(store, "claim", None))
-        #: A job's record from the store's cache without I/O, or None (see pgcache).
+        #: A job's record from the store's cache without I/O, or None (see jobstore.cache).
         self._cached: Callable[[str], JobRecord | None] = getattr(store, "cached", lambda _id: None)
         self.worker_loop: Any = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -326,7 +326,7 @@ class JobManager:
         """The pipeline's own pre-flight, before queueing: PERMISSION_DENIED,
         NOT_FOUND, ALREADY_EXISTS, or INVALID_ARGUMENT for an output inside the model."""
         from secateur.pruner.errors import InvalidSpecError
-        from secateur.server.boundary import preflight
+        from secateur.server.pipeline.boundary import preflight
         from secateur.server.storage import InvalidUriError
 
         try:
@@ -454,7 +454,7 @@ class JobManager:
         stage = msg["stage"] if msg["stage"] in STAGES else ""
         record = old.evolve(
             stage=stage,
-            progress=_overall(msg["stage"], float(msg.get("progress") or 0.0)),
+            progress=overall_progress(msg["stage"], float(msg.get("progress") or 0.0)),
             message=f"{msg['stage'].lower()}: {msg.get('message', '')}".strip(),
         )
         durable = stage != old.stage
@@ -491,8 +491,3 @@ class JobManager:
 
 def _changed_from(store: JobStore, seen: JobRecord) -> Callable[[], bool]:
     return lambda: store.get(seen.id) is not seen
-
-
-def _overall(stage: str, within: float) -> float:
-    # One formula for the service and `secateur prune`: monotone across a sweep.
-    return overall_progress(stage, within)

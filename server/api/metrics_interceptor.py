@@ -19,20 +19,12 @@ from collections.abc import (
     Iterator,
 )
 from inspect import isasyncgenfunction, iscoroutinefunction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc import aio
 
-if TYPE_CHECKING:
-    from secateur.server.metrics import ServerMetrics
-
-
-def rpc_type(request_streaming: bool, response_streaming: bool) -> str:
-    """The ``grpc_type`` label of a method: unary, client_stream, server_stream or bidi_stream."""
-    if request_streaming:
-        return "bidi_stream" if response_streaming else "client_stream"
-    return "server_stream" if response_streaming else "unary"
+from secateur.server.metrics import ServerMetrics, rpc_type
 
 
 def _split_method(full_method: str | bytes) -> tuple[str, str]:

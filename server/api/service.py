@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import logging
 import signal
 import threading
@@ -28,20 +29,20 @@ from google.rpc import error_details_pb2, status_pb2  # noqa: F401
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from secateur.server import convert, jobs_pb
-from secateur.server.errors import ErrorInterceptor
-from secateur.server.jobs import JobManager, ManagerConfig
-from secateur.server.store import JobStore, SqliteJobStore, StoreOpenError, open_store
+from secateur.server.api.error_interceptor import ErrorInterceptor
+from secateur.server.api.jobs import JobManager, ManagerConfig
+from secateur.server.api.metrics_interceptor import MetricsInterceptor
+from secateur.server.errors import StartupError
+from secateur.server.jobstore import JobStore, StoreOpenError, jobs_pb, open_store
+from secateur.server.jobstore.sqlite import SqliteJobStore
+from secateur.server.metrics import ServerMetrics
+from secateur.server.pipeline import convert
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pb_grpc
 
 log = logging.getLogger("secateur.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PruningService"].full_name
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-class StartupError(Exception):
-    """The server cannot start: a file, port or flag to fix, named in the message."""
 
 
 class PruningServicer(pb_grpc.PruningServiceServicer):
@@ -131,8 +132,8 @@ class ServerOptions:
     shutdown_grace_s: float = 0.0  # serve(): NOT_SERVING this long before stopping
     #: ``--store``: "" is the embedded SQLite store under state_dir.
     store_url: str = ""
-    lease_s: float = 30.0  # ``--lease-seconds``: a shared store's job lease (workerloop)
-    version: str = "0.1.0"
+    lease_s: float = 30.0  # ``--lease-seconds``: a shared store's job lease (workers.loop)
+    version: str = field(default_factory=lambda: importlib.metadata.version("secateur"))
     #: ``--trust-package``: installed packages whose registered classes model files may name.
     trusted_packages: tuple[str, ...] = ()
 
@@ -200,8 +201,6 @@ class RunningServer:
         o = self.options
         if o.metrics_port is None:
             return []
-        from secateur.server.metrics import MetricsInterceptor, ServerMetrics
-
         self.metrics = ServerMetrics()
         self.metrics.set_build_info(o.version)
         self.metrics.init_service(pb.DESCRIPTOR.services_by_name["PruningService"])

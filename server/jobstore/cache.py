@@ -9,8 +9,8 @@ replica's :class:`CachingPostgresJobStore` answers them from memory instead:
   that does not exist is not kept). At most ``max_entries`` records are
   kept, the least recently used dropped first.
 - **Invalidation by NOTIFY.** Every write of any process NOTIFYs the job's
-  id at commit (server/pgstore.py); this replica's LISTEN thread
-  (server/pglisten.py) drops that id before it wakes any watcher, so a woken
+  id at commit (server/jobstore/postgres.py); this replica's LISTEN thread
+  (server/jobstore/listen.py) drops that id before it wakes any watcher, so a woken
   watcher reads the new record. A read that began before a write and ends
   after its notification does not keep what it read (:meth:`RecordCache.begin`
   hands out a ticket that the invalidation voids).
@@ -29,7 +29,7 @@ Staleness across replicas is therefore: a read on any replica reflects
 every write committed at least ``max_age_s`` earlier; in practice it
 reflects a write within the notification's delivery time (milliseconds),
 and a replica's own writes at once. Lease renewals and the job subprocess's
-fence check do not NOTIFY (see pgstore), so the lease expiry a read shows
+fence check do not NOTIFY (see jobstore.postgres), so the lease expiry a read shows
 can lag by up to ``max_age_s`` — as it could before by a renewal period.
 """
 
@@ -40,10 +40,10 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from secateur.server.pglisten import Listener
-from secateur.server.pgstore import PostgresJobStore
-from secateur.server.records import JobRecord
-from secateur.server.store import Claim
+from secateur.server.jobstore.interface import Claim
+from secateur.server.jobstore.listen import Listener
+from secateur.server.jobstore.postgres import PostgresJobStore
+from secateur.server.jobstore.records import JobRecord
 
 #: Records kept per replica (about 2 KiB each with a report: ~20 MiB at most).
 MAX_ENTRIES = 10_000

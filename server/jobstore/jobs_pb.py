@@ -1,4 +1,4 @@
-"""``secateur.v1.Job`` <-> :class:`~secateur.server.records.JobRecord`: the servicer's edge.
+"""``secateur.v1.Job`` <-> :class:`~secateur.server.jobstore.records.JobRecord`.
 
 The job manager and the store speak records; these functions are the one
 place a record becomes a message (every RPC answer) and a message becomes a
@@ -15,9 +15,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from secateur.server import convert
 from secateur.server.errors import ServiceError, to_status_proto
-from secateur.server.records import JobError, JobRecord, JobState, Submission
+from secateur.server.jobstore.records import JobError, JobRecord, JobState, Submission
+from secateur.server.pipeline import convert
 from secateur.v1 import enums
 from secateur.v1 import pruning_pb2 as pb
 

@@ -1,6 +1,6 @@
 """Job-change notifications from PostgreSQL: LISTEN on a thread, with a polling floor.
 
-Every write of :class:`~secateur.server.pgstore.PostgresJobStore` sends
+Every write of :class:`~secateur.server.jobstore.postgres.PostgresJobStore` sends
 ``NOTIFY secateur_jobs, '<job id>'`` in its transaction (delivered at commit,
 to every replica). One :class:`Listener` thread per store holds a dedicated
 autocommit connection that LISTENs and calls each subscriber with the job id.
@@ -13,7 +13,7 @@ late, and is usually woken within milliseconds. The connection is re-opened
 with a capped exponential backoff. ``on_connection(True)`` is called once
 LISTEN runs (before the ``None`` of that connect), ``on_connection(False)``
 when the connection is lost: a cache kept fresh by the notifications
-(server/pgcache.py) is only trusted in between.
+(server/jobstore/cache.py) is only trusted in between.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from secateur.server.pgschema import CHANNEL
+from secateur.server.jobstore.schema import CHANNEL
 
 log = logging.getLogger("secateur.server")
 

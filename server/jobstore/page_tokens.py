@@ -21,7 +21,7 @@ from typing import NamedTuple
 import grpc
 
 from secateur.server.errors import ServiceError
-from secateur.server.records import JobState
+from secateur.server.jobstore.records import JobState
 
 log = logging.getLogger("secateur.server")
 

@@ -1,13 +1,13 @@
 """Jobs and their queue in PostgreSQL, shared by any number of replicas and workers.
 
-:class:`PostgresJobStore` is a :class:`~secateur.server.store.JobStore` (the
-API replicas' reads and writes) and a :class:`~secateur.server.store.QueueStore`
+:class:`PostgresJobStore` is a :class:`~secateur.server.jobstore.interface.JobStore` (the
+API replicas' reads and writes) and a :class:`~secateur.server.jobstore.interface.QueueStore`
 (the workers' leases). It keeps nothing in memory: every call reads or writes
 the database through a psycopg connection pool, so any replica answers for
 any job. Rows hold the ``secateur.v1.Job`` bytes and the report JSON as
 SqliteJobStore does, beside the columns the queue works on (state, worker,
 lease expiry, fencing token, attempts, cancel flag, version); the schema is
-migrated on open (server/pgschema.py).
+migrated on open (server/jobstore/schema.py).
 
 - Idempotency across replicas is the ``request_id`` UNIQUE constraint
   (``INSERT ... ON CONFLICT DO NOTHING``), never a process-local check.
@@ -20,7 +20,7 @@ migrated on open (server/pgschema.py).
   transaction; :meth:`subscribe` hears them through one LISTEN thread per
   store, and ALSO gets ``None`` ("read again") on reconnects and at least
   every 2 s, because notifications are lost while PostgreSQL restarts
-  (server/pglisten.py). Lease renewals do not notify (they change nothing a
+  (server/jobstore/listen.py). Lease renewals do not notify (they change nothing a
   watcher shows but the expiry, and would wake every watcher each renewal).
 - A PostgreSQL restart: the pool checks each connection before lending it
   (``ConnectionPool.check_connection``) and opens new ones, so the next call
@@ -39,18 +39,12 @@ from typing import Any
 
 import grpc
 
-from secateur.server import jobs_pb
-from secateur.server.pglisten import Listener, Subscriber
-from secateur.server.pgschema import CHANNEL, migrate, shared_secret
-from secateur.server.records import JobError, JobRecord, JobState, now_ns
-from secateur.server.store import (
-    Claim,
-    Lease,
-    StoreOpenError,
-    _decode,
-    _row,
-    quarantined,
-)
+from secateur.server.jobstore import jobs_pb
+from secateur.server.jobstore.codec import decode_row, encode_row, quarantined
+from secateur.server.jobstore.interface import Claim, Lease, StoreOpenError
+from secateur.server.jobstore.listen import Listener, Subscriber
+from secateur.server.jobstore.records import JobError, JobRecord, JobState, now_ns
+from secateur.server.jobstore.schema import CHANNEL, migrate, shared_secret
 
 log = logging.getLogger("secateur.server")
 
@@ -188,7 +182,7 @@ class PostgresJobStore:
 
     def insert_or_existing(self, record: JobRecord) -> JobRecord:
         """Store a new job; or, when its ``request_id`` is taken, the job that has it."""
-        state, data, report = _row(record)
+        state, data, report = encode_row(record)
         with self._tx() as conn:
             inserted = conn.execute(
                 "INSERT INTO jobs (id, request_id, state, create_ns, create_time, data, report,"
@@ -266,7 +260,7 @@ class PostgresJobStore:
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(job_id)`` from a background thread after each job write
         (any process's), and ``callback(None)`` at least every ``poll_s``; returns
-        the function that unsubscribes (see server/pglisten.py)."""
+        the function that unsubscribes (see server/jobstore/listen.py)."""
         if self._listener is None:
             self._listener = Listener(self.url, self._poll_s)
         return self._listener.subscribe(callback)
@@ -326,7 +320,7 @@ class PostgresJobStore:
         cancel requested, and the lease has more than ``min_remaining_s`` left;
         the lease is then extended to at least twice that from now, so no other
         worker can reclaim the job while it publishes. The worker asks for its
-        job subprocess, which never reaches the store itself (runner.py).
+        job subprocess, which never reaches the store itself (workers/spawn.py).
         """
         with self._tx() as conn:
             return _fence(conn, job_id, token, min_remaining_s)
@@ -406,7 +400,7 @@ def _take(conn: Any, record: JobRecord, worker: str, lease_s: float) -> Claim:
         message=f"running on worker {worker}",
         error=None,
     )
-    state, data, report = _row(running)
+    state, data, report = encode_row(running)
     row = conn.execute(
         "UPDATE jobs SET state = %s, data = %s, report = %s, attempts = %s, worker = %s, "
         "lease_expires = now() + make_interval(secs => %s), lease_token = lease_token + 1, "
@@ -433,7 +427,7 @@ def _given_up(record: JobRecord, worker: str, cancel_requested: bool) -> JobReco
 
 def _write(conn: Any, record: JobRecord, where: str, params: tuple[Any, ...]) -> bool:
     """Update the row of ``record`` where ``where`` holds, then event and NOTIFY."""
-    state, data, report = _row(record)
+    state, data, report = encode_row(record)
     done = record.state.terminal or record.state is JobState.QUEUED
     cursor = conn.execute(
         f"UPDATE jobs SET {_WRITE} WHERE {where}",
@@ -457,7 +451,7 @@ def _event(conn: Any, job_id: str, kind: str, message: str) -> None:
 def _record(row: Any) -> JobRecord:
     """A record from COLUMNS; an undecodable row reads as FAILED (DATA_LOSS)."""
     job_id, data, report, worker, expires, request_id, create_ns, _ = row
-    record = _decode(job_id, bytes(data) if data is not None else None, report)
+    record = decode_row(job_id, bytes(data) if data is not None else None, report)
     if record is None:
         log.error("job %s: its row does not decode as a secateur.v1.Job", job_id)
         record = quarantined(job_id, request_id, create_ns)

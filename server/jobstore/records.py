@@ -1,8 +1,8 @@
 """A job as the domain layer sees it: frozen plain data, no protobuf.
 
-:class:`JobRecord` is what :class:`~secateur.server.jobs.JobManager` hands
-out and what a :class:`~secateur.server.store.JobStore` keeps; the servicer
-turns it into a ``secateur.v1.Job`` (``server/jobs_pb.py``). A record is
+:class:`JobRecord` is what :class:`~secateur.server.api.jobs.JobManager` hands
+out and what a :class:`~secateur.server.jobstore.interface.JobStore` keeps; the servicer
+turns it into a ``secateur.v1.Job`` (``server/jobstore/jobs_pb.py``). A record is
 never changed in place: each change is a new record (:meth:`JobRecord.evolve`),
 so a watcher can tell a change by identity.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from secateur.server.errors import ServiceError
-from secateur.server.pipeline import JobRequest
+from secateur.server.pipeline.job_request import JobRequest
 
 
 class JobState(enum.Enum):

@@ -1,6 +1,6 @@
-"""Durable jobs: the :class:`JobStore` interface and its embedded SQLite store.
+"""The embedded job store: every job in one SQLite file under the state directory.
 
-A store keeps :class:`~secateur.server.records.JobRecord` s keyed by id.
+A store keeps :class:`~secateur.server.jobstore.records.JobRecord` s keyed by id.
 :class:`SqliteJobStore` (the default, under the state directory) keeps each
 job as one row: indexed columns for lookups (id, request_id, state, create
 time), the whole ``secateur.v1.Job`` message as bytes and, since issue 9, the
@@ -15,23 +15,16 @@ fast.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
 
-import grpc
+from secateur.server.jobstore.codec import decode_row, encode_row, quarantined
+from secateur.server.jobstore.interface import StoreOpenError
+from secateur.server.jobstore.records import JobRecord, JobState, now_ns
 
-from secateur.server import jobs_pb
-from secateur.server.records import JobError, JobRecord, JobState, now_ns
-from secateur.v1 import pruning_pb2
-
-Job = pruning_pb2.Job
 log = logging.getLogger("secateur.server")
 
 SCHEMA = """
@@ -46,7 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (create_time DESC);
 """
 # The original bytes of rows that could not be decoded, kept for a post-mortem
-# when their job is marked FAILED (see JobStore._load).
+# when their job is marked FAILED (see SqliteJobStore._load).
 QUARANTINE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS quarantine (
     id TEXT PRIMARY KEY,
@@ -55,152 +48,10 @@ CREATE TABLE IF NOT EXISTS quarantine (
     time REAL NOT NULL
 );
 """
-QUARANTINE_MESSAGE = (
-    "the server could not read this job's stored record (corrupt); the job was marked "
-    "FAILED and its record kept aside: submit it again"
-)
-
-
-def quarantined(job_id: str, request_id: str | None, create_ns: int, end_ns: int = 0) -> JobRecord:
-    """The FAILED (DATA_LOSS) record that stands for a row that does not decode."""
-    return JobRecord(
-        id=job_id,
-        spec=b"",
-        state=JobState.FAILED,
-        request_id=request_id or "",
-        message=QUARANTINE_MESSAGE,
-        error=JobError(grpc.StatusCode.DATA_LOSS, QUARANTINE_MESSAGE),
-        create_ns=create_ns,
-        end_ns=end_ns,
-        update_ns=end_ns,
-    )
-
-
-class StoreOpenError(Exception):
-    """The job database cannot be opened; the message names the file and what to do."""
-
-
-class JobStore(Protocol):
-    """What the job manager needs of a store; records keyed by ``record.id``.
-
-    ``save`` and ``insert`` change what ``get`` returns only once the write
-    is durable (``durable=False``: memory only, for progress ticks), so a
-    failed write leaves the store as it was.
-    """
-
-    def insert(self, record: JobRecord) -> None: ...
-
-    def save(self, record: JobRecord, durable: bool = True) -> None: ...
-
-    def get(self, job_id: str) -> JobRecord | None: ...
-
-    def by_request_id(self, request_id: str) -> JobRecord | None: ...
-
-    def page(
-        self, state: JobState | None, after: tuple[int, str] | None, limit: int
-    ) -> tuple[list[JobRecord], tuple[int, str] | None]:
-        """Jobs newest first by ``(create_ns, id)`` strictly after ``after``, of ``state``
-        (None: any); and the key of the page's last job when more follow."""
-        ...
-
-    def all(self) -> list[JobRecord]:
-        """Every job, oldest first."""
-        ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A job a worker claimed: its record (now RUNNING) and the lease's fencing token."""
-
-    record: JobRecord
-    token: int
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A renewal's answer: still held?, cancel requested?, expiry (s since the epoch)."""
-
-    held: bool
-    cancel_requested: bool
-    expires: float
-
-
-class QueueStore(JobStore, Protocol):
-    """A store that also leases jobs to workers (PostgreSQL; see server/pgstore.py).
-
-    A worker ``claim`` s a job, ``renew`` s its lease while it runs and writes
-    with ``save_leased``; each claim bumps the job's fencing token, and a write
-    or ``fence`` naming a superseded token is refused, so a worker that lost
-    its lease can neither overwrite nor publish.
-    """
-
-    def claim(self, worker: str, lease_s: float, max_attempts: int) -> Claim | None: ...
-
-    def renew(self, job_id: str, token: int, lease_s: float) -> Lease: ...
-
-    def save_leased(self, record: JobRecord, token: int) -> bool: ...
-
-    def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool: ...
-
-    def request_cancel(self, job_id: str) -> JobRecord | None: ...
-
-    def live_leases(self, job_ids: list[str]) -> dict[str, int]: ...
-
-    def counts(self) -> dict[JobState, int]: ...
-
-    def subscribe(self, callback: Callable[[str | None], None]) -> Callable[[], None]: ...
-
-
-def open_store(url: str, state_dir: str, cache: bool = True) -> JobStore:
-    """The store a ``--store`` URL names.
-
-    ``""`` or ``sqlite:///<state_dir>/jobs.sqlite`` is the embedded default
-    (:class:`SqliteJobStore`); ``sqlite:///ABS/DIR/jobs.sqlite`` keeps it in
-    another folder; ``postgresql://USER[:PASS]@HOST:PORT/DB`` (or
-    ``postgres://``) is the shared :class:`~secateur.server.pgstore.PostgresJobStore`,
-    with a serving replica's record cache unless ``cache`` is False (workers:
-    see server/pgcache.py).
-
-    Raises:
-        StoreOpenError: an unknown scheme, a SQLite path that is not an absolute
-            ``.../jobs.sqlite``, or a database that cannot be opened.
-    """
-    if not url:
-        return SqliteJobStore(state_dir)
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme == "sqlite":
-        path = url[len("sqlite://") :]
-        if not path.startswith("/") or os.path.basename(path) != "jobs.sqlite":
-            raise StoreOpenError(
-                "a SQLite store URL must name an absolute path to a file called jobs.sqlite, "
-                f"as sqlite:///var/lib/secateur/jobs.sqlite. Received: {url}"
-            )
-        return SqliteJobStore(os.path.dirname(path))
-    if scheme in ("postgresql", "postgres"):
-        from secateur.server.pgcache import CachingPostgresJobStore
-        from secateur.server.pgstore import PostgresJobStore
-
-        return CachingPostgresJobStore(url) if cache else PostgresJobStore(url)
-    raise StoreOpenError(
-        "the store URL must start with sqlite:/// or postgresql:// "
-        "(postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE). "
-        f"Received: {_without_password(url)}"
-    )
-
-
-def _without_password(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (it is echoed in errors)."""
-    head, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    return f"{head}://{creds.split(':', 1)[0]}:***@{host}"
 
 
 class SqliteJobStore:
-    """A :class:`JobStore` in ``<state_dir>/jobs.sqlite`` (see module docstring)."""
+    """A :class:`~.interface.JobStore` in ``<state_dir>/jobs.sqlite`` (see module docstring)."""
 
     def __init__(self, state_dir: str) -> None:
         """Open (or create) ``<state_dir>/jobs.sqlite`` and load every job.
@@ -227,7 +78,7 @@ class SqliteJobStore:
             "SELECT id, request_id, create_time, data, report FROM jobs ORDER BY create_time DESC"
         ).fetchall()
         for job_id, request_id, create_time, data, report in rows:
-            job = _decode(job_id, data, report)
+            job = decode_row(job_id, data, report)
             if job is None:
                 job = self._quarantine(job_id, request_id, create_time, data)
             self._jobs[job_id] = job
@@ -252,13 +103,14 @@ class SqliteJobStore:
             (job_id, data, "does not decode as secateur.v1.Job", time.time()),
         )
         self._db.execute(
-            "UPDATE jobs SET state = ?, data = ?, report = ? WHERE id = ?", (*_row(job), job_id)
+            "UPDATE jobs SET state = ?, data = ?, report = ? WHERE id = ?",
+            (*encode_row(job), job_id),
         )
         return job
 
     def insert(self, record: JobRecord) -> None:
         with self._lock:
-            state, data, report = _row(record)
+            state, data, report = encode_row(record)
             self._db.execute(
                 "INSERT INTO jobs (id, request_id, state, create_time, data, report) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -275,7 +127,7 @@ class SqliteJobStore:
             if durable:  # the database first: a failed write leaves memory as it was
                 self._db.execute(
                     "UPDATE jobs SET state = ?, data = ?, report = ? WHERE id = ?",
-                    (*_row(record), record.id),
+                    (*encode_row(record), record.id),
                 )
             self._jobs[record.id] = record
 
@@ -365,28 +217,3 @@ def _open_problem(path: str, exc: sqlite3.Error) -> str:
             "and that no other program holds it"
         )
     return f"cannot open the job database {path} ({text}): {what}"
-
-
-def _row(record: JobRecord) -> tuple[int, bytes, str | None]:
-    """The stored columns of a record: state number, ``Job`` bytes, report JSON."""
-    job = jobs_pb.to_pb(record)
-    report = json.dumps(record.result, default=_jsonable) if record.result is not None else None
-    return job.state, job.SerializeToString(), report
-
-
-def _jsonable(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else str(value)
-
-
-def _decode(job_id: object, data: object, report: object) -> JobRecord | None:
-    """The row's record, or None when its bytes are not a Job (or not this row's)."""
-    if not isinstance(data, bytes):
-        return None
-    try:
-        job = Job.FromString(data)
-        if job.name != f"jobs/{job_id}":
-            return None
-        result = json.loads(report) if isinstance(report, str) else None
-        return jobs_pb.from_pb(job, result)
-    except Exception:  # noqa: BLE001 - any decoding failure quarantines the row
-        return None

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from secateur.server.records import JobRecord
-from secateur.server.store import JobStore
-from secateur.server.worker_pipes import new_incident
+from secateur.server.errors import new_incident
+from secateur.server.jobstore.interface import JobStore
+from secateur.server.jobstore.records import JobRecord
 
 log = logging.getLogger("secateur.server")
 

@@ -27,7 +27,7 @@ from secateur.server.errors import echo
 from secateur.server.storage import Location, Storage, StorageExistsError, StorageNotFoundError
 
 if TYPE_CHECKING:
-    from secateur.server.pipeline import JobRequest
+    from secateur.server.pipeline.job_request import JobRequest
 
 #: Prefix of every temporary directory a job, a plan or a model conversion makes.
 TEMP_PREFIX = "secateur-"

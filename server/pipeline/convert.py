@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from secateur.pruner.config import MeasureConfig, TrainConfig
@@ -20,7 +20,7 @@ from secateur.pruner.data import DataSpec
 from secateur.pruner.errors import InvalidSpecError
 from secateur.pruner.spec import PruneSpec
 from secateur.server.errors import ServiceError
-from secateur.server.pipeline import MAX_RATIOS, JobRequest
+from secateur.server.pipeline.job_request import MAX_RATIOS, JobRequest
 from secateur.v1 import enums
 from secateur.v1 import pruning_pb2 as pb
 
@@ -323,7 +323,3 @@ def plan_response(plan: Mapping[str, Any]) -> pb.PlanPruningResponse:
             kind=g.get("kind") or "channels",
         )
     return resp
-
-
-def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(s)

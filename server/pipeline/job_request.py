@@ -1,6 +1,6 @@
 """A pruning job's request, its stages and its progress events.
 
-:class:`JobRequest` is what :class:`~secateur.server.pipeline.PruneJob` runs
+:class:`JobRequest` is what :class:`~secateur.server.pipeline.prune_job.PruneJob` runs
 (``convert.job_request`` makes it from the contract's ``JobSpec``); the stage
 names and :func:`overall_progress` are shared by the job, the service's
 ``Job.progress`` and the CLI's progress bar.

@@ -24,11 +24,11 @@ from dataclasses import asdict
 from typing import Any
 
 from secateur.pruner.errors import CancelledError, DataError
-from secateur.server.boundary import JobPlaces, preflight, user_paths
+from secateur.server.pipeline.boundary import JobPlaces, preflight, user_paths
 
 # The request, its stages and the report's decisions live beside this module;
-# they are re-exported so ``secateur.server.pipeline`` stays the job's one name.
-from secateur.server.job_request import (
+# they are re-exported so ``secateur.server.pipeline.prune_job`` stays the job's one name.
+from secateur.server.pipeline.job_request import (
     CANDIDATE_STAGES,
     MAX_RATIOS,
     STAGES,
@@ -37,7 +37,7 @@ from secateur.server.job_request import (
     overall_progress,
     sweep_progress,
 )
-from secateur.server.report import (
+from secateur.server.pipeline.report import (
     CURVE_COLUMNS,
     OUTCOMES,
     REPORT_VERSION,

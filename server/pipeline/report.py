@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from secateur.pruner.stats import Drop, accuracy_drop, resolves
-from secateur.server.job_request import JobRequest
+from secateur.server.pipeline.job_request import JobRequest
 from secateur.v1 import enums
 
 #: The layout of report.json (bumped when a key changes meaning).

@@ -1,4 +1,4 @@
-"""A job's own process: ``python -m secateur.server.worker --events-fd N``.
+"""A job's own process: ``python -m secateur.server.workers.job_process --events-fd N``.
 
 The service starts one per job (isolation, real cancellation, clean memory
 figures) and one per PlanPruning call. The request arrives on stdin as JSON;
@@ -80,8 +80,8 @@ class Emitter:
 
 
 def run(payload: dict[str, Any], emit: Emitter) -> None:
-    from secateur.server.convert import job_request
-    from secateur.server.pipeline import GateFailed, LeaseLost, PruneJob
+    from secateur.server.pipeline.convert import job_request
+    from secateur.server.pipeline.prune_job import GateFailed, LeaseLost, PruneJob
     from secateur.server.storage import Storage
     from secateur.v1 import pruning_pb2 as pb
 
@@ -127,8 +127,8 @@ def _fence(emit: Emitter) -> Callable[[], bool]:
 def _plan(spec: Any, storage: Any, trusted: tuple[str, ...]) -> dict[str, Any]:
     from secateur.pruner.modelio import load_model
     from secateur.pruner.plan import make_plan
-    from secateur.server.boundary import user_paths
-    from secateur.server.convert import prune_spec
+    from secateur.server.pipeline.boundary import user_paths
+    from secateur.server.pipeline.convert import prune_spec
 
     names: dict[str, str] = {}
     with (
@@ -147,7 +147,7 @@ def _internal(exc: BaseException, emit: Emitter) -> int:
     The service logs stderr; the client gets INTERNAL naming the incident to
     look up there, never the traceback.
     """
-    from secateur.server.worker_pipes import incident_message, new_incident
+    from secateur.server.errors import incident_message, new_incident
 
     incident = new_incident()
     print(f"internal error in the worker (incident {incident}):", file=sys.stderr)
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads(sys.stdin.readline())  # one line; the fence answers follow
         run(payload, emit)
     except BaseException as exc:  # noqa: BLE001 - every outcome is reported
-        from secateur.server.convert import field_path
         from secateur.server.errors import status_of
+        from secateur.server.pipeline.convert import field_path
 
         err = status_of(exc)
         if err is None:

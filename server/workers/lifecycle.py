@@ -1,7 +1,7 @@
 """A job's life as the service records it: recovery after a restart, its end.
 
-Shared by the embedded queue (``jobs.py``) and the scaled-out workers
-(``workerloop.py``): what a job left RUNNING by a dead server becomes, the
+Shared by the embedded queue (``api/jobs.py``) and the scaled-out workers
+(``workers/loop.py``): what a job left RUNNING by a dead server becomes, the
 INFO line of a job's end, and the ``outcome`` label its end counts under in
 ``secateur_jobs_completed_total`` (see ``metrics.OUTCOMES``).
 """
@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from secateur.server.errors import ServiceError
-from secateur.server.records import JobError, JobRecord, JobState, now_ns
+from secateur.server.jobstore.records import JobError, JobRecord, JobState, now_ns
 
 log = logging.getLogger("secateur.server")
 

@@ -4,7 +4,7 @@
 ``--max-concurrent-jobs`` > 0) runs one :class:`WorkerLoop`. It claims up to
 ``max_concurrent`` jobs at once from a queue store (``store.claim``: ``SELECT
 ... FOR UPDATE SKIP LOCKED``, attempts + 1, a new fencing token) and runs each
-in its own subprocess (``runner.py``), exactly as the embedded server does.
+in its own subprocess (``workers/spawn.py``), exactly as the embedded server does.
 While a job runs its lease is renewed every ``lease_s / 3`` seconds (at
 least every ``RENEW_MAX_S``, so a cancel reaches the job within seconds):
 
@@ -40,10 +40,10 @@ from typing import Any
 import grpc
 
 from secateur.server.errors import ServiceError
-from secateur.server.lifecycle import ended, outcome_label
-from secateur.server.pipeline import STAGES, overall_progress
-from secateur.server.records import JobRecord, JobState, now_ns
-from secateur.server.runner import WorkerRunner, error_of
+from secateur.server.jobstore.records import JobRecord, JobState, now_ns
+from secateur.server.pipeline.job_request import STAGES, overall_progress
+from secateur.server.workers.lifecycle import ended, outcome_label
+from secateur.server.workers.spawn import WorkerRunner, error_of
 
 log = logging.getLogger("secateur.server")
 #: The longest pause between two renewals of a lease (the cancel flag comes with them).
@@ -343,73 +343,3 @@ def end_line(final: JobRecord, outcome: dict[str, Any]) -> None:
         final.id, final.state.value.lower(), code,
         (final.end_ns - since) / 1e9 if since else 0.0, final.attempts,
     )  # fmt: skip
-
-
-async def run_worker(args: Any) -> int:
-    """``secateur worker``'s process: the loop, its metrics, and SIGTERM/SIGINT handling.
-
-    Raises:
-        StartupError: the store or the metrics port cannot be opened.
-    """
-    import signal
-    import sys
-
-    from secateur.server.service import StartupError
-    from secateur.server.store import StoreOpenError, open_store
-
-    state_dir = os.path.abspath(os.path.expanduser(args.state_dir))
-    allowed = tuple(args.allowed_uri_prefix or [os.path.join(state_dir, "models")])
-    try:
-        store = open_store(args.store, state_dir, cache=False)  # it serves no reads
-    except StoreOpenError as exc:
-        raise StartupError(str(exc)) from exc
-    metrics = _worker_metrics(args.metrics_port, args.metrics_host)
-    command = (sys.executable, "-m", "secateur.server.worker")
-    trusted = tuple(args.trust_package or ())
-    runner = WorkerRunner(command, state_dir, allowed, grace_s=10.0, trusted=trusted)
-    cfg = LoopConfig(
-        args.worker_id or default_worker_id(),
-        args.max_concurrent_jobs,
-        args.lease_seconds,
-        args.max_attempts,
-    )
-    loop = WorkerLoop(cfg, store, runner, metrics)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, loop.stop)
-
-    async def count_forever() -> None:
-        while True:
-            await publish_counts(store, metrics)
-            await asyncio.sleep(COUNTS_EVERY_S)
-
-    counter = asyncio.create_task(count_forever()) if metrics else None
-    print(f"secateur worker {cfg.worker_id} running jobs of the store", flush=True)
-    try:
-        await loop.run()
-    finally:
-        if counter is not None:
-            counter.cancel()
-        await runner.kill_all()
-        if metrics:
-            metrics.stop()
-        store.close()
-    log.info("worker %s stopped", cfg.worker_id)
-    return 0
-
-
-def _worker_metrics(port: int, host: str) -> Any:
-    """A worker's /metrics (None when ``port`` < 0); StartupError when it cannot listen."""
-    if port < 0:
-        return None
-    from secateur.server.metrics import ServerMetrics
-    from secateur.server.service import StartupError
-
-    metrics = ServerMetrics()
-    try:
-        metrics.serve(port, host=host)
-    except OSError as exc:
-        raise StartupError(
-            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another "
-            "--metrics-port (-1 disables it)"
-        ) from exc
-    return metrics

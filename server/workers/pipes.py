@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
+
+from secateur.server.errors import incident_message, new_incident
 
 log = logging.getLogger("secateur.server")
 
@@ -24,15 +25,6 @@ CHUNK = 1 << 16
 MAX_LOG_LINE = 4096  # bytes of one worker output line kept for the log
 MAX_EVENT_LINE = 64 << 20  # an event or outcome larger than this is refused
 TAIL_LINES = 40  # worker output lines kept for an incident report
-
-
-def new_incident() -> str:
-    """An id that ties a client-facing INTERNAL error to its server log entry."""
-    return uuid.uuid4().hex[:12]
-
-
-def incident_message(what: str, incident: str) -> str:
-    return f"internal error: {what}; see the server log for incident {incident}"
 
 
 async def lines(stream: asyncio.StreamReader, max_len: int) -> AsyncIterator[tuple[bytes, int]]:

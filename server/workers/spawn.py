@@ -1,7 +1,7 @@
 """Worker subprocesses: start one, feed it its request, read its events and outcome.
 
 The service runs each job (and each PlanPruning call) in its own process
-(``python -m secateur.server.worker``): isolation, real cancellation, clean
+(``python -m secateur.server.workers.job_process``): isolation, real cancellation, clean
 memory figures. :class:`WorkerRunner` owns those processes; the job manager
 only asks it to run or stop one, by key.
 
@@ -29,13 +29,11 @@ from typing import Any
 
 import grpc
 
-from secateur.server.errors import ServiceError
-from secateur.server.worker_pipes import (
+from secateur.server.errors import ServiceError, incident_message, new_incident
+from secateur.server.workers.pipes import (
     MAX_EVENT_LINE,
     WorkerOutput,
-    incident_message,
     lines,
-    new_incident,
     parse_event,
     reap,
 )

@@ -10,7 +10,7 @@ from secateur.cli.main import main
 from secateur.cli.options import job_spec
 from secateur.cli.outcome import EXIT_BAD_INPUT, EXIT_OK
 from secateur.cli.parser import build_parser
-from secateur.server.convert import job_request
+from secateur.server.pipeline.convert import job_request
 
 from ..attention_models import image_attention_model
 

@@ -29,7 +29,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from secateur.server.service import BackgroundServer, ServerOptions
+    from secateur.server.api.service import BackgroundServer, ServerOptions
 
     opts = ServerOptions(
         state_dir=str(tmp_path_factory.mktemp("state")),

@@ -7,7 +7,12 @@ import re
 import time
 
 from secateur.cli.progress import ProgressDisplay, elapsed_text
-from secateur.server.pipeline import STAGES, StageEvent, overall_progress, sweep_progress
+from secateur.server.pipeline.job_request import (
+    STAGES,
+    StageEvent,
+    overall_progress,
+    sweep_progress,
+)
 from secateur.v1 import pruning_pb2 as pb
 
 PERCENT = re.compile(r"^(\S+)\s+(\d+)%\s+(\d+:\d\d)")

@@ -38,7 +38,7 @@ def server() -> Iterator[FakeServer]:
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Secateur server on loopback (no jobs run: the calls here are refused)."""
-    from secateur.server.service import BackgroundServer, ServerOptions
+    from secateur.server.api.service import BackgroundServer, ServerOptions
 
     state = Path(tmp_path_factory.mktemp("client-real")) / "state"
     with BackgroundServer(ServerOptions(state_dir=str(state), port=0)) as s:

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2, pruning_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,8 +18,8 @@ import grpc
 import pytest
 import yaml
 
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.server.metrics import ServerMetrics
-from secateur.server.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 

@@ -345,8 +345,8 @@ def test_keda_query_counts_the_jobs_that_need_a_worker(pg_url: str) -> None:
     """On the real schema: QUEUED and RUNNING jobs (a worker holds them), nothing finished."""
     import psycopg
 
-    from secateur.server.pgstore import PostgresJobStore
-    from secateur.server.records import JobRecord, JobState, now_ns
+    from secateur.server.jobstore.postgres import PostgresJobStore
+    from secateur.server.jobstore.records import JobRecord, JobState, now_ns
 
     store = PostgresJobStore(pg_url, pool_size=2)
     try:
@@ -379,7 +379,7 @@ def test_the_store_url_placeholder_is_a_postgresql_url_to_replace() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_the_drain(overlay: str) -> None:
     """NOT_SERVING for --shutdown-grace-seconds, then 10 s for in-flight calls, before SIGKILL."""
-    from secateur.server.service import ServerOptions
+    from secateur.server.api.service import ServerOptions
 
     docs = render(overlay)
     ns = parse_serve_args(expanded_args(docs))

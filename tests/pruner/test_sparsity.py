@@ -63,7 +63,7 @@ def test_sparsityTraining_shrinksGammas_leavesNoRegulariser() -> None:
 
 
 def test_sparsityEpochs_withoutTrainData_refused() -> None:
-    from secateur.server.job_request import JobRequest
+    from secateur.server.pipeline.job_request import JobRequest
 
     with pytest.raises(InvalidSpecError, match="sparsity_epochs needs train_data") as exc:
         JobRequest("m.keras", "out", train=TrainConfig(sparsity_epochs=2))

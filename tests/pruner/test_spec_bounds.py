@@ -10,7 +10,7 @@ import pytest
 from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.errors import InvalidSpecError
 from secateur.pruner.spec import PruneSpec
-from secateur.server.pipeline import JobRequest
+from secateur.server.pipeline.job_request import JobRequest
 
 INF, NAN = math.inf, math.nan
 

@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from secateur.pruner.modelio import load_model
-from secateur.server.convert import job_request
 from secateur.server.errors import ServiceError
-from secateur.server.pipeline import PruneJob
+from secateur.server.pipeline.convert import job_request
+from secateur.server.pipeline.prune_job import PruneJob
 from secateur.server.storage import Storage
 from secateur.v1 import pruning_pb2 as pb
 

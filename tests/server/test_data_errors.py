@@ -19,8 +19,9 @@ from secateur.pruner import PruneSpec
 from secateur.pruner.errors import DataError
 from secateur.pruner.finetune import TrainConfig
 from secateur.pruner.measure import MeasureConfig
-from secateur.server.pipeline import JobRequest, PruneJob
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.api.service import BackgroundServer, ServerOptions
+from secateur.server.pipeline.job_request import JobRequest
+from secateur.server.pipeline.prune_job import PruneJob
 from secateur.server.storage import Storage
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg

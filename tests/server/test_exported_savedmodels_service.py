@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from secateur.pruner.modelio import read_serving_signature
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 from tests import exported_models as em

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from secateur.server import convert
+from secateur.server.pipeline import convert
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 

@@ -6,13 +6,13 @@ import pytest
 
 from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.spec import PruneSpec
-from secateur.server.job_request import (
+from secateur.server.pipeline.job_request import (
     CANDIDATE_STAGES,
     JobRequest,
     overall_progress,
     sweep_progress,
 )
-from secateur.server.pipeline import PruneJob
+from secateur.server.pipeline.prune_job import PruneJob
 from secateur.server.storage import Storage
 
 

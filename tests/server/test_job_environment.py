@@ -1,6 +1,6 @@
 """The processes that read users' model files get no store credentials and no tokens.
 
-A job's process and a PlanPruning process (the real ``secateur.server.worker``,
+A job's process and a PlanPruning process (the real ``secateur.server.workers.job_process``,
 started by the real runner) see an environment scrubbed of the job store's URL,
 libpq's variables and tokens, while the storage's own settings stay; their
 request carries no store URL either: a scaled-out job asks its parent, on its
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from secateur.server.runner import WorkerRunner, job_environment
+from secateur.server.workers.spawn import WorkerRunner, job_environment
 from secateur.v1 import pruning_pb2 as pb
 
 SECRET = "hunter2-store-password"
@@ -52,7 +52,7 @@ class Replay:
 with open(dump, "w") as fh:
     json.dump({"env": dict(os.environ), "request": first}, fh)
 sys.stdin = Replay(first, sys.stdin)
-runpy.run_module("secateur.server.worker", run_name="__main__", alter_sys=True)
+runpy.run_module("secateur.server.workers.job_process", run_name="__main__", alter_sys=True)
 """
 
 

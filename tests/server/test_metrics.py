@@ -17,11 +17,11 @@ from grpc import aio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from secateur.server.api.metrics_interceptor import MetricsInterceptor
 from secateur.server.metrics import (
     FIGURE_KEYS,
     OUTCOMES,
     STAGE_DURATION_BUCKETS,
-    MetricsInterceptor,
     ServerMetrics,
 )
 from secateur.v1 import pruning_pb2 as pb

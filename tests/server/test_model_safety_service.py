@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from secateur.cli.outcome import EXIT_BAD_INPUT
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 

@@ -11,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from secateur.server.api.service import BackgroundServer, ServerOptions
+from secateur.server.jobstore.postgres import PostgresJobStore
+from secateur.server.jobstore.records import JobRecord, JobState, now_ns
 from secateur.server.main import main
-from secateur.server.pgstore import PostgresJobStore
-from secateur.server.records import JobRecord, JobState, now_ns
-from secateur.server.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 

@@ -1,4 +1,4 @@
-"""A serving replica's record cache (server/pgcache.py): its rules alone, then on a real
+"""A serving replica's record cache (server/jobstore/cache.py): its rules alone, then on a real
 PostgreSQL with two replicas' stores (tests/server/pg_fixture.py)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from secateur.server.jobs import JobManager, ManagerConfig
-from secateur.server.pgcache import CachingPostgresJobStore, RecordCache
-from secateur.server.pgstore import PostgresJobStore
-from secateur.server.records import JobRecord, JobState, now_ns
-from secateur.server.store import _row
+from secateur.server.api.jobs import JobManager, ManagerConfig
+from secateur.server.jobstore.cache import CachingPostgresJobStore, RecordCache
+from secateur.server.jobstore.codec import encode_row
+from secateur.server.jobstore.postgres import PostgresJobStore
+from secateur.server.jobstore.records import JobRecord, JobState, now_ns
 
 from .test_pgstore import _record
 
@@ -137,7 +137,7 @@ def _kept(store: CachingPostgresJobStore, record: JobRecord) -> JobRecord:
 
 def _write_silently(url: str, record: JobRecord) -> None:
     """Change a row with no NOTIFY: a notification that got lost."""
-    state, data, report = _row(record)
+    state, data, report = encode_row(record)
     with psycopg.connect(url) as conn:
         conn.execute(
             "UPDATE jobs SET state = %s, data = %s, report = %s WHERE id = %s",
@@ -236,7 +236,7 @@ def test_manager_getAndWatch_answeredOffTheEventLoop(
 
 
 def test_workerStore_hasNoCache(pg_url: str, tmp_path: object) -> None:
-    from secateur.server.store import open_store
+    from secateur.server.jobstore import open_store
 
     serving = open_store(pg_url, str(tmp_path))
     working = open_store(pg_url, str(tmp_path), cache=False)

@@ -15,15 +15,16 @@ import psycopg
 import pytest
 
 from secateur.server.errors import status_of
-from secateur.server.pgschema import newest_version
-from secateur.server.pgstore import (
+from secateur.server.jobstore import StoreOpenError, open_store
+from secateur.server.jobstore.postgres import (
     DuplicateRequestError,
     PostgresJobStore,
     StoreUnavailableError,
 )
-from secateur.server.records import JobError, JobRecord, JobState, now_ns
-from secateur.server.store import SqliteJobStore, StoreOpenError, open_store
-from secateur.server.workerloop import sweep_work
+from secateur.server.jobstore.records import JobError, JobRecord, JobState, now_ns
+from secateur.server.jobstore.schema import newest_version
+from secateur.server.jobstore.sqlite import SqliteJobStore
+from secateur.server.workers.loop import sweep_work
 from secateur.v1 import pruning_pb2 as pb
 from tests.server.conftest import free_port
 from tests.server.pg_fixture import PostgresServer
@@ -60,7 +61,7 @@ def other(pg_url: str) -> Iterator[PostgresJobStore]:
 
 OPEN_ON_GO = """
 import sys, threading
-from secateur.server.pgstore import PostgresJobStore
+from secateur.server.jobstore.postgres import PostgresJobStore
 opened = []
 def open_store():
     PostgresJobStore(sys.argv[1]).close()

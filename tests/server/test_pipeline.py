@@ -13,8 +13,9 @@ from secateur.pruner.errors import CancelledError, DataError, ModelLoadError
 from secateur.pruner.finetune import TrainConfig
 from secateur.pruner.measure import MeasureConfig
 from secateur.pruner.modelio import load_model, read_serving_signature, signature_of
-from secateur.server.convert import job_result
-from secateur.server.pipeline import STAGES, GateFailed, JobRequest, PruneJob
+from secateur.server.pipeline.convert import job_result
+from secateur.server.pipeline.job_request import STAGES, JobRequest
+from secateur.server.pipeline.prune_job import GateFailed, PruneJob
 from secateur.server.storage import (
     Storage,
     StorageExistsError,
@@ -249,7 +250,7 @@ def _stated_report(n: int, original: float, pruned: float) -> dict:
 
 
 def test_choose_statesTheDropWithItsInterval_warnsWhenTheEvalSetIsTooSmall(tmp_path) -> None:
-    from secateur.server.report import choose
+    from secateur.server.pipeline.report import choose
 
     req = JobRequest(model_uri="m", output_uri=str(tmp_path), eval_data="e", max_accuracy_drop=0.01)
     big = _stated_report(10_000, 0.931, 0.923)

@@ -16,8 +16,9 @@ import pytest
 from secateur.pruner import PruneSpec
 from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.modelio import load_model
-from secateur.server.pipeline import JobRequest, PruneJob
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.api.service import BackgroundServer, ServerOptions
+from secateur.server.pipeline.job_request import JobRequest
+from secateur.server.pipeline.prune_job import PruneJob
 from secateur.server.storage import Storage
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
@@ -140,7 +141,7 @@ def test_serverTwice_sameSpec_identicalPublishedWeightsAndAccuracies(digits_data
 def test_noDeterministicFlag_reachesTheJobRequest() -> None:
     from secateur.cli.options import job_spec
     from secateur.cli.parser import build_parser
-    from secateur.server.convert import job_request
+    from secateur.server.pipeline.convert import job_request
 
     def request(*words: str) -> JobRequest:
         args = build_parser().parse_args(["prune", "m.keras", "out", *words])

@@ -24,12 +24,12 @@ import grpc
 import psutil
 import pytest
 
-from secateur.server.jobs import JobManager, ManagerConfig
-from secateur.server.jobs_pb import submission, to_pb
-from secateur.server.records import TERMINAL, JobRecord, JobState
-from secateur.server.service import BackgroundServer, ServerOptions
-from secateur.server.store import SqliteJobStore
-from secateur.server.worker_pipes import lines
+from secateur.server.api.jobs import JobManager, ManagerConfig
+from secateur.server.api.service import BackgroundServer, ServerOptions
+from secateur.server.jobstore.jobs_pb import submission, to_pb
+from secateur.server.jobstore.records import TERMINAL, JobRecord, JobState
+from secateur.server.jobstore.sqlite import SqliteJobStore
+from secateur.server.workers.pipes import lines
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 
@@ -44,13 +44,13 @@ CHATTY_WORKER = (
     "print('x' * (1 << 20), flush=True)\n"
     "print('Error ' + 'y' * (1 << 20), file=sys.stderr, flush=True)\n"
     "os.write(int(sys.argv[sys.argv.index('--events-fd') + 1]), b'z' * (1 << 20) + b'\\n')\n"
-    "runpy.run_module('secateur.server.worker', run_name='__main__', alter_sys=True)\n"
+    "runpy.run_module('secateur.server.workers.job_process', run_name='__main__', alter_sys=True)\n"
 )
 # The real worker handed a request it cannot parse: an internal error in the worker.
 GARBLED_WORKER = (
     "import io, runpy, sys\n"
     "sys.stdin = io.StringIO('{not json')\n"
-    "runpy.run_module('secateur.server.worker', run_name='__main__', alter_sys=True)\n"
+    "runpy.run_module('secateur.server.workers.job_process', run_name='__main__', alter_sys=True)\n"
 )
 
 
@@ -204,7 +204,7 @@ def test_workerKilled_failsInternalWithIncidentInLog(digits_data, tmp_path, capl
         workers = [
             p
             for p in psutil.Process().children(recursive=True)
-            if "secateur.server.worker" in " ".join(p.cmdline())
+            if "secateur.server.workers.job_process" in " ".join(p.cmdline())
         ]
         assert len(workers) == 1
         workers[0].send_signal(signal.SIGKILL)
@@ -243,7 +243,7 @@ def test_workerInternalError_sameIncidentInOutcomeAndServerLog(
 def test_worker_internalError_printsTracebackWithTheOutcomesIncident(tmp_path) -> None:
     read_fd, write_fd = os.pipe()
     proc = subprocess.run(
-        [sys.executable, "-m", "secateur.server.worker", "--events-fd", str(write_fd)],
+        [sys.executable, "-m", "secateur.server.workers.job_process", "--events-fd", str(write_fd)],
         input=b"{not json",
         capture_output=True,
         pass_fds=(write_fd,),

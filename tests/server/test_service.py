@@ -18,10 +18,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from secateur.server.jobs_pb import from_pb
-from secateur.server.records import JobState
-from secateur.server.service import BackgroundServer, ServerOptions
-from secateur.server.store import SqliteJobStore
+from secateur.server.api.service import BackgroundServer, ServerOptions
+from secateur.server.jobstore.jobs_pb import from_pb
+from secateur.server.jobstore.records import JobState
+from secateur.server.jobstore.sqlite import SqliteJobStore
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 

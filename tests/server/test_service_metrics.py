@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import grpc
 
-from secateur.server import convert
-from secateur.server.jobs_pb import to_pb
-from secateur.server.records import JobError, JobRecord, JobState, now_ns
-from secateur.server.store import SqliteJobStore
+from secateur.server.jobstore.jobs_pb import to_pb
+from secateur.server.jobstore.records import JobError, JobRecord, JobState, now_ns
+from secateur.server.jobstore.sqlite import SqliteJobStore
+from secateur.server.pipeline import convert
 from secateur.v1 import pruning_pb2 as pb
 
 # The jobs table as servers before issue 9 created it (no report column).

@@ -17,7 +17,8 @@ from secateur.pruner.data import write_examples
 from secateur.pruner.errors import DataError
 from secateur.pruner.finetune import TrainConfig
 from secateur.pruner.measure import MeasureConfig
-from secateur.server.pipeline import JobRequest, PruneJob
+from secateur.server.pipeline.job_request import JobRequest
+from secateur.server.pipeline.prune_job import PruneJob
 from secateur.server.storage import DiskBudgetError, Storage
 from secateur.server.storage.tfrecord import RecordFramingError
 from tests.conftest import digits

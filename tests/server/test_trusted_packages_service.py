@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from secateur.pruner.modelio import load_model
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.server.main import main as serve_main
 from secateur.server.main import worker_main
-from secateur.server.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
 

@@ -24,10 +24,10 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from secateur.server.boundary import preflight
+from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.server.errors import ServiceError, to_status_proto
-from secateur.server.pipeline import JobRequest
-from secateur.server.service import BackgroundServer, ServerOptions
+from secateur.server.pipeline.boundary import preflight
+from secateur.server.pipeline.job_request import JobRequest
 from secateur.server.storage import Storage
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
