@@ -25,7 +25,7 @@ shares no variable with the old one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,13 @@ from secateur.pruner._keras import keras
 from secateur.pruner.errors import SecateurError, UnsupportedModelError
 from secateur.pruner.graph import ChannelGraph, ConfigEdit, KeptFn
 from secateur.pruner.inline import inline_graph
-from secateur.pruner.recreate import CALL_EDIT, copy_layer, custom_objects, recreate
+from secateur.pruner.recreate import (
+    CALL_EDIT,
+    call_seeded,
+    copy_layer,
+    custom_objects,
+    recreate,
+)
 from secateur.pruner.tracing import functional_of, is_graph_model
 
 
@@ -46,6 +52,9 @@ class _Walk:
     kept: KeptFn
     added_bias: set[str]
     custom: dict[str, Any]
+    values: Callable[[str], list[np.ndarray]] | None = None
+    # Paths whose new layer was built with its final weights (call_seeded).
+    seeded: set[str] = field(default_factory=set)
     edits: dict[str, list[ConfigEdit]] = field(default_factory=dict)
     axes: dict[str, list[int]] = field(default_factory=dict)
     memo: dict[int, Any] = field(default_factory=dict)
@@ -67,7 +76,8 @@ def rebuild(
     graph: ChannelGraph,
     kept: KeptFn,
     added_bias: Iterable[str] = (),
-) -> tuple[Any, dict[str, Any]]:
+    values: Callable[[str], list[np.ndarray]] | None = None,
+) -> tuple[Any, dict[str, Any], set[str]]:
     """The pruned architecture of ``model``, and its layers by old path.
 
     Args:
@@ -76,22 +86,26 @@ def rebuild(
         graph: ``model``'s traced graph.
         kept: space id -> kept channel indices.
         added_bias: paths of layers that gain a bias (``use_bias=True``).
+        values: path -> the new layer's weights, in order, for the layers
+            of ``graph.layers``; new layers are built with them where Keras
+            lets (:func:`call_seeded`). None: fresh initialisation.
 
     Returns:
-        ``(new_model, layers)``: a Sequential for a Sequential, otherwise a
+        ``(new_model, layers, seeded)``: a Sequential for a Sequential, otherwise a
         functional ``keras.Model`` (a subclass's own class and attributes are
         not kept); ``layers`` maps every path of ``graph.layers`` to its new
         layer, whose weights the caller sets (unchanged ones have the old
         shapes, changed ones the kept ones). Re-created and cloned layers are
         freshly initialised; deep-copied ones (a class that does not
-        round-trip) hold the old weights.
+        round-trip) hold the old weights. ``seeded`` lists the paths whose
+        new layer already holds ``values(path)``; the caller sets the others.
 
     Raises:
         UnsupportedModelError: the model is not a graph model, a changed
             layer cannot be re-created or built from its edited config, or
             Keras refuses the rebuilt graph (the message carries its error).
     """
-    walk = _Walk(graph, kept, set(added_bias), custom_objects(model))
+    walk = _Walk(graph, kept, set(added_bias), custom_objects(model), values)
     for edit in graph.edits.values():
         walk.edits.setdefault(edit.layer, []).append(edit)
     for path, idx in graph.axes:
@@ -108,7 +122,7 @@ def rebuild(
     missing = sorted(set(graph.layers) - set(walk.layers))
     if missing:  # pragma: no cover - the walk visits what the tracer visited
         raise UnsupportedModelError(f"layers not rebuilt: {missing[:5]}")
-    return new_model, walk.layers
+    return new_model, walk.layers, walk.seeded
 
 
 def _model(walk: _Walk, model: Any, path: str, top: bool = False) -> Any:
@@ -217,7 +231,7 @@ def _call_layer(walk: _Walk, op: Any, path: str, args: list[Any], kwargs: dict[s
         new = _recreate_changed(walk, op, path, cfg)
         _unique_name(walk, new, path)
         try:
-            outs = new(*args, **kwargs)
+            outs = _seeded_call(walk, new, path, args, kwargs)
         except Exception as exc:
             raise _cannot(op, path, exc) from exc
     else:
@@ -246,9 +260,10 @@ def _clone(
         try:
             new = recreate(op, config, walk.custom)
             _unique_name(walk, new, path)
-            outs = new(*args, **kwargs)
+            outs = _seeded_call(walk, new, path, args, kwargs)
             if [tuple(w.shape) for w in new.weights] == [tuple(w.shape) for w in op.weights]:
                 return new, outs
+            walk.seeded.discard(path)
         except Exception:  # noqa: BLE001 - fall back to a faithful copy
             pass
         if new is not None:
@@ -256,6 +271,15 @@ def _clone(
     new = copy_layer(op)
     _unique_name(walk, new, path)
     return new, new(*args, **kwargs)
+
+
+def _seeded_call(walk: _Walk, new: Any, path: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """Call (and so build) ``new``, seeding its weights with the path's values."""
+    values = walk.values(path) if walk.values is not None and path in walk.graph.layers else None
+    outs, seeded = call_seeded(new, values, lambda: new(*args, **kwargs))
+    if seeded:
+        walk.seeded.add(path)
+    return outs
 
 
 def _unique_name(walk: _Walk, layer: Any, path: str) -> None:

@@ -15,8 +15,11 @@ but that cannot be re-created from its config freezes its channel groups
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
+
+import numpy as np
 
 from secateur.pruner._keras import keras
 
@@ -53,6 +56,63 @@ def recreate(op: Any, config: dict[str, Any], custom: dict[str, Any] | None = No
     """A new, unbuilt instance of ``op``'s class made from ``config``."""
     with keras.saving.custom_object_scope(custom or {}):
         return type(op).from_config(config)
+
+
+def call_seeded(layer: Any, values: Sequence[np.ndarray] | None, call: Callable[[], Any]) -> Any:
+    """Run ``call`` (the call that builds ``layer``) with its weights starting at ``values``.
+
+    A weight normally starts at its initializer's value and is then
+    overwritten with the kept slice of the original; creating it with that
+    slice instead skips drawing random numbers and the second write, which
+    was most of what surgery spent on top of Keras's own clone. Only
+    weights the layer creates itself through ``add_weight`` with keyword
+    arguments are seeded; the layer's config (its initializers) is left as
+    it is.
+
+    Returns:
+        ``(outputs, seeded)``: what ``call`` returned, and whether every
+        weight of the built layer, in order, took its value from ``values``
+        (when False the caller sets the weights itself).
+    """
+    if values is None or layer.built:
+        return call(), False
+    created: list[Any] = []
+    pending = list(values)
+
+    def add_weight(*args: Any, **kwargs: Any) -> Any:
+        shape = kwargs.get("shape")
+        value = pending[len(created)] if len(created) < len(pending) else None
+        if args or value is None or shape is None or tuple(shape) != value.shape:
+            created.append(None)  # not ours to seed: the caller sets the weights
+            return original(*args, **kwargs)
+        kwargs["initializer"] = _Constant(value)
+        var = original(**kwargs)
+        created.append(var)
+        return var
+
+    original = layer.add_weight
+    object.__setattr__(layer, "add_weight", add_weight)
+    try:
+        outs = call()
+    finally:
+        object.__delattr__(layer, "add_weight")
+    weights = layer.weights
+    seeded = len(created) == len(pending) == len(weights) and all(
+        a is b for a, b in zip(created, weights)
+    )
+    return outs, seeded
+
+
+class _Constant:
+    """An initializer that returns one given array (in the variable's dtype)."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self.value = value
+
+    def __call__(self, shape: Any, dtype: Any = None) -> np.ndarray:
+        if dtype is None:
+            return self.value
+        return np.asarray(self.value, dtype=keras.backend.standardize_dtype(dtype))
 
 
 def recreate_error(op: Any, custom: dict[str, Any] | None = None) -> str | None:

@@ -12,6 +12,7 @@ shares no variable with the original.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -87,9 +88,14 @@ def apply_plan(
         comp = _compensation(model, graph, plan, kept, weights) if reload_weights else None
         # Fresh weights get the planned architecture, biases included.
         added = new_biases(graph, comp) if comp else list(plan.bias_added)
-    new_model, new_layers = rebuild(model, graph, kept, added)
-    if reload_weights:
-        _copy_weights(graph, new_layers, kept, comp, weights)
+    # Reloaded weights are created with their kept values (no initializer
+    # run, no second write); layers Keras does not let us seed get them set.
+    values = _kept_values(graph, kept, comp, weights) if reload_weights else None
+    new_model, new_layers, seeded = rebuild(model, graph, kept, added, values)
+    if values is not None:
+        for path, layer in new_layers.items():
+            if path not in seeded:
+                layer.set_weights(values(path))
     _restore_compile(model, new_model)
     return new_model
 
@@ -145,17 +151,16 @@ def _compensation(
     return comp
 
 
-def _copy_weights(
-    graph: ChannelGraph,
-    new_layers: dict[str, Any],
-    kept: KeptFn,
-    comp: Compensation | None,
-    weights: WeightGetter,
-) -> None:
+def _kept_values(
+    graph: ChannelGraph, kept: KeptFn, comp: Compensation | None, weights: WeightGetter
+) -> Callable[[str], list[np.ndarray]]:
+    """path -> the new layer's weights: the kept slices of the old ones, in order."""
     positions: dict[int, np.ndarray] = {}
     deltas = comp.deltas if comp is not None else {}
-    for path, layer in graph.layers.items():
-        values = []
+
+    def values(path: str) -> list[np.ndarray]:
+        layer = graph.layers[path]
+        out = []
         bias = getattr(layer, "bias", None) if path in deltas else None
         for idx, var in enumerate(layer.weights):
             value = weights(path, idx)
@@ -167,8 +172,10 @@ def _copy_weights(
                     positions[key] = lay.kept_positions(ax.layout, kept)
                 if len(positions[key]) != value.shape[axis]:
                     value = np.take(value, positions[key], axis=axis)
-            values.append(value)
+            out.append(value)
         added = bias_values(graph, comp, path, kept) if comp is not None else None
         if added is not None:
-            values.append(added)  # Conv/Dense create their bias last
-        new_layers[path].set_weights(values)
+            out.append(added)  # Conv/Dense create their bias last
+        return out
+
+    return values
