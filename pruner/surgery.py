@@ -88,16 +88,22 @@ def apply_plan(
         comp = _compensation(model, graph, plan, kept, weights) if reload_weights else None
         # Fresh weights get the planned architecture, biases included.
         added = new_biases(graph, comp) if comp else list(plan.bias_added)
-    # Reloaded weights are created with their kept values (no initializer
-    # run, no second write); layers Keras does not let us seed get them set.
+    # Weights start at their kept values (recreate.call_seeded); the rest are set.
     values = _kept_values(graph, kept, comp, weights) if reload_weights else None
     new_model, new_layers, seeded = rebuild(model, graph, kept, added, values)
-    if values is not None:
-        for path, layer in new_layers.items():
-            if path not in seeded:
-                layer.set_weights(values(path))
+    _set_weights(new_layers, seeded, values)
     _restore_compile(model, new_model)
     return new_model
+
+
+def _set_weights(
+    layers: dict[str, Any], seeded: set[str], values: Callable[[str], list[np.ndarray]] | None
+) -> None:
+    if values is None:
+        return
+    for path, layer in layers.items():
+        if path not in seeded:
+            layer.set_weights(values(path))
 
 
 def _restore_compile(model: Any, new_model: Any) -> None:
