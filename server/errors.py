@@ -71,6 +71,8 @@ class ServiceError(Exception):
     code: grpc.StatusCode
     message: str
     violations: list[tuple[str, str]] = field(default_factory=list)
+    #: Seconds a client should wait before retrying (``google.rpc.RetryInfo``); None: no advice.
+    retry_after_s: float | None = None
 
     def __post_init__(self) -> None:
         self.message = clip(self.message, MAX_MESSAGE_BYTES)
@@ -130,8 +132,15 @@ def status_of(exc: BaseException) -> ServiceError | None:
 
 def to_status_proto(err: ServiceError) -> status_pb2.Status:
     """google.rpc.Status with BadRequest details when fields are to blame."""
+    retry = err.retry_after_s
     err = ServiceError(err.code, err.message, list(err.violations))  # clipped, even if mutated
     status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    if retry is not None:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromNanoseconds(int(retry * 1e9))
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status.details.append(detail)
     if err.violations:
         detail = any_pb2.Any()
         detail.Pack(

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from secateur.pruner.safety import installed_packages
 from secateur.server.api.service import ServerOptions, serve
@@ -37,6 +38,50 @@ def add_trust_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+STORE_ENV = "SECATEUR_STORE_URL"
+
+
+def add_store_file_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store-url-file",
+        metavar="FILE",
+        help=f"a file holding the --store URL, password included (e.g. a mounted Kubernetes "
+        f"Secret); or set ${STORE_ENV}, or keep the password in libpq's PGPASSFILE. The "
+        "password never goes on a command line, and job processes see none of these",
+    )
+
+
+def store_url(args: argparse.Namespace) -> str:
+    """The job store URL: ``--store``, ``--store-url-file`` or $SECATEUR_STORE_URL ("" if none).
+
+    Raises:
+        StartupError: a password in ``--store`` (every local user can read a
+            command line), two sources at once, or an unreadable file.
+    """
+    given = [
+        name
+        for name, value in (("--store", args.store), ("--store-url-file", args.store_url_file))
+        if value
+    ]
+    if len(given) > 1:
+        raise StartupError("--store and --store-url-file go separately: pass one of them")
+    if args.store:
+        if urlsplit(args.store).password:
+            raise StartupError(
+                "refusing a password in --store: every user of this machine can read a "
+                f"command line. Put the URL in a file (--store-url-file FILE), in ${STORE_ENV}, "
+                "or the password in libpq's PGPASSFILE"
+            )
+        return str(args.store)
+    if args.store_url_file:
+        data = _read(args.store_url_file, "--store-url-file") or b""
+        url = data.decode("utf-8", errors="replace").strip()
+        if not url:
+            raise StartupError(f"--store-url-file {args.store_url_file} is empty")
+        return url
+    return os.environ.get(STORE_ENV, "").strip()
+
+
 def trusted_packages(args: argparse.Namespace) -> tuple[str, ...]:
     """``--trust-package``, each checked to be installed (imported by the job processes).
 
@@ -47,6 +92,43 @@ def trusted_packages(args: argparse.Namespace) -> tuple[str, ...]:
         return installed_packages(args.trust_package or ())
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """The bounds of one replica's resources (issue 18, item 7)."""
+    p.add_argument(
+        "--max-queued-jobs",
+        type=int,
+        default=100,
+        help="jobs waiting at once; beyond it CreateJob answers RESOURCE_EXHAUSTED (default 100)",
+    )
+    p.add_argument(
+        "--max-concurrent-plans",
+        type=int,
+        default=2,
+        help="PlanPruning and validate-only CreateJob calls run at once by this replica (each "
+        "a TensorFlow process); beyond it RESOURCE_EXHAUSTED with RetryInfo (default 2)",
+    )
+
+
+def add_auth_arguments(p: argparse.ArgumentParser) -> None:
+    """Who may call: TLS, mTLS, bearer tokens (issue 18, items 8 and 9)."""
+    p.add_argument("--tls-cert", help="PEM server certificate (enables TLS)")
+    p.add_argument("--tls-key", help="PEM server private key")
+    p.add_argument("--tls-client-ca", help="PEM CA for client certificates (enables mTLS)")
+    p.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen on a non-loopback --host without tokens or mTLS (only on a network "
+        "where every client is trusted)",
+    )
+    p.add_argument(
+        "--allow-plaintext-tokens",
+        action="store_true",
+        help="accept bearer tokens on a non-loopback --host without --tls-cert (they cross the "
+        "network readable by anyone on the path; only behind a TLS-terminating proxy or mesh)",
+    )
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,9 +154,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
         help="where jobs live: sqlite:///PATH (default: sqlite:///<state-dir>/jobs.sqlite, jobs "
-        "run by this process) or postgresql://USER[:PASS]@HOST:PORT/DB (shared by replicas "
-        "and `secateur worker`s)",
+        "run by this process) or postgresql://USER@HOST:PORT/DB (shared by replicas and "
+        "`secateur worker`s); a URL with a password is refused here, see --store-url-file",
     )
+    add_store_file_argument(p)
     p.add_argument(
         "--max-concurrent-jobs",
         type=int,
@@ -82,7 +165,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="jobs this process runs at once (with a postgresql --store, 0: API only; with "
         "SQLite, 0 queues jobs that nothing runs: tests and benchmarks only; default 1)",
     )
-    p.add_argument("--max-queued-jobs", type=int, default=100)
+    add_limit_arguments(p)
     p.add_argument(
         "--lease-seconds",
         type=float,
@@ -90,16 +173,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="with a postgresql --store: the lease of jobs this process runs, as secateur "
         "worker's --lease-seconds (default 30)",
     )
-    p.add_argument("--tls-cert", help="PEM server certificate (enables TLS)")
-    p.add_argument("--tls-key", help="PEM server private key")
-    p.add_argument("--tls-client-ca", help="PEM CA for client certificates (enables mTLS)")
-    p.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
-    p.add_argument(
-        "--allow-unauthenticated",
-        action="store_true",
-        help="listen on a non-loopback --host without tokens or mTLS (only on a network "
-        "where every client is trusted)",
-    )
+    add_auth_arguments(p)
     p.add_argument(
         "--shutdown-grace-seconds",
         type=float,
@@ -133,6 +207,20 @@ def exposure_problem(args: argparse.Namespace) -> str | None:
         "--auth-token-file FILE (bearer tokens) or --tls-cert/--tls-key/--tls-client-ca "
         "(mutual TLS), or --allow-unauthenticated if every client that can reach it is "
         f"trusted. Received: --host {args.host!r}"
+    )
+
+
+def plaintext_token_problem(args: argparse.Namespace) -> str | None:
+    """Why these flags would send bearer tokens in clear text; None when they don't."""
+    if not args.auth_token_file or args.tls_cert or is_loopback(args.host):
+        return None
+    if args.allow_plaintext_tokens:
+        return None
+    return (
+        f"refusing bearer tokens on {args.host or 'all interfaces'} without TLS: anyone on the "
+        "network path could read them. Pass --tls-cert/--tls-key, or --allow-plaintext-tokens "
+        "if a proxy or service mesh in front of this server terminates TLS. "
+        f"Received: --host {args.host!r} --auth-token-file without --tls-cert"
     )
 
 
@@ -181,7 +269,11 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise StartupError(
             f"--max-concurrent-jobs must be >= 0. Received: {args.max_concurrent_jobs}"
         )
-    problem = exposure_problem(args)
+    if args.max_concurrent_plans < 1:
+        raise StartupError(
+            f"--max-concurrent-plans must be >= 1. Received: {args.max_concurrent_plans}"
+        )
+    problem = exposure_problem(args) or plaintext_token_problem(args)
     if problem:
         raise StartupError(problem)
     tokens = _tokens(args.auth_token_file)
@@ -200,9 +292,10 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         tls_key=_read(args.tls_key, "--tls-key"),
         tls_client_ca=_read(args.tls_client_ca, "--tls-client-ca"),
         shutdown_grace_s=args.shutdown_grace_seconds,
-        store_url=args.store or "",
+        store_url=store_url(args),
         lease_s=args.lease_seconds,
         trusted_packages=trusted_packages(args),
+        max_concurrent_plans=args.max_concurrent_plans,
     )
 
 
@@ -245,9 +338,10 @@ if __name__ == "__main__":
 def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
-        required=True,
-        help="the shared job store: postgresql://USER[:PASS]@HOST:PORT/DB",
+        help=f"the shared job store: postgresql://USER@HOST:PORT/DB (a URL with a password "
+        f"is refused here: use --store-url-file or ${STORE_ENV})",
     )
+    add_store_file_argument(p)
     p.add_argument(
         "--state-dir", default=os.path.expanduser("~/.secateur"), help="work dirs of running jobs"
     )
@@ -285,6 +379,11 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        args.store = store_url(args)
+    except StartupError as exc:
+        print(f"secateur worker: {exc}", file=sys.stderr, flush=True)
+        return 2
     problem = _worker_problem(args)
     if problem:
         print(f"secateur worker: {problem}", file=sys.stderr, flush=True)
@@ -299,8 +398,9 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 def _worker_problem(args: argparse.Namespace) -> str | None:
     if not args.store.startswith(("postgresql://", "postgres://")):
         return (
-            "--store must be a shared postgresql://USER[:PASS]@HOST:PORT/DB store (SQLite jobs "
-            f"are run by `secateur serve` itself). Received: {args.store!r}"
+            "--store (or --store-url-file, $SECATEUR_STORE_URL) must be a shared "
+            "postgresql://USER@HOST:PORT/DB store (SQLite jobs are run by `secateur serve` "
+            f"itself). Received: {_redacted(args.store)!r}"
         )
     if args.max_concurrent_jobs < 1:
         return f"--max-concurrent-jobs must be >= 1. Received: {args.max_concurrent_jobs}"
@@ -311,3 +411,12 @@ def _worker_problem(args: argparse.Namespace) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

@@ -86,6 +86,10 @@ class ManagerConfig:
     lease_s: float = 30.0
     #: Installed packages whose registered classes model files may name (``--trust-package``).
     trusted_packages: tuple[str, ...] = ()
+    #: PlanPruning and validate-only CreateJob calls (each a TensorFlow process) run at once here;
+    #: beyond it RESOURCE_EXHAUSTED with ``plan_retry_s`` as RetryInfo (``--max-concurrent-plans``).
+    max_concurrent_plans: int = 2
+    plan_retry_s: float = 5.0
 
 
 def job_id(name: str) -> str:
@@ -124,6 +128,7 @@ class JobManager:
         #: A job's record from the store's cache without I/O, or None (see jobstore.cache).
         self._cached: Callable[[str], JobRecord | None] = getattr(store, "cached", lambda _id: None)
         self.worker_loop: Any = None
+        self._plans = 0  # PlanPruning / validate-only calls running now
         self._unsubscribe: Callable[[], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -359,10 +364,29 @@ class JobManager:
     async def plan(self, model_uri: str, spec: bytes) -> dict[str, Any]:
         """The dry-run plan of ``spec`` (a serialized JobSpec naming the model and pruning).
 
+        At most ``max_concurrent_plans`` run at once; the worker process is
+        killed when the call is cancelled or passes its deadline (WorkerRunner.run).
+
         Raises:
             StorageNotFoundError: no model at ``model_uri`` (the allow-list checked first).
-            ServiceError: what the worker reports (unsupported model, ...).
+            ServiceError: RESOURCE_EXHAUSTED (with RetryInfo) when the plans
+                running here are at the limit; what the worker reports
+                (unsupported model, ...).
         """
+        if self._plans >= self.cfg.max_concurrent_plans:
+            raise ServiceError(  # counted by grpc_server_handled_total{code=RESOURCE_EXHAUSTED}
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this replica is already planning {self._plans} models (its "
+                f"--max-concurrent-plans); retry in {self.cfg.plan_retry_s:g} s",
+                retry_after_s=self.cfg.plan_retry_s,
+            )
+        self._plans += 1
+        try:
+            return await self._plan(model_uri, spec)
+        finally:
+            self._plans -= 1
+
+    async def _plan(self, model_uri: str, spec: bytes) -> dict[str, Any]:
         model = await asyncio.to_thread(self.storage.locate, model_uri, "model_uri")
         if not await asyncio.to_thread(self.storage.exists, model):  # allow-list first
             from secateur.server.storage import StorageNotFoundError

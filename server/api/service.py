@@ -136,6 +136,8 @@ class ServerOptions:
     version: str = field(default_factory=lambda: importlib.metadata.version("secateur"))
     #: ``--trust-package``: installed packages whose registered classes model files may name.
     trusted_packages: tuple[str, ...] = ()
+    #: ``--max-concurrent-plans``: PlanPruning / validate-only calls run at once.
+    max_concurrent_plans: int = 2
 
 
 class RunningServer:
@@ -178,6 +180,7 @@ class RunningServer:
                 o.max_queued_jobs,
                 lease_s=o.lease_s,
                 trusted_packages=o.trusted_packages,
+                max_concurrent_plans=o.max_concurrent_plans,
             )
             self.manager = JobManager(cfg, self.store, self.metrics)
             self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)

@@ -172,7 +172,7 @@ class WorkerRunner:
         try:
             outcome = await _read_events(read_fd, key, on_event, stage_times, answer)
             await reap(proc, logs)
-        except Exception:
+        except BaseException:  # also CancelledError: an RPC cancelled or past its deadline
             if proc.returncode is None:
                 proc.kill()
             await reap(proc, logs)

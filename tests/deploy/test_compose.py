@@ -127,7 +127,7 @@ def test_server_command_uses_serve_flags(service: str) -> None:
     # API only, on the shared database; the models folder is a named volume and
     # allow-listed (it replaces the default allow-list, the state dir's models/).
     assert ns.max_concurrent_jobs == 0
-    assert ns.store == _postgres_url()
+    assert ns.store is None and _store_url(service) == _postgres_url()
     named = {target.rstrip("/"): src for src, target, _ in _volumes(service)}
     assert ns.allowed_uri_prefix
     for prefix in ns.allowed_uri_prefix:
@@ -148,6 +148,11 @@ def test_replicas_publish_distinct_host_ports() -> None:
     assert all(h.startswith("127.0.0.1:") for h in published)
 
 
+def _store_url(service: str) -> str:
+    """$SECATEUR_STORE_URL of a service: how it finds the store, password included."""
+    return str(SERVICES[service]["environment"]["SECATEUR_STORE_URL"])
+
+
 def _postgres_url() -> str:
     env = SERVICES["postgres"]["environment"]
     user, password, db = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]
@@ -158,7 +163,8 @@ def _postgres_url() -> str:
 def test_workers_claim_from_the_same_database(service: str) -> None:
     ns = parse_worker_args(_argv(service))
     serve = parse_serve_args(_server_argv())
-    assert ns.store == serve.store == _postgres_url()
+    assert _store_url(service) == _store_url("secateur") == _postgres_url()
+    assert ns.store is None and serve.store is None  # never on a command line
     assert ns.allowed_uri_prefix == serve.allowed_uri_prefix
     assert ns.max_concurrent_jobs >= 1 and ns.lease_seconds >= 1
     # Prometheus scrapes the worker on the compose network (no published port).

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from secateur.server.main import exposure_problem
+from secateur.server.main import exposure_problem, plaintext_token_problem
 from tests.deploy import DEPLOY, parse_serve_args, parse_worker_args
 from tests.server.pg_fixture import pg_server_fixture, pg_url_fixture  # noqa: F401
 
@@ -234,7 +234,7 @@ def test_api_replicas_are_stateless_and_run_no_jobs(overlay: str) -> None:
     assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
     ns = parse_serve_args(expanded_args(docs))
     assert ns.max_concurrent_jobs == 0
-    assert urlsplit(ns.store).scheme == "postgresql"
+    assert urlsplit(container_env(docs)["SECATEUR_STORE_URL"]).scheme == "postgresql"
     # The state dir is scratch: an emptyDir, not a volume that outlives the pod.
     mount, volume = mount_of(docs, ns.state_dir)
     assert mount["mountPath"] == ns.state_dir and "emptyDir" in volume
@@ -246,11 +246,15 @@ def test_replicas_workers_and_keda_share_one_store_secret(overlay: str) -> None:
     serve = parse_serve_args(expanded_args(docs, API))
     work = parse_worker_args(expanded_args(docs, WORKER))
     secret = one(docs, "Secret", serve_store_secret(docs))
-    assert serve.store == work.store == _b64(secret["data"]["url"])
-    # The URL is in the Secret, never written into the pod spec itself.
+    # The URL (password included) is in the Secret, read by the processes from
+    # $SECATEUR_STORE_URL: never on a command line (issue 18, item 9).
+    assert serve.store is None and work.store is None
+    assert not serve.store_url_file and not work.store_url_file
     for name in (API, WORKER):
+        ref = container_env(docs, name).get("SECATEUR_STORE_URL")
+        assert ref == _b64(secret["data"]["url"]), name
         args = container(docs, name)["args"]
-        assert "--store=$(SECATEUR_STORE_URL)" in args
+        assert not any(a.startswith("--store") or "SECATEUR_STORE_URL" in a for a in args)
     auth = one(docs, "TriggerAuthentication")
     (ref,) = auth["spec"]["secretTargetRef"]
     assert ref == {"parameter": "connection", "name": secret["metadata"]["name"], "key": "url"}
@@ -271,6 +275,8 @@ def test_serve_flags_match_the_volumes(overlay: str) -> None:
     # --auth-token-file is a key of the mounted Secret: authenticated, never opted out.
     assert ns.auth_token_file and not ns.allow_unauthenticated
     assert exposure_problem(ns) is None
+    # Tokens without --tls-cert: only with the explicit, commented opt-in (TLS ends in front).
+    assert plaintext_token_problem(ns) is None and (ns.allow_plaintext_tokens or ns.tls_cert)
     mount, volume = mount_of(docs, ns.auth_token_file)
     secret = one(docs, "Secret", volume["secret"]["secretName"])
     assert mount.get("readOnly") is True
@@ -523,7 +529,7 @@ def test_network_policy_lets_the_pods_reach_only_the_store_storage_and_dns(
     overlay: str, name: str
 ) -> None:
     docs = render(overlay)
-    store = urlsplit(parse_serve_args(expanded_args(docs)).store)
+    store = urlsplit(container_env(docs)["SECATEUR_STORE_URL"])
     assert store.hostname and store.port
     reachable = [
         (store.hostname, store.port),  # the job store

@@ -57,12 +57,12 @@ def _refused(args: list[str], cwd: Path, only_line: bool = True) -> str:
 class Served:
     """``secateur serve`` in a subprocess on 127.0.0.1, output in a file."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log = tmp_path / f"serve-{self.port}.log"
         argv = [*SERVE, "--port", str(self.port), "--state-dir", str(tmp_path / "state"), *args]
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -147,6 +147,7 @@ def test_serve_allInterfacesWithTokenFile_serves_andStopsOnSigint(tmp_path) -> N
         "0.0.0.0",
         "--auth-token-file",
         str(tokens),
+        "--allow-plaintext-tokens",
         "--shutdown-grace-seconds",
         "0",
     )
