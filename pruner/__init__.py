@@ -33,7 +33,9 @@ _EXPORTS = {
     "GroupPlan": "plan",
     "Member": "plan",
     "PruningPlan": "plan",
-    "make_plan": "plan",
+    "make_plan": "api",
+    "Targets": "targets",
+    "TargetUnreachableError": "errors",
     "CRITERIA": "spec",
     "SCOPES": "spec",
     "PruneSpec": "spec",
@@ -54,6 +56,8 @@ __all__ = [
     "PruningResult",
     "SCOPES",
     "SecateurError",
+    "TargetUnreachableError",
+    "Targets",
     "UnsupportedModelError",
     "analyze",
     "apply_plan",
@@ -78,18 +82,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from secateur.pruner.api import PruningResult, prune
+    from secateur.pruner.api import PruningResult, make_plan, prune
     from secateur.pruner.errors import (
         EmptyGroupError,
         InvalidSpecError,
         PlanError,
         PlanMismatchError,
         SecateurError,
+        TargetUnreachableError,
         UnsupportedModelError,
     )
     from secateur.pruner.graph import ChannelGraph
     from secateur.pruner.handlers import register_handler, supported_layers
-    from secateur.pruner.plan import GroupPlan, Member, PruningPlan, make_plan
+    from secateur.pruner.plan import GroupPlan, Member, PruningPlan
     from secateur.pruner.spec import CRITERIA, SCOPES, PruneSpec
     from secateur.pruner.surgery import apply_plan
+    from secateur.pruner.targets import Targets
     from secateur.pruner.tracing import analyze

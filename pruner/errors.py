@@ -10,6 +10,7 @@ never on message text::
     │   └── UnsafeModelError    loading it would run code from the file (Lambda, custom object)
     ├── DataError               training/eval data missing or not fitting the model
     ├── CancelledError          a long operation was cancelled by its caller
+    ├── TargetUnreachableError  no pruning of the model meets a target (best reached attached)
     └── PlanError               a plan cannot be applied to a model
         ├── PlanMismatchError   the plan was made for a different model
         └── EmptyGroupError     a plan would leave a group with no channels
@@ -81,6 +82,29 @@ class DataError(SecateurError, ValueError):
 
 class CancelledError(SecateurError):
     """A long operation (fine-tuning, measuring) was cancelled by its caller."""
+
+
+class TargetUnreachableError(SecateurError):
+    """No allocation the pruner tried meets a target (``PruneSpec.targets``).
+
+    Attributes:
+        target: the metric that was missed (``step_time``, ``params`` ...).
+        wanted: its limit as a fraction of the original's figure.
+        best: the best fraction reached (measured, or counted for params/FLOPs).
+        attempts: every allocation tried: predicted and measured figures.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        target: str = "",
+        wanted: float | None = None,
+        best: float | None = None,
+        attempts: list[dict[str, object]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.target, self.wanted, self.best = target, wanted, best
+        self.attempts = list(attempts or [])
 
 
 class PlanError(SecateurError, ValueError):

@@ -10,7 +10,6 @@ save/load round trip of the model.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from secateur.pruner import plan_report
+from secateur.pruner.allocate import allocate_ratio
 from secateur.pruner.compensation import (
     cached_weights,
     fold,
@@ -112,6 +112,8 @@ class PruningPlan:
     device_kind: str | None = None
     version: int = PLAN_VERSION
     bias_added: list[str] = field(default_factory=list)
+    #: Per target (PruneSpec.targets): wanted, predicted and measured figures.
+    targets: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def prunable_channels(self) -> int:
@@ -269,37 +271,84 @@ def make_plan(
         InvalidSpecError: ``spec.exclude`` names a layer the model lacks, or
             ``spec.criterion`` needs data and ``data`` is None.
     """
+    scored = score_model(model, spec, graph, device_kind, data)
+    keep_counts = allocate_ratio(
+        [g for g in scored.prunable if g.kind != "heads"], scored.scores, scored.spec
+    )
+    # Heads are ranked among heads only, at head_ratio; a layer keeps one at least.
+    heads = replace(scored.spec, ratio=spec.head_ratio, round_to=1, min_channels=1)
+    keep_counts |= allocate_ratio(
+        [g for g in scored.prunable if g.kind == "heads"], scored.scores, heads
+    )
+    return plan_from_counts(scored, keep_counts)
+
+
+@dataclass
+class ScoredModel:
+    """A model's traced graph and channel scores, ready to plan at any widths.
+
+    Attributes:
+        spec: the request with ``round_to`` resolved to an integer.
+        requested: the request as given (what the plan records).
+        prunable: the groups a plan may shrink.
+        scores: group id -> channel scores (live channels ranked first).
+    """
+
+    model: Any
+    graph: ChannelGraph
+    spec: PruneSpec
+    requested: PruneSpec
+    device_kind: str | None
+    prunable: list[Group]
+    scores: dict[int, GroupScore]
+    weights: WeightGetter
+    trace: ConstantTrace | None
+    live: Mapping[int, Mapping[int, str]]
+
+
+def score_model(
+    model: Any,
+    spec: PruneSpec,
+    graph: ChannelGraph | None = None,
+    device_kind: str | None = None,
+    data: Iterable[Any] | None = None,
+) -> ScoredModel:
+    """Trace and score ``model`` once (the part of :func:`make_plan` before allocation)."""
     require_data(spec.criterion, data is not None)
     graph = graph or analyze(model)
     groups = graph.groups()
     _freeze_excluded(graph, groups, spec.exclude)
     if spec.round_to == "auto":
         device_kind = device_kind or detect_device_kind()
-    requested = spec
-    spec = replace(spec, round_to=resolve_round_to(spec.round_to, device_kind))
+    resolved = replace(spec, round_to=resolve_round_to(spec.round_to, device_kind))
     weights = cached_weights(graph)
-    rng = np.random.default_rng(spec.seed)
+    rng = np.random.default_rng(resolved.seed)
     prunable = [g for g in groups if g.prunable]
-    context = ScoringContext(model, data, spec.taylor_batches)
-    scores = {g.id: score_group(graph, g, spec.criterion, weights, rng, context) for g in prunable}
+    context = ScoringContext(model, data, resolved.taylor_batches)
+    scores = {
+        g.id: score_group(graph, g, resolved.criterion, weights, rng, context) for g in prunable
+    }
     trace, live = None, {}
-    if spec.bias_compensation and spec.reload_weights:
+    if resolved.bias_compensation and resolved.reload_weights:
         trace = trace_constants(model, graph, weights)
         live = live_channels(graph, trace)
         scores = _score_live(scores, live)
-    keep_counts = _allocate([g for g in prunable if g.kind != "heads"], scores, spec)
-    # Heads are ranked among heads only, at head_ratio; a layer keeps one at least.
-    heads = replace(spec, ratio=spec.head_ratio, round_to=1, min_channels=1)
-    keep_counts |= _allocate([g for g in prunable if g.kind == "heads"], scores, heads)
+    return ScoredModel(
+        model, graph, resolved, spec, device_kind, prunable, scores, weights, trace, live
+    )
+
+
+def plan_from_counts(scored: ScoredModel, keep_counts: Mapping[int, int]) -> PruningPlan:
+    """The plan keeping each prunable group's ``keep_counts[id]`` best-scored channels."""
     kept: dict[int, np.ndarray] = {}
-    for g in prunable:
-        order = np.argsort(-scores[g.id].scores, kind="stable")
+    for g in scored.prunable:
+        order = np.argsort(-scored.scores[g.id].scores, kind="stable")
         kept[g.id] = np.sort(order[: keep_counts[g.id]]).astype(np.int64)
-    plan = _build_plan(model, graph, requested, scores, kept)
-    if trace is not None:
-        _record_compensation(plan, graph, trace, weights, live)
-    plan.round_to = int(spec.round_to)
-    plan.device_kind = device_kind
+    plan = _build_plan(scored.model, scored.graph, scored.requested, scored.scores, kept)
+    if scored.trace is not None:
+        _record_compensation(plan, scored.graph, scored.trace, scored.weights, scored.live)
+    plan.round_to = int(scored.spec.round_to)
+    plan.device_kind = scored.device_kind
     return plan
 
 
@@ -362,71 +411,6 @@ def _record_compensation(
             )
     plan.bias_added = new_biases(graph, comp)
     plan.params_after += new_bias_params(graph, comp, kept)
-
-
-def _floor(size: int, spec: PruneSpec, unit: int = 1) -> int:
-    """Fewest units a group of ``size`` may keep (a unit is ``unit`` channels)."""
-    return min(size, -(-spec.min_channels // unit))
-
-
-def _round(keep: int, size: int, spec: PruneSpec, unit: int = 1) -> int:
-    """Nearest legal kept count: ``keep * unit`` a multiple of round_to, >= the floor."""
-    step = int(spec.round_to) // math.gcd(int(spec.round_to), unit)  # resolved by make_plan
-    if step > 1:
-        keep = max(step, int(round(keep / step)) * step)
-        while keep < _floor(size, spec, unit):
-            keep += step
-    keep = max(keep, _floor(size, spec, unit))
-    return size if keep >= size else keep
-
-
-def _allocate(
-    groups: list[Group], scores: dict[int, GroupScore], spec: PruneSpec
-) -> dict[int, int]:
-    """How many channels each prunable group keeps."""
-    if spec.scope == "layerwise":
-        return {
-            g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec, g.unit)
-            for g in groups
-        }
-    # Global: rank channels of groups scored by the requested criterion
-    # together; scores of other criteria are not comparable, so groups that
-    # fell back are cut layerwise at the same ratio.
-    pooled = [g for g in groups if scores[g.id].fallback is None]
-    out = {
-        g.id: _round(g.size - int(round(spec.ratio * g.size)), g.size, spec, g.unit)
-        for g in groups
-        if scores[g.id].fallback is not None
-    }
-    if not pooled:
-        return out
-    # A unit of a block group (a whole conv group, a head) counts its channels.
-    total = sum(g.size * g.unit for g in pooled)
-    to_remove = int(round(spec.ratio * total))
-    flat = np.concatenate([scores[g.id].scores for g in pooled])
-    owner = np.concatenate([np.full(g.size, i) for i, g in enumerate(pooled)])
-    # Ties (an untrained model's gammas are all 1) are broken by each
-    # channel's relative rank inside its group, so equal scores are removed
-    # proportionally across groups instead of emptying the first group.
-    rel = np.concatenate([_relative_rank(scores[g.id].scores) for g in pooled])
-    removable = np.array([g.size - _floor(g.size, spec, g.unit) for g in pooled])
-    removed = np.zeros(len(pooled), dtype=np.int64)
-    for pos in np.lexsort((rel, flat)):
-        if to_remove <= 0:
-            break
-        gi = owner[pos]
-        if removed[gi] < removable[gi]:
-            removed[gi] += 1
-            to_remove -= pooled[gi].unit
-    for i, g in enumerate(pooled):
-        out[g.id] = _round(g.size - int(removed[i]), g.size, spec, g.unit)
-    return out
-
-
-def _relative_rank(scores: np.ndarray) -> np.ndarray:
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[np.argsort(scores, kind="stable")] = np.arange(len(scores))
-    return ranks / max(len(scores), 1)
 
 
 def _build_plan(

@@ -11,6 +11,7 @@ from typing import Any
 from secateur.pruner.config import check_int
 from secateur.pruner.errors import InvalidSpecError
 from secateur.pruner.scoring import criteria
+from secateur.pruner.targets import Targets
 
 # The built-in criteria; validation reads the live registry (scoring.criteria()).
 CRITERIA = criteria()
@@ -23,6 +24,13 @@ MAX_ROUND_TO = 4096
 MAX_CHANNELS = 1_000_000
 # Each batch is one forward and backward pass of the whole model per candidate.
 MAX_TAYLOR_BATCHES = 10_000
+
+
+class _DefaultRatio(float):
+    """The default ``ratio``, told apart from an explicit ``ratio=0.3`` (targets exclude ratio)."""
+
+
+DEFAULT_RATIO = 0.3
 
 
 @dataclass(frozen=True)
@@ -60,12 +68,17 @@ class PruneSpec:
         iterative_schedule: the cumulative share removed after round j of k:
             ``linear`` ratio*j/k, ``geometric`` 1-(1-ratio)^(j/k) (the same
             fraction of what remains every round).
+        targets: prune to fit budgets (step time, latency, peak memory,
+            params, FLOPs; :class:`~secateur.pruner.targets.Targets`) instead
+            of by ``ratio``: widths are allocated per group under a cost
+            model (:mod:`secateur.pruner.budget`). Excludes ``ratio``,
+            ``scope="layerwise"``, ``head_ratio`` and ``iterative_steps > 1``.
 
     Raises:
         InvalidSpecError: any field out of range; the message names it.
     """
 
-    ratio: float = 0.3
+    ratio: float = _DefaultRatio(DEFAULT_RATIO)
     criterion: str = "bn_scale"
     scope: str = "global"
     round_to: int | str = 1
@@ -78,8 +91,10 @@ class PruneSpec:
     iterative_steps: int = 1
     iterative_schedule: str = "linear"
     head_ratio: float = 0.0
+    targets: Targets | None = None
 
     def __post_init__(self) -> None:
+        _check_targets(self)
         ratio = _checked_ratio(self.ratio)
         object.__setattr__(self, "head_ratio", _checked_ratio(self.head_ratio, "head_ratio"))
         if self.criterion not in criteria():
@@ -102,7 +117,8 @@ class PruneSpec:
                 "exclude",
             )
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "ratio", float(ratio))
+        if not isinstance(self.ratio, _DefaultRatio):
+            object.__setattr__(self, "ratio", float(ratio))
         # np.random.default_rng and tf.data take non-negative 64-bit seeds.
         check_int("seed", self.seed, 0, 2**63 - 1)
         if not isinstance(self.bias_compensation, bool):
@@ -156,6 +172,11 @@ class PruneSpec:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["exclude"] = list(self.exclude)
+        if self.targets is None:
+            out.pop("targets")
+        else:
+            out["targets"] = self.targets.to_dict()
+            out.pop("ratio")  # not part of a target request
         return out
 
     @classmethod
@@ -171,7 +192,32 @@ class PruneSpec:
         kwargs = dict(data)
         if "exclude" in kwargs and isinstance(kwargs["exclude"], list):
             kwargs["exclude"] = tuple(kwargs["exclude"])
+        if kwargs.get("targets") is not None and not isinstance(kwargs["targets"], Targets):
+            kwargs["targets"] = Targets.from_dict(kwargs["targets"])
         return cls(**kwargs)
+
+
+def _check_targets(spec: PruneSpec) -> None:
+    """Targets replace the ratio: refuse the fields that only make sense with one."""
+    if spec.targets is None:
+        return
+    if not isinstance(spec.targets, Targets):
+        raise InvalidSpecError(
+            f"targets must be a Targets. Received: {type(spec.targets).__name__}", "targets"
+        )
+    clashes = [
+        ("ratio", not isinstance(spec.ratio, _DefaultRatio), spec.ratio),
+        ("scope", spec.scope != "global", spec.scope),
+        ("head_ratio", spec.head_ratio != 0, spec.head_ratio),
+        ("iterative_steps", spec.iterative_steps != 1, spec.iterative_steps),
+    ]
+    for name, clash, value in clashes:
+        if clash:
+            raise InvalidSpecError(
+                f"{name} cannot be combined with targets (targets choose every group's "
+                f"width). Received: {name}={value!r} with targets",
+                name,
+            )
 
 
 def _schedule(r: float, k: int, schedule: str) -> tuple[float, ...]:

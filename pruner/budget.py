@@ -1,0 +1,292 @@
+"""Plan to targets: per-group widths that keep the most importance within a budget.
+
+1. Score the model once (the spec's criterion, :func:`plan.score_model`).
+2. Cost per group and width: ``params``/``flops`` counted from the graph
+   (each group's cost is linear in its width when the others are fixed);
+   ``step_time``/``latency``/``peak_memory`` from a profile measured on the
+   device (:mod:`costmodel`, cached in the state dir).
+3. Choose widths by knapsack (:func:`allocate.knapsack`): the least
+   importance lost for at least the required saving of the target with the
+   largest requirement (the primary).
+4. Check: params/FLOPs are counted exactly from the plan; measured targets
+   are measured on the rebuilt model, interleaved with the original. A miss
+   raises the primary requirement by the relative shortfall and solves again
+   (``Targets.corrections`` rounds for measured targets; counted ones iterate
+   until met, deterministically). Still missed: :class:`TargetUnreachableError`
+   with the best reached.
+
+Every target in the plan's ``targets`` carries wanted, predicted and
+measured (or counted) fractions of the original, and how they were obtained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secateur.pruner.allocate import Option, kept_importance, knapsack, legal_widths
+from secateur.pruner.costmodel import CostProfile, Meter, profile_costs
+from secateur.pruner.errors import InvalidSpecError, TargetUnreachableError
+from secateur.pruner.graph import Group
+from secateur.pruner.plan import (
+    PruningPlan,
+    ScoredModel,
+    keep_function,
+    plan_from_counts,
+    score_model,
+)
+from secateur.pruner.spec import PruneSpec
+from secateur.pruner.surgery import apply_plan
+from secateur.pruner.targets import Target, Targets
+
+#: Rounds for counted-only targets (each is one knapsack and one count).
+COUNTED_ROUNDS = 30
+
+
+@dataclass
+class _Costs:
+    """Base figure and per-(group, width) saving of every targeted metric."""
+
+    base: dict[str, float]
+    savings: dict[str, dict[int, dict[int, float]]]  # metric -> group id -> width -> saving
+    profile: CostProfile | None = None
+
+
+def plan_to_targets(
+    model: Any,
+    spec: PruneSpec,
+    graph: Any = None,
+    device_kind: str | None = None,
+    data: Iterable[Any] | None = None,
+    meter: Meter | None = None,
+    state_dir: str | Path | None = None,
+) -> PruningPlan:
+    """The plan meeting ``spec.targets``, checked by counting or measuring.
+
+    Args:
+        model: a functional or Sequential ``keras.Model``.
+        spec: a request with ``targets``.
+        graph, device_kind, data: as for :func:`make_plan`.
+        meter: measures models on the device (default: a
+            :class:`~secateur.pruner.meter.DeviceMeter`); unused when only
+            params/FLOPs are targeted.
+        state_dir: where cost profiles are cached (None: not cached).
+
+    Returns:
+        The plan; ``plan.targets`` reports every target.
+
+    Raises:
+        TargetUnreachableError: no allocation met a target (best reached attached).
+    """
+    if spec.targets is None:
+        raise InvalidSpecError("plan_to_targets needs targets. Received: targets=None", "targets")
+    targets = spec.targets.resolved()
+    scored = score_model(model, spec, graph, device_kind, data)
+    groups = [g for g in scored.prunable if g.kind == "channels"]
+    widths = {g.id: legal_widths(g.size, scored.spec, g.unit) for g in groups}
+    if any(t.measured for t in targets) and meter is None:
+        from secateur.pruner.meter import DeviceMeter  # loads the training stack
+
+        meter = DeviceMeter(latency_batch=spec.targets.latency_batch)
+    costs = _costs(scored, groups, widths, targets, meter, state_dir)
+    lost = _losses(scored, groups, widths)
+    return _search(scored, groups, widths, lost, costs, spec.targets, meter)
+
+
+def _losses(
+    scored: ScoredModel, groups: list[Group], widths: Mapping[int, list[int]]
+) -> dict[int, np.ndarray]:
+    """Importance lost per width. Scores of groups that fell back to another
+    criterion are rescaled to the pooled mean (their scale is not comparable);
+    live channels (infinite scores) are kept by every width offered."""
+    pooled = [scored.scores[g.id].scores for g in groups if scored.scores[g.id].fallback is None]
+    finite = [s[np.isfinite(s)] for s in pooled if np.isfinite(s).any()]
+    mean = float(np.mean(np.concatenate(finite))) if finite else 1.0
+    out = {}
+    for g in groups:
+        s = np.asarray(scored.scores[g.id].scores, dtype=np.float64)
+        live = ~np.isfinite(s)
+        s = np.where(live, 0.0, s)
+        if scored.scores[g.id].fallback is not None and s.mean() > 0:
+            s = s * (mean / s.mean())
+        out[g.id] = np.where(
+            np.array(widths[g.id]) < live.sum(), np.inf, kept_importance(s, widths[g.id])
+        )
+    return out
+
+
+def _costs(
+    scored: ScoredModel,
+    groups: list[Group],
+    widths: Mapping[int, list[int]],
+    targets: list[Target],
+    meter: Meter | None,
+    state_dir: str | Path | None,
+) -> _Costs:
+    base: dict[str, float] = {}
+    savings: dict[str, dict[int, dict[int, float]]] = {}
+    full = {g.id: np.arange(g.size) for g in scored.graph.groups()}
+    params, flops = scored.graph.count()
+    counted = {"params": params, "flops": flops}
+    for t in targets:
+        if t.measured:
+            continue
+        base[t.metric] = float(counted[t.metric])
+        savings[t.metric] = {}
+        for g in groups:  # linear in this group's width while the others are full
+            one = dict(full) | {g.id: np.arange(g.size - 1)}
+            less = scored.graph.count(keep_function(scored.graph, one))
+            per = counted[t.metric] - less[0 if t.metric == "params" else 1]
+            savings[t.metric][g.id] = {w: float(per * (g.size - w)) for w in widths[g.id]}
+    measured = [t.metric for t in targets if t.measured]
+    profile = None
+    if measured and meter is not None:
+        profile = profile_costs(
+            scored.model, scored.graph, groups, scored.spec, measured, meter, state_dir
+        )
+        for m in measured:
+            base[m] = profile.base[m]
+            savings[m] = {g.id: {w: profile.saving(g, w, m) for w in widths[g.id]} for g in groups}
+    return _Costs(base, savings, profile)
+
+
+def _search(
+    scored: ScoredModel,
+    groups: list[Group],
+    widths: Mapping[int, list[int]],
+    lost: Mapping[int, np.ndarray],
+    costs: _Costs,
+    settings: Targets,
+    meter: Meter | None,
+) -> PruningPlan:
+    """Allocate, check, correct; the first plan that meets every target."""
+    targets = settings.resolved()
+    required = {t.metric: costs.base[t.metric] - t.limit(costs.base[t.metric]) for t in targets}
+    most = {
+        m: sum(max(costs.savings[m][g.id].values(), default=0.0) for g in groups) for m in required
+    }
+    primary = max(required, key=lambda m: required[m] / most[m] if most[m] > 0 else np.inf)
+    rounds = (
+        1 + settings.corrections
+        if meter is not None and any(t.measured for t in targets)
+        else COUNTED_ROUNDS
+    )
+    need, attempts, best = required[primary], [], None
+    for _ in range(rounds):
+        options = {
+            g.id: [
+                Option(w, float(lost[g.id][i]), costs.savings[primary][g.id][w])
+                for i, w in enumerate(widths[g.id])
+                if np.isfinite(lost[g.id][i])
+            ]
+            for g in groups
+        }
+        counts = knapsack(options, need)
+        if counts is None:
+            break
+        plan = plan_from_counts(scored, counts)
+        report = _check(scored, plan, counts, costs, targets, meter, settings.tolerance)
+        attempts.append(report)
+        excess = max(r["excess"] for r in report)
+        if best is None or excess < best[0]:
+            best = (excess, plan, report)
+        if excess <= 0:
+            plan.targets = [_public(r, costs, len(attempts)) for r in report]
+            return plan
+        worst = max(report, key=lambda r: r["excess"])
+        need = need * (1 + worst["excess"]) + 1e-9 * abs(need)
+    raise _unreachable(targets, best, attempts)
+
+
+def _check(
+    scored: ScoredModel,
+    plan: PruningPlan,
+    counts: Mapping[int, int],
+    costs: _Costs,
+    targets: list[Target],
+    meter: Meter | None,
+    tolerance: float,
+) -> list[dict[str, Any]]:
+    """Predicted and actual figure of every target for one plan."""
+    actual = {"params": float(plan.params_after), "flops": float(plan.flops_after)}
+    originals = {"params": float(plan.params_before), "flops": float(plan.flops_before)}
+    measured = [t.metric for t in targets if t.measured]
+    if measured and meter is not None:
+        pruned = apply_plan(scored.model, plan)
+        figures = meter.measure({"original": scored.model, "pruned": pruned}, measured)
+        actual |= figures["pruned"]
+        originals |= figures["original"]
+    out = []
+    for t in targets:
+        base = costs.base[t.metric]
+        predicted = base - sum(costs.savings[t.metric][g][w] for g, w in counts.items())
+        limit = t.limit(originals[t.metric])
+        slack = tolerance if t.measured else 0.0
+        required = max(originals[t.metric] - limit, 1e-12)
+        out.append(
+            {
+                "metric": t.metric,
+                "wanted": t.fraction if t.fraction is not None else t.absolute,
+                "absolute": t.fraction is None,
+                "predicted": predicted / base if base else None,
+                "actual": float(actual[t.metric]) / originals[t.metric],
+                "original": float(originals[t.metric]),
+                "limit": limit,
+                "excess": (float(actual[t.metric]) - limit * (1 + slack)) / required,
+                "tolerance": slack,
+            }
+        )
+    return out
+
+
+def _public(r: dict[str, Any], costs: _Costs, rounds: int) -> dict[str, Any]:
+    measured = r["metric"] not in ("params", "flops")
+    how: dict[str, Any] = {"rounds": rounds}
+    if measured and costs.profile is not None:
+        how |= costs.profile.how | {
+            "profile_measurements": costs.profile.measurements,
+            "profile_seconds": round(costs.profile.seconds, 2),
+            "profile_cached": costs.profile.cached,
+            "tolerance": r["tolerance"],
+        }
+    else:
+        how["method"] = "counted from the plan (exact)"
+    return {
+        "metric": r["metric"],
+        "wanted": r["wanted"],
+        "wanted_absolute": r["absolute"],
+        "predicted": r["predicted"],
+        "measured": r["actual"],
+        "met": r["excess"] <= 0,
+        "how": how,
+    }
+
+
+def _unreachable(
+    targets: list[Target], best: Any, attempts: list[list[dict[str, Any]]]
+) -> TargetUnreachableError:
+    if best is None:
+        t = targets[0]
+        return TargetUnreachableError(
+            f"no widths the spec allows (round_to, min_channels, frozen groups) save enough "
+            f"to meet the {t.metric} target. Received: {t.metric} target "
+            f"{t.fraction if t.fraction is not None else t.absolute}",
+            t.metric,
+            t.fraction,
+            None,
+            [],
+        )
+    worst = max(best[2], key=lambda r: r["excess"])
+    return TargetUnreachableError(
+        f"the {worst['metric']} target of {worst['wanted']} was not met after "
+        f"{len(attempts)} allocation(s). Received: best reached {worst['actual']:.3f} "
+        f"of the original (predicted {worst['predicted']})",
+        worst["metric"],
+        worst["wanted"],
+        worst["actual"],
+        [{r["metric"]: (r["predicted"], r["actual"]) for r in a} for a in attempts],
+    )
