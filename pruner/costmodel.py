@@ -15,10 +15,13 @@ correct what that assumption misses.
 
 A profile takes ``1 + len(levels)`` measured variants per prunable group
 (``profile.measurements``); each variant is cloned, compiled, warmed up and
-timed for ``MeasureConfig.rounds * steps`` steps. On the shared 2-core CPU
-of this project a 5-group CIFAR-shape CNN at batch 8, ``levels`` 3 and 2x3
-timed steps takes about a minute (``benchmarks/targets.py`` prints the
-figures per model). Profiles are cached as JSON in a directory the caller
+timed for ``MeasureConfig.rounds * steps`` steps. Measured once on the
+shared, heavily loaded 2-core CPU of this project: a 3-group CNN
+(96 channels, 24x24 inputs, batch 16, 1 warm-up and 6 timed steps)
+profiled 12 variants and, with the check of the rebuilt model, took 41 s
+of CPU time (4.7 min of wall time under the load of other jobs); cost
+grows with groups x levels x compile time, so large models take long.
+Profiles are cached as JSON in a directory the caller
 gives (the job's state dir), keyed by the model's architecture digest, the
 device kind, the batch size, the TensorFlow version and the metrics, so a
 repeated job on one model measures nothing.
