@@ -191,6 +191,16 @@ def answers(agg: dict[str, list[dict]]) -> str:
             f"| {arm} | **{best['ratio']:.0%}** | {_pct(d['mean'])} "
             f"[{_pct(d['low'])}, {_pct(d['high'])}] | {best['n']} |"
         )
+    control = next((rows[0] for a, rows in agg.items() if a.startswith("control")), None)
+    if control is not None:
+        d = control["drop"]
+        lines += [
+            "",
+            f"For scale: the control (nothing pruned, the compared arms' fine-tune) drops "
+            f"{_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}] points by itself "
+            f"(n = {control['n']}): the base ends its schedule at a learning rate of 0, and "
+            "fine-tuning at the study's constant rate moves it off that point.",
+        ]
     return "\n".join(lines)
 
 
@@ -212,6 +222,9 @@ def compare(agg: dict[str, list[dict]], better: str, worse: str) -> list[str]:
             verdict = "not held (the other way round)"
         else:
             verdict = "not shown beyond the noise (intervals overlap)"
+        if min(r["n"], other["n"]) < 2:
+            verdict += "; one seed so far: the interval holds the test images' noise, not yet "
+            verdict += "the run-to-run spread"
         out.append(
             f"at {r['ratio']:.0%}: drop {_pct(a['mean'])} [{_pct(a['low'])}, {_pct(a['high'])}] "
             f"vs {_pct(b['mean'])} [{_pct(b['low'])}, {_pct(b['high'])}] "
@@ -239,7 +252,7 @@ def findings(agg: dict[str, list[dict]], measure: dict[str, Any] | None) -> str:
         )
         parts.append(
             f"- drop {_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}], "
-            f"n = {at30['n']}: **{verdict}**"
+            f"n = {at30['n']}: **{verdict}**" + (" (one seed so far)" if at30["n"] < 2 else "")
         )
     rows = [r for r in agg.get("bn_scale + reload", []) if r["ratio"] > 0]
     if len(rows) >= 3:
@@ -253,7 +266,9 @@ def findings(agg: dict[str, list[dict]], measure: dict[str, Any] | None) -> str:
             "**Accuracy falls faster and faster as the ratio grows** (bn_scale + reload, "
             "points lost per 10% more pruned, in the mean): "
             + ", ".join(f"{10 * s:.2f}" for s in slopes)
-            + (": **held** (in the means)" if rising else ": **not held** (not monotone)"),
+            + (": **held** (in the means)" if rising else ": **not held** (not monotone)")
+            + ". Near chance (10%) every curve must flatten, so a slope that falls there "
+            "says little.",
         ]
     if measure:
         parts += ["", measure_finding(measure)]
