@@ -33,7 +33,7 @@ from secateur.server.api.error_interceptor import ErrorInterceptor
 from secateur.server.api.jobs import JobManager, ManagerConfig
 from secateur.server.api.metrics_interceptor import MetricsInterceptor
 from secateur.server.errors import StartupError
-from secateur.server.jobstore import JobStore, StoreOpenError, jobs_pb, open_store
+from secateur.server.jobstore import QueueStore, StoreOpenError, jobs_pb, open_store
 from secateur.server.jobstore.sqlite import SqliteJobStore
 from secateur.server.metrics import ServerMetrics
 from secateur.server.pipeline import convert
@@ -153,7 +153,7 @@ class RunningServer:
             health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         )
         self.metrics: Any = None
-        self.store: JobStore | None = None
+        self.store: QueueStore | None = None
 
     async def start(self) -> None:
         """Open the store, bind the ports, start the jobs; StartupError if one can't be.

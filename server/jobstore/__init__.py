@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 
 from secateur.server.jobstore.cache import CachingPostgresJobStore
-from secateur.server.jobstore.interface import JobStore, StoreOpenError
+from secateur.server.jobstore.interface import JobStore, QueueStore, StoreOpenError
 from secateur.server.jobstore.postgres import PostgresJobStore
 from secateur.server.jobstore.sqlite import SqliteJobStore
 
-__all__ = ["JobStore", "StoreOpenError", "open_store"]
+__all__ = ["JobStore", "QueueStore", "StoreOpenError", "open_store"]
 
 
-def open_store(url: str, state_dir: str, cache: bool = True) -> JobStore:
+def open_store(url: str, state_dir: str, cache: bool = True) -> QueueStore:
     """The store a ``--store`` URL names.
 
     ``""`` or ``sqlite:///<state_dir>/jobs.sqlite`` is the embedded default

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from secateur.server.jobstore import jobs_pb
-from secateur.server.jobstore.records import JobError, JobRecord, JobState
+from secateur.server.jobstore.records import JobError, JobRecord, JobState, now_ns
 from secateur.v1 import pruning_pb2
 
 Job = pruning_pb2.Job
@@ -63,3 +63,32 @@ def decode_row(job_id: object, data: object, report: object) -> JobRecord | None
         return jobs_pb.from_pb(job, result)
     except Exception:  # noqa: BLE001 - any decoding failure quarantines the row
         return None
+
+
+def taken(record: JobRecord, worker: str) -> JobRecord:
+    """A job as a worker's claim starts it: RUNNING, one more attempt, no result yet."""
+    return record.evolve(
+        state=JobState.RUNNING,
+        attempts=record.attempts + 1,
+        start_ns=now_ns(),
+        end_ns=0,
+        stage="",
+        progress=0.0,
+        message=f"running on worker {worker}",
+        error=None,
+        worker=worker,
+    )
+
+
+def given_up(record: JobRecord, worker: str, cancel_requested: bool) -> JobRecord:
+    """The end of a reclaimed job that is not to run again."""
+    if cancel_requested:
+        error = JobError(grpc.StatusCode.CANCELLED, f"cancelled (its worker {worker} stopped)")
+        state = JobState.CANCELLED
+    else:
+        message = f"the job's worker stopped {record.attempts} times (last: {worker}); giving up"
+        error = JobError(grpc.StatusCode.ABORTED, message)
+        state = JobState.FAILED
+    return record.evolve(
+        state=state, end_ns=now_ns(), error=error, message=error.message, lease_expires=0.0
+    )

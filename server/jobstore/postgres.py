@@ -40,7 +40,7 @@ from typing import Any
 import grpc
 
 from secateur.server.jobstore import jobs_pb
-from secateur.server.jobstore.codec import decode_row, encode_row, quarantined
+from secateur.server.jobstore.codec import decode_row, encode_row, given_up, quarantined, taken
 from secateur.server.jobstore.interface import Claim, Lease, StoreOpenError
 from secateur.server.jobstore.listen import Listener, Subscriber
 from secateur.server.jobstore.records import JobError, JobRecord, JobState, now_ns
@@ -285,7 +285,7 @@ class PostgresJobStore:
                 if _STATE[row[8]] is JobState.RUNNING and (
                     row[9] or record.attempts >= max_attempts
                 ):
-                    _write(conn, _given_up(record, stale_worker, row[9]), "id = %s", (record.id,))
+                    _write(conn, given_up(record, stale_worker, row[9]), "id = %s", (record.id,))
                     continue
                 return _take(conn, record, worker, lease_s)
 
@@ -389,17 +389,7 @@ def _fence(conn: Any, job_id: str, token: int, min_remaining_s: float) -> bool:
 
 def _take(conn: Any, record: JobRecord, worker: str, lease_s: float) -> Claim:
     """Mark a locked row RUNNING on ``worker`` under the next token."""
-    start = now_ns()
-    running = record.evolve(
-        state=JobState.RUNNING,
-        attempts=record.attempts + 1,
-        start_ns=start,
-        end_ns=0,
-        stage="",
-        progress=0.0,
-        message=f"running on worker {worker}",
-        error=None,
-    )
+    running = taken(record, worker)
     state, data, report = encode_row(running)
     row = conn.execute(
         "UPDATE jobs SET state = %s, data = %s, report = %s, attempts = %s, worker = %s, "
@@ -411,18 +401,6 @@ def _take(conn: Any, record: JobRecord, worker: str, lease_s: float) -> Claim:
     _event(conn, record.id, "claimed", f"attempt {running.attempts} on {worker}")
     conn.execute(_NOTIFY, (CHANNEL, record.id))
     return Claim(record=_with_lease(running, worker, float(row[1])), token=int(row[0]))
-
-
-def _given_up(record: JobRecord, worker: str, cancel_requested: bool) -> JobRecord:
-    """The end of a reclaimed job that is not to run again."""
-    if cancel_requested:
-        error = JobError(grpc.StatusCode.CANCELLED, f"cancelled (its worker {worker} stopped)")
-        state = JobState.CANCELLED
-    else:
-        message = f"the job's worker stopped {record.attempts} times (last: {worker}); giving up"
-        error = JobError(grpc.StatusCode.ABORTED, message)
-        state = JobState.FAILED
-    return record.evolve(state=state, end_ns=now_ns(), error=error, message=error.message)
 
 
 def _write(conn: Any, record: JobRecord, where: str, params: tuple[Any, ...]) -> bool:

@@ -10,20 +10,32 @@ Writes are transactions (WAL journal), so a crash loses at most the update in
 flight, never a job. The store keeps every job in memory too: reads are
 served from there (the service is the only writer), which keeps ``GetJob``
 fast.
+
+It is also a :class:`~secateur.server.jobstore.interface.QueueStore`, so the
+embedded server runs its jobs through the same
+:class:`~secateur.server.workers.loop.WorkerLoop` (claim, lease, fence,
+conclude) as the PostgreSQL store's workers. Leases live in memory only: one
+process owns the file, and its leases die with it; a job it left RUNNING has
+no lease after a restart (the job manager recovers it before claiming).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from secateur.server.jobstore.codec import decode_row, encode_row, quarantined
-from secateur.server.jobstore.interface import StoreOpenError
-from secateur.server.jobstore.records import JobRecord, JobState, now_ns
+import grpc
+
+from secateur.server.jobstore.codec import decode_row, encode_row, given_up, quarantined, taken
+from secateur.server.jobstore.interface import Claim, Lease, StoreOpenError
+from secateur.server.jobstore.records import JobError, JobRecord, JobState, now_ns
 
 log = logging.getLogger("secateur.server")
 
@@ -50,6 +62,16 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 
 
+@dataclass
+class _Lease:
+    """A claim held in memory: which worker, its fencing token, expiry (s since the epoch)."""
+
+    worker: str
+    token: int
+    expires: float
+    cancel: bool = False
+
+
 class SqliteJobStore:
     """A :class:`~.interface.JobStore` in ``<state_dir>/jobs.sqlite`` (see module docstring)."""
 
@@ -62,8 +84,11 @@ class SqliteJobStore:
         """
         self.path = os.path.join(state_dir, "jobs.sqlite")
         self._db = _connect(state_dir, self.path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the queue methods save() while holding it
         self._jobs: dict[str, JobRecord] = {}
+        self._active: set[str] = set()  # QUEUED or RUNNING: what a claim looks at
+        self._leases: dict[str, _Lease] = {}
+        self._subscribers: list[Callable[[str | None], None]] = []
         self._by_request: dict[str, str] = {}
         self._order: list[str] = []  # newest first
         try:
@@ -81,7 +106,7 @@ class SqliteJobStore:
             job = decode_row(job_id, data, report)
             if job is None:
                 job = self._quarantine(job_id, request_id, create_time, data)
-            self._jobs[job_id] = job
+            self._keep(job)
             self._order.append(job_id)
             if request_id:
                 self._by_request[request_id] = job_id
@@ -116,10 +141,11 @@ class SqliteJobStore:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (record.id, record.request_id or None, state, record.create_ns / 1e9, data, report),
             )
-            self._jobs[record.id] = record
+            self._keep(record)
             self._order.insert(0, record.id)
             if record.request_id:
                 self._by_request[record.request_id] = record.id
+        self._notify(record.id)
 
     def save(self, record: JobRecord, durable: bool = True) -> None:
         """Replace a job; ``durable=False`` only updates memory (progress ticks)."""
@@ -129,7 +155,15 @@ class SqliteJobStore:
                     "UPDATE jobs SET state = ?, data = ?, report = ? WHERE id = ?",
                     (*encode_row(record), record.id),
                 )
-            self._jobs[record.id] = record
+            self._keep(record)
+        self._notify(record.id)
+
+    def _keep(self, record: JobRecord) -> None:
+        self._jobs[record.id] = record
+        if record.state in (JobState.QUEUED, JobState.RUNNING):
+            self._active.add(record.id)
+        else:
+            self._active.discard(record.id)
 
     def get(self, job_id: str) -> JobRecord | None:
         return self._jobs.get(job_id)
@@ -165,6 +199,118 @@ class SqliteJobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    # -- QueueStore (see the module docstring) --------------------------------
+    def claim(self, worker: str, lease_s: float, max_attempts: int) -> Claim | None:
+        """The oldest claimable job, now RUNNING on ``worker`` under a new token.
+
+        Claimable: QUEUED, or RUNNING with its lease expired or gone. A reclaimed
+        job that already ran ``max_attempts`` times fails (ABORTED), one whose
+        cancel was requested is CANCELLED; both are skipped. None when nothing is.
+        """
+        with self._lock:
+            now = time.time()
+            for job in sorted((self._jobs[i] for i in self._active), key=_age):
+                lease = self._leases.get(job.id)
+                if job.state is JobState.RUNNING:
+                    if lease is not None and lease.expires >= now:
+                        continue  # held
+                    stale = lease.worker if lease else job.worker
+                    cancel = lease is not None and lease.cancel
+                    if cancel or job.attempts >= max_attempts:
+                        self._leases.pop(job.id, None)
+                        self.save(given_up(job, stale, cancel))
+                        continue
+                running = taken(job, worker)
+                # The token is the attempt: it grows with every claim, across restarts too.
+                lease = _Lease(worker, running.attempts, now + lease_s)
+                running = dataclasses.replace(running, lease_expires=lease.expires)
+                self.save(running)  # raises, claiming nothing, when the write fails
+                self._leases[job.id] = lease
+                return Claim(record=running, token=lease.token)
+            return None
+
+    def renew(self, job_id: str, token: int, lease_s: float) -> Lease:
+        """Extend a held lease by ``lease_s`` from now; ``held=False`` once lost."""
+        with self._lock:
+            lease = self._held(job_id, token)
+            if lease is None:
+                return Lease(held=False, cancel_requested=False, expires=0.0)
+            lease.expires = time.time() + lease_s
+            return Lease(held=True, cancel_requested=lease.cancel, expires=lease.expires)
+
+    def save_leased(self, record: JobRecord, token: int) -> bool:
+        """Write the record of a job ``token`` still holds; False, writing nothing, if not."""
+        with self._lock:
+            if self._held(record.id, token) is None:
+                return False
+            if record.state is not JobState.RUNNING:  # ended or handed back: no lease
+                record = dataclasses.replace(record, lease_expires=0.0)
+            self.save(record)
+            if record.state is not JobState.RUNNING:
+                self._leases.pop(record.id, None)
+            return True
+
+    def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool:
+        """May the holder of ``token`` publish now? (as PostgresJobStore.fence)."""
+        with self._lock:
+            lease = self._held(job_id, token)
+            now = time.time()
+            if lease is None or lease.cancel or lease.expires <= now + min_remaining_s:
+                return False
+            lease.expires = max(lease.expires, now + 2 * min_remaining_s)
+            return True
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """QUEUED ends CANCELLED at once; RUNNING gets its cancel flag (its worker
+        sees it at the next renewal); an ended job is left as it is."""
+        with self._lock:
+            record = self._jobs.get(job_id)
+            if record is None:
+                return None
+            if record.state is JobState.QUEUED:
+                error = JobError(grpc.StatusCode.CANCELLED, "cancelled while queued")
+                record = record.evolve(
+                    state=JobState.CANCELLED, end_ns=now_ns(), error=error, message=error.message
+                )
+                self.save(record)
+            elif record.state is JobState.RUNNING and job_id in self._leases:
+                self._leases[job_id].cancel = True
+            return record
+
+    def live_leases(self, job_ids: list[str]) -> dict[str, int]:
+        """The token of each of ``job_ids`` RUNNING under an unexpired lease."""
+        with self._lock:
+            now = time.time()
+            return {
+                i: lease.token
+                for i in job_ids
+                if (lease := self._leases.get(i)) is not None and lease.expires > now
+            }
+
+    def counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, 0 for none)."""
+        counts = dict.fromkeys(JobState, 0)
+        with self._lock:
+            for record in self._jobs.values():
+                counts[record.state] += 1
+        return counts
+
+    def subscribe(self, callback: Callable[[str | None], None]) -> Callable[[], None]:
+        """Call ``callback(job_id)`` after each write, from the writing thread."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def _held(self, job_id: str, token: int) -> _Lease | None:
+        lease = self._leases.get(job_id)
+        record = self._jobs.get(job_id)
+        if lease is None or lease.token != token or record is None:
+            return None
+        return lease if record.state is JobState.RUNNING else None
+
+    def _notify(self, job_id: str) -> None:
+        for callback in list(self._subscribers):
+            callback(job_id)
 
 
 def _connect(state_dir: str, path: str) -> sqlite3.Connection:
@@ -217,3 +363,7 @@ def _open_problem(path: str, exc: sqlite3.Error) -> str:
             "and that no other program holds it"
         )
     return f"cannot open the job database {path} ({text}): {what}"
+
+
+def _age(record: JobRecord) -> tuple[int, str]:
+    return record.create_ns, record.id

@@ -1,6 +1,6 @@
 """A job's life as the service records it: recovery after a restart, its end.
 
-Shared by the embedded queue (``api/jobs.py``) and the scaled-out workers
+Used by the job manager (``api/jobs.py``) and the worker loop
 (``workers/loop.py``): what a job left RUNNING by a dead server becomes, the
 INFO line of a job's end, and the ``outcome`` label its end counts under in
 ``secateur_jobs_completed_total`` (see ``metrics.OUTCOMES``).
@@ -78,22 +78,3 @@ def ended(
         changes["result"] = report
         message = report.get("decision") or message
     return record.evolve(message=message, **changes)
-
-
-def log_end(
-    old: JobRecord,
-    state: JobState,
-    error: ServiceError | None,
-    report: dict[str, Any] | None,
-    now: int,
-) -> None:
-    """The lifecycle line of a job's end: outcome, status code, time since it started."""
-    outcome = state.value.lower()
-    if state == JobState.FAILED and report is not None:
-        outcome = "failed (accuracy gate)"
-    code = f" {error.code.name}" if error is not None else ""
-    since = old.start_ns or old.create_ns
-    log.info(
-        "job %s finished: %s%s after %.1f s (%d attempt(s))",
-        old.id, outcome, code, (now - since) / 1e9 if since else 0.0, old.attempts,
-    )  # fmt: skip

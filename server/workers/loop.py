@@ -1,10 +1,11 @@
-"""Scaled-out workers: claim queued jobs from a shared store, run them, hold their leases.
+"""The one job runner: claim queued jobs from a queue store, run them, hold their leases.
 
-``secateur worker`` (and a PostgreSQL-backed ``secateur serve`` with
-``--max-concurrent-jobs`` > 0) runs one :class:`WorkerLoop`. It claims up to
-``max_concurrent`` jobs at once from a queue store (``store.claim``: ``SELECT
-... FOR UPDATE SKIP LOCKED``, attempts + 1, a new fencing token) and runs each
-in its own subprocess (``workers/spawn.py``), exactly as the embedded server does.
+``secateur worker``, and ``secateur serve`` with any store (the embedded
+SQLite one included) and ``--max-concurrent-jobs`` > 0, run one
+:class:`WorkerLoop`. It claims up to ``max_concurrent`` jobs at once from a
+queue store (``store.claim``: attempts + 1, a new fencing token; PostgreSQL's
+is ``SELECT ... FOR UPDATE SKIP LOCKED``) and runs each in its own subprocess
+(``workers/spawn.py``).
 While a job runs its lease is renewed every ``lease_s / 3`` seconds (at
 least every ``RENEW_MAX_S``, so a cancel reaches the job within seconds):
 
@@ -93,6 +94,7 @@ class WorkerLoop:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._slot = asyncio.Event()
+        self._wake = asyncio.Event()
 
     @property
     def running(self) -> int:
@@ -106,14 +108,19 @@ class WorkerLoop:
                 self._slot.clear()
                 await self._wait(self._slot, None)
                 continue
+            self._wake.clear()
             claim = await self._claim()
             if claim is None:
-                await self._wait(self._stopping, self.cfg.idle_poll_s)
+                await self._wait(self._wake, self.cfg.idle_poll_s)
                 continue
             task = asyncio.create_task(self._run_job(claim.record, claim.token))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         await self._release_all()
+
+    def wake(self) -> None:
+        """Ask for work now rather than at the next poll (a job was just queued here)."""
+        self._wake.set()
 
     def stop(self) -> None:
         """Stop claiming (the first step of a graceful shutdown)."""
@@ -153,8 +160,8 @@ class WorkerLoop:
         held = _Held(record, token, key=f"{record.id}-{token}")
         self._held[record.id] = held
         log.info(
-            "job %s claimed by worker %s (attempt %d, token %d)",
-            record.id, self.cfg.worker_id, record.attempts, token,
+            "job %s started (attempt %d) on worker %s, token %d",
+            record.id, record.attempts, self.cfg.worker_id, token,
         )  # fmt: skip
         renewer = asyncio.create_task(self._renew(held))
         started = time.monotonic()

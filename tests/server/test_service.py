@@ -141,7 +141,8 @@ def test_lifecycle_logsOneInfoLinePerEvent(server, digits_data, tmp_path, caplog
     assert logged[0] == (
         f"job {ran_id} created: {spec.model_uri} -> {spec.output_uri} (request_id logged-1)"
     )
-    assert logged[1] == f"job {ran_id} started (attempt 1)"
+    worker = server.running.manager.worker_loop.cfg.worker_id  # the one runner: the loop
+    assert logged[1] == f"job {ran_id} started (attempt 1) on worker {worker}, token 1"
     stages = [line.split("stage ")[1] for line in logged if ": stage " in line]
     assert stages == ["FETCHING", "ANALYZING", "SCORING", "REBUILDING",  # epochs=0: no FINE_TUNING
                       "EVALUATING", "MEASURING", "EXPORTING"]  # fmt: skip
