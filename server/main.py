@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from secateur.pruner.safety import installed_packages
 from secateur.server.api.service import ServerOptions, serve
+from secateur.server.api.tenants import Tenants
 from secateur.server.errors import StartupError
 from secateur.server.workers.command import run_worker
 
@@ -116,7 +117,12 @@ def add_auth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", help="PEM server certificate (enables TLS)")
     p.add_argument("--tls-key", help="PEM server private key")
     p.add_argument("--tls-client-ca", help="PEM CA for client certificates (enables mTLS)")
-    p.add_argument("--auth-token-file", help="file with accepted bearer tokens, one per line")
+    p.add_argument(
+        "--auth-token-file",
+        help="accepted bearer tokens: one per line, or a YAML `tenants:` mapping of tenant -> "
+        "tokens and allowed_uri_prefixes, each tenant seeing only its own jobs "
+        "(docs/tenants.md); read again on SIGHUP",
+    )
     p.add_argument(
         "--allow-unauthenticated",
         action="store_true",
@@ -236,23 +242,6 @@ def _read(path: str | None, flag: str) -> bytes | None:
         ) from exc
 
 
-def _tokens(path: str | None) -> frozenset[str]:
-    if not path:
-        return frozenset()
-    data = _read(path, "--auth-token-file") or b""
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise StartupError(f"--auth-token-file {path} is not UTF-8 text") from exc
-    tokens = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
-    if not tokens:
-        raise StartupError(
-            f"no tokens in {path}: put one bearer token per line (lines starting with # "
-            "are ignored)"
-        )
-    return tokens
-
-
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     """Check the flags and read the files they name; StartupError if they won't do."""
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -276,7 +265,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
     problem = exposure_problem(args) or plaintext_token_problem(args)
     if problem:
         raise StartupError(problem)
-    tokens = _tokens(args.auth_token_file)
+    tenants = Tenants(args.auth_token_file) if args.auth_token_file else None
     state_dir = os.path.abspath(os.path.expanduser(args.state_dir))
     allowed = tuple(args.allowed_uri_prefix or [os.path.join(state_dir, "models")])
     return ServerOptions(
@@ -287,7 +276,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         allowed_prefixes=allowed,
         max_concurrent_jobs=args.max_concurrent_jobs,
         max_queued_jobs=args.max_queued_jobs,
-        tokens=tokens,
+        tenants=tenants,
         tls_cert=_read(args.tls_cert, "--tls-cert"),
         tls_key=_read(args.tls_key, "--tls-key"),
         tls_client_ca=_read(args.tls_client_ca, "--tls-client-ca"),
@@ -319,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model files may name the registered classes of: %s (--trust-package)",
                 ", ".join(options.trusted_packages),
             )
-        if not is_loopback(options.host) and not (options.tokens or options.tls_client_ca):
+        if not is_loopback(options.host) and not (options.tenants or options.tls_client_ca):
             logging.getLogger("secateur.server").warning(
                 "--allow-unauthenticated: anyone who can reach %s:%d may use this server",
                 options.host,
@@ -360,6 +349,13 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
         "job when it expires (default 30)",
     )
     p.add_argument("--max-attempts", type=int, default=3, help="a job's attempts before it fails")
+    p.add_argument(
+        "--max-preemptions",
+        type=int,
+        default=10,
+        help="runs of a job after which one more stop by a worker shutdown (SIGTERM: "
+        "scale-down, preemption) ends it FAILED instead of queueing it again (default 10)",
+    )
     p.add_argument(
         "--metrics-port", type=int, default=-1, help="Prometheus /metrics port; -1 disables"
     )
@@ -406,6 +402,8 @@ def _worker_problem(args: argparse.Namespace) -> str | None:
         return f"--max-concurrent-jobs must be >= 1. Received: {args.max_concurrent_jobs}"
     if not args.lease_seconds >= 1:
         return f"--lease-seconds must be >= 1. Received: {args.lease_seconds}"
+    if args.max_preemptions < 1:
+        return f"--max-preemptions must be >= 1. Received: {args.max_preemptions}"
     try:
         installed_packages(args.trust_package or ())
     except ValueError as exc:

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from secateur.server.api.tenants import NO_TENANT, Tenant
 from secateur.server.errors import ServiceError, echo
 from secateur.server.jobstore.interface import QueueStore
 from secateur.server.jobstore.page_tokens import Cursor, PageTokens
@@ -84,6 +85,26 @@ class ManagerConfig:
     #: beyond it RESOURCE_EXHAUSTED with ``plan_retry_s`` as RetryInfo (``--max-concurrent-plans``).
     max_concurrent_plans: int = 2
     plan_retry_s: float = 5.0
+
+
+def _same_tenant(record: JobRecord, tenant: Tenant) -> JobRecord:
+    """The job a ``request_id`` already made, if it is ``tenant``'s; ALREADY_EXISTS if
+    another tenant's (its job stays unseen: only the id is known to be taken)."""
+    if record.tenant != tenant.name:
+        raise ServiceError(
+            grpc.StatusCode.ALREADY_EXISTS,
+            "this request_id is taken by a job you cannot see; use a fresh request_id",
+            [("request_id", "taken")],
+        )
+    return record
+
+
+def _owned(record: JobRecord | None, name: str, tenant: str | None) -> JobRecord:
+    """``record`` if it exists and is ``tenant``'s (None: anyone's); else NOT_FOUND,
+    the same answer for another tenant's job as for no job at all."""
+    if record is None or (tenant is not None and record.tenant != tenant):
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no such job. Received: {echo(name)}")
+    return record
 
 
 def job_id(name: str) -> str:
@@ -164,14 +185,12 @@ class JobManager:
         await self.runner.kill_all()
 
     # -- queries -------------------------------------------------------------
-    def get(self, name: str) -> JobRecord:
-        record = self.store.get(job_id(name))
-        if record is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no such job. Received: {echo(name)}")
-        return record
+    def get(self, name: str, tenant: str | None = None) -> JobRecord:
+        """The job ``name``; NOT_FOUND if there is none or it is another ``tenant``'s."""
+        return _owned(self.store.get(job_id(name)), name, tenant)
 
     def list(
-        self, state: JobState | None, page_size: int, page_token: str
+        self, state: JobState | None, page_size: int, page_token: str, tenant: str | None = None
     ) -> tuple[list[JobRecord], str]:
         """Jobs newest first; the token continues after the page's last job (see page_tokens)."""
         if page_size < 0:
@@ -181,27 +200,35 @@ class JobManager:
                 [("page_size", "must be >= 0")],
             )
         after = self._tokens.parse(page_token, state) if page_token else None
-        records, last = self.store.page(state, after, min(page_size or 50, 1000))
+        limit = min(page_size or 50, 1000)
+        if tenant is None:
+            records, last = self.store.page(state, after, limit)
+        else:  # only the caller's jobs (a page token carries no tenant: it is only a key)
+            records, last = self.store.page(state, after, limit, tenant=tenant)
         return records, self._tokens.issue(state, Cursor(*last)) if last is not None else ""
 
-    async def get_async(self, name: str) -> JobRecord:
+    async def get_async(self, name: str, tenant: str | None = None) -> JobRecord:
         """:meth:`get` that never blocks the event loop on a shared store: its
         cached record at once, else the database read in a thread."""
         if not self.shared:
-            return self.get(name)  # the embedded store answers from memory
+            return self.get(name, tenant)  # the embedded store answers from memory
         hit = self._cached(job_id(name))
-        return hit if hit is not None else await asyncio.to_thread(self.get, name)
+        if hit is not None:
+            return _owned(hit, name, tenant)
+        return await asyncio.to_thread(self.get, name, tenant)
 
-    async def list_async(self, state: JobState | None, page_size: int, page_token: str) -> Page:
+    async def list_async(
+        self, state: JobState | None, page_size: int, page_token: str, tenant: str | None = None
+    ) -> Page:
         """:meth:`list`, in a thread on a shared store."""
-        return await self._off_loop(self.list, state, page_size, page_token)
+        return await self._off_loop(self.list, state, page_size, page_token, tenant)
 
     async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` in a thread on a shared store (database I/O), else here."""
         return await asyncio.to_thread(call, *args) if self.shared else call(*args)
 
-    async def watch(self, name: str) -> AsyncIterator[JobRecord]:
-        last = await self.get_async(name)
+    async def watch(self, name: str, tenant: str | None = None) -> AsyncIterator[JobRecord]:
+        last = await self.get_async(name, tenant)
         yield last
         while not last.state.terminal:
             async with self._changed:
@@ -229,16 +256,16 @@ class JobManager:
             return last
 
     # -- commands ----------------------------------------------------------
-    async def create(self, sub: Submission) -> JobRecord:
-        """Queue a validated request (or only check it: ``validate_only``).
+    async def create(self, sub: Submission, tenant: Tenant = NO_TENANT) -> JobRecord:
+        """Queue a validated request (or only check it: ``validate_only``) for ``tenant``.
 
         The same ``request_id`` returns the job it made first.
         """
         if sub.request_id:
             existing = await self._off_loop(self.store.by_request_id, sub.request_id)
             if existing is not None:
-                return existing
-        await asyncio.to_thread(self._check_uris, sub.request)
+                return _same_tenant(existing, tenant)
+        await asyncio.to_thread(self._check_uris, sub.request, tenant)
         if sub.validate_only:
             await self.plan(sub.request.model_uri, sub.spec)  # model readable and supported
             return JobRecord(
@@ -252,7 +279,7 @@ class JobManager:
         if sub.request_id:
             twin = await self._off_loop(self.store.by_request_id, sub.request_id)
             if twin is not None:
-                return twin  # a concurrent twin won the race
+                return _same_tenant(twin, tenant)  # a concurrent twin won the race
         now = now_ns()
         record = JobRecord(
             id=uuid.uuid4().hex[:16],
@@ -262,10 +289,11 @@ class JobManager:
             create_ns=now,
             update_ns=now,
             message="queued",
+            tenant=tenant.name,
         )
         twin = await self._off_loop(self._insert, record)
         if twin is not None:
-            return twin  # a twin (on another replica) won the race
+            return _same_tenant(twin, tenant)  # a twin (on another replica) won the race
         log.info(
             "job %s created: %s -> %s%s",
             record.id, sub.request.model_uri, sub.request.output_uri,
@@ -297,20 +325,25 @@ class JobManager:
                 return twin
         return None
 
-    def _check_uris(self, request: JobRequest) -> None:
-        """The pipeline's own pre-flight, before queueing: PERMISSION_DENIED,
-        NOT_FOUND, ALREADY_EXISTS, or INVALID_ARGUMENT for an output inside the model."""
+    def _check_uris(self, request: JobRequest, tenant: Tenant = NO_TENANT) -> None:
+        """The pipeline's own pre-flight, before queueing: PERMISSION_DENIED (also
+        outside the tenant's own prefixes), NOT_FOUND, ALREADY_EXISTS, or
+        INVALID_ARGUMENT for an output inside the model."""
         from secateur.pruner.errors import InvalidSpecError
         from secateur.server.pipeline.boundary import preflight
         from secateur.server.storage import InvalidUriError
 
         try:
+            if tenant.allowed_prefixes:
+                narrowed = Storage(list(tenant.allowed_prefixes))
+                narrowed.locate(request.model_uri, "model_uri")
+                narrowed.locate(request.output_uri, "output_uri")
             preflight(self.storage, request)
         except (InvalidSpecError, InvalidUriError) as exc:
             raise convert.invalid(convert.field_path(exc.field), str(exc)) from exc
 
-    async def cancel(self, name: str) -> JobRecord:
-        record = await self.get_async(name)
+    async def cancel(self, name: str, tenant: str | None = None) -> JobRecord:
+        record = await self.get_async(name, tenant)
         if record.state.terminal:
             return record
         log.info("job %s: cancel requested while %s", record.id, record.state.value)
@@ -323,7 +356,7 @@ class JobManager:
         await self._notify()
         return done
 
-    async def plan(self, model_uri: str, spec: bytes) -> dict[str, Any]:
+    async def plan(self, model_uri: str, spec: bytes, tenant: Tenant = NO_TENANT) -> dict[str, Any]:
         """The dry-run plan of ``spec`` (a serialized JobSpec naming the model and pruning).
 
         At most ``max_concurrent_plans`` run at once; the worker process is
@@ -344,6 +377,8 @@ class JobManager:
             )
         self._plans += 1
         try:
+            if tenant.allowed_prefixes:  # the tenant's own prefixes, then the server's
+                Storage(list(tenant.allowed_prefixes)).locate(model_uri, "model_uri")
             return await self._plan(model_uri, spec)
         finally:
             self._plans -= 1

@@ -11,7 +11,6 @@ running workers are stopped and their jobs resume on the next start.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import importlib.metadata
 import logging
 import signal
@@ -32,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from secateur.server.api.error_interceptor import ErrorInterceptor
 from secateur.server.api.jobs import JobManager, ManagerConfig
 from secateur.server.api.metrics_interceptor import MetricsInterceptor
+from secateur.server.api.tenants import NO_TENANT, Tenant, Tenants, bearer
 from secateur.server.errors import StartupError
 from secateur.server.jobstore import QueueStore, StoreOpenError, jobs_pb, open_store
 from secateur.server.jobstore.sqlite import SqliteJobStore
@@ -48,32 +48,42 @@ OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 class PruningServicer(pb_grpc.PruningServiceServicer):
     """Thin: converts messages to domain objects, calls the JobManager, converts back."""
 
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, tenants: Tenants | None = None) -> None:
         self.m = manager
+        self.tenants = tenants
+
+    def _tenant(self, context: Any) -> Tenant:
+        """The caller's tenant (its token passed the TokenInterceptor); one for all without."""
+        return self.tenants.of(context.invocation_metadata()) if self.tenants else NO_TENANT
 
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.Job:
-        return jobs_pb.to_pb(await self.m.create(jobs_pb.submission(request)))
+        sub = jobs_pb.submission(request)
+        return jobs_pb.to_pb(await self.m.create(sub, self._tenant(context)))
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        return jobs_pb.to_pb(await self.m.get_async(request.name))
+        return jobs_pb.to_pb(await self.m.get_async(request.name, self._tenant(context).name))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         state = jobs_pb.state_filter(request.state)
-        records, token = await self.m.list_async(state, request.page_size, request.page_token)
+        tenant = self._tenant(context).name
+        records, token = await self.m.list_async(
+            state, request.page_size, request.page_token, tenant
+        )
         return pb.ListJobsResponse(jobs=[jobs_pb.to_pb(r) for r in records], next_page_token=token)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
-        return jobs_pb.to_pb(await self.m.cancel(request.name))
+        return jobs_pb.to_pb(await self.m.cancel(request.name, self._tenant(context).name))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.Job]:
-        async for record in self.m.watch(request.name):
+        async for record in self.m.watch(request.name, self._tenant(context).name):
             yield jobs_pb.to_pb(record)
 
     async def PlanPruning(
         self, request: pb.PlanPruningRequest, context: Any
     ) -> pb.PlanPruningResponse:
         spec = jobs_pb.plan_spec(request)
-        return convert.plan_response(await self.m.plan(request.model_uri, spec))
+        plan = await self.m.plan(request.model_uri, spec, self._tenant(context))
+        return convert.plan_response(plan)
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -82,17 +92,15 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     Health checks and reflection stay open so orchestrators can probe.
     """
 
-    def __init__(self, tokens: set[str]) -> None:
-        self.tokens = {t.encode() for t in tokens}
+    def __init__(self, tenants: Tenants) -> None:
+        self.tenants = tenants
 
     async def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_METHODS):
             return handler
-        meta = dict(details.invocation_metadata or ())
-        auth = str(meta.get("authorization", ""))
-        token = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
-        if token and any(hmac.compare_digest(token, t) for t in self.tokens):
+        token = bearer(details.invocation_metadata)
+        if token and self.tenants.lookup(token) is not None:
             return handler
         why = "missing bearer token" if not token else "invalid bearer token"
         return _deny(handler, why)
@@ -138,6 +146,8 @@ class ServerOptions:
     trusted_packages: tuple[str, ...] = ()
     #: ``--max-concurrent-plans``: PlanPruning / validate-only calls run at once.
     max_concurrent_plans: int = 2
+    #: ``--auth-token-file``: the tokens of each tenant (reloaded on SIGHUP); else ``tokens``.
+    tenants: Tenants | None = None
 
 
 class RunningServer:
@@ -170,8 +180,9 @@ class RunningServer:
             raise StartupError(str(exc)) from exc
         try:
             interceptors = self._start_metrics()
-            if o.tokens:
-                interceptors.append(TokenInterceptor(set(o.tokens)))
+            tenants = o.tenants or (Tenants.from_tokens(o.tokens) if o.tokens else None)
+            if tenants is not None:
+                interceptors.append(TokenInterceptor(tenants))
             interceptors.append(ErrorInterceptor(validate=convert.check_sizes))
             cfg = ManagerConfig(
                 o.state_dir,
@@ -184,7 +195,8 @@ class RunningServer:
             )
             self.manager = JobManager(cfg, self.store, self.metrics)
             self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)
-            pb_grpc.add_PruningServiceServicer_to_server(PruningServicer(self.manager), self.server)
+            servicer = PruningServicer(self.manager, tenants)
+            pb_grpc.add_PruningServiceServicer_to_server(servicer, self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -329,6 +341,8 @@ def serve(options: ServerOptions) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        if options.tenants is not None:  # SIGHUP: read --auth-token-file again
+            loop.add_signal_handler(signal.SIGHUP, options.tenants.reload)
         await stop.wait()
         log.info("shutting down")
         await server.drain(options.shutdown_grace_s, now)

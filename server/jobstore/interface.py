@@ -35,10 +35,15 @@ class JobStore(Protocol):
     def by_request_id(self, request_id: str) -> JobRecord | None: ...
 
     def page(
-        self, state: JobState | None, after: tuple[int, str] | None, limit: int
+        self,
+        state: JobState | None,
+        after: tuple[int, str] | None,
+        limit: int,
+        tenant: str | None = None,
     ) -> tuple[list[JobRecord], tuple[int, str] | None]:
         """Jobs newest first by ``(create_ns, id)`` strictly after ``after``, of ``state``
-        (None: any); and the key of the page's last job when more follow."""
+        (None: any) and of ``tenant`` (None: any); and the key of the page's last job
+        when more follow."""
         ...
 
     def all(self) -> list[JobRecord]:

@@ -77,6 +77,7 @@ def to_pb(record: JobRecord) -> pb.Job:
         request_id=record.request_id,
         attempts=record.attempts,
         worker=record.worker,
+        tenant=record.tenant,
     )
     if record.error is not None:
         job.error.CopyFrom(error_status(record.error))
@@ -116,6 +117,7 @@ def from_pb(job: pb.Job, report: Mapping[str, Any] | None = None) -> JobRecord:
         attempts=job.attempts,
         worker=job.worker,
         lease_expires=job.lease_expire_time.ToNanoseconds() / 1e9,
+        tenant=job.tenant,
     )
 
 

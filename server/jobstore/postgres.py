@@ -186,11 +186,11 @@ class PostgresJobStore:
         with self._tx() as conn:
             inserted = conn.execute(
                 "INSERT INTO jobs (id, request_id, state, create_ns, create_time, data, report,"
-                " attempts) VALUES (%s, %s, %s, %s, to_timestamp(%s), %s, %s, %s)"
+                " attempts, tenant) VALUES (%s, %s, %s, %s, to_timestamp(%s), %s, %s, %s, %s)"
                 " ON CONFLICT (request_id) DO NOTHING RETURNING id",
                 (
                     record.id, record.request_id or None, state, record.create_ns,
-                    record.create_ns / 1e9, data, report, record.attempts,
+                    record.create_ns / 1e9, data, report, record.attempts, record.tenant,
                 ),
             ).fetchone()  # fmt: skip
             if inserted is not None:
@@ -223,7 +223,11 @@ class PostgresJobStore:
         return _record(row) if row else None
 
     def page(
-        self, state: JobState | None, after: tuple[int, str] | None, limit: int
+        self,
+        state: JobState | None,
+        after: tuple[int, str] | None,
+        limit: int,
+        tenant: str | None = None,
     ) -> tuple[list[JobRecord], tuple[int, str] | None]:
         """Jobs newest first by ``(create time in ns, id)`` strictly after ``after``
         (a keyset, as SqliteJobStore.page), and the last one's key when more follow."""
@@ -232,6 +236,9 @@ class PostgresJobStore:
         if state is not None:
             where.append("state = %s")
             params.append(_NUM[state])
+        if tenant is not None:
+            where.append("tenant = %s")
+            params.append(tenant)
         if after is not None:
             where.append("(create_ns, id) < (%s, %s)")
             params += [after[0], after[1]]

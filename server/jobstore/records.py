@@ -73,6 +73,8 @@ class JobRecord:
         worker: the worker that runs it (or ran it last); "" before one claims it.
         lease_expires: when that worker's lease ends unless renewed, in
             seconds since the epoch (0: no lease; the SQLite store has none).
+        tenant: the tenant whose token created the job ("" without tenants);
+            no other tenant sees it (server/api/tenants.py).
     """
 
     id: str
@@ -91,6 +93,7 @@ class JobRecord:
     attempts: int = 0
     worker: str = ""
     lease_expires: float = 0.0
+    tenant: str = ""
 
     @property
     def name(self) -> str:

@@ -62,6 +62,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE TABLE shared_secrets (name text PRIMARY KEY, value bytea NOT NULL)",
         ],
     ),
+    (
+        3,
+        [
+            # Issue 18, item 8: a job belongs to the tenant whose token created it
+            # (also inside `data`, the Job's `tenant`); ListJobs pages one tenant's jobs.
+            "ALTER TABLE jobs ADD COLUMN tenant text NOT NULL DEFAULT ''",
+            "CREATE INDEX jobs_by_tenant_create ON jobs (tenant, create_ns DESC, id DESC)",
+        ],
+    ),
 ]
 
 

@@ -137,9 +137,17 @@ class SqliteJobStore:
         with self._lock:
             state, data, report = encode_row(record)
             self._db.execute(
-                "INSERT INTO jobs (id, request_id, state, create_time, data, report) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (record.id, record.request_id or None, state, record.create_ns / 1e9, data, report),
+                "INSERT INTO jobs (id, request_id, state, create_time, data, report, tenant) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.request_id or None,
+                    state,
+                    record.create_ns / 1e9,
+                    data,
+                    report,
+                    record.tenant,
+                ),
             )
             self._keep(record)
             self._order.insert(0, record.id)
@@ -173,7 +181,11 @@ class SqliteJobStore:
         return self._jobs.get(job_id) if job_id else None
 
     def page(
-        self, state: JobState | None, after: tuple[int, str] | None, limit: int
+        self,
+        state: JobState | None,
+        after: tuple[int, str] | None,
+        limit: int,
+        tenant: str | None = None,
     ) -> tuple[list[JobRecord], tuple[int, str] | None]:
         """Jobs newest first by ``(create time in ns, id)``, optionally of one state.
 
@@ -186,7 +198,9 @@ class SqliteJobStore:
         keyed = [
             (key, job)
             for key, job in keyed
-            if (state is None or job.state == state) and (after is None or key < after)
+            if (state is None or job.state == state)
+            and (after is None or key < after)
+            and (tenant is None or job.tenant == tenant)
         ]
         chunk = heapq.nlargest(limit + 1, keyed, key=lambda kj: kj[0])
         more = len(chunk) > limit
@@ -242,8 +256,11 @@ class SqliteJobStore:
     def save_leased(self, record: JobRecord, token: int) -> bool:
         """Write the record of a job ``token`` still holds; False, writing nothing, if not."""
         with self._lock:
-            if self._held(record.id, token) is None:
+            lease = self._held(record.id, token)
+            if lease is None:
                 return False
+            if record.state is JobState.QUEUED and lease.cancel:  # a cancel survives hand-backs
+                record = given_up(record, lease.worker, cancel_requested=True)
             if record.state is not JobState.RUNNING:  # ended or handed back: no lease
                 record = dataclasses.replace(record, lease_expires=0.0)
             self.save(record)
@@ -333,6 +350,8 @@ def _connect(state_dir: str, path: str) -> sqlite3.Connection:
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         if "report" not in columns:  # a database from before issue 9
             db.execute("ALTER TABLE jobs ADD COLUMN report TEXT")
+        if "tenant" not in columns:  # before issue 18: every job is the unnamed tenant's
+            db.execute("ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
     except sqlite3.Error as exc:
         db.close()
         raise StoreOpenError(_open_problem(path, exc)) from exc

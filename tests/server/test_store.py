@@ -100,4 +100,5 @@ def test_databaseFromBeforeReports_isMigrated_andItsJobsReadTheSame(tmp_path: Pa
     store.close()
     with closing(sqlite3.connect(tmp_path / "jobs.sqlite")) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
-    assert columns[-1] == "report"
+    assert columns[-2:] == ["report", "tenant"]  # tenant: issue 18, the old jobs' is ""
+    assert record.tenant == ""
