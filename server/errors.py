@@ -103,6 +103,7 @@ def _by_name() -> dict[str, grpc.StatusCode]:
         "StorageExistsError": c.ALREADY_EXISTS,
         "StorageUnreachableError": c.UNAVAILABLE,
         "DiskBudgetError": c.FAILED_PRECONDITION,  # the model does not fit the worker's disk
+        "DownloadTooLargeError": c.RESOURCE_EXHAUSTED,  # over --max-model-bytes
         "StoreUnavailableError": c.UNAVAILABLE,  # the PostgreSQL job store did not answer
         "UnsupportedModelError": c.FAILED_PRECONDITION,
         "PlanError": c.FAILED_PRECONDITION,

@@ -23,6 +23,7 @@ from secateur.server.errors import StartupError
 from secateur.server.workers.command import run_worker
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_MAX_MODEL_BYTES = 20 * 2**30
 
 
 def add_trust_argument(p: argparse.ArgumentParser) -> None:
@@ -95,8 +96,21 @@ def trusted_packages(args: argparse.Namespace) -> tuple[str, ...]:
         raise StartupError(str(exc)) from exc
 
 
+def add_model_cap_argument(p: argparse.ArgumentParser) -> None:
+    """``--max-model-bytes``, shared by ``serve`` and ``worker``."""
+    p.add_argument(
+        "--max-model-bytes",
+        type=int,
+        default=DEFAULT_MAX_MODEL_BYTES,
+        help="a job's model download (local or gs://) stops past this many bytes, counted "
+        "while streaming: the job FAILS RESOURCE_EXHAUSTED and no partial copy is kept; "
+        f"0: no cap (default {DEFAULT_MAX_MODEL_BYTES}, 20 GiB)",
+    )
+
+
 def add_limit_arguments(p: argparse.ArgumentParser) -> None:
     """The bounds of one replica's resources (issue 18, item 7)."""
+    add_model_cap_argument(p)
     p.add_argument(
         "--max-queued-jobs",
         type=int,
@@ -258,6 +272,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise StartupError(
             f"--max-concurrent-jobs must be >= 0. Received: {args.max_concurrent_jobs}"
         )
+    if args.max_model_bytes < 0:
+        raise StartupError(f"--max-model-bytes must be >= 0. Received: {args.max_model_bytes}")
     if args.max_concurrent_plans < 1:
         raise StartupError(
             f"--max-concurrent-plans must be >= 1. Received: {args.max_concurrent_plans}"
@@ -285,6 +301,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         lease_s=args.lease_seconds,
         trusted_packages=trusted_packages(args),
         max_concurrent_plans=args.max_concurrent_plans,
+        max_model_bytes=args.max_model_bytes or None,
     )
 
 
@@ -349,6 +366,7 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
         "job when it expires (default 30)",
     )
     p.add_argument("--max-attempts", type=int, default=3, help="a job's attempts before it fails")
+    add_model_cap_argument(p)
     p.add_argument(
         "--max-preemptions",
         type=int,

@@ -85,6 +85,8 @@ class ManagerConfig:
     #: beyond it RESOURCE_EXHAUSTED with ``plan_retry_s`` as RetryInfo (``--max-concurrent-plans``).
     max_concurrent_plans: int = 2
     plan_retry_s: float = 5.0
+    #: A job's (and plan's) model download stops past this many bytes (``--max-model-bytes``).
+    max_model_bytes: int | None = None
 
 
 def _same_tenant(record: JobRecord, tenant: Tenant) -> JobRecord:
@@ -129,6 +131,7 @@ class JobManager:
             config.worker_command, config.state_dir, config.allowed_prefixes, config.cancel_grace_s,
             config.trusted_packages,
         )  # fmt: skip
+        self.runner.max_download_bytes = config.max_model_bytes
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[Any]] = []
         secret = getattr(store, "secret", None)  # shared: any replica reads any one's tokens

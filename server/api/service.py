@@ -146,6 +146,8 @@ class ServerOptions:
     trusted_packages: tuple[str, ...] = ()
     #: ``--max-concurrent-plans``: PlanPruning / validate-only calls run at once.
     max_concurrent_plans: int = 2
+    #: ``--max-model-bytes``: a model download stops (RESOURCE_EXHAUSTED) past it; None: no cap.
+    max_model_bytes: int | None = None
     #: ``--auth-token-file``: the tokens of each tenant (reloaded on SIGHUP); else ``tokens``.
     tenants: Tenants | None = None
 
@@ -192,6 +194,7 @@ class RunningServer:
                 lease_s=o.lease_s,
                 trusted_packages=o.trusted_packages,
                 max_concurrent_plans=o.max_concurrent_plans,
+                max_model_bytes=o.max_model_bytes,
             )
             self.manager = JobManager(cfg, self.store, self.metrics)
             self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)

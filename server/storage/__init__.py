@@ -51,6 +51,7 @@ from __future__ import annotations
 from secateur.server.storage.backend import SAVED_MODEL_FILE, TMP_PREFIX, Backend
 from secateur.server.storage.errors import (
     DiskBudgetError,
+    DownloadTooLargeError,
     InvalidUriError,
     StorageError,
     StorageExistsError,
@@ -67,6 +68,7 @@ __all__ = [
     "AllowList",
     "Backend",
     "DiskBudgetError",
+    "DownloadTooLargeError",
     "InvalidUriError",
     "Location",
     "Storage",

@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
+from secateur.server.storage.errors import ByteBudget
 from secateur.server.storage.location import Location
 
 __all__ = ["SAVED_MODEL_FILE", "TMP_PREFIX", "Backend", "Staging", "ordered_for_publish"]
@@ -98,9 +99,9 @@ class Backend(Protocol):
 
     def write_bytes(self, loc: Location, data: bytes) -> None: ...
 
-    def download(self, loc: Location, target: str) -> None:
+    def download(self, loc: Location, target: str, budget: ByteBudget | None = None) -> None:
         """Copy a file or tree to the local path ``target``, replacing it, never
-        leaving a partial copy."""
+        leaving a partial copy; its bytes counted against ``budget`` while streaming."""
         ...
 
     def list_versions(self, base: Location) -> list[int]:

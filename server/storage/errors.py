@@ -11,14 +11,18 @@ end with ``Received: <uri>``, escaped when it holds control characters::
     ├── StorageUnreachableError    host or bucket cannot be reached, network error,
     │                              bucket missing when writing, no credentials
     ├── DiskBudgetError            a job's local files exceed its local disk budget
+    ├── DownloadTooLargeError      a download passed the server's size cap (streaming)
     └── InvalidUriError            unsupported scheme or malformed URI
                                    (also a ValueError)
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "DiskBudgetError",
+    "DownloadTooLargeError",
     "InvalidUriError",
     "StorageError",
     "StorageExistsError",
@@ -75,3 +79,36 @@ class DiskBudgetError(StorageError):
 
 class InvalidUriError(StorageError, ValueError):
     """The URI is malformed or uses an unsupported scheme."""
+
+
+class DownloadTooLargeError(StorageError):
+    """A download passed the server's cap (``--max-model-bytes``), counted while streaming;
+    the partial copy is removed."""
+
+
+class ByteBudget:
+    """Counts the bytes of one download against a cap; raises the moment it is passed."""
+
+    def __init__(self, limit: int, uri: str) -> None:
+        self.limit, self.uri, self.used = limit, uri, 0
+
+    def add(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise DownloadTooLargeError(
+                f"the model is over this server's download cap of {self.limit} bytes "
+                "(--max-model-bytes); nothing was kept. Prune a smaller model or ask the "
+                "operator to raise the cap.",
+                self.uri,
+            )
+
+
+def copy_counted(read: Any, write: Any, budget: ByteBudget | None, chunk: int = 1 << 20) -> None:
+    """Copy ``read(n)`` into ``write(bytes)`` in chunks, counting them against ``budget``."""
+    while True:
+        data = read(chunk)
+        if not data:
+            return
+        if budget is not None:
+            budget.add(len(data))
+        write(data)

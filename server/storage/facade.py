@@ -8,6 +8,7 @@ from typing import Any
 
 from secateur.server.storage.backend import Backend
 from secateur.server.storage.errors import (
+    ByteBudget,
     InvalidUriError,
     StorageError,
     StorageExistsError,
@@ -47,8 +48,11 @@ class Storage:
         gcs_client: Any | None = None,
         *,
         gcs_timeout: float = 5.0,
+        max_download_bytes: int | None = None,
     ) -> None:
         self._allow = AllowList(allowed_prefixes)
+        #: ``download`` stops (DownloadTooLargeError, no partial copy) past this many bytes.
+        self.max_download_bytes = max_download_bytes
         self._backends: dict[str, Backend] = {
             "file": LocalBackend(self._allow),
             "gs": GcsBackend(gcs_client, gcs_timeout),
@@ -162,7 +166,8 @@ class Storage:
         loc, backend = self._at(uri)
         os.makedirs(local_dir, exist_ok=True)
         target = os.path.join(local_dir, loc.name)
-        backend.download(loc, target)
+        cap = self.max_download_bytes
+        backend.download(loc, target, None if cap is None else ByteBudget(cap, loc.text))
         return target
 
     def list_versions(self, base_uri: UriLike) -> list[int]:

@@ -33,12 +33,14 @@ from secateur.server.storage.backend import (
     ordered_for_publish,
 )
 from secateur.server.storage.errors import (
+    ByteBudget,
     InvalidUriError,
     StorageError,
     StorageExistsError,
     StorageNotFoundError,
     StoragePermissionError,
     StorageUnreachableError,
+    copy_counted,
 )
 from secateur.server.storage.location import WILDCARDS, Location, has_wildcard, is_under
 
@@ -248,12 +250,12 @@ class GcsBackend:
         with gcs_errors(loc.text, writing=True):
             self._bucket(loc).blob(loc.path).upload_from_string(data, **self._kw)
 
-    def download(self, loc: Location, target: str) -> None:
+    def download(self, loc: Location, target: str, budget: ByteBudget | None = None) -> None:
         # An exact object first, then a prefix ("directory").
         if loc.path and self._blob_exists(loc):
             blob = self._bucket(loc).blob(loc.path)
             with localfs.os_errors(loc.text), gcs_errors(loc.text):
-                localfs.replace_file(target, lambda tmp: blob.download_to_filename(tmp, **self._kw))
+                localfs.replace_file(target, lambda tmp: self._fetch(blob, tmp, budget))
             return
         blobs = self._tree(loc)
         if not blobs:
@@ -271,9 +273,17 @@ class GcsBackend:
                     )
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 with gcs_errors(loc.text):
-                    blob.download_to_filename(dest, **self._kw)
+                    self._fetch(blob, dest, budget)
 
         localfs.fill_tree(target, loc.text, fill)
+
+    def _fetch(self, blob: Any, dest: str, budget: ByteBudget | None) -> None:
+        """One object to ``dest``; with a budget, streamed in chunks and counted as they come."""
+        if budget is None:
+            blob.download_to_filename(dest, **self._kw)
+            return
+        with blob.open("rb", chunk_size=_READ_CHUNK, **self._kw) as reader, open(dest, "wb") as out:
+            copy_counted(reader.read, out.write, budget, _READ_CHUNK)
 
     def list_versions(self, base: Location) -> list[int]:
         prefix = f"{base.path}/" if base.path else ""

@@ -16,20 +16,27 @@ from typing import BinaryIO
 from secateur.server.storage import localfs
 from secateur.server.storage.backend import VERSION_RE, Staging, new_staging
 from secateur.server.storage.errors import (
+    ByteBudget,
     InvalidUriError,
     StorageError,
     StorageExistsError,
     StorageNotFoundError,
     StoragePermissionError,
+    copy_counted,
 )
 from secateur.server.storage.location import AllowList, Location, is_under
 
 __all__ = ["LocalBackend"]
 
 
-def _copy_file(src: str, dst: str) -> None:
-    """Copy one file (content and metadata); a seam for tests."""
-    shutil.copy2(src, dst)
+def _copy_file(src: str, dst: str, budget: ByteBudget | None = None) -> None:
+    """Copy one file (content and metadata), counted against ``budget``; a seam for tests."""
+    if budget is None:
+        shutil.copy2(src, dst)
+        return
+    with open(src, "rb") as reader, open(dst, "wb") as writer:
+        copy_counted(reader.read, writer.write, budget)
+    shutil.copystat(src, dst)
 
 
 class LocalBackend:
@@ -73,7 +80,7 @@ class LocalBackend:
             os.makedirs(os.path.dirname(loc.path), exist_ok=True)
             localfs.replace_file(loc.path, lambda tmp: localfs.write_file(tmp, data))
 
-    def download(self, loc: Location, target: str) -> None:
+    def download(self, loc: Location, target: str, budget: ByteBudget | None = None) -> None:
         if not os.path.exists(loc.path):
             raise StorageNotFoundError("Nothing exists at this path.", loc.text)
         if os.path.realpath(target) == loc.path:
@@ -81,15 +88,15 @@ class LocalBackend:
         local_dir = os.path.dirname(target)
         if not os.path.isdir(loc.path):
             with localfs.os_errors(loc.text):
-                localfs.replace_file(target, lambda tmp: _copy_file(loc.path, tmp))
+                localfs.replace_file(target, lambda tmp: _copy_file(loc.path, tmp, budget))
             return
         if is_under(os.path.realpath(local_dir), loc.path):
             raise StorageError(
                 f"Cannot download a directory into itself ('{local_dir}').", loc.text
             )
-        localfs.fill_tree(target, loc.text, lambda tmp: self._copy_tree(loc, tmp))
+        localfs.fill_tree(target, loc.text, lambda tmp: self._copy_tree(loc, tmp, budget))
 
-    def _copy_tree(self, loc: Location, dst: str) -> None:
+    def _copy_tree(self, loc: Location, dst: str, budget: ByteBudget | None = None) -> None:
         """Copy ``loc`` into the existing ``dst``, refusing files outside the allow-list."""
 
         def copy_one(source: str, dest: str) -> None:
@@ -99,7 +106,7 @@ class LocalBackend:
                     f"(to '{os.path.realpath(source)}').",
                     loc.text,
                 )
-            _copy_file(source, dest)
+            _copy_file(source, dest, budget)
 
         shutil.copytree(loc.path, dst, copy_function=copy_one, dirs_exist_ok=True)
 

@@ -41,6 +41,7 @@ async def run_worker(args: Any) -> int:
     command = (sys.executable, "-m", "secateur.server.workers.job_process")
     trusted = tuple(args.trust_package or ())
     runner = WorkerRunner(command, state_dir, allowed, grace_s=10.0, trusted=trusted)
+    runner.max_download_bytes = args.max_model_bytes or None  # 0: no cap
     cfg = LoopConfig(
         args.worker_id or default_worker_id(),
         args.max_concurrent_jobs,

@@ -86,7 +86,9 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
     from secateur.v1 import pruning_pb2 as pb
 
     spec = pb.JobSpec.FromString(base64.b64decode(payload["spec"]))
-    storage = Storage(payload.get("allowed") or None)
+    storage = Storage(
+        payload.get("allowed") or None, max_download_bytes=payload.get("max_download_bytes")
+    )
     trusted = tuple(payload.get("trusted") or ())
     if payload["mode"] == "plan":
         emit.send(type="plan", plan=_plan(spec, storage, trusted))

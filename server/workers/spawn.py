@@ -94,6 +94,8 @@ class WorkerRunner:
         self.allowed = list(allowed_prefixes or [])
         self.grace_s = grace_s
         self.trusted = list(trusted)
+        #: Each worker's model download cap (``--max-model-bytes``); None: no cap.
+        self.max_download_bytes: int | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._stopping: set[str] = set()
         self._killers: set[asyncio.Task[None]] = set()
@@ -155,6 +157,7 @@ class WorkerRunner:
             "spec": base64.b64encode(spec).decode(),
             "allowed": self.allowed,
             "trusted": self.trusted,
+            "max_download_bytes": self.max_download_bytes,
             "fenced": fence is not None,
         }
         proc = await self._spawn(work, read_fd, write_fd)
