@@ -289,9 +289,8 @@ class PostgresJobStore:
                 if row is None:
                     return None
                 record, stale_worker = _record(row[:8]), row[3]
-                if _STATE[row[8]] is JobState.RUNNING and (
-                    row[9] or record.attempts >= max_attempts
-                ):
+                running = _STATE[row[8]] is JobState.RUNNING
+                if row[9] or (running and record.attempts >= max_attempts):  # QUEUED: handed back
                     _write(conn, given_up(record, stale_worker, row[9]), "id = %s", (record.id,))
                     continue
                 return _take(conn, record, worker, lease_s)
@@ -311,8 +310,19 @@ class PostgresJobStore:
 
     def save_leased(self, record: JobRecord, token: int) -> bool:
         """Write the record of a job this worker still holds (token current, RUNNING);
-        False, writing nothing, once the lease was lost."""
+        False, writing nothing, once the lease was lost. A hand-back (QUEUED) of a job
+        whose cancel is pending ends it CANCELLED instead: a cancel survives hand-backs."""
         with self._tx() as conn:
+            if record.state is JobState.QUEUED:
+                row = conn.execute(
+                    "SELECT cancel_requested, worker FROM jobs WHERE id = %s AND lease_token = %s"
+                    " AND state = %s FOR UPDATE",
+                    (record.id, token, _NUM[JobState.RUNNING]),
+                ).fetchone()
+                if row is None:
+                    return False
+                if row[0]:
+                    record = given_up(record, row[1] or "", cancel_requested=True)
             return _write(
                 conn,
                 record,

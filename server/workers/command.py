@@ -47,6 +47,7 @@ async def run_worker(args: Any) -> int:
         args.max_concurrent_jobs,
         args.lease_seconds,
         args.max_attempts,
+        max_preemptions=args.max_preemptions,
     )
     loop = WorkerLoop(cfg, store, runner, metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,7 +22,9 @@ is stale, so a zombie never overwrites the new owner's job. Right before
 publishing, the subprocess asks this loop to check the lease (``store.fence``,
 answered through the runner: the subprocess never sees the store), so a model
 is never published by a worker that lost its job. On SIGTERM the loop stops
-claiming, stops its subprocesses and hands their jobs back to the queue. On
+claiming, stops its subprocesses and hands their jobs back to the queue
+(:func:`handed_back`: CANCELLED when a cancel is pending, FAILED once a job
+was stopped ``max_preemptions`` times). On
 start it removes the work dirs a killed worker left in its state dir
 (:func:`sweep_work`).
 """
@@ -66,8 +68,10 @@ class LoopConfig:
     max_attempts: int = 3
     #: How long to wait before asking for work again when the queue was empty.
     idle_poll_s: float = 1.0
-    #: Publication needs at least this much of the lease left (store.fence).
+    #: Publication needs at least this much of the lease left (store.fence; see fence_margin).
     fence_margin_s: float = 2.0
+    #: Runs a job may start before its workers' hand-backs (SIGTERM) end it FAILED.
+    max_preemptions: int = 10
 
 
 @dataclass
@@ -113,7 +117,9 @@ class WorkerLoop:
             if claim is None:
                 await self._wait(self._wake, self.cfg.idle_poll_s)
                 continue
-            task = asyncio.create_task(self._run_job(claim.record, claim.token))
+            held = _Held(claim.record, claim.token, key=f"{claim.record.id}-{claim.token}")
+            self._held[claim.record.id] = held  # before the next claim: max_concurrent holds
+            task = asyncio.create_task(self._run_job(held))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         await self._release_all()
@@ -156,30 +162,26 @@ class WorkerLoop:
             return None
 
     # -- one job -----------------------------------------------------------
-    async def _run_job(self, record: JobRecord, token: int) -> None:
-        held = _Held(record, token, key=f"{record.id}-{token}")
-        self._held[record.id] = held
+    async def _run_job(self, held: _Held) -> None:
+        record, token = held.record, held.token
         log.info(
             "job %s started (attempt %d) on worker %s, token %d",
             record.id, record.attempts, self.cfg.worker_id, token,
         )  # fmt: skip
         renewer = asyncio.create_task(self._renew(held))
         started = time.monotonic()
-
-        async def fence() -> bool:
-            margin = self.cfg.fence_margin_s
-            return bool(await asyncio.to_thread(self.store.fence, record.id, token, margin))
-
         try:
             outcome, stage_times = await self.runner.run(
-                "job", held.key, record.spec, lambda msg: self._progress(held, msg), fence
-            )
+                "job", held.key, record.spec, lambda msg: self._progress(held, msg),
+                lambda: self._fence(held),
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reading it failed: the job fails
             outcome, stage_times = {"type": "error", "code": "INTERNAL", "message": str(exc)}, {}
         finally:
             renewer.cancel()
         try:
-            if held.lost or outcome.get("lease_lost") or self._stopping.is_set():
+            lost = held.lost or (outcome.get("lease_lost") and not held.cancel)
+            if lost or self._stopping.is_set():
                 if not self._stopping.is_set():
                     log.warning("job %s: worker %s lost its lease", record.id, self.cfg.worker_id)
                 return  # the job is someone else's now, or handed back by _release_all
@@ -191,6 +193,37 @@ class WorkerLoop:
             if not self._stopping.is_set():
                 self._held.pop(record.id, None)
                 self._slot.set()
+
+    async def _fence(self, held: _Held) -> bool:
+        """May ``held``'s job publish now? (``store.fence``, its margin scaled to the lease).
+
+        A store error is retried while the lease could last; a refusal is
+        looked into once: the job's cancel was requested (it ends CANCELLED,
+        unpublished), or the lease ran short (renewed, then asked again).
+        """
+        margin = fence_margin(self.cfg)
+        job, token = held.record.id, held.token
+        for _ in range(2):
+            ok = await self._retried(self.store.fence, job, token, margin)
+            if ok or held.lost:
+                return bool(ok)
+            lease = await self._retried(self.store.renew, job, token, self.cfg.lease_s)
+            if not lease.held or lease.cancel_requested:
+                held.cancel = held.cancel or bool(lease.held and lease.cancel_requested)
+                return False
+        return False
+
+    async def _retried(self, call: Any, *args: Any) -> Any:
+        """``call(*args)`` in a thread, retried on errors for up to a lease (then raised)."""
+        deadline = time.monotonic() + self.cfg.lease_s
+        while True:
+            try:
+                return await asyncio.to_thread(call, *args)
+            except Exception as exc:  # the store is away for a moment (raised after a lease)
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("job %s: the store did not answer (%s); retrying", args[0], exc)
+                await asyncio.sleep(0.5)
 
     async def _renew(self, held: _Held) -> None:
         """Renew the lease every lease_s / 3 s; stop the subprocess when it is lost or cancelled."""
@@ -271,17 +304,41 @@ class WorkerLoop:
         for h in held:
             if h.lost:
                 continue
-            back = h.record.evolve(
-                state=JobState.QUEUED,
-                stage="",
-                progress=0.0,
-                worker="",
-                lease_expires=0.0,
-                message=f"worker {self.cfg.worker_id} stopped; the job will run again",
-            )
+            back = handed_back(h.record, self.cfg, h.cancel)
             if await self._write(h, back, must=False):
-                log.info("job %s handed back to the queue", h.record.id)
+                log.info("job %s handed back: %s", h.record.id, back.message)
         self._held.clear()
+
+
+def fence_margin(cfg: LoopConfig) -> float:
+    """The lease a publication needs left: ``fence_margin_s``, at most a quarter of the lease
+    (renewals every third of it keep more than that, so a short lease can still publish)."""
+    return min(cfg.fence_margin_s, cfg.lease_s / 4)
+
+
+def handed_back(record: JobRecord, cfg: LoopConfig, cancelled: bool) -> JobRecord:
+    """A running job its stopping worker gives up: QUEUED again; CANCELLED when its cancel
+    was seen; FAILED once it ran ``max_preemptions`` times without finishing (a job that
+    every scale-down stops never ends otherwise). The stores also end a hand-back
+    CANCELLED when a cancel is pending that this worker did not see yet."""
+    if cancelled:
+        return conclude(record, {"type": "error"}, True)
+    if record.attempts >= cfg.max_preemptions:
+        error = ServiceError(
+            grpc.StatusCode.ABORTED,
+            f"the job was stopped {record.attempts} times before it finished (its workers "
+            f"shut down: scale-down, preemption; the last was {cfg.worker_id}); giving up "
+            f"(secateur worker --max-preemptions, now {cfg.max_preemptions})",
+        )
+        return ended(record, JobState.FAILED, error, None, now_ns())
+    return record.evolve(
+        state=JobState.QUEUED,
+        stage="",
+        progress=0.0,
+        worker="",
+        lease_expires=0.0,
+        message=f"worker {cfg.worker_id} stopped; the job will run again",
+    )
 
 
 async def publish_counts(store: Any, metrics: Any) -> None:

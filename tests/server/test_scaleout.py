@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -87,11 +87,13 @@ class Cluster:
         grpc.channel_ready_future(channel).result(timeout=90)
         return pb_grpc.PruningServiceStub(channel)
 
-    def worker(self, name: str, lease_s: float = LEASE_S) -> subprocess.Popen[bytes]:
+    def worker(
+        self, name: str, lease_s: float = LEASE_S, extra: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         return self._start(name, [
             *CLI, "worker", "--store", self.url, "--state-dir", str(self.root / name),
             "--worker-id", name, "--lease-seconds", str(lease_s),
-            "--allowed-uri-prefix", str(self.root), "--allowed-uri-prefix", self.model,
+            "--allowed-uri-prefix", str(self.root), "--allowed-uri-prefix", self.model, *extra,
         ])  # fmt: skip
 
     def signal(self, name: str, sig: int) -> None:
