@@ -92,7 +92,7 @@ class _Allowed:
     registered: Mapping[str, Any]
     trusted: tuple[str, ...]
     #: A Keras 3 file (tf.keras files may name tf.keras built-ins only).
-    keras3: bool = True
+    keras3: bool
 
 
 @functools.cache
@@ -163,9 +163,10 @@ def trusted_objects(trusted: Sequence[str]) -> dict[str, Any]:
                 f"a trusted package must import cleanly; importing {name!r} failed "
                 f"({type(exc).__name__}: {exc}). Received: {TRUST_OPTION} {name}"
             ) from exc
-    from keras.saving import get_custom_objects
+    from secateur.pruner._keras import keras
 
-    return {key: obj for key, obj in get_custom_objects().items() if _owner(obj) in packages}
+    registry = keras.saving.get_custom_objects()
+    return {key: obj for key, obj in registry.items() if _owner(obj) in packages}
 
 
 def _owner(obj: Any) -> str:
@@ -361,9 +362,9 @@ def _unregistered(name: str, module: Any, allowed: _Allowed) -> str:
     why = f"is a custom object registered as '{name}'"
     if not allowed.keras3:
         return f"{why} (a tf.keras SavedModel may name tf.keras built-ins only)"
-    from keras.saving import get_custom_objects
+    from secateur.pruner._keras import keras
 
-    registered = get_custom_objects().get(name)
+    registered = keras.saving.get_custom_objects().get(name)
     # The package that registered it, when imported here; else the one the name claims.
     package = _owner(registered) if registered is not None else name.split(">", 1)[0]
     installed = package.isidentifier() and importlib.util.find_spec(package) is not None

@@ -8,7 +8,7 @@ the service logs). A scaled-out job (``"fenced": true``) asks before
 publishing whether its worker still holds the job's lease: it writes
 ``{"type": "fence"}`` and reads ``{"fence": true|false}`` from stdin; the
 store itself is never reachable from here (no URL, no credentials: the
-service scrubs this process's environment, see ``runner.job_environment``).
+service scrubs this process's environment, see ``spawn.job_environment``).
 SIGTERM asks the job to stop at its next check point; the process also dies
 with the service (PR_SET_PDEATHSIG), so an orphan can never publish a model
 for a job the restarted service runs again.
