@@ -60,6 +60,8 @@ HELP: dict[str, str] = {
     "deterministic": "op determinism: same job twice, same weights (no: faster, may differ)",
     "max_accuracy_drop": "publish the largest ratio whose accuracy drop is within this (0.02)",
     "version": "TF Serving version to publish (default: the next free one)",
+    "max_run_seconds": "service only: stop the job past this many seconds (FAILED "
+    "DEADLINE_EXCEEDED; default and maximum: the server's --max-job-seconds)",
 }
 _POSITIONAL = ("model_uri", "output_uri")
 _KINDS: dict[int, type] = {

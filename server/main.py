@@ -24,6 +24,7 @@ from secateur.server.workers.command import run_worker
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_MAX_MODEL_BYTES = 20 * 2**30
+DEFAULT_MAX_JOB_SECONDS = 24 * 3600.0
 
 
 def add_trust_argument(p: argparse.ArgumentParser) -> None:
@@ -97,7 +98,15 @@ def trusted_packages(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def add_model_cap_argument(p: argparse.ArgumentParser) -> None:
-    """``--max-model-bytes``, shared by ``serve`` and ``worker``."""
+    """``--max-model-bytes`` and ``--max-job-seconds``, shared by ``serve`` and ``worker``."""
+    p.add_argument(
+        "--max-job-seconds",
+        type=float,
+        default=DEFAULT_MAX_JOB_SECONDS,
+        help="a job run's wall-time limit and the most a spec's max_run_seconds may ask; a job "
+        f"past it ends FAILED DEADLINE_EXCEEDED; 0: none (default {DEFAULT_MAX_JOB_SECONDS:g}, "
+        "24 h)",
+    )
     p.add_argument(
         "--max-model-bytes",
         type=int,
@@ -272,6 +281,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise StartupError(
             f"--max-concurrent-jobs must be >= 0. Received: {args.max_concurrent_jobs}"
         )
+    if not args.max_job_seconds >= 0:
+        raise StartupError(f"--max-job-seconds must be >= 0. Received: {args.max_job_seconds}")
     if args.max_model_bytes < 0:
         raise StartupError(f"--max-model-bytes must be >= 0. Received: {args.max_model_bytes}")
     if args.max_concurrent_plans < 1:
@@ -302,6 +313,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         trusted_packages=trusted_packages(args),
         max_concurrent_plans=args.max_concurrent_plans,
         max_model_bytes=args.max_model_bytes or None,
+        max_job_seconds=args.max_job_seconds or None,
     )
 
 

@@ -87,6 +87,8 @@ class ManagerConfig:
     plan_retry_s: float = 5.0
     #: A job's (and plan's) model download stops past this many bytes (``--max-model-bytes``).
     max_model_bytes: int | None = None
+    #: A job run's wall-time limit and the most ``max_run_seconds`` may ask (``--max-job-seconds``).
+    max_job_seconds: float | None = None
 
 
 def _same_tenant(record: JobRecord, tenant: Tenant) -> JobRecord:
@@ -132,6 +134,7 @@ class JobManager:
             config.trusted_packages,
         )  # fmt: skip
         self.runner.max_download_bytes = config.max_model_bytes
+        self.runner.max_job_seconds = config.max_job_seconds
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[Any]] = []
         secret = getattr(store, "secret", None)  # shared: any replica reads any one's tokens
@@ -268,6 +271,7 @@ class JobManager:
             existing = await self._off_loop(self.store.by_request_id, sub.request_id)
             if existing is not None:
                 return _same_tenant(existing, tenant)
+        self._check_wall_time(sub.request)
         await asyncio.to_thread(self._check_uris, sub.request, tenant)
         if sub.validate_only:
             await self.plan(sub.request.model_uri, sub.spec)  # model readable and supported
@@ -327,6 +331,16 @@ class JobManager:
             if twin is not None and twin.id != record.id:
                 return twin
         return None
+
+    def _check_wall_time(self, request: JobRequest) -> None:
+        """INVALID_ARGUMENT when ``max_run_seconds`` asks for more than the server allows."""
+        cap, asked = self.cfg.max_job_seconds, request.max_run_seconds
+        if cap is not None and asked is not None and asked > cap:
+            raise convert.invalid(
+                "spec.max_run_seconds",
+                f"max_run_seconds must be at most this server's --max-job-seconds ({cap:g}). "
+                f"Received: {asked:g}",
+            )
 
     def _check_uris(self, request: JobRequest, tenant: Tenant = NO_TENANT) -> None:
         """The pipeline's own pre-flight, before queueing: PERMISSION_DENIED (also

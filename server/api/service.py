@@ -148,6 +148,8 @@ class ServerOptions:
     max_concurrent_plans: int = 2
     #: ``--max-model-bytes``: a model download stops (RESOURCE_EXHAUSTED) past it; None: no cap.
     max_model_bytes: int | None = None
+    #: ``--max-job-seconds``: a job run's wall-time limit and the most a spec may ask.
+    max_job_seconds: float | None = None
     #: ``--auth-token-file``: the tokens of each tenant (reloaded on SIGHUP); else ``tokens``.
     tenants: Tenants | None = None
 
@@ -195,6 +197,7 @@ class RunningServer:
                 trusted_packages=o.trusted_packages,
                 max_concurrent_plans=o.max_concurrent_plans,
                 max_model_bytes=o.max_model_bytes,
+                max_job_seconds=o.max_job_seconds,
             )
             self.manager = JobManager(cfg, self.store, self.metrics)
             self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=None)

@@ -63,6 +63,7 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "training.distill_temperature": (TrainConfig, "distill_temperature"),
     "max_accuracy_drop": (JobRequest, "max_accuracy_drop"),
     "version": (JobRequest, "version"),
+    "max_run_seconds": (JobRequest, "max_run_seconds"),
 }
 # A library field's name -> its request path, for the field violations of
 # the library's InvalidSpecError (which names its own field).
@@ -247,6 +248,7 @@ def job_request(spec: pb.JobSpec) -> JobRequest:
             ),
             measure=MeasureConfig(**measure),
             version=spec.version if spec.HasField("version") else None,
+            max_run_seconds=(spec.max_run_seconds if spec.HasField("max_run_seconds") else None),
         )
     except InvalidSpecError as exc:
         raise invalid(field_path(exc.field), str(exc)) from exc

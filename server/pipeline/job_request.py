@@ -85,6 +85,8 @@ class JobRequest:
     max_accuracy_drop: float | None = None
     measure: MeasureConfig = MeasureConfig()
     version: int | None = None
+    #: Service only: a run's wall-time limit in seconds (None: the server's maximum).
+    max_run_seconds: float | None = None
     #: One spec per candidate, in ``sweep`` order (made here, checked once).
     specs: tuple[PruneSpec, ...] = field(init=False, repr=False, compare=False, default=())
 
@@ -102,6 +104,11 @@ class JobRequest:
                 raise InvalidSpecError(f"ratios[{i}]: {exc}", "ratios") from None
         specs = tuple(checked[r] for r in self.sweep) if self.ratios else (self.spec,)
         object.__setattr__(self, "specs", specs)
+        if self.max_run_seconds is not None and not self.max_run_seconds > 0:
+            raise InvalidSpecError(
+                f"max_run_seconds must be > 0. Received: {self.max_run_seconds}",
+                "max_run_seconds",
+            )
         if self.max_accuracy_drop is not None:
             check_float("max_accuracy_drop", self.max_accuracy_drop, 0.0, 1.0)
             if not self.eval_data:

@@ -42,6 +42,7 @@ async def run_worker(args: Any) -> int:
     trusted = tuple(args.trust_package or ())
     runner = WorkerRunner(command, state_dir, allowed, grace_s=10.0, trusted=trusted)
     runner.max_download_bytes = args.max_model_bytes or None  # 0: no cap
+    runner.max_job_seconds = args.max_job_seconds or None  # 0: none
     cfg = LoopConfig(
         args.worker_id or default_worker_id(),
         args.max_concurrent_jobs,

@@ -96,6 +96,8 @@ class WorkerRunner:
         self.trusted = list(trusted)
         #: Each worker's model download cap (``--max-model-bytes``); None: no cap.
         self.max_download_bytes: int | None = None
+        #: A job run's wall-time limit and the most a spec may ask (``--max-job-seconds``).
+        self.max_job_seconds: float | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._stopping: set[str] = set()
         self._killers: set[asyncio.Task[None]] = set()
@@ -172,8 +174,9 @@ class WorkerRunner:
         logs = asyncio.create_task(output.drain(proc.stdout))
         stage_times: dict[str, float] = {}
         answer = None if fence is None else _fence_answerer(proc, fence, key)
+        reading = _read_events(read_fd, key, on_event, stage_times, answer)
         try:
-            outcome = await _read_events(read_fd, key, on_event, stage_times, answer)
+            outcome = await _within(proc, reading, self.wall_limit(mode, spec))
             await reap(proc, logs)
         except BaseException:  # also CancelledError: an RPC cancelled or past its deadline
             if proc.returncode is None:
@@ -188,6 +191,17 @@ class WorkerRunner:
         checked = self._checked(key, outcome, proc.returncode, output)
         self._stopping.discard(key)
         return checked, stage_times
+
+    def wall_limit(self, mode: str, spec: bytes) -> float | None:
+        """A job run's wall-time limit: its spec's ``max_run_seconds``, at most the server's."""
+        if mode != "job":
+            return None
+        from secateur.v1 import pruning_pb2
+
+        asked = pruning_pb2.JobSpec.FromString(spec)
+        wanted = asked.max_run_seconds if asked.HasField("max_run_seconds") else None
+        limits = [s for s in (wanted, self.max_job_seconds) if s is not None and s > 0]
+        return min(limits) if limits else None
 
     async def _spawn(self, work: str, read_fd: int, write_fd: int) -> asyncio.subprocess.Process:
         """Start the worker command writing events to ``write_fd`` (closed here either way)."""
@@ -305,3 +319,27 @@ def error_of(outcome: dict[str, Any]) -> ServiceError:
     code = getattr(grpc.StatusCode, code_name, grpc.StatusCode.INTERNAL)
     violations = [tuple(v) for v in outcome.get("violations") or []]
     return ServiceError(code, outcome.get("message") or "worker failed", violations)  # type: ignore[arg-type]
+
+
+async def _within(
+    proc: asyncio.subprocess.Process, reading: Any, limit: float | None
+) -> dict[str, Any]:
+    """The worker's outcome; past ``limit`` seconds it is killed and the outcome says so."""
+    try:
+        outcome: dict[str, Any] = await asyncio.wait_for(reading, limit)
+        return outcome
+    except TimeoutError:
+        if limit is None:
+            raise
+        proc.kill()  # past its wall time: stopped, whatever it was doing
+        return past_deadline(limit)
+
+
+def past_deadline(limit: float) -> dict[str, Any]:
+    """The outcome of a job stopped at its wall-time limit (FAILED DEADLINE_EXCEEDED)."""
+    return {
+        "type": "error",
+        "code": "DEADLINE_EXCEEDED",
+        "message": f"the job ran past its wall-time limit of {limit:g} s (spec max_run_seconds, "
+        "at most the server's --max-job-seconds) and was stopped; nothing was published",
+    }

@@ -111,20 +111,22 @@ class TrainingSpec(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ..., sparsity_epochs: _Optional[int] = ..., sparsity_lambda: _Optional[float] = ..., distill_alpha: _Optional[float] = ..., distill_temperature: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version")
+    __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version", "max_run_seconds")
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_URI_FIELD_NUMBER: _ClassVar[int]
     PRUNING_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_uri: str
     output_uri: str
     pruning: PruningSpec
     training: TrainingSpec
     max_accuracy_drop: float
     version: int
-    def __init__(self, model_uri: _Optional[str] = ..., output_uri: _Optional[str] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., max_accuracy_drop: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
+    max_run_seconds: float
+    def __init__(self, model_uri: _Optional[str] = ..., output_uri: _Optional[str] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., max_accuracy_drop: _Optional[float] = ..., version: _Optional[int] = ..., max_run_seconds: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "spec", "state", "stage", "progress", "message", "error", "result", "create_time", "start_time", "end_time", "update_time", "request_id", "attempts", "worker", "lease_expire_time", "tenant")
