@@ -7,7 +7,6 @@ assert the typed error, the layer it names, and that no marker appears.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import zipfile
@@ -119,20 +118,7 @@ _BYTECODE = {"class_name": "__lambda__", "config": {"code": "4wEAAAAA", "default
 def test_loadModel_handcraftedConfig_refusedFromConfigAlone(tmp_path, layer, match) -> None:
     """Any depth, any kind of object: refused from config.json, before Keras reads anything."""
     with pytest.raises(UnsafeModelError, match=match):
-        load_model(_archive(tmp_path, [layer]))
-
-
-def _archive(tmp_path: Any, layers: list[Any]) -> str:
-    config = {
-        "module": "keras.src.models.functional",
-        "class_name": "Functional",
-        "config": {"name": "m", "trainable": True, "layers": layers},
-        "registered_name": "Functional",
-    }
-    path = tmp_path / "m.keras"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("config.json", json.dumps(config))
-    return str(path)
+        load_model(hm.config_archive(str(tmp_path / "m.keras"), [layer]))
 
 
 def test_loadModel_configNestedTooDeeply_modelLoadErrorNotACrash(tmp_path) -> None:

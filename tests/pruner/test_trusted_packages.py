@@ -7,10 +7,7 @@ module paths stay refused, trusted or not. Default: Keras built-ins only.
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,25 +148,12 @@ def _function(module: str, name: str) -> dict[str, Any]:
 )
 def test_checkModelFile_trusted_stillRefusesEverythingElse(tmp_path, layer, match) -> None:
     with pytest.raises(UnsafeModelError, match=match):
-        check_model_file(_archive(tmp_path, [layer]), trusted=tm.TRUSTED)
+        check_model_file(hm.config_archive(str(tmp_path / "m.keras"), [layer]), trusted=tm.TRUSTED)
 
 
 def test_checkModelFile_trusted_registeredClassAndFunctionFromConfigAlone_pass(tmp_path) -> None:
     layers = [_hub("TransformerEncoder"), _function("builtins", "keras_hub>gelu_approximate")]
-    check_model_file(_archive(tmp_path, layers), trusted=tm.TRUSTED)
-
-
-def _archive(tmp_path: Path, layers: list[Any]) -> str:
-    config = {
-        "module": "keras.src.models.functional",
-        "class_name": "Functional",
-        "config": {"name": "m", "trainable": True, "layers": layers},
-        "registered_name": "Functional",
-    }
-    path = tmp_path / "m.keras"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("config.json", json.dumps(config))
-    return str(path)
+    check_model_file(hm.config_archive(str(tmp_path / "m.keras"), layers), trusted=tm.TRUSTED)
 
 
 @pytest.mark.parametrize(
