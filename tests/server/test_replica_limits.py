@@ -117,11 +117,16 @@ def test_plan_pastItsDeadline_killsItsProcess_andFreesTheSlot(tmp_path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.PlanPruning(req, timeout=1.0)  # TensorFlow takes longer than that to import
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        timed_out = time.monotonic()
         _wait_for(lambda: not _children(s.proc), timeout=15)
+        gone_after = time.monotonic() - timed_out
         # The slot is free again: the next plan runs (and fails on the file, not the limit).
+        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             stub.PlanPruning(req, timeout=120)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        # Killed, not left to finish: it was gone well before a plan ends on its own.
+        assert gone_after < min(3.0, time.monotonic() - started - 1.0), gone_after
     finally:
         s.close()
 
