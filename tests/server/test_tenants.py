@@ -141,3 +141,33 @@ def test_sighup_readsTheTokenFileAgain(served) -> None:
     time.sleep(1)
     assert stub.GetJob(pb.GetJobRequest(name=job.name), metadata=_as("tok-a"), timeout=5)
     assert served.proc.poll() is None
+
+
+def test_postgresFromBeforeTenants_migrates_oldJobsStayTheUnnamedTenants(
+    pg_url, monkeypatch
+) -> None:
+    """Migration 3 on a database at version 2 with a job in it (as an upgrade finds it)."""
+    import psycopg
+
+    from secateur.server.jobstore import schema
+    from secateur.server.jobstore.jobs_pb import to_pb
+    from secateur.server.jobstore.postgres import PostgresJobStore
+    from secateur.server.jobstore.records import JobRecord, JobState, now_ns
+
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert schema.migrate(conn) == [1, 2]
+        old = JobRecord(id="old", spec=b"", state=JobState.QUEUED, create_ns=now_ns())
+        conn.execute(
+            "INSERT INTO jobs (id, state, create_ns, create_time, data) "
+            "VALUES (%s, 1, %s, now(), %s)",
+            (old.id, old.create_ns, to_pb(old).SerializeToString()),
+        )
+    monkeypatch.undo()
+    store = PostgresJobStore(pg_url, pool_size=2)
+    try:
+        assert [r.id for r in store.page(None, None, 10, tenant="")[0]] == ["old"]
+        assert store.page(None, None, 10, tenant="team-a")[0] == []
+        assert store.get("old").tenant == ""
+    finally:
+        store.close()
