@@ -114,9 +114,12 @@ def _load_file(path: str, shown: str, trusted: Sequence[str] = ()) -> Any:
 def _keras3_h5(path: str, tmp: str) -> str:
     """``path``, or a copy in ``tmp`` whose config Keras 3 accepts.
 
-    tf.keras writes ``groups`` into DepthwiseConv2D configs (it is a Conv
-    subclass there), which Keras 3's DepthwiseConv2D refuses; the key always
-    holds 1 and means nothing for a depthwise conv, so it is dropped.
+    Two things tf.keras writes that Keras 3 refuses: ``groups`` in
+    DepthwiseConv2D configs (a Conv subclass there; the key always holds 1 and
+    means nothing for a depthwise conv, so it is dropped), and layer names
+    holding ``/`` (keras.applications' DenseNet: ``conv1/conv``), renamed with
+    ``_`` everywhere the config names them. Legacy HDF5 weights are matched to
+    layers by order, not name, so the weights still land where they belong.
     """
     import h5py
 
@@ -125,13 +128,53 @@ def _keras3_h5(path: str, tmp: str) -> str:
     if raw is None:
         return path  # check_model_file already refused it; keep Keras' own error
     config = json.loads(raw)
-    if not _drop_depthwise_groups(config):
+    dropped = _drop_depthwise_groups(config)
+    renames = _slash_free_names(config)
+    if not dropped and not renames:
         return path
+    config = _renamed(config, renames)
     copy = os.path.join(tmp, "model.h5")
     shutil.copyfile(path, copy)
     with h5py.File(copy, "r+") as f:
         f.attrs["model_config"] = json.dumps(config)
     return copy
+
+
+def _slash_free_names(config: Any) -> dict[str, str]:
+    """Old -> new name for every layer name under ``config`` that holds ``/``."""
+    names: set[str] = set()
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            inner = node.get("config")
+            if isinstance(inner, dict) and isinstance(inner.get("layers"), list):
+                for layer in inner["layers"]:
+                    name = layer.get("config", {}).get("name") if isinstance(layer, dict) else None
+                    if isinstance(name, str):
+                        names.add(name)
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(config)
+    renames: dict[str, str] = {}
+    for name in sorted(n for n in names if "/" in n):
+        new = name.replace("/", "_")
+        while new in names or new in renames.values():
+            new += "_"
+        renames[name] = new
+    return renames
+
+
+def _renamed(node: Any, renames: dict[str, str]) -> Any:
+    """``node`` with every string equal to a renamed layer name replaced."""
+    if isinstance(node, dict):
+        return {k: _renamed(v, renames) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_renamed(v, renames) for v in node]
+    return renames.get(node, node) if isinstance(node, str) else node
 
 
 def _drop_depthwise_groups(node: Any) -> bool:

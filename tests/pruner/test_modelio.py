@@ -144,13 +144,17 @@ def test_loadModel_missingPathOrEmptyDir(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("save_format", ["tf", "h5"])
-def test_loadModel_tfKerasDepthwiseConv_sameOutputsInKeras3(tmp_path, save_format) -> None:
-    # tf.keras writes groups=1 into DepthwiseConv2D configs, which Keras 3 refuses.
+def test_loadModel_tfKerasDepthwiseConvAndSlashNames_sameOutputsInKeras3(
+    tmp_path, save_format
+) -> None:
+    # tf.keras writes groups=1 into DepthwiseConv2D configs and allows "/" in
+    # layer names (DenseNet's conv1/conv); Keras 3 refuses both.
     import tf_keras
 
     inp = tf_keras.Input((8, 8, 3), name="pixels")
-    x = tf_keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(inp)
-    x = tf_keras.layers.Conv2D(4, 1, name="pw")(x)
+    x = tf_keras.layers.DepthwiseConv2D(3, padding="same", name="block/dw")(inp)
+    x = tf_keras.layers.Conv2D(4, 1, name="block/pw")(x)
+    x = tf_keras.layers.Conv2D(4, 1, name="block_pw")(x)  # the name "/" -> "_" would take
     legacy = tf_keras.Model(inp, tf_keras.layers.GlobalAveragePooling2D()(x))
     path = str(tmp_path / ("k2.h5" if save_format == "h5" else "k2"))
     legacy.save(path, save_format=save_format)
