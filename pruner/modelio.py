@@ -45,7 +45,12 @@ from secateur.pruner._keras import keras
 from secateur.pruner.errors import ModelLoadError
 from secateur.pruner.safety import check_model_file, trusted_objects
 from secateur.pruner.savedmodel.graph_import import import_graph
-from secateur.pruner.savedmodel.keras2 import METADATA_PB, has_keras_model, read_keras2
+from secateur.pruner.savedmodel.keras2 import (
+    METADATA_PB,
+    has_keras_model,
+    read_keras2,
+    read_metadata,
+)
 from secateur.pruner.savedmodel.reader import (
     SAVED_MODEL_PB,
     SavedModelFile,
@@ -204,14 +209,15 @@ def _load_directory(path: str, trusted: Sequence[str] = ()) -> Any:
     saved = SavedModelFile(path)
     if os.path.exists(os.path.join(path, METADATA_PB)):
         check_model_file(path, path, trusted)  # before anything of the config is used
-        if has_keras_model(path, path):
-            return _load_tf_keras_savedmodel(saved)
+        meta = read_metadata(path, path)  # read once: it also drives the rebuild
+        if has_keras_model(meta):
+            return _load_tf_keras_savedmodel(saved, meta)
     return import_graph(saved)  # no Keras model described: the serving function, as data
 
 
-def _load_tf_keras_savedmodel(saved: SavedModelFile) -> Any:
+def _load_tf_keras_savedmodel(saved: SavedModelFile, meta: Any) -> Any:
     """A tf.keras SavedModel rebuilt from its data, carried into Keras 3 through HDF5."""
-    legacy = read_keras2(saved)
+    legacy = read_keras2(saved, meta)
     for note in legacy.notes:
         _log.warning("%s", note)
     with tempfile.TemporaryDirectory(prefix="secateur-h5-") as tmp:

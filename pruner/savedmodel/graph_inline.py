@@ -226,22 +226,19 @@ def _bound(inliner: _Inliner, node: Any) -> list[int]:
 def flatten(saved: Any, signature_key: str) -> FlatGraph:
     """Inline signature ``signature_key`` of ``saved`` into a :class:`FlatGraph`.
 
+    ``signature_key`` must name a signature of ``saved``: :func:`import_graph`
+    checks that first, through ``SavedModelFile.signature``.
+
     Raises:
-        UnsupportedModelError: no such signature, a TF1-style SavedModel (no
-            object graph), or a call the importer cannot follow.
+        UnsupportedModelError: a TF1-style SavedModel (no object graph), or a
+            call the importer cannot follow.
     """
-    sigs = saved.meta_graph.signature_def
-    if signature_key not in sigs:
-        raise UnsupportedModelError(
-            f"the graph importer needs the SavedModel's '{signature_key}' signature. "
-            f"Received: signatures {sorted(sigs)} in {saved.shown}"
-        )
     if not saved.object_graph.nodes:
         raise UnsupportedModelError(
             "the graph importer reads TF2 SavedModels (functions with an object graph); "
             f"TF1-style graphs are not supported. Received: no object graph in {saved.shown}"
         )
-    sig = sigs[signature_key]
+    sig = saved.meta_graph.signature_def[signature_key]
     inliner = _Inliner(saved)
     flat = inliner.flat
     flat.outputs = {k: _parse_top(v.name) for k, v in sig.outputs.items()}

@@ -105,18 +105,20 @@ def read_metadata(path: str, shown: str) -> dict[int, _Node]:
     return nodes
 
 
-def has_keras_model(path: str, shown: str) -> bool:
-    """Whether ``keras_metadata.pb`` describes a model at the SavedModel's root."""
-    root = read_metadata(path, shown).get(0)
+def has_keras_model(meta: dict[int, _Node]) -> bool:
+    """Whether metadata from :func:`read_metadata` describes a model at the SavedModel's root."""
+    root = meta.get(0)
     return root is not None and root.path == "root"
 
 
-def read_keras2(saved: SavedModelFile) -> Keras2Model:
+def read_keras2(saved: SavedModelFile, meta: dict[int, _Node] | None = None) -> Keras2Model:
     """Rebuild the tf.keras model of ``saved`` from its metadata and checkpoint.
 
     Args:
         saved: the parsed SavedModel; its ``keras_metadata.pb`` must already
             have passed :func:`secateur.pruner.safety.check_model_file`.
+        meta: its metadata from :func:`read_metadata`, when the caller has
+            read it already (read here otherwise).
 
     Returns:
         The model with its weights, and notes on the objects that were ignored.
@@ -126,7 +128,8 @@ def read_keras2(saved: SavedModelFile) -> Keras2Model:
         ModelLoadError: a layer's weight is missing from the checkpoint or has
             another shape than the layer built from the config.
     """
-    meta = read_metadata(saved.path, saved.shown)
+    if meta is None:
+        meta = read_metadata(saved.path, saved.shown)
     model = _build(meta.get(0), saved.shown)
     matcher = _Matcher(saved, meta)
     matcher.assign_model(model, 0, "root")
