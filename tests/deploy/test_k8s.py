@@ -342,6 +342,17 @@ def test_keda_scales_the_workers_to_zero_on_the_jobs_table(overlay: str) -> None
     assert float(metadata.get("activationTargetQueryValue", "0")) == 0
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_scales_workers_down_one_pod_at_a_time(overlay: str) -> None:
+    # docs/scaling_workers.md: the HPA KEDA drives removes at most one pod per
+    # period, after a stabilization window, so a dip does not stop busy workers.
+    spec = one(render(overlay), "ScaledObject")["spec"]
+    down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= spec["pollingInterval"] * 4
+    (policy,) = down["policies"]
+    assert (policy["type"], policy["value"]) == ("Pods", 1) and policy["periodSeconds"] > 0
+
+
 def keda_query() -> str:
     (trigger,) = one(render("cpu"), "ScaledObject")["spec"]["triggers"]
     return str(trigger["metadata"]["query"])
