@@ -58,6 +58,18 @@ HELP: dict[str, str] = {
     "distill_alpha": "weight of distillation from the original while fine-tuning (0: off)",
     "distill_temperature": "softmax temperature of the distillation term",
     "deterministic": "op determinism: same job twice, same weights (no: faster, may differ)",
+    "target_step_time": "prune to this training step time, as a fraction of the original's "
+    "(measured on the device; instead of ratio)",
+    "target_latency": "prune to this inference latency at --target-latency-batch, as a fraction",
+    "target_latency_ms": "prune to this inference latency at --target-latency-batch, in ms",
+    "target_latency_batch": "batch size the latency target is measured at (default 1)",
+    "target_peak_memory": "prune to this peak training memory, as a fraction of the original's",
+    "target_params": "prune to this parameter count, as a fraction (met exactly)",
+    "target_max_params": "prune to at most this many parameters (met exactly)",
+    "target_flops": "prune to this FLOPs per example, as a fraction (met exactly)",
+    "target_max_flops": "prune to at most this many FLOPs per example (met exactly)",
+    "target_tolerance": "a measured target counts as met up to this relative excess (noise)",
+    "target_corrections": "measure-and-correct rounds after the first allocation",
     "max_accuracy_drop": "publish the largest ratio whose accuracy drop is within this (0.02)",
     "version": "TF Serving version to publish (default: the next free one)",
     "max_run_seconds": "service only: stop the job past this many seconds (FAILED "
@@ -103,10 +115,16 @@ class SpecField:
         return "--" + self.key.replace("_", "-")
 
 
-def _leaves(desc: Descriptor, prefix: str = "") -> Iterator[SpecField]:
+# Messages whose fields' keys carry a prefix (``targets.step_time`` is
+# ``target_step_time``, ``--target-step-time``): their names alone say too little.
+_KEY_PREFIXES = {"targets": "target_"}
+
+
+def _leaves(desc: Descriptor, prefix: str = "", key_prefix: str = "") -> Iterator[SpecField]:
     for fd in desc.fields:
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
-            yield from _leaves(fd.message_type, f"{prefix}{fd.name}.")
+            inner = key_prefix + _KEY_PREFIXES.get(fd.name, "")
+            yield from _leaves(fd.message_type, f"{prefix}{fd.name}.", inner)
             continue
         if not prefix and fd.name in _POSITIONAL:
             continue
@@ -115,13 +133,13 @@ def _leaves(desc: Descriptor, prefix: str = "") -> Iterator[SpecField]:
         if enum:
             choices = tuple(n.lower() for n in enums.short_names(getattr(pruning_pb2, enum)))
         yield SpecField(
-            key=fd.name,
+            key=key_prefix + fd.name,
             path=prefix + fd.name,
             kind=_KINDS[fd.type],
             repeated=fd.is_repeated,
             choices=choices,
             enum=enum,
-            help=HELP.get(fd.name, ""),
+            help=HELP.get(key_prefix + fd.name, ""),
         )
 
 

@@ -107,6 +107,7 @@ def _by_name() -> dict[str, grpc.StatusCode]:
         "StoreUnavailableError": c.UNAVAILABLE,  # the PostgreSQL job store did not answer
         "UnsupportedModelError": c.FAILED_PRECONDITION,
         "PlanError": c.FAILED_PRECONDITION,
+        "TargetUnreachableError": c.FAILED_PRECONDITION,  # the message holds the best reached
         "PlanMismatchError": c.FAILED_PRECONDITION,
         "EmptyGroupError": c.FAILED_PRECONDITION,
         "CancelledError": c.CANCELLED,

@@ -19,6 +19,7 @@ from secateur.pruner.config import MeasureConfig, TrainConfig
 from secateur.pruner.data import DataSpec
 from secateur.pruner.errors import InvalidSpecError
 from secateur.pruner.spec import PruneSpec
+from secateur.pruner.targets import Targets
 from secateur.server.errors import ServiceError
 from secateur.server.pipeline.job_request import MAX_RATIOS, JobRequest
 from secateur.v1 import enums
@@ -44,6 +45,17 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "pruning.iterative_steps": (PruneSpec, "iterative_steps"),
     "pruning.iterative_schedule": (PruneSpec, "iterative_schedule"),
     "pruning.head_ratio": (PruneSpec, "head_ratio"),
+    "pruning.targets.step_time": (Targets, "step_time"),
+    "pruning.targets.latency": (Targets, "latency"),
+    "pruning.targets.latency_ms": (Targets, "latency_ms"),
+    "pruning.targets.latency_batch": (Targets, "latency_batch"),
+    "pruning.targets.peak_memory": (Targets, "peak_memory"),
+    "pruning.targets.params": (Targets, "params"),
+    "pruning.targets.max_params": (Targets, "max_params"),
+    "pruning.targets.flops": (Targets, "flops"),
+    "pruning.targets.max_flops": (Targets, "max_flops"),
+    "pruning.targets.tolerance": (Targets, "tolerance"),
+    "pruning.targets.corrections": (Targets, "corrections"),
     "training.epochs": (TrainConfig, "epochs"),
     "training.batch_size": (TrainConfig, "batch_size"),
     "training.learning_rate": (TrainConfig, "learning_rate"),
@@ -70,6 +82,7 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
 _FIELD_PATHS = {
     "model_uri": "spec.model_uri",
     "output_uri": "spec.output_uri",
+    "targets": "spec.pruning.targets",  # none set
 } | {field: f"spec.{path}" for path, (_, field) in LIBRARY_FIELDS.items() if "auto" not in path}
 
 
@@ -201,6 +214,9 @@ def prune_spec(p: pb.PruningSpec) -> PruneSpec:
         kwargs["round_to"] = "auto"
     if p.exclude:
         kwargs["exclude"] = tuple(p.exclude)
+    if p.HasField("targets"):
+        t = p.targets
+        kwargs["targets"] = Targets(**{f.name: v for f, v in t.ListFields()})
     return PruneSpec(**kwargs)
 
 

@@ -96,6 +96,12 @@ class JobRequest:
                 f"a sweep may hold at most {MAX_RATIOS} ratios. Received: {len(self.ratios)}",
                 "ratios",
             )
+        if self.ratios and self.spec.targets is not None:
+            raise InvalidSpecError(
+                "ratios cannot be combined with targets (targets choose every group's width). "
+                f"Received: {len(self.ratios)} ratios with targets",
+                "ratios",
+            )
         checked: dict[float, PruneSpec] = {}
         for i, r in enumerate(self.ratios):
             try:  # the ratio only: the rest of the spec was checked when it was built

@@ -39,7 +39,7 @@ SCOPE_GLOBAL: Scope
 SCOPE_LAYERWISE: Scope
 
 class PruningSpec(_message.Message):
-    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation", "taylor_batches", "iterative_steps", "iterative_schedule", "head_ratio")
+    __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation", "taylor_batches", "iterative_steps", "iterative_schedule", "head_ratio", "targets")
     RATIO_FIELD_NUMBER: _ClassVar[int]
     RATIOS_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class PruningSpec(_message.Message):
     ITERATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
     ITERATIVE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     HEAD_RATIO_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     ratio: float
     ratios: _containers.RepeatedScalarFieldContainer[float]
     criterion: Criterion
@@ -70,7 +71,34 @@ class PruningSpec(_message.Message):
     iterative_steps: int
     iterative_schedule: str
     head_ratio: float
-    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ..., taylor_batches: _Optional[int] = ..., iterative_steps: _Optional[int] = ..., iterative_schedule: _Optional[str] = ..., head_ratio: _Optional[float] = ...) -> None: ...
+    targets: TargetSpec
+    def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ..., taylor_batches: _Optional[int] = ..., iterative_steps: _Optional[int] = ..., iterative_schedule: _Optional[str] = ..., head_ratio: _Optional[float] = ..., targets: _Optional[_Union[TargetSpec, _Mapping]] = ...) -> None: ...
+
+class TargetSpec(_message.Message):
+    __slots__ = ("step_time", "latency", "latency_ms", "latency_batch", "peak_memory", "params", "max_params", "flops", "max_flops", "tolerance", "corrections")
+    STEP_TIME_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    step_time: float
+    latency: float
+    latency_ms: float
+    latency_batch: int
+    peak_memory: float
+    params: float
+    max_params: int
+    flops: float
+    max_flops: int
+    tolerance: float
+    corrections: int
+    def __init__(self, step_time: _Optional[float] = ..., latency: _Optional[float] = ..., latency_ms: _Optional[float] = ..., latency_batch: _Optional[int] = ..., peak_memory: _Optional[float] = ..., params: _Optional[float] = ..., max_params: _Optional[int] = ..., flops: _Optional[float] = ..., max_flops: _Optional[int] = ..., tolerance: _Optional[float] = ..., corrections: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda", "distill_alpha", "distill_temperature")
@@ -232,6 +260,24 @@ class Metrics(_message.Message):
     eval_examples: int
     def __init__(self, params: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., train_step_seconds: _Optional[float] = ..., train_step_p90_seconds: _Optional[float] = ..., latency_batch1_seconds: _Optional[float] = ..., latency_batch_seconds: _Optional[float] = ..., accuracy: _Optional[float] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., train_step_p10_seconds: _Optional[float] = ..., accuracy_ci_low: _Optional[float] = ..., accuracy_ci_high: _Optional[float] = ..., eval_examples: _Optional[int] = ...) -> None: ...
 
+class TargetResult(_message.Message):
+    __slots__ = ("metric", "wanted", "wanted_absolute", "predicted", "measured", "met", "how")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    WANTED_ABSOLUTE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    MET_FIELD_NUMBER: _ClassVar[int]
+    HOW_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    wanted: float
+    wanted_absolute: bool
+    predicted: float
+    measured: float
+    met: bool
+    how: _struct_pb2.Struct
+    def __init__(self, metric: _Optional[str] = ..., wanted: _Optional[float] = ..., wanted_absolute: _Optional[bool] = ..., predicted: _Optional[float] = ..., measured: _Optional[float] = ..., met: _Optional[bool] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
 class Candidate(_message.Message):
     __slots__ = ("ratio", "metrics", "accuracy_drop", "plan")
     RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -245,7 +291,7 @@ class Candidate(_message.Message):
     def __init__(self, ratio: _Optional[float] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., accuracy_drop: _Optional[float] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("outcome", "max_accuracy_drop", "best_ratio", "best_accuracy_drop", "output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision")
+    __slots__ = ("outcome", "max_accuracy_drop", "best_ratio", "best_accuracy_drop", "output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision", "targets")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[JobResult.Outcome]
@@ -267,6 +313,7 @@ class JobResult(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SELECTED_RATIO_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     outcome: JobResult.Outcome
     max_accuracy_drop: float
     best_ratio: float
@@ -278,7 +325,8 @@ class JobResult(_message.Message):
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     selected_ratio: float
     decision: str
-    def __init__(self, outcome: _Optional[_Union[JobResult.Outcome, str]] = ..., max_accuracy_drop: _Optional[float] = ..., best_ratio: _Optional[float] = ..., best_accuracy_drop: _Optional[float] = ..., output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
+    targets: _containers.RepeatedCompositeFieldContainer[TargetResult]
+    def __init__(self, outcome: _Optional[_Union[JobResult.Outcome, str]] = ..., max_accuracy_drop: _Optional[float] = ..., best_ratio: _Optional[float] = ..., best_accuracy_drop: _Optional[float] = ..., output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[TargetResult, _Mapping]]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec", "request_id", "validate_only")
