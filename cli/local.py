@@ -69,6 +69,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from secateur.pruner.errors import CancelledError, SecateurError
     from secateur.server.errors import ServiceError
     from secateur.server.pipeline.prune_job import GateFailed, PruneJob
+    from secateur.server.pipeline.target_job import default_profile_dir
     from secateur.server.storage import Storage, StorageError
 
     bar = ProgressDisplay()
@@ -80,8 +81,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         storage = Storage(args.allowed_uri_prefix or None)
         with stop.installed():
             report = PruneJob(
-                request, storage, on_event=bar, should_cancel=stop, trusted=trusted
-            ).run()
+                request, storage, on_event=bar, should_cancel=stop, trusted=trusted,
+                profile_dir=default_profile_dir(),
+            ).run()  # fmt: skip
         code = EXIT_OK
     except GateFailed as gate:
         report, code = gate.report, EXIT_GATE

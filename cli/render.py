@@ -158,10 +158,47 @@ def format_table(report: dict[str, Any]) -> str:
         f"{how.get('steps')} timed steps after {how.get('warmup_steps')} warm-up, "
         f"xla={how.get('xla')}; memory: {how.get('memory')}"
     )
+    if report.get("targets"):
+        out.append(format_targets(report["targets"]))
     out.append(f"decision: {report.get('decision')}")
     if report.get("output_uri"):
         out.append(f"published: {report['output_uri']}")
     return "\n".join(out)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_targets(targets: list[dict[str, Any]]) -> str:
+    """A target job's targets: wanted, predicted and measured, as fractions of the original.
+
+    ``measured`` is the planner's check of the rebuilt model (or the exact
+    count); ``after fine-tune`` the job's own MEASURING stage; the line under
+    the table says how the measured figures were obtained.
+    """
+    rows = []
+    for t in targets:
+        wanted = f"{t['wanted']:g} (abs)" if t.get("wanted_absolute") else f"{t['wanted']:.3f}"
+        rows.append(
+            [t["metric"], wanted, _fraction(t.get("predicted")), _fraction(t.get("measured")),
+             _fraction(t.get("remeasured")), "yes" if t.get("met") else "NO"]
+        )  # fmt: skip
+    head = ["target", "wanted", "predicted", "measured", "after fine-tune", "met"]
+    lines = [render_text(_table(head, rows))]
+    for t in targets:
+        how = t.get("how") or {}
+        if "device" in how:
+            lines.append(
+                f"{t['metric']}: {how.get('device')} batch {how.get('batch_size')}, "
+                f"xla={how.get('xla')}, {how.get('timed_steps')} timed steps, "
+                f"tolerance {how.get('tolerance')}; profile of "
+                f"{how.get('profile_measurements')} variants in {how.get('profile_seconds')} s"
+                f"{' (cached)' if how.get('profile_cached') else ''}, {how.get('rounds')} round(s)"
+            )
+        else:
+            lines.append(f"{t['metric']}: {how.get('method', 'counted')}")
+    return "\n".join(lines)
 
 
 def _origins(origins: list[str], width: int = 40) -> str:

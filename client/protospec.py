@@ -77,6 +77,23 @@ def _optional(message: Any, field: str) -> Any:
     return getattr(message, field) if message.HasField(field) else None
 
 
+def _targets(result: pruning_pb2.JobResult) -> list[dict[str, Any]]:
+    """A target job's targets as plain data (the report's ``targets``)."""
+    return [
+        {
+            "metric": t.metric,
+            "wanted": t.wanted,
+            "wanted_absolute": t.wanted_absolute,
+            "predicted": _optional(t, "predicted"),
+            "measured": t.measured,
+            "remeasured": _optional(t, "remeasured"),
+            "met": t.met,
+            "how": _struct(t, "how") or {},
+        }
+        for t in result.targets
+    ]
+
+
 def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
     """The report dict ``cli.format_table`` prints, from a job's ``JobResult``.
 
@@ -84,7 +101,9 @@ def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
     ``accuracy_drop``, ``plan``), ``pruned``, ``plan``, ``decision``,
     ``outcome`` (``published``, ``gate_failed``, ``curves_only`` or None),
     ``max_accuracy_drop``, ``best_ratio``, ``best_accuracy_drop``,
-    ``output_uri`` (None when nothing was published), ``selected_ratio``, and
+    ``output_uri`` (None when nothing was published), ``selected_ratio``,
+    ``targets`` (a target job: wanted, predicted, measured, remeasured, met,
+    how per target; empty otherwise), and
     the job's ``job``, ``state``, ``model_uri`` and ``error`` (None or
     ``{"code", "message"}``). ``original`` is None when the job has no result
     (it failed or was cancelled before measuring).
@@ -124,5 +143,6 @@ def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
         "best_ratio": _optional(result, "best_ratio"),
         "best_accuracy_drop": _optional(result, "best_accuracy_drop"),
         "output_uri": result.output_uri or None,
+        "targets": _targets(result),
         "error": error,
     }

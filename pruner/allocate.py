@@ -136,17 +136,20 @@ def knapsack(
         group id -> chosen width, or None when even the largest savings do
         not add up to ``required``. The choice is optimal on the discretised
         savings and is checked on the exact ones: when rounding made it fall
-        short, the requirement is raised by the shortfall and solved again.
+        short, the requirement is raised (twice the shortfall and one step)
+        and solved again, up to eight times.
     """
     need = required
-    for _ in range(4):
+    for _ in range(8):
         widths = _solve(options, need, resolution)
         if widths is None:
             return None
         saved = sum(next(o.saving for o in options[g] if o.width == w) for g, w in widths.items())
         if saved >= required - 1e-12 * abs(required):
             return widths
-        need += required - saved
+        # Rounding lost up to half a step per group: ask for the shortfall
+        # twice over and one more step, so the next optimum is not the same.
+        need += 2 * (required - saved) + required / resolution
     return None
 
 

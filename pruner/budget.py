@@ -6,11 +6,13 @@
    ``step_time``/``latency``/``peak_memory`` from a profile measured on the
    device (:mod:`costmodel`, cached in the state dir).
 3. Choose widths by knapsack (:func:`allocate.knapsack`): the least
-   importance lost for at least the required saving of the target with the
-   largest requirement (the primary).
+   importance lost for at least the required saving; with several targets
+   the saving is the weighted sum of each metric's saving relative to its
+   requirement (all weights 1 at first).
 4. Check: params/FLOPs are counted exactly from the plan; measured targets
    are measured on the rebuilt model, interleaved with the original. A miss
-   raises the primary requirement by the relative shortfall and solves again
+   doubles the missed metric's weight, raises its requirement by the
+   relative shortfall and solves again
    (``Targets.corrections`` rounds for measured targets; counted ones iterate
    until met, deterministically). Still missed: :class:`TargetUnreachableError`
    with the best reached.
@@ -166,26 +168,27 @@ def _search(
     """Allocate, check, correct; the first plan that meets every target."""
     targets = settings.resolved()
     required = {t.metric: costs.base[t.metric] - t.limit(costs.base[t.metric]) for t in targets}
-    most = {
-        m: sum(max(costs.savings[m][g.id].values(), default=0.0) for g in groups) for m in required
-    }
-    primary = max(required, key=lambda m: required[m] / most[m] if most[m] > 0 else np.inf)
+    # Several targets share one knapsack: each saving is normalised by its
+    # metric's requirement and weighted; a missed metric's weight doubles and
+    # its share of the requirement grows by its relative shortfall.
+    weight = dict.fromkeys(required, 1.0)
+    share = dict.fromkeys(required, 1.0)
     rounds = (
         1 + settings.corrections
         if meter is not None and any(t.measured for t in targets)
         else COUNTED_ROUNDS
     )
-    need, attempts, best = required[primary], [], None
+    attempts, best = [], None
     for _ in range(rounds):
         options = {
             g.id: [
-                Option(w, float(lost[g.id][i]), costs.savings[primary][g.id][w])
+                Option(w, float(lost[g.id][i]), _saving(costs, required, weight, g.id, w))
                 for i, w in enumerate(widths[g.id])
                 if np.isfinite(lost[g.id][i])
             ]
             for g in groups
         }
-        counts = knapsack(options, need)
+        counts = knapsack(options, sum(weight[m] * share[m] for m in required if required[m] > 0))
         if counts is None:
             break
         plan = plan_from_counts(scored, counts)
@@ -197,9 +200,25 @@ def _search(
         if excess <= 0:
             plan.targets = [_public(r, costs, len(attempts)) for r in report]
             return plan
-        worst = max(report, key=lambda r: r["excess"])
-        need = need * (1 + worst["excess"]) + 1e-9 * abs(need)
+        for r in report:
+            if r["excess"] > 0:
+                weight[r["metric"]] *= 2.0
+                share[r["metric"]] *= 1 + r["excess"] + 1e-9
     raise _unreachable(targets, best, attempts)
+
+
+def _saving(
+    costs: _Costs,
+    required: Mapping[str, float],
+    weight: Mapping[str, float],
+    group: int,
+    width: int,
+) -> float:
+    """The weighted sum of one width's savings, each relative to its metric's requirement."""
+    return sum(
+        weight[m] * costs.savings[m][group][width] / need if need > 0 else 0.0
+        for m, need in required.items()
+    )
 
 
 def _check(

@@ -19,7 +19,9 @@ go-grpc-prometheus:
 Domain metrics keep small label sets and never carry job ids: counts of jobs
 submitted and completed by ``outcome``, the queue, stage and job durations
 (buckets up to hours) and the measured figures of the last finished job by
-``variant`` (original|pruned).
+``variant`` (original|pruned); for the last finished target job,
+``secateur_target_fraction{metric,figure}`` (figure: wanted, predicted,
+measured, remeasured; fractions of the original) and ``secateur_target_met{metric}``.
 """
 
 from __future__ import annotations
@@ -227,6 +229,20 @@ class ServerMetrics:
             "1 - pruned/original parameter count of the last finished job.",
             registry=r,
         )
+        self.target_fraction = Gauge(
+            "secateur_target_fraction",
+            "A target of the last finished target job as a fraction of the original's figure, "
+            "by metric (step_time, latency, peak_memory, params, flops) and figure (wanted, "
+            "predicted by the cost model, measured by the planner, remeasured after fine-tuning).",
+            ("metric", "figure"),
+            registry=r,
+        )
+        self.target_met = Gauge(
+            "secateur_target_met",
+            "1 when the last finished target job met the target, 0 otherwise, by metric.",
+            ("metric",),
+            registry=r,
+        )
         self.build_info = Gauge(
             "secateur_build_info",
             "Build information of the server (always 1).",
@@ -322,6 +338,26 @@ class ServerMetrics:
                 before, after = original.get("params"), pruned.get("params")
                 if before is not None and after is not None and float(before) > 0:
                     self.params_saved_ratio.set(1.0 - float(after) / float(before))
+
+    def record_targets(self, targets: list[Mapping[str, Any]] | None) -> None:
+        """Publish the targets of the last finished target job (None or []: left as they were).
+
+        Every series of the previous target job is removed first; an absolute
+        wanted limit (``wanted_absolute``) and figures not known are not set.
+        """
+        if not targets:
+            return
+        with self._lock:
+            self.target_fraction.clear()
+            self.target_met.clear()
+            for t in targets:
+                metric = str(t["metric"])
+                for figure in ("wanted", "predicted", "measured", "remeasured"):
+                    value = t.get(figure)
+                    if value is None or (figure == "wanted" and t.get("wanted_absolute")):
+                        continue
+                    self.target_fraction.labels(metric=metric, figure=figure).set(float(value))
+                self.target_met.labels(metric=metric).set(1.0 if t.get("met") else 0.0)
 
     def set_build_info(self, version: str) -> None:
         """Set ``secateur_build_info{version,python,grpc} 1`` (replacing any earlier one)."""

@@ -311,6 +311,18 @@ def job_result(report: Mapping[str, Any]) -> pb.JobResult:
     for key in ("selected_ratio", "max_accuracy_drop", "best_ratio", "best_accuracy_drop"):
         if report.get(key) is not None:
             setattr(result, key, float(report[key]))
+    for t in report.get("targets") or []:
+        target = result.targets.add(
+            metric=t["metric"],
+            wanted=float(t["wanted"]),
+            wanted_absolute=bool(t.get("wanted_absolute")),
+            measured=float(t["measured"]),
+            met=bool(t["met"]),
+        )
+        for key in ("predicted", "remeasured"):
+            if t.get(key) is not None:
+                setattr(target, key, float(t[key]))
+        target.how.CopyFrom(to_struct(t.get("how") or {}))
     for c in report.get("candidates", []):
         cand = result.candidates.add(ratio=c["ratio"])
         m = metrics(c.get("figures"))

@@ -49,25 +49,14 @@ from secateur.server.pipeline.report import (
     member_report,
     write_curves,
 )
+from secateur.server.pipeline.target_job import add_targets, candidate_ratio, plan_round
 from secateur.server.storage import DiskBudgetError, Location, Storage
 
 __all__ = [
-    "CANDIDATE_STAGES",
-    "CURVE_COLUMNS",
-    "MAX_RATIOS",
-    "OUTCOMES",
-    "REPORT_VERSION",
-    "STAGES",
-    "GateFailed",
-    "JobRequest",
-    "LeaseLost",
-    "PruneJob",
-    "StageEvent",
-    "curve_rows",
-    "overall_progress",
-    "sweep_progress",
-    "write_curves",
-]
+    "CANDIDATE_STAGES", "CURVE_COLUMNS", "MAX_RATIOS", "OUTCOMES", "REPORT_VERSION", "STAGES",
+    "GateFailed", "JobRequest", "LeaseLost", "PruneJob", "StageEvent", "curve_rows",
+    "overall_progress", "sweep_progress", "write_curves",
+]  # fmt: skip
 
 
 #: A worker's local disk budget for every job it runs (bytes), when a PruneJob
@@ -112,8 +101,10 @@ class PruneJob:
         fence: Callable[[], bool] | None = None,
         disk_budget_bytes: int | None = None,
         trusted: Sequence[str] = (),
+        profile_dir: str | None = None,
     ) -> None:
         self.req = request
+        self.profile_dir = profile_dir  # cost profiles of target jobs (see target_job)
         self.trusted = tuple(trusted)  # --trust-package: see secateur.pruner.safety
         #: Bytes the job may write to local disk (its work directory: the model
         #: copy and the export); data is streamed, never copied. None: no limit.
@@ -219,6 +210,8 @@ class PruneJob:
         shown = chosen or (candidates[0] if len(candidates) == 1 else None)
         report["pruned"] = shown["figures"] if shown else None
         report["plan"] = shown["plan"] if shown else None
+        add_targets(report, req.spec.targets.latency_batch if req.spec.targets else 1,
+                    req.train.batch_size)  # fmt: skip
         self._enter("EXPORTING", "writing the SavedModel")
         if chosen is None:
             self._close_stage()
@@ -318,7 +311,7 @@ class PruneJob:
             rounds.append({"round": j + 1, "ratio": step_ratio, "accuracy": accuracy})
             rounds[-1] |= {"params": plan.params_after, "flops": plan.flops_after}
         out = {
-            "ratio": ratio,
+            "ratio": candidate_ratio(plan, ratio),  # a target plan: the share it removed
             "plan": plan.to_dict(),
             "history": history,
             "accuracy": accuracy,
@@ -342,12 +335,13 @@ class PruneJob:
         """Score, rebuild and fine-tune once: (plan, pruned model, history)."""
         from secateur.pruner.cluster import agree_on_plan, member_dataset, out_of_strategy
         from secateur.pruner.finetune import finetune
-        from secateur.pruner.plan import make_plan
         from secateur.pruner.surgery import apply_plan
 
         i, n = at  # the round's place in the sweep, in rounds
         self._enter("SCORING", where, sweep_progress("SCORING", i, n), ratio=ratio)
-        plan = make_plan(model, spec, graph=graph, device_kind=device.kind, data=data.train_ds)
+        plan = plan_round(
+            model, spec, graph, device, data.train_ds, self.req.train, self.profile_dir
+        )
         agree_on_plan(plan.to_dict(), device)  # multi-host: every member made this plan
         self._enter("REBUILDING", where, sweep_progress("REBUILDING", i, n), ratio=ratio)
         pruned = apply_plan(model, plan, reload_weights=spec.reload_weights, graph=graph)

@@ -97,8 +97,9 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
     try:
         fence = _fence(emit) if payload.get("fenced") else None
         report = PruneJob(
-            request, storage, emit.event, lambda: _cancelled, fence=fence, trusted=trusted
-        ).run()
+            request, storage, emit.event, lambda: _cancelled, fence=fence, trusted=trusted,
+            profile_dir=payload.get("profile_dir"),
+        ).run()  # fmt: skip
     except LeaseLost as lost:
         emit.send(type="error", code="ABORTED", message=str(lost), lease_lost=True)
         return

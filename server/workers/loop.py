@@ -292,6 +292,7 @@ class WorkerLoop:
             self.metrics.stage_finished(stage, t)
         if final.result is not None:
             self.metrics.record_figures(final.result.get("original"), final.result.get("pruned"))
+            self.metrics.record_targets(final.result.get("targets"))
         self.metrics.job_completed(outcome_label(final), secs)
 
     async def _release_all(self) -> None:

@@ -161,6 +161,7 @@ class WorkerRunner:
             "trusted": self.trusted,
             "max_download_bytes": self.max_download_bytes,
             "fenced": fence is not None,
+            "profile_dir": os.path.join(self.state_dir, "profiles"),  # target jobs' cost profiles
         }
         proc = await self._spawn(work, read_fd, write_fd)
         self._procs[key] = proc

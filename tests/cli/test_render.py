@@ -200,3 +200,25 @@ def test_table_accuracyWithItsIntervalAndEvalSetSize() -> None:
     }
     line = next(ln for ln in format_table(report).splitlines() if ln.startswith("top-1"))
     assert line.split()[2:] == ["93.1%", "±2.6", "(n=360)", "93.1%", "±2.6", "(n=360)"]
+
+
+def test_formatTargets_wantedPredictedMeasured_andHowEachWasMeasured() -> None:
+    from secateur.cli.render import format_targets
+
+    text = format_targets(
+        [
+            {"metric": "step_time", "wanted": 0.6, "predicted": 0.571, "measured": 0.59,
+             "remeasured": 0.62, "met": True,
+             "how": {"device": "CPU (cpu:0)", "batch_size": 32, "xla": False, "timed_steps": 8,
+                     "tolerance": 0.02, "profile_measurements": 40, "profile_seconds": 61.5,
+                     "profile_cached": True, "rounds": 2}},
+            {"metric": "params", "wanted": 120000, "wanted_absolute": True, "predicted": 0.4,
+             "measured": 0.45, "met": True, "how": {"method": "counted from the plan (exact)"}},
+        ]
+    )  # fmt: skip
+    lines = text.splitlines()
+    assert lines[0].split() == ["target", "wanted", "predicted", "measured", "after", "fine-tune",
+                                "met"]  # fmt: skip
+    assert lines[2].split() == ["step_time", "0.600", "0.571", "0.590", "0.620", "yes"]
+    assert "120000 (abs)" in text and "params: counted from the plan (exact)" in text
+    assert "profile of 40 variants in 61.5 s (cached), 2 round(s)" in text

@@ -658,6 +658,28 @@ def test_record_figures_sets_skips_and_replaces() -> None:
     assert value(parse(m.render()), "secateur_params_saved_ratio") == pytest.approx(0.6)
 
 
+def test_record_targets_replacesThePreviousTargetJob_skipsAbsoluteWanted() -> None:
+    m = ServerMetrics()
+    m.record_targets(
+        [{"metric": "step_time", "wanted": 0.6, "predicted": 0.55, "measured": 0.58,
+          "remeasured": 0.61, "met": True}]
+    )  # fmt: skip
+    samples = parse(m.render())
+    assert value(samples, "secateur_target_fraction", metric="step_time", figure="measured") == 0.58
+    assert value(samples, "secateur_target_met", metric="step_time") == 1
+    m.record_targets(None)  # a ratio job leaves the last target job's series alone
+    assert value(parse(m.render()), "secateur_target_met", metric="step_time") == 1
+    m.record_targets(
+        [{"metric": "params", "wanted": 5000, "wanted_absolute": True, "predicted": None,
+          "measured": 0.4, "met": False}]
+    )  # fmt: skip
+    samples = parse(m.render())
+    assert value(samples, "secateur_target_met", metric="step_time") is None
+    assert value(samples, "secateur_target_fraction", metric="params", figure="wanted") is None
+    assert value(samples, "secateur_target_fraction", metric="params", figure="measured") == 0.4
+    assert value(samples, "secateur_target_met", metric="params") == 0
+
+
 def test_build_info_is_replaced() -> None:
     m = ServerMetrics()
     m.set_build_info("0.1.0")

@@ -261,7 +261,7 @@ class Metrics(_message.Message):
     def __init__(self, params: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., train_step_seconds: _Optional[float] = ..., train_step_p90_seconds: _Optional[float] = ..., latency_batch1_seconds: _Optional[float] = ..., latency_batch_seconds: _Optional[float] = ..., accuracy: _Optional[float] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., train_step_p10_seconds: _Optional[float] = ..., accuracy_ci_low: _Optional[float] = ..., accuracy_ci_high: _Optional[float] = ..., eval_examples: _Optional[int] = ...) -> None: ...
 
 class TargetResult(_message.Message):
-    __slots__ = ("metric", "wanted", "wanted_absolute", "predicted", "measured", "met", "how")
+    __slots__ = ("metric", "wanted", "wanted_absolute", "predicted", "measured", "met", "how", "remeasured")
     METRIC_FIELD_NUMBER: _ClassVar[int]
     WANTED_FIELD_NUMBER: _ClassVar[int]
     WANTED_ABSOLUTE_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +269,7 @@ class TargetResult(_message.Message):
     MEASURED_FIELD_NUMBER: _ClassVar[int]
     MET_FIELD_NUMBER: _ClassVar[int]
     HOW_FIELD_NUMBER: _ClassVar[int]
+    REMEASURED_FIELD_NUMBER: _ClassVar[int]
     metric: str
     wanted: float
     wanted_absolute: bool
@@ -276,7 +277,8 @@ class TargetResult(_message.Message):
     measured: float
     met: bool
     how: _struct_pb2.Struct
-    def __init__(self, metric: _Optional[str] = ..., wanted: _Optional[float] = ..., wanted_absolute: _Optional[bool] = ..., predicted: _Optional[float] = ..., measured: _Optional[float] = ..., met: _Optional[bool] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    remeasured: float
+    def __init__(self, metric: _Optional[str] = ..., wanted: _Optional[float] = ..., wanted_absolute: _Optional[bool] = ..., predicted: _Optional[float] = ..., measured: _Optional[float] = ..., met: _Optional[bool] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., remeasured: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("ratio", "metrics", "accuracy_drop", "plan")
