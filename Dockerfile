@@ -49,29 +49,32 @@
 # --port set it to SECATEUR_HEALTH_ADDR (docker run -e SECATEUR_HEALTH_ADDR=...).
 # With --tls-cert it cannot connect: run with --no-healthcheck or another --health-cmd.
 
-# -- builder: the project's wheel ----------------------------------------------
+# -- builder: the project's wheels (secateur and secateur-client) --------------
 FROM python:3.11-slim AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# Only what the wheel is built from: pyproject.toml maps these folders into the
-# secateur.* namespace (the generated protobuf modules are committed in proto/).
+# Only what the wheels are built from: pyproject.toml maps pruner/ and server/,
+# packaging/client/pyproject.toml client/, cli/ and proto/ into the secateur.*
+# namespace (the generated protobuf modules are committed in proto/). secateur
+# depends on secateur-client, which is not on PyPI: both wheels go in together.
 COPY pyproject.toml README.md ./
+COPY packaging/client/ packaging/client/
 COPY pruner/ pruner/
 COPY server/ server/
 COPY client/ client/
 COPY cli/ cli/
 COPY proto/ proto/
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .
+    && /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . ./packaging/client
 
 # -- venv: the project and TensorFlow (CPU, or CUDA with TF_EXTRA='[and-cuda]') --
 FROM builder AS venv
 # '' (CPU; uses a GPU only if CUDA libraries are present) or '[and-cuda]'.
 ARG TF_EXTRA=""
 # keras-hub: the one package the ENTRYPOINT trusts (--trust-package keras_hub).
-RUN /opt/venv/bin/pip install /wheels/secateur-*.whl "tensorflow${TF_EXTRA}==2.21.0" \
+RUN /opt/venv/bin/pip install /wheels/*.whl "tensorflow${TF_EXTRA}==2.21.0" \
         "keras-hub==0.32.0"
 
 # -- venv-tpu: the project with tensorflow-tpu in place of tensorflow -----------
@@ -81,7 +84,7 @@ ARG TF_TPU_VERSION=2.21.0
 # distribution, so the one pulled in by the project's dependencies is removed
 # before it is installed (pip check then reports tensorflow as missing; at run
 # time nothing asks for the distribution, only for the module).
-RUN /opt/venv/bin/pip install /wheels/secateur-*.whl "keras-hub==0.32.0" \
+RUN /opt/venv/bin/pip install /wheels/*.whl "keras-hub==0.32.0" \
     && /opt/venv/bin/pip uninstall --yes tensorflow \
     && /opt/venv/bin/pip install "tensorflow-tpu==${TF_TPU_VERSION}" \
         -f https://storage.googleapis.com/libtpu-releases/index.html

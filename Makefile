@@ -7,10 +7,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run bench bench-measure test test-slow lint system-deps clean
 
-$(STAMP): pyproject.toml
+# secateur-client (packaging/client/) is built from this repository, not fetched
+# from PyPI: one pip run takes it with the full distribution, which depends on it.
+# Both are uninstalled first: in a venv made before the split, `secateur` owns
+# bin/secateur, and replacing it would delete the script the client installs.
+$(STAMP): pyproject.toml packaging/client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip uninstall --quiet --quiet --yes secateur secateur-client
+	$(PY) -m pip install --quiet -e ./packaging/client -e '.[dev]'
 	touch $(STAMP)
 
 ## The main job on the embedded default: train VGG-16-BN on bundled digits, prune
@@ -18,11 +23,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/secateur demo
 
-## Time to plan and apply a prune on five keras.applications models, and to
-## import five SavedModels as data against tf.saved_model.load.
+## Time to plan and apply a prune on five keras.applications models, to
+## import five SavedModels as data against tf.saved_model.load, and what a CI
+## stage pays to install secateur-client alone (wheel size, install time).
 bench: $(STAMP)
 	$(PY) benchmarks/prune_speed.py
 	$(PY) benchmarks/import_speed.py
+	$(PY) benchmarks/client_install.py
 
 ## The study's VGG-16-BN: train step time and peak memory vs pruned ratio.
 bench-measure: $(STAMP)

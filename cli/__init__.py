@@ -2,6 +2,8 @@
 
 Subcommands load heavy modules only when they run, so ``secateur --help``
 and the remote subcommands never import TensorFlow, the server or the pruner.
+This package ships in the ``secateur-client`` distribution (docs/client.md);
+the local subcommands are offered only where the full ``secateur`` is installed.
 
 Modules: ``parser`` (argument definitions), ``options`` (flags over a
 ``--spec`` file), ``local`` (``prune``, ``demo``, ``serve``: in-process),

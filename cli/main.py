@@ -1,15 +1,24 @@
-"""The ``secateur`` entry point (``[project.scripts]``)."""
+"""The ``secateur`` entry point (``[project.scripts]`` of the secateur-client distribution)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from secateur.cli.outcome import EXIT_CANCELLED
+from secateur.cli.outcome import EXIT_BAD_INPUT, EXIT_CANCELLED
+from secateur.cli.parser import IN_PROCESS_COMMANDS, build_parser, full_distribution
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in IN_PROCESS_COMMANDS and not full_distribution():
+        print(
+            f"secateur: error: `{argv[0]}` runs in this process and needs the full "
+            "distribution (pip install secateur); secateur-client has submit, status, watch, "
+            "cancel and list",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     if argv[:1] == ["serve"]:
         # The server owns its flags; argparse's REMAINDER cannot pass "--help" through.
         from secateur.cli.local import run_serve
@@ -19,8 +28,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from secateur.cli.local import run_worker
 
         return run_worker(argv[1:])
-    from secateur.cli.parser import build_parser
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

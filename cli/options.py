@@ -9,9 +9,10 @@ Flags and spec-file keys are the request schema's fields
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
-from secateur.client.schema import KNOWN_OPTIONS, SPEC_FIELDS, job_spec_from_options
+from secateur.client.schema import DEFAULTS, KNOWN_OPTIONS, SPEC_FIELDS, job_spec_from_options
 from secateur.v1 import pruning_pb2
 
 
@@ -49,9 +50,9 @@ _ROUNDING = ("round_to", "round_to_auto")
 class SpecHelpFormatter(argparse.HelpFormatter):
     """Every spec flag's help ends with the library default an unset flag takes.
 
-    The defaults live in the pruner's dataclasses; they are read (through
-    the server's conversion table) only when help is printed, so building the
-    parser stays light.
+    The defaults are the client's table of them
+    (:data:`secateur.client.schema.DEFAULTS`, kept equal to the pruner's by a
+    test), so the help needs neither the server nor the pruner installed.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -59,9 +60,7 @@ class SpecHelpFormatter(argparse.HelpFormatter):
         path = getattr(action, "spec_path", None)
         if path is None:
             return text
-        from secateur.server.pipeline.convert import defaults
-
-        return f"{text} (default: {_shown(defaults()[path])})".lstrip()
+        return f"{text} (default: {_shown(DEFAULTS[path])})".lstrip()
 
 
 def _shown(value: Any) -> str:
@@ -107,13 +106,26 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
 def load_spec_file(path: str) -> dict[str, Any]:
     """Read a YAML/JSON spec file into a flat dict of schema keys.
 
-    Raises:
-        ValueError: not a mapping, or an unknown key (the known ones listed).
-    """
-    import yaml
+    JSON needs nothing more; YAML needs PyYAML, which the full distribution
+    installs and the client's ``yaml`` extra adds (``secateur-client[yaml]``).
 
+    Raises:
+        ValueError: not a mapping, or an unknown key (the known ones listed);
+            a YAML file without PyYAML installed.
+    """
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        text = fh.read()
+    if path.endswith(".json"):
+        data = json.loads(text) or {}
+    else:
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ValueError(
+                "a YAML spec file needs PyYAML: pip install 'secateur-client[yaml]', or write "
+                f"the spec as JSON (a .json file). Received: {path}"
+            ) from None
+        data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError(
             f"spec file must hold a mapping. Received: {type(data).__name__} in {path}"

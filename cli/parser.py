@@ -1,7 +1,9 @@
 """The ``secateur`` argument definitions: every subcommand and its flags.
 
 Building the parser imports the command modules but nothing heavy: they load
-the pruner and the server only when a local subcommand runs.
+the pruner and the server only when a local subcommand runs. The in-process
+subcommands (:data:`IN_PROCESS_COMMANDS`) are offered only where the full
+distribution is installed; ``secateur-client`` has the remote ones.
 """
 
 from __future__ import annotations
@@ -96,14 +98,32 @@ class _SubcommandParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+#: Subcommands that run in this process: they need the full distribution
+#: (``secateur``: the pruner, the server, TensorFlow). ``secateur-client`` alone
+#: offers the others, which only talk to a server.
+IN_PROCESS_COMMANDS = ("prune", "demo", "serve", "worker", "plan", "data")
+
+
+def full_distribution() -> bool:
+    """Whether the pruner and the server are installed, not only the client.
+
+    Looks the packages up without importing them (nothing heavy loads).
+    """
+    from importlib.util import find_spec
+
+    return all(find_spec(f"secateur.{name}") is not None for name in ("pruner", "server"))
+
+
 def package_version() -> str:
     """The installed distribution's version ("unknown" when run from an uninstalled tree)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("secateur")
-    except PackageNotFoundError:
-        return "unknown"
+    for name in ("secateur", "secateur-client"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,11 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         parser_class=_SubcommandParser,
     )
-    _add_local_commands(sub)
-    _add_plan(sub)
+    full = full_distribution()
+    if full:
+        _add_local_commands(sub)
+        _add_plan(sub)
     _add_submit(sub)
     _add_job_commands(sub)
-    _add_data(sub)
+    if full:
+        _add_data(sub)
     return parser
 
 

@@ -15,7 +15,78 @@ from typing import Any
 
 from secateur.cli.options import merged_options
 from secateur.cli.outcome import EXIT_BAD_INPUT, EXIT_OK
-from secateur.cli.render import format_plan
+from secateur.cli.render import human, make_table, render_text
+
+
+def _origins(origins: list[str], width: int = 40) -> str:
+    text = ", ".join(origins)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """``secateur plan``: the groups with kept/total channels, totals, why groups are frozen."""
+    groups = plan["groups"]
+    rows = [
+        [
+            str(g["id"]),
+            _origins(g["origins"]),
+            f"{g['size_after']}/{g['size_before']}",
+            "frozen" if g.get("frozen") else g.get("criterion") or "-",
+        ]
+        for g in groups
+    ]
+    table = make_table(["group", "layers", "kept/total", "criterion"], rows, right=2)
+    prunable = [g for g in groups if not g.get("frozen") and g.get("kind") != "heads"]
+    kept = sum(g["size_after"] for g in prunable)
+    total = sum(g["size_before"] for g in prunable)
+    heads = [g for g in groups if not g.get("frozen") and g.get("kind") == "heads"]
+    spec = plan.get("spec") or {}
+    out = [
+        f"plan for {plan.get('model_name')}: ratio {spec.get('ratio')}, "
+        f"criterion {spec.get('criterion')}, scope {spec.get('scope')}, "
+        f"round to {plan.get('round_to')}",
+        render_text(table),
+        f"channels kept: {kept:,} of {total:,} prunable in {len(prunable)} of {len(groups)} groups",
+    ]
+    if heads:  # attention heads (PruneSpec.head_ratio), counted apart from channels
+        left, total_heads = (sum(g[k] for g in heads) for k in ("size_after", "size_before"))
+        out.append(f"attention heads kept: {left:,} of {total_heads:,} in {len(heads)} layers")
+    for name, key in (("params", "params"), ("FLOPs/example", "flops")):
+        before, after = plan[f"{key}_before"], plan[f"{key}_after"]
+        ratio = f" ({after / before:.2f}x)" if before else ""
+        out.append(f"{name}: {human(before, 'count')} -> {human(after, 'count')}{ratio}")
+    out.extend(_frozen_report(plan))
+    for layer in plan.get("unsupported_layers") or []:
+        out.append(
+            f"unsupported: {layer.get('layer', layer)}: {layer.get('reason', '')}".rstrip(": ")
+        )
+    return "\n".join(out)
+
+
+def _frozen_report(plan: dict[str, Any], top: int = 5) -> list[str]:
+    """The plan's prunable share and its top frozen reasons (computed for older plans)."""
+    share, reasons = plan.get("prunable_share"), plan.get("frozen_reasons")
+    if share is None or reasons is None:
+        from types import SimpleNamespace
+
+        from secateur.pruner import plan_report
+
+        rows = [SimpleNamespace(**g) for g in plan["groups"]]
+        share = plan_report.prunable_share(rows)
+        reasons = [vars(r) for r in plan_report.frozen_reasons(rows)]
+    out = [f"prunable: {share:.0%} of channels"]
+    for r in reasons[:top]:
+        out.append(
+            f"frozen: {r['reason']} ({_count(r['channels'], 'channel')}, "
+            f"{_count(r['groups'], 'group')})"
+        )
+    if len(reasons) > top:
+        out.append(f"frozen: {len(reasons) - top} more reasons (--json lists them)")
+    return out
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n:,} {unit}{'' if n == 1 else 's'}"
 
 
 def _pruning_spec(args: argparse.Namespace) -> Any:

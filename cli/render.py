@@ -1,8 +1,8 @@
-"""What the command prints: the before/after table, the plan, job lines (with ``rich``).
+"""What the command prints: the before/after table, job lines (with ``rich``).
 
-Progress is :mod:`secateur.cli.progress`. Protobuf and ``rich`` only
-(``secateur.v1`` and the client's ``protospec``; a plan without its report gets
-one from ``secateur.pruner.plan_report``, which loads no TensorFlow).
+Progress is :mod:`secateur.cli.progress`, the plan's text :mod:`secateur.cli.plan`.
+Protobuf and ``rich`` only (``secateur.v1`` and the client's ``protospec``): the
+client distribution ships this module.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def render_text(renderable: Any, width: int = 160) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines())
 
 
-def _table(head: list[str], rows: list[list[str]], right: int = 1, rule: bool = True) -> Any:
+def make_table(head: list[str], rows: list[list[str]], right: int = 1, rule: bool = True) -> Any:
     """A plain ``rich`` table: columns from ``right`` on aligned right; a rule under the header."""
     from rich import box
     from rich.table import Table
@@ -151,7 +151,7 @@ def format_table(report: dict[str, Any]) -> str:
             [label, _cell(original, None, key, kind)]
             + [_cell(c["figures"], original, key, kind) for c in cands]
         )
-    out = [render_text(_table(head, rows))]
+    out = [render_text(make_table(head, rows))]
     how = original.get("how", {})
     out.append(
         f"measured on {how.get('device')} batch {how.get('batch_size')}, "
@@ -185,7 +185,7 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
              _fraction(t.get("remeasured")), "yes" if t.get("met") else "NO"]
         )  # fmt: skip
     head = ["target", "wanted", "predicted", "measured", "after fine-tune", "met"]
-    lines = [render_text(_table(head, rows))]
+    lines = [render_text(make_table(head, rows))]
     for t in targets:
         how = t.get("how") or {}
         if "device" in how:
@@ -199,77 +199,6 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
         else:
             lines.append(f"{t['metric']}: {how.get('method', 'counted')}")
     return "\n".join(lines)
-
-
-def _origins(origins: list[str], width: int = 40) -> str:
-    text = ", ".join(origins)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def format_plan(plan: dict[str, Any]) -> str:
-    """``secateur plan``: the groups with kept/total channels, totals, why groups are frozen."""
-    groups = plan["groups"]
-    rows = [
-        [
-            str(g["id"]),
-            _origins(g["origins"]),
-            f"{g['size_after']}/{g['size_before']}",
-            "frozen" if g.get("frozen") else g.get("criterion") or "-",
-        ]
-        for g in groups
-    ]
-    table = _table(["group", "layers", "kept/total", "criterion"], rows, right=2)
-    prunable = [g for g in groups if not g.get("frozen") and g.get("kind") != "heads"]
-    kept = sum(g["size_after"] for g in prunable)
-    total = sum(g["size_before"] for g in prunable)
-    heads = [g for g in groups if not g.get("frozen") and g.get("kind") == "heads"]
-    spec = plan.get("spec") or {}
-    out = [
-        f"plan for {plan.get('model_name')}: ratio {spec.get('ratio')}, "
-        f"criterion {spec.get('criterion')}, scope {spec.get('scope')}, "
-        f"round to {plan.get('round_to')}",
-        render_text(table),
-        f"channels kept: {kept:,} of {total:,} prunable in {len(prunable)} of {len(groups)} groups",
-    ]
-    if heads:  # attention heads (PruneSpec.head_ratio), counted apart from channels
-        left, total_heads = (sum(g[k] for g in heads) for k in ("size_after", "size_before"))
-        out.append(f"attention heads kept: {left:,} of {total_heads:,} in {len(heads)} layers")
-    for name, key in (("params", "params"), ("FLOPs/example", "flops")):
-        before, after = plan[f"{key}_before"], plan[f"{key}_after"]
-        ratio = f" ({after / before:.2f}x)" if before else ""
-        out.append(f"{name}: {human(before, 'count')} -> {human(after, 'count')}{ratio}")
-    out.extend(_frozen_report(plan))
-    for layer in plan.get("unsupported_layers") or []:
-        out.append(
-            f"unsupported: {layer.get('layer', layer)}: {layer.get('reason', '')}".rstrip(": ")
-        )
-    return "\n".join(out)
-
-
-def _frozen_report(plan: dict[str, Any], top: int = 5) -> list[str]:
-    """The plan's prunable share and its top frozen reasons (computed for older plans)."""
-    share, reasons = plan.get("prunable_share"), plan.get("frozen_reasons")
-    if share is None or reasons is None:
-        from types import SimpleNamespace
-
-        from secateur.pruner import plan_report
-
-        rows = [SimpleNamespace(**g) for g in plan["groups"]]
-        share = plan_report.prunable_share(rows)
-        reasons = [vars(r) for r in plan_report.frozen_reasons(rows)]
-    out = [f"prunable: {share:.0%} of channels"]
-    for r in reasons[:top]:
-        out.append(
-            f"frozen: {r['reason']} ({_count(r['channels'], 'channel')}, "
-            f"{_count(r['groups'], 'group')})"
-        )
-    if len(reasons) > top:
-        out.append(f"frozen: {len(reasons) - top} more reasons (--json lists them)")
-    return out
-
-
-def _count(n: int, unit: str) -> str:
-    return f"{n:,} {unit}{'' if n == 1 else 's'}"
 
 
 def percent(job: pruning_pb2.Job) -> str:
@@ -321,4 +250,4 @@ def jobs_table(jobs: list[pruning_pb2.Job]) -> str:
         ]
         for j in jobs
     ]
-    return render_text(_table(head, rows, right=len(head), rule=False))
+    return render_text(make_table(head, rows, right=len(head), rule=False))

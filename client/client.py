@@ -48,6 +48,8 @@ MAX_BACKOFF_SECONDS = 10.0
 #: gRPC refuses a retry policy of more attempts than this (and caps it here).
 MAX_GRPC_ATTEMPTS = 5
 SERVICE = "secateur.v1.PruningService"
+# The trailer carrying the call's google.rpc.Status (field violations): gRPC's own name.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 #: The unary methods; each is safe to retry (see the module docstring).
 RETRIED_METHODS = ("CreateJob", "GetJob", "ListJobs", "CancelJob", "PlanPruning")
 # Plans and sweep results travel as Structs; leave room above gRPC's 4 MiB default.
@@ -108,6 +110,33 @@ def violations_from_status(status: Any) -> builtins.list[tuple[str, str]]:
     return out
 
 
+def rich_status(exc: grpc.RpcError) -> Any:
+    """The ``google.rpc.Status`` a failed call carries in its trailers, or None.
+
+    What ``grpc_status.rpc_status.from_call`` reads, without that package (the
+    client needs grpcio, protobuf and googleapis-common-protos only). None too
+    when the status disagrees with the call's code or details, or ``exc`` is
+    not a call.
+    """
+    from google.protobuf.message import DecodeError
+    from google.rpc import status_pb2
+
+    try:
+        trailers = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+        code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
+    for key, value in trailers:
+        if key == STATUS_DETAILS_KEY:
+            try:
+                status = status_pb2.Status.FromString(value)
+            except (DecodeError, TypeError):
+                return None
+            consistent = status.code == code.value[0] and status.message == details
+            return status if consistent else None
+    return None
+
+
 class ClientError(Exception):
     """A call that failed: ``code`` (grpc.StatusCode), ``details``, ``field_violations``."""
 
@@ -137,15 +166,8 @@ class ClientError(Exception):
     def from_rpc_error(cls, exc: grpc.RpcError, method: str = "", attempts: int = 1) -> ClientError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = (exc.details() if hasattr(exc, "details") else None) or ""
-        violations: builtins.list[tuple[str, str]] = []
-        try:
-            from grpc_status import rpc_status
-
-            status = rpc_status.from_call(exc)
-        except (ValueError, AttributeError, TypeError):
-            status = None  # details inconsistent with the status, or not a call
-        if status is not None:
-            violations = violations_from_status(status)
+        status = rich_status(exc)
+        violations = violations_from_status(status) if status is not None else []
         return cls(code, details, violations, method=method, attempts=attempts)
 
 

@@ -240,3 +240,85 @@ def test_cli_parser_and_remote_commands_load_no_tensorflow_server_or_pruner() ->
         "build_parser().format_help()"
     )
     assert loaded == [], loaded
+
+
+# -- the secateur-client distribution (packaging/client/): no TensorFlow ------
+
+CLIENT_PYPROJECT = ROOT / "packaging" / "client" / "pyproject.toml"
+# Where the light command starts: the console script, the remote subcommands, the API.
+CLIENT_DIST_ENTRIES = ("secateur.cli.main", "secateur.cli.remote", "secateur.client")
+# cli modules of the subcommands that run in this process: the parser offers them
+# only where the full distribution is installed, so the walk stops at them.
+CLI_IN_PROCESS = {f"secateur.cli.{m}" for m in ("local", "demo", "data", "plan")}
+# The client distribution's requirements -> the modules they provide.
+CLIENT_REQUIREMENT_MODULES = {
+    "grpcio": ("grpc",),
+    "protobuf": ("google.protobuf",),
+    "googleapis-common-protos": ("google.rpc",),
+    "rich": ("rich",),
+    "pyyaml": ("yaml",),  # the [yaml] extra: imported only to read a YAML --spec file
+}
+
+
+def _client_requirements() -> set[str]:
+    import re
+    import tomllib
+
+    project = tomllib.loads(CLIENT_PYPROJECT.read_text())["project"]
+    specs = [*project["dependencies"]]
+    for extra in project["optional-dependencies"].values():
+        specs += extra
+    return {re.split(r"[<>=!~\[ ;]", s, maxsplit=1)[0].lower() for s in specs}
+
+
+def _client_dist_walk() -> tuple[set[str], list[Import]]:
+    """The modules the light command can load and every import they make.
+
+    Every import counts, function-level ones included, from the entry points
+    on, except into the in-process subcommands' modules.
+    """
+    files = {_module_name(p): p for folder in ("cli", "client") for p in _modules(folder)}
+    seen: set[str] = set()
+    found: list[Import] = []
+    todo = list(CLIENT_DIST_ENTRIES)
+    while todo:
+        name = todo.pop()
+        if name in seen or name in CLI_IN_PROCESS:
+            continue
+        seen.add(name)
+        for imp in _imports(files[name]):
+            found.append(imp)
+            todo += [imp.module] if imp.module in files else []
+    return seen, found
+
+
+def test_client_distribution_modules_import_only_its_packages_and_requirements() -> None:
+    assert _client_requirements() == set(CLIENT_REQUIREMENT_MODULES), (
+        "packaging/client/pyproject.toml's requirements changed: say which modules they provide"
+    )
+    allowed = tuple(m for mods in CLIENT_REQUIREMENT_MODULES.values() for m in mods)
+    seen, found = _client_dist_walk()
+    # The walk reaches what the remote subcommands really use.
+    assert {"secateur.cli.parser", "secateur.cli.render", "secateur.client.client"} <= seen
+    bad = []
+    for imp in found:
+        pkg = _secateur_package(imp.module)
+        if imp.module.split(".")[0] == "secateur":
+            if pkg not in (None, "cli", "client", "v1"):
+                bad.append(_where(imp))
+        elif imp.module.split(".")[0] not in sys.stdlib_module_names and not any(
+            imp.module == m or imp.module.startswith(m + ".") for m in allowed
+        ):
+            bad.append(_where(imp))
+    assert not bad, "the client distribution ships none of these:\n" + "\n".join(bad)
+
+
+def test_in_process_subcommand_modules_are_imported_only_by_the_parser() -> None:
+    bad = [
+        _where(imp)
+        for path in _modules("cli")
+        for imp in _imports(path)
+        if imp.module in CLI_IN_PROCESS
+        and _module_name(path) not in CLI_IN_PROCESS | {"secateur.cli.parser", "secateur.cli.main"}
+    ]
+    assert not bad, "only the parser and main may import in-process subcommands:\n" + "\n".join(bad)

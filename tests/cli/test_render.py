@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from secateur.cli.render import format_plan, format_table, human, jobs_table
+from secateur.cli.plan import format_plan
+from secateur.cli.render import format_table, human, jobs_table
 
 HOW = {
     "device": "CPU (x86)",

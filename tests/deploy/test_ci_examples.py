@@ -122,3 +122,20 @@ def test_readme_documentsEveryExitCode() -> None:
     for code in range(EXIT_CANCELLED + 1):
         assert re.search(rf"^\| `{code}` \|", text, re.M), f"exit code {code} not in the table"
     assert EXIT_GATE == 3 and "nothing published" in text
+
+
+@pytest.mark.parametrize(
+    "scripts", [github_scripts, cloudbuild_scripts], ids=["github-actions", "cloudbuild"]
+)
+def test_pipelines_install_the_client_distribution_only(scripts: Any) -> None:
+    """secateur-client (packaging/client), never the full distribution and its TensorFlow."""
+    installs = [
+        shlex.split(line.strip())
+        for script in scripts()
+        for line in script.replace("\\\n", " ").splitlines()
+        if re.search(r"pip install", line) and "--upgrade pip" not in line
+    ]
+    assert installs, "no pip install"
+    for argv in installs:
+        targets = [a for a in argv[argv.index("install") + 1 :] if not a.startswith("-")]
+        assert targets == ["./packaging/client"], argv

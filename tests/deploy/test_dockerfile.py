@@ -36,6 +36,7 @@ from tests.deploy import (
 )
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CLIENT_PYPROJECT = tomllib.loads((ROOT / "packaging" / "client" / "pyproject.toml").read_text())
 STAGES = read_stages()
 BY_NAME = {s.name: s for s in STAGES}
 RUNTIME_TARGETS = ("runtime", "tpu")
@@ -169,12 +170,15 @@ def test_builder_copies_everything_the_wheel_is_built_from() -> None:
     for ins in BY_NAME["builder"].all("COPY"):
         _, sources, _ = copy_sources(ins)
         copied |= {s.rstrip("/") for s in sources}
-    needed = {"pyproject.toml", PYPROJECT["project"]["readme"]}
-    package_dirs = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
+    needed = {"pyproject.toml", PYPROJECT["project"]["readme"], "packaging/client"}
+    package_dirs = [*PYPROJECT["tool"]["setuptools"]["package-dir"].values()]
+    # The client distribution's folders, named from packaging/client/.
+    client_dirs = CLIENT_PYPROJECT["tool"]["setuptools"]["package-dir"].values()
+    package_dirs += [d.removeprefix("../../") for d in client_dirs]
     needed |= {d.rstrip("/").split("/")[0] for d in package_dirs}
     assert needed <= copied, f"not copied into the builder: {sorted(needed - copied)}"
     runs = " ".join(i.value for i in BY_NAME["builder"].all("RUN"))
-    assert "pip wheel" in runs and " ." in runs
+    assert "pip wheel" in runs and " . ./packaging/client" in runs
 
 
 def test_tensorflow_versions_match_pyproject() -> None:
@@ -232,7 +236,8 @@ def test_runtime_runs_as_non_root(target: str) -> None:
 def test_entrypoint_is_secateur_serve(target: str) -> None:
     argv = _entrypoint(target)
     assert argv[:2] == ["secateur", "serve"]
-    assert "secateur" in PYPROJECT["project"]["scripts"]
+    # The command is the client distribution's, which the image installs with the full one.
+    assert "secateur" in CLIENT_PYPROJECT["project"]["scripts"]
     ns = parse_serve_args(argv[2:])
     assert ns.host == "0.0.0.0"
     assert ns.state_dir == "/var/lib/secateur"
