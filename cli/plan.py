@@ -107,10 +107,11 @@ def local_plan(args: argparse.Namespace) -> dict[str, Any]:
 
     _quiet_tensorflow()
     trusted = trust_packages(args.trust_package)
+    from secateur.pruner.api import make_plan  # by ratio, or to targets
     from secateur.pruner.modelio import load_model
-    from secateur.pruner.plan import make_plan
     from secateur.server.pipeline.boundary import user_paths
     from secateur.server.pipeline.convert import prune_spec
+    from secateur.server.pipeline.target_job import default_profile_dir
     from secateur.server.storage import Storage
 
     spec = prune_spec(_pruning_spec(args))
@@ -122,7 +123,8 @@ def local_plan(args: argparse.Namespace) -> dict[str, Any]:
     ):
         path = storage.download(args.model_uri, work)
         names[path] = args.model_uri
-        return make_plan(load_model(path, trusted), spec).to_dict()
+        model = load_model(path, trusted)
+        return make_plan(model, spec, state_dir=default_profile_dir()).to_dict()
 
 
 def _plain(value: Any) -> Any:

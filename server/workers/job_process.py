@@ -91,7 +91,7 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
     )
     trusted = tuple(payload.get("trusted") or ())
     if payload["mode"] == "plan":
-        emit.send(type="plan", plan=_plan(spec, storage, trusted))
+        emit.send(type="plan", plan=_plan(spec, storage, trusted, payload.get("profile_dir")))
         return
     request = job_request(spec)
     try:
@@ -127,9 +127,11 @@ def _fence(emit: Emitter) -> Callable[[], bool]:
     return check
 
 
-def _plan(spec: Any, storage: Any, trusted: tuple[str, ...]) -> dict[str, Any]:
+def _plan(
+    spec: Any, storage: Any, trusted: tuple[str, ...], profile_dir: str | None
+) -> dict[str, Any]:
+    from secateur.pruner.api import make_plan  # by ratio, or to targets
     from secateur.pruner.modelio import load_model
-    from secateur.pruner.plan import make_plan
     from secateur.server.pipeline.boundary import user_paths
     from secateur.server.pipeline.convert import prune_spec
 
@@ -141,7 +143,7 @@ def _plan(spec: Any, storage: Any, trusted: tuple[str, ...]) -> dict[str, Any]:
         path = storage.download(spec.model_uri, work)
         names[path] = spec.model_uri
         model = load_model(path, trusted)
-        return make_plan(model, prune_spec(spec.pruning)).to_dict()
+        return make_plan(model, prune_spec(spec.pruning), state_dir=profile_dir).to_dict()
 
 
 def _internal(exc: BaseException, emit: Emitter) -> int:

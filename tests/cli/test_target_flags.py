@@ -3,6 +3,8 @@ the library's Targets; a target with a ratio is refused naming the field."""
 
 from __future__ import annotations
 
+import json
+
 from secateur.cli.local import build_request
 from secateur.cli.main import main
 from secateur.cli.options import job_spec
@@ -44,3 +46,10 @@ def test_targetWithRatio_refusedNamingTheRatio(capsys) -> None:
     assert main(["prune", "m.keras", "out", "--target-step-time", "2"]) == 2
     err = capsys.readouterr().err
     assert "step_time must be a finite number in (0, 1]. Received: step_time=2.0" in err
+
+
+def test_plan_targetFlag_localPlanMeetsTheCountedTarget(digits_data, capsys) -> None:
+    assert main(["plan", digits_data.model_path, "--target-flops", "0.5", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["flops_after"] <= 0.5 * plan["flops_before"]
+    assert plan["targets"][0]["metric"] == "flops" and plan["targets"][0]["met"]

@@ -86,6 +86,17 @@ def test_createJob_badTargetCombination_invalidArgumentNamingThePath(
     assert len(stub.ListJobs(pb.ListJobsRequest(page_size=1000)).jobs) == before
 
 
+def test_planPruning_paramsTarget_planMeetsItAndReportsIt(stub, digits_data) -> None:
+    request = pb.PlanPruningRequest(
+        model_uri=digits_data.model_path, pruning=pb.PruningSpec(targets=pb.TargetSpec(params=0.5))
+    )
+    resp = stub.PlanPruning(request, timeout=240)
+    assert resp.params_after <= 0.5 * resp.params_before
+    (target,) = resp.plan["targets"]
+    assert target["metric"] == "params" and target["met"]
+    assert target["measured"] == resp.params_after / resp.params_before
+
+
 def _watch(stub, spec: pb.JobSpec, timeout: float = 300) -> pb.Job:
     job = stub.CreateJob(pb.CreateJobRequest(spec=spec))
     return list(stub.WatchJob(pb.WatchJobRequest(name=job.name), timeout=timeout))[-1]
