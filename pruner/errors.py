@@ -11,6 +11,7 @@ never on message text::
     ├── DataError               training/eval data missing or not fitting the model
     ├── CancelledError          a long operation was cancelled by its caller
     ├── TargetUnreachableError  no pruning of the model meets a target (best reached attached)
+    ├── ExportError             an asked-for LiteRT/ONNX artifact cannot be made or does not match
     └── PlanError               a plan cannot be applied to a model
         ├── PlanMismatchError   the plan was made for a different model
         └── EmptyGroupError     a plan would leave a group with no channels
@@ -105,6 +106,19 @@ class TargetUnreachableError(SecateurError):
         super().__init__(message)
         self.target, self.wanted, self.best = target, wanted, best
         self.attempts = list(attempts or [])
+
+
+class ExportError(SecateurError):
+    """An extra artifact (LiteRT, ONNX) cannot be made from the model, or does not match it.
+
+    Attributes:
+        format: the format refused (``litert``, ``onnx``), "" when none applies.
+        ops: the ops the format cannot take, when that is the reason.
+    """
+
+    def __init__(self, message: str, format: str = "", ops: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.format, self.ops = format, tuple(ops)
 
 
 class PlanError(SecateurError, ValueError):

@@ -110,6 +110,7 @@ def _by_name() -> dict[str, grpc.StatusCode]:
         "TargetUnreachableError": c.FAILED_PRECONDITION,  # the message holds the best reached
         "PlanMismatchError": c.FAILED_PRECONDITION,
         "EmptyGroupError": c.FAILED_PRECONDITION,
+        "ExportError": c.FAILED_PRECONDITION,  # the model has an op an asked-for format lacks
         "CancelledError": c.CANCELLED,
     }
 
