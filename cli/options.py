@@ -37,7 +37,10 @@ def parse_round_to(text: str) -> int | str:
 
 
 # Extra spellings of a few flags, kept for existing scripts (``--no-reload``).
-FLAG_ALIASES: dict[str, tuple[str, ...]] = {"reload_weights": ("--reload",)}
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {
+    "reload_weights": ("--reload",),
+    "exports": ("--export",),
+}
 _GROUPS = {
     "pruning": "pruning spec (flags override --spec)",
     "training": "fine-tuning, data and measurement",
@@ -91,6 +94,8 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         elif f.repeated:
             if f.kind is float:
                 kwargs.update(type=parse_ratios, metavar="R1,R2,...")
+            elif f.choices:  # names checked by the schema: {litert,onnx}, commas allowed
+                kwargs.update(action="append", metavar="{" + ",".join(f.choices) + "}")
             else:
                 kwargs.update(action="append", metavar=f.key.upper())
         elif f.key == "round_to":

@@ -163,6 +163,11 @@ def format_table(report: dict[str, Any]) -> str:
     out.append(f"decision: {report.get('decision')}")
     if report.get("output_uri"):
         out.append(f"published: {report['output_uri']}")
+    for e in report.get("exports") or []:  # docs/exports.md
+        out.append(
+            f"  with assets.extra/secateur/{e['file']} ({e['format']}, {human(e['bytes'], 'bytes')}"
+            f", max abs diff {e['max_abs_diff']:.2g} vs Keras on {e['samples']} inputs)"
+        )
     return "\n".join(out)
 
 

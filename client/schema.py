@@ -72,6 +72,8 @@ HELP: dict[str, str] = {
     "target_corrections": "measure-and-correct rounds after the first allocation",
     "max_accuracy_drop": "publish the largest ratio whose accuracy drop is within this (0.02)",
     "version": "TF Serving version to publish (default: the next free one)",
+    "exports": "extra artifacts checked against the pruned model, published in the version "
+    "(litert, onnx; comma-separated or repeated; see docs/exports.md)",
     "max_run_seconds": "service only: stop the job past this many seconds (FAILED "
     "DEADLINE_EXCEEDED; default and maximum: the server's --max-job-seconds)",
 }
@@ -125,6 +127,7 @@ DEFAULTS: dict[str, Any] = {
     "max_accuracy_drop": None,
     "version": None,
     "max_run_seconds": None,
+    "exports": (),
 }
 _POSITIONAL = ("model_uri", "output_uri")
 _KINDS: dict[int, type] = {
@@ -228,7 +231,12 @@ def _scalar(f: SpecField, value: Any) -> Any:
 
 
 def _values(f: SpecField, value: Any) -> list[Any]:
-    """A repeated field's values: a list, or a comma-separated string (ratios)."""
+    """A repeated field's values: a list, or a comma-separated string (ratios, enums)."""
+    if f.choices:  # enum names: a list, comma-separated, or both (--exports litert,onnx)
+        parts = value if isinstance(value, list | tuple) else [value]
+        names = [t for p in parts for t in (p.split(",") if isinstance(p, str) else [p])]
+        kept = [t.strip() if isinstance(t, str) else t for t in names]
+        return [_scalar(f, t) for t in kept if t != ""]
     if isinstance(value, str):
         items: list[Any] = [value] if f.kind is str else value.split(",")
         if f.kind is float:
@@ -304,7 +312,10 @@ def options_from_job_spec(spec: pruning_pb2.JobSpec) -> dict[str, Any]:
         msg, leaf = _target(spec, f.path)
         if f.repeated:
             if getattr(msg, leaf):
-                out[f.key] = list(getattr(msg, leaf))
+                out[f.key] = [
+                    enums.short_name(getattr(pruning_pb2, f.enum), v).lower() if f.choices else v
+                    for v in getattr(msg, leaf)
+                ]
         elif msg.HasField(leaf) if _has_presence(msg, leaf) else getattr(msg, leaf):
             value = getattr(msg, leaf)
             if f.choices:

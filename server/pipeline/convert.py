@@ -76,6 +76,7 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "max_accuracy_drop": (JobRequest, "max_accuracy_drop"),
     "version": (JobRequest, "version"),
     "max_run_seconds": (JobRequest, "max_run_seconds"),
+    "exports": (JobRequest, "exports"),
 }
 # A library field's name -> its request path, for the field violations of
 # the library's InvalidSpecError (which names its own field).
@@ -182,6 +183,18 @@ def enum_choice(enum: Any, number: int, field: str) -> str | None:
         ) from None
 
 
+def _choices(enum: Any, numbers: Any, field: str) -> Iterator[str]:
+    """The library names of a repeated enum field's values (UNSPECIFIED refused)."""
+    for i, number in enumerate(numbers):
+        name = enum_choice(enum, number, field)
+        if name is None:
+            names = ", ".join(n.lower() for n in enums.short_names(enum))
+            raise InvalidSpecError(
+                f"{field}[{i}] must be one of {names}. Received: {enum.Name(0)}", field
+            )
+        yield name
+
+
 def prune_spec(p: pb.PruningSpec) -> PruneSpec:
     """The library's PruneSpec of a PruningSpec: set fields only, defaults otherwise.
 
@@ -265,6 +278,7 @@ def job_request(spec: pb.JobSpec) -> JobRequest:
             measure=MeasureConfig(**measure),
             version=spec.version if spec.HasField("version") else None,
             max_run_seconds=(spec.max_run_seconds if spec.HasField("max_run_seconds") else None),
+            exports=tuple(_choices(pb.ExportFormat, spec.exports, "exports")),
         )
     except InvalidSpecError as exc:
         raise invalid(field_path(exc.field), str(exc)) from exc

@@ -14,6 +14,7 @@ from typing import Any
 from secateur.pruner.config import MeasureConfig, TrainConfig, check_float, check_int
 from secateur.pruner.data import DataSpec
 from secateur.pruner.errors import InvalidSpecError
+from secateur.pruner.exports import check_formats
 from secateur.pruner.scoring import needs_data
 from secateur.pruner.spec import PruneSpec
 from secateur.v1 import enums
@@ -72,6 +73,8 @@ class JobRequest:
         max_accuracy_drop: accuracy budget (absolute, 0.02 = 2 points) that
             gates publication; needs ``eval_data``.
         version: the TF Serving version to publish; None = next free one.
+        exports: extra artifacts (``litert``, ``onnx``) published in the
+            version; each format's runtime must be installed here.
     """
 
     model_uri: str
@@ -87,6 +90,7 @@ class JobRequest:
     version: int | None = None
     #: Service only: a run's wall-time limit in seconds (None: the server's maximum).
     max_run_seconds: float | None = None
+    exports: tuple[str, ...] = ()
     #: One spec per candidate, in ``sweep`` order (made here, checked once).
     specs: tuple[PruneSpec, ...] = field(init=False, repr=False, compare=False, default=())
 
@@ -136,6 +140,7 @@ class JobRequest:
             )
         if self.version is not None:
             check_int("version", self.version, 1, 2**63 - 1)
+        object.__setattr__(self, "exports", check_formats(self.exports))
 
     @property
     def sweep(self) -> tuple[float, ...]:

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from typing import Any
 
 from secateur.pruner.errors import CancelledError, DataError
+from secateur.pruner.exports import write_exports
 from secateur.server.pipeline.boundary import JobPlaces, preflight, user_paths
 
 # The request, its stages and the report's decisions live beside this module;
@@ -220,7 +221,7 @@ class PruneJob:
                 raise GateFailed(report)
             return report
         model = variants[f"ratio={chosen['ratio']}"]
-        report["output_uri"] = self._publish(work, model, report)
+        report["output_uri"] = self._publish(work, model, report, data.train_ds or data.eval_ds)
         self._close_stage()
         report["timings_seconds"] = dict(self.timings)
         return report
@@ -400,7 +401,7 @@ class PruneJob:
             "candidates": candidates,
         }
 
-    def _publish(self, work: str, model: Any, report: dict[str, Any]) -> str:
+    def _publish(self, work: str, model: Any, report: dict[str, Any], data: Any = None) -> str:
         from secateur.pruner.modelio import ARCHIVE_NAME, SECATEUR_ASSETS, export_serving
 
         version_dir = os.path.join(work, "version")
@@ -408,6 +409,7 @@ class PruneJob:
         assets = os.path.join(version_dir, SECATEUR_ASSETS)
         os.makedirs(assets, exist_ok=True)
         model.save(os.path.join(assets, ARCHIVE_NAME))
+        report["exports"] = write_exports(model, self.req.exports, assets, data)  # may refuse
         self._check_disk(work, "the exported version")
         report["signature"] = asdict(sig)
         if len(report["candidates"]) > 1:

@@ -77,6 +77,20 @@ def test_table_adaptiveUnits_dropAgainstTheBudget_andStepSpread() -> None:
     )
 
 
+def test_table_listsTheExportsPublishedInTheVersion() -> None:
+    entry = {"format": "onnx", "file": "model.onnx", "bytes": 934_195, "samples": 4}
+    report = {
+        "original": ORIGINAL,
+        "candidates": [{"ratio": 0.3, "figures": PRUNED, "accuracy_drop": 0.01}],
+        "output_uri": "/srv/model/1",
+        "exports": [entry | {"max_abs_diff": 8.94e-07}],
+    }
+    assert format_table(report).endswith(
+        "published: /srv/model/1\n  with assets.extra/secateur/model.onnx "
+        "(onnx, 912 KiB, max abs diff 8.9e-07 vs Keras on 4 inputs)"
+    )
+
+
 def test_table_unmeasuredFigures_sayNA() -> None:
     figures = ORIGINAL | {"peak_memory_bytes": None, "accuracy": None}
     report = {

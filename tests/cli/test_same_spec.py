@@ -19,6 +19,8 @@ def _flags(f: SpecField) -> list[str]:
     """Command-line words that set ``f`` to a value other than its default."""
     if f.kind is bool:
         return [f.flag.replace("--", "--no-", 1)] if f.key != "round_to_auto" else [f.flag]
+    if f.repeated and f.choices:  # every name, comma-separated (--exports litert,onnx)
+        return [f.flag, ",".join(f.choices)]
     if f.repeated:
         value = "0.1,0.2" if f.kind is float else "conv1"
         return [f.flag, value] + ([f.flag, "fc"] if f.kind is str else [])

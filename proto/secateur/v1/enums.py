@@ -17,6 +17,7 @@ _PREFIX = {
     "Criterion": "CRITERION_",
     "Scope": "SCOPE_",
     "Outcome": "OUTCOME_",
+    "ExportFormat": "EXPORT_FORMAT_",
 }
 
 

@@ -27,6 +27,12 @@ class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCOPE_UNSPECIFIED: _ClassVar[Scope]
     SCOPE_GLOBAL: _ClassVar[Scope]
     SCOPE_LAYERWISE: _ClassVar[Scope]
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_LITERT: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
 CRITERION_UNSPECIFIED: Criterion
 CRITERION_BN_SCALE: Criterion
 CRITERION_L1: Criterion
@@ -37,6 +43,9 @@ CRITERION_TAYLOR: Criterion
 SCOPE_UNSPECIFIED: Scope
 SCOPE_GLOBAL: Scope
 SCOPE_LAYERWISE: Scope
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+EXPORT_FORMAT_LITERT: ExportFormat
+EXPORT_FORMAT_ONNX: ExportFormat
 
 class PruningSpec(_message.Message):
     __slots__ = ("ratio", "ratios", "criterion", "scope", "round_to", "round_to_auto", "min_channels", "exclude", "reload_weights", "seed", "bias_compensation", "taylor_batches", "iterative_steps", "iterative_schedule", "head_ratio", "targets")
@@ -139,7 +148,7 @@ class TrainingSpec(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ..., sparsity_epochs: _Optional[int] = ..., sparsity_lambda: _Optional[float] = ..., distill_alpha: _Optional[float] = ..., distill_temperature: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version", "max_run_seconds")
+    __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version", "max_run_seconds", "exports")
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_URI_FIELD_NUMBER: _ClassVar[int]
     PRUNING_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +156,7 @@ class JobSpec(_message.Message):
     MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_RUN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
     model_uri: str
     output_uri: str
     pruning: PruningSpec
@@ -154,7 +164,8 @@ class JobSpec(_message.Message):
     max_accuracy_drop: float
     version: int
     max_run_seconds: float
-    def __init__(self, model_uri: _Optional[str] = ..., output_uri: _Optional[str] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., max_accuracy_drop: _Optional[float] = ..., version: _Optional[int] = ..., max_run_seconds: _Optional[float] = ...) -> None: ...
+    exports: _containers.RepeatedScalarFieldContainer[ExportFormat]
+    def __init__(self, model_uri: _Optional[str] = ..., output_uri: _Optional[str] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., max_accuracy_drop: _Optional[float] = ..., version: _Optional[int] = ..., max_run_seconds: _Optional[float] = ..., exports: _Optional[_Iterable[_Union[ExportFormat, str]]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "spec", "state", "stage", "progress", "message", "error", "result", "create_time", "start_time", "end_time", "update_time", "request_id", "attempts", "worker", "lease_expire_time", "tenant")
