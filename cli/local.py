@@ -24,27 +24,30 @@ from secateur.cli.outcome import (
 from secateur.cli.progress import ProgressDisplay
 from secateur.cli.render import format_table
 from secateur.cli.signals import StopOnSignals, sigterm_as_interrupt
+from secateur.cli.verbosity import route_output
 
 
-def _quiet_tensorflow() -> None:
-    """Start TensorFlow for a local command without its C++ start-up lines.
+def start_tensorflow(verbosity: int) -> None:
+    """Import TensorFlow for a local command, its start-up lines shown only with ``-v``.
 
-    TF_CPP_MIN_LOG_LEVEL=3 hides the C++ logs (cuInit on CPU machines is an
-    error-level line); the lines TensorFlow's logging writes before it is
-    initialised ignore it, so the import runs with stderr closed. Setting
-    TF_CPP_MIN_LOG_LEVEL yourself keeps them all.
+    See :mod:`secateur.cli.verbosity`: quiet, stderr is closed while TensorFlow
+    imports, because the lines absl writes before its logging starts ignore
+    TF_CPP_MIN_LOG_LEVEL.
+
+    Raises:
+        ModuleNotFoundError: TensorFlow is not installed.
     """
     # Must be set before TensorFlow starts: it makes the CPU allocator report
     # peak memory, which the measurement stage needs.
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] != "3":
-        return
+    route_output(verbosity)
+    quiet = "tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3"
     sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
+            if quiet:
+                os.dup2(null.fileno(), 2)
             import tensorflow  # noqa: F401
     finally:
         os.dup2(saved, 2)
@@ -65,7 +68,7 @@ def build_request(args: argparse.Namespace) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    start_tensorflow(args.verbose)
     from secateur.pruner.errors import CancelledError, SecateurError
     from secateur.server.errors import ServiceError
     from secateur.server.pipeline.prune_job import GateFailed, PruneJob
@@ -162,7 +165,7 @@ def _write_report(report: dict[str, Any], path: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    start_tensorflow(args.verbose)
     import tempfile
 
     from secateur.cli.demo import DemoConfig, run_demo

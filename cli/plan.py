@@ -103,9 +103,9 @@ def local_plan(args: argparse.Namespace) -> dict[str, Any]:
     """
     import tempfile
 
-    from secateur.cli.local import _quiet_tensorflow, trust_packages
+    from secateur.cli.local import start_tensorflow, trust_packages
 
-    _quiet_tensorflow()
+    start_tensorflow(args.verbose)
     trusted = trust_packages(args.trust_package)
     from secateur.pruner.api import make_plan  # by ratio, or to targets
     from secateur.pruner.modelio import load_model
