@@ -55,10 +55,12 @@ class JobStore(Protocol):
 
 @dataclass(frozen=True)
 class Claim:
-    """A job a worker claimed: its record (now RUNNING) and the lease's fencing token."""
+    """A job a worker claimed: its record (now RUNNING), the lease's fencing token, and
+    the version an earlier attempt was fenced to publish ("": none; see pipeline/publish.py)."""
 
     record: JobRecord
     token: int
+    publish_uri: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class QueueStore(JobStore, Protocol):
     A worker ``claim`` s a job, ``renew`` s its lease while it runs and writes
     with ``save_leased``; each claim bumps the job's fencing token, and a write
     or ``fence`` naming a superseded token is refused, so a worker that lost
-    its lease can neither overwrite nor publish.
+    its lease can neither overwrite nor publish. A cancel requested of a running
+    job is kept in the store (it outlives the worker and, for SQLite, the process).
     """
 
     def claim(self, worker: str, lease_s: float, max_attempts: int) -> Claim | None: ...
@@ -85,7 +88,10 @@ class QueueStore(JobStore, Protocol):
 
     def save_leased(self, record: JobRecord, token: int) -> bool: ...
 
-    def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool: ...
+    def fence(self, job_id: str, token: int, min_remaining_s: float, publish_uri: str = "") -> bool:
+        """May the holder of ``token`` publish now? A yes records ``publish_uri``
+        (durably, in the same write) for the job's later attempts."""
+        ...
 
     def request_cancel(self, job_id: str) -> JobRecord | None: ...
 

@@ -62,7 +62,7 @@ _WRITE = (
 )
 _NOTIFY = "SELECT pg_notify(%s, %s)"
 _CLAIMABLE = (
-    f"SELECT {COLUMNS}, state, cancel_requested FROM jobs "
+    f"SELECT {COLUMNS}, state, cancel_requested, publish_uri FROM jobs "
     "WHERE state = %s OR (state = %s AND lease_expires < now()) "
     "ORDER BY create_ns LIMIT 1 FOR UPDATE SKIP LOCKED"
 )
@@ -293,7 +293,7 @@ class PostgresJobStore:
                 if row[9] or (running and record.attempts >= max_attempts):  # QUEUED: handed back
                     _write(conn, given_up(record, stale_worker, row[9]), "id = %s", (record.id,))
                     continue
-                return _take(conn, record, worker, lease_s)
+                return _take(conn, record, worker, lease_s, row[10] or "")
 
     def renew(self, job_id: str, token: int, lease_s: float) -> Lease:
         """Extend a held lease by ``lease_s`` from now; ``held=False`` once lost."""
@@ -330,17 +330,19 @@ class PostgresJobStore:
                 (record.id, token, _NUM[JobState.RUNNING]),
             )
 
-    def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool:
-        """May the holder of ``token`` publish now?
+    def fence(self, job_id: str, token: int, min_remaining_s: float, publish_uri: str = "") -> bool:
+        """May the holder of ``token`` publish (to ``publish_uri``) now?
 
         True iff the lease of ``token`` is still current, the job RUNNING, no
         cancel requested, and the lease has more than ``min_remaining_s`` left;
         the lease is then extended to at least twice that from now, so no other
-        worker can reclaim the job while it publishes. The worker asks for its
-        job subprocess, which never reaches the store itself (workers/spawn.py).
+        worker can reclaim the job while it publishes, and ``publish_uri`` (when
+        given) recorded in the same statement: a later attempt looks there first.
+        The worker asks for its job subprocess, which never reaches the store
+        itself (workers/spawn.py).
         """
         with self._tx() as conn:
-            return _fence(conn, job_id, token, min_remaining_s)
+            return _fence(conn, job_id, token, min_remaining_s, publish_uri)
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Cancel a job: QUEUED ends CANCELLED at once; RUNNING gets its cancel flag
@@ -393,18 +395,20 @@ class PostgresJobStore:
         return counts
 
 
-def _fence(conn: Any, job_id: str, token: int, min_remaining_s: float) -> bool:
+def _fence(conn: Any, job_id: str, token: int, min_remaining_s: float, uri: str) -> bool:
     row = conn.execute(
         "UPDATE jobs SET lease_expires = greatest(lease_expires, "
-        "now() + make_interval(secs => %s)) WHERE id = %s AND lease_token = %s AND state = %s "
+        "now() + make_interval(secs => %s)), "
+        "publish_uri = CASE WHEN %s = '' THEN publish_uri ELSE %s END "
+        "WHERE id = %s AND lease_token = %s AND state = %s "
         "AND NOT cancel_requested AND lease_expires > now() + make_interval(secs => %s) "
         "RETURNING id",
-        (2 * min_remaining_s, job_id, token, _NUM[JobState.RUNNING], min_remaining_s),
+        (2 * min_remaining_s, uri, uri, job_id, token, _NUM[JobState.RUNNING], min_remaining_s),
     ).fetchone()
     return row is not None
 
 
-def _take(conn: Any, record: JobRecord, worker: str, lease_s: float) -> Claim:
+def _take(conn: Any, record: JobRecord, worker: str, lease_s: float, publish_uri: str) -> Claim:
     """Mark a locked row RUNNING on ``worker`` under the next token."""
     running = taken(record, worker)
     state, data, report = encode_row(running)
@@ -417,7 +421,8 @@ def _take(conn: Any, record: JobRecord, worker: str, lease_s: float) -> Claim:
     ).fetchone()
     _event(conn, record.id, "claimed", f"attempt {running.attempts} on {worker}")
     conn.execute(_NOTIFY, (CHANNEL, record.id))
-    return Claim(record=_with_lease(running, worker, float(row[1])), token=int(row[0]))
+    claimed = _with_lease(running, worker, float(row[1]))
+    return Claim(record=claimed, token=int(row[0]), publish_uri=publish_uri)
 
 
 def _write(conn: Any, record: JobRecord, where: str, params: tuple[Any, ...]) -> bool:

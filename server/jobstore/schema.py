@@ -71,6 +71,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX jobs_by_tenant_create ON jobs (tenant, create_ns DESC, id DESC)",
         ],
     ),
+    (
+        4,
+        [
+            # Issue 18, item 1: the version a job's fence let it publish (written with
+            # the fence), so a later attempt finds its own version instead of publishing again.
+            "ALTER TABLE jobs ADD COLUMN publish_uri text NOT NULL DEFAULT ''",
+        ],
+    ),
 ]
 
 

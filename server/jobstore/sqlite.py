@@ -16,7 +16,11 @@ embedded server runs its jobs through the same
 :class:`~secateur.server.workers.loop.WorkerLoop` (claim, lease, fence,
 conclude) as the PostgreSQL store's workers. Leases live in memory only: one
 process owns the file, and its leases die with it; a job it left RUNNING has
-no lease after a restart (the job manager recovers it before claiming).
+no lease after a restart (the job manager recovers it before claiming). What
+must outlive the process is in the file: a requested cancel
+(``cancel_requested``: a job handed back or recovered with one ends CANCELLED,
+never runs again) and the version a job's fence let it publish (``publish_uri``:
+its next attempt looks there first, server/pipeline/publish.py).
 """
 
 from __future__ import annotations
@@ -69,7 +73,6 @@ class _Lease:
     worker: str
     token: int
     expires: float
-    cancel: bool = False
 
 
 class SqliteJobStore:
@@ -88,6 +91,8 @@ class SqliteJobStore:
         self._jobs: dict[str, JobRecord] = {}
         self._active: set[str] = set()  # QUEUED or RUNNING: what a claim looks at
         self._leases: dict[str, _Lease] = {}
+        self._cancels: set[str] = set()  # cancel requested while running (also in the file)
+        self._publish: dict[str, str] = {}  # the version each job was fenced to publish
         self._subscribers: list[Callable[[str | None], None]] = []
         self._by_request: dict[str, str] = {}
         self._order: list[str] = []  # newest first
@@ -100,9 +105,14 @@ class SqliteJobStore:
     def _load(self) -> None:
         """Jobs into memory; a row that does not decode is quarantined, not fatal."""
         rows = self._db.execute(
-            "SELECT id, request_id, create_time, data, report FROM jobs ORDER BY create_time DESC"
+            "SELECT id, request_id, create_time, data, report, cancel_requested, publish_uri "
+            "FROM jobs ORDER BY create_time DESC"
         ).fetchall()
-        for job_id, request_id, create_time, data, report in rows:
+        for job_id, request_id, create_time, data, report, cancel, uri in rows:
+            if cancel:
+                self._cancels.add(job_id)
+            if uri:
+                self._publish[job_id] = uri
             job = decode_row(job_id, data, report)
             if job is None:
                 job = self._quarantine(job_id, request_id, create_time, data)
@@ -226,22 +236,21 @@ class SqliteJobStore:
             now = time.time()
             for job in sorted((self._jobs[i] for i in self._active), key=_age):
                 lease = self._leases.get(job.id)
-                if job.state is JobState.RUNNING:
-                    if lease is not None and lease.expires >= now:
-                        continue  # held
-                    stale = lease.worker if lease else job.worker
-                    cancel = lease is not None and lease.cancel
-                    if cancel or job.attempts >= max_attempts:
-                        self._leases.pop(job.id, None)
-                        self.save(given_up(job, stale, cancel))
-                        continue
+                cancel = job.id in self._cancels  # QUEUED too: handed back or recovered
+                if job.state is JobState.RUNNING and lease is not None and lease.expires >= now:
+                    continue  # held
+                stale = lease.worker if lease else job.worker
+                if cancel or (job.state is JobState.RUNNING and job.attempts >= max_attempts):
+                    self._leases.pop(job.id, None)
+                    self.save(given_up(job, stale, cancel))
+                    continue
                 running = taken(job, worker)
                 # The token is the attempt: it grows with every claim, across restarts too.
                 lease = _Lease(worker, running.attempts, now + lease_s)
                 running = dataclasses.replace(running, lease_expires=lease.expires)
                 self.save(running)  # raises, claiming nothing, when the write fails
                 self._leases[job.id] = lease
-                return Claim(record=running, token=lease.token)
+                return Claim(running, lease.token, self._publish.get(job.id, ""))
             return None
 
     def renew(self, job_id: str, token: int, lease_s: float) -> Lease:
@@ -251,7 +260,8 @@ class SqliteJobStore:
             if lease is None:
                 return Lease(held=False, cancel_requested=False, expires=0.0)
             lease.expires = time.time() + lease_s
-            return Lease(held=True, cancel_requested=lease.cancel, expires=lease.expires)
+            cancel = job_id in self._cancels
+            return Lease(held=True, cancel_requested=cancel, expires=lease.expires)
 
     def save_leased(self, record: JobRecord, token: int) -> bool:
         """Write the record of a job ``token`` still holds; False, writing nothing, if not."""
@@ -259,7 +269,7 @@ class SqliteJobStore:
             lease = self._held(record.id, token)
             if lease is None:
                 return False
-            if record.state is JobState.QUEUED and lease.cancel:  # a cancel survives hand-backs
+            if record.state is JobState.QUEUED and record.id in self._cancels:  # a hand-back
                 record = given_up(record, lease.worker, cancel_requested=True)
             if record.state is not JobState.RUNNING:  # ended or handed back: no lease
                 record = dataclasses.replace(record, lease_expires=0.0)
@@ -268,19 +278,26 @@ class SqliteJobStore:
                 self._leases.pop(record.id, None)
             return True
 
-    def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool:
-        """May the holder of ``token`` publish now? (as PostgresJobStore.fence)."""
+    def fence(self, job_id: str, token: int, min_remaining_s: float, publish_uri: str = "") -> bool:
+        """May the holder of ``token`` publish (to ``publish_uri``, recorded) now?
+        (as PostgresJobStore.fence)."""
         with self._lock:
             lease = self._held(job_id, token)
             now = time.time()
-            if lease is None or lease.cancel or lease.expires <= now + min_remaining_s:
+            if lease is None or job_id in self._cancels or lease.expires <= now + min_remaining_s:
                 return False
+            if publish_uri:  # durable before the answer: the publish may follow at once
+                self._db.execute(
+                    "UPDATE jobs SET publish_uri = ? WHERE id = ?", (publish_uri, job_id)
+                )
+                self._publish[job_id] = publish_uri
             lease.expires = max(lease.expires, now + 2 * min_remaining_s)
             return True
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
-        """QUEUED ends CANCELLED at once; RUNNING gets its cancel flag (its worker
-        sees it at the next renewal); an ended job is left as it is."""
+        """QUEUED ends CANCELLED at once; RUNNING gets its cancel flag, in the file
+        too (its worker sees it at the next renewal; a hand-back or a restart ends
+        the job CANCELLED); an ended job is left as it is."""
         with self._lock:
             record = self._jobs.get(job_id)
             if record is None:
@@ -291,8 +308,9 @@ class SqliteJobStore:
                     state=JobState.CANCELLED, end_ns=now_ns(), error=error, message=error.message
                 )
                 self.save(record)
-            elif record.state is JobState.RUNNING and job_id in self._leases:
-                self._leases[job_id].cancel = True
+            elif record.state is JobState.RUNNING:
+                self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                self._cancels.add(job_id)
             return record
 
     def live_leases(self, job_ids: list[str]) -> dict[str, int]:
@@ -352,6 +370,9 @@ def _connect(state_dir: str, path: str) -> sqlite3.Connection:
             db.execute("ALTER TABLE jobs ADD COLUMN report TEXT")
         if "tenant" not in columns:  # before issue 18: every job is the unnamed tenant's
             db.execute("ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+        if "cancel_requested" not in columns:  # issue 18: cancels and publications
+            db.execute("ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+            db.execute("ALTER TABLE jobs ADD COLUMN publish_uri TEXT NOT NULL DEFAULT ''")
     except sqlite3.Error as exc:
         db.close()
         raise StoreOpenError(_open_problem(path, exc)) from exc

@@ -8,7 +8,8 @@ one candidate per ratio and publishes at most one.
 
 Nothing is written to OUTPUT_URI until every candidate is built, trained and
 measured; the version is assembled in a private work directory and published
-by :meth:`Storage.publish_dir` (temporary prefix, then the final name), so a
+by :func:`publish.publish_version` (fenced, marked with the job, then
+:meth:`Storage.publish_dir`: temporary prefix, then the final name), so a
 failure or a cancellation leaves no partial output.
 """
 
@@ -38,6 +39,7 @@ from secateur.server.pipeline.job_request import (
     overall_progress,
     sweep_progress,
 )
+from secateur.server.pipeline.publish import LeaseLost, publish_version
 from secateur.server.pipeline.report import (
     CURVE_COLUMNS,
     OUTCOMES,
@@ -85,10 +87,6 @@ class GateFailed(Exception):
         self.report = report
 
 
-class LeaseLost(Exception):
-    """The job's fence refused publication: another worker owns the job now."""
-
-
 class PruneJob:
     """One end-to-end pruning job (see module docstring)."""
 
@@ -99,10 +97,11 @@ class PruneJob:
         on_event: Callable[[StageEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         device: Any | None = None,
-        fence: Callable[[], bool] | None = None,
+        fence: Callable[[str], bool] | None = None,
         disk_budget_bytes: int | None = None,
         trusted: Sequence[str] = (),
         profile_dir: str | None = None,
+        job_id: str = "",
     ) -> None:
         self.req = request
         self.profile_dir = profile_dir  # cost profiles of target jobs (see target_job)
@@ -110,9 +109,9 @@ class PruneJob:
         #: Bytes the job may write to local disk (its work directory: the model
         #: copy and the export); data is streamed, never copied. None: no limit.
         self.disk_budget_bytes = disk_budget(disk_budget_bytes)
-        #: Asked right before publishing (scaled-out workers): False means this
-        #: process no longer holds the job's lease, so it must publish nothing.
-        self.fence = fence
+        #: Asked with the version's URI right before publishing: False means this process
+        #: no longer holds the job's lease, so it must publish nothing (publish.py).
+        self.fence, self.job_id = fence, job_id
         self.storage = storage
         self.on_event = on_event or (lambda _e: None)
         self.should_cancel = should_cancel or (lambda: False)
@@ -416,11 +415,10 @@ class PruneJob:
             write_curves(report, os.path.join(assets, "curves"))
         with open(os.path.join(assets, "report.json"), "w") as fh:
             json.dump(report, fh, indent=2, default=str)
-        if self.should_cancel():  # the last moment a stop can still leave nothing behind
-            raise CancelledError("job cancelled before publishing")
-        if self.fence is not None and not self.fence():
-            raise LeaseLost("this worker lost the job's lease before publishing; nothing published")
-        uri = self.storage.publish_dir(version_dir, self.places.output, self.req.version)
+        uri = publish_version(
+            self.storage, version_dir, self.places.output, self.req.version, self.job_id,
+            self.fence, self.should_cancel,
+        )  # fmt: skip
         shutil.rmtree(version_dir, ignore_errors=True)
         return uri
 

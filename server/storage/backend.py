@@ -32,10 +32,20 @@ from typing import BinaryIO, Protocol
 from secateur.server.storage.errors import ByteBudget
 from secateur.server.storage.location import Location
 
-__all__ = ["SAVED_MODEL_FILE", "TMP_PREFIX", "Backend", "Staging", "ordered_for_publish"]
+__all__ = [
+    "PUBLICATION_MARKER",
+    "SAVED_MODEL_FILE",
+    "TMP_PREFIX",
+    "Backend",
+    "Staging",
+    "ordered_for_publish",
+]
 
 #: Name of the file TF Serving waits for; made visible last where that matters.
 SAVED_MODEL_FILE = "saved_model.pb"
+#: A service job's mark on its version (server/pipeline/publish.py): made visible first,
+#: so a half version a killed publish leaves is known as that job's.
+PUBLICATION_MARKER = "assets.extra/secateur/publication.json"
 #: Prefix of the temporary siblings used while publishing or downloading.
 TMP_PREFIX = ".tmp-"
 VERSION_RE = re.compile(r"^[0-9]+$")
@@ -69,14 +79,16 @@ def new_staging(base: Location) -> Staging:
 
 
 def ordered_for_publish(rel_paths: Sequence[str]) -> list[str]:
-    """Sorted relative paths with every ``saved_model.pb`` moved to the end.
+    """Sorted relative paths, the publication marker first and every ``saved_model.pb`` last.
 
     TF Serving treats a version as ready once its ``saved_model.pb`` exists, so
-    a backend that cannot rename a tree atomically writes that file last.
+    a backend that cannot rename a tree atomically writes that file last (the
+    commit point); the marker first says whose any half-copied version is.
     """
     ordered = sorted(rel_paths)
+    first = [p for p in ordered if p == PUBLICATION_MARKER]
     last = [p for p in ordered if p.rsplit("/", 1)[-1] == SAVED_MODEL_FILE]
-    return [p for p in ordered if p not in last] + last
+    return first + [p for p in ordered if p not in last and p not in first] + last
 
 
 class Backend(Protocol):
@@ -109,6 +121,10 @@ class Backend(Protocol):
         ...
 
     def delete(self, loc: Location, *, missing_ok: bool) -> None: ...
+
+    def checksums(self, loc: Location) -> dict[str, str]:
+        """``{path relative to loc: MD5 hex}`` of every file under the directory ``loc``."""
+        ...
 
     def begin(self, base: Location) -> Staging: ...
 

@@ -170,6 +170,11 @@ class Storage:
         backend.download(loc, target, None if cap is None else ByteBudget(cap, loc.text))
         return target
 
+    def checksums(self, uri: UriLike) -> dict[str, str]:
+        """``{relative path: MD5 hex}`` of every file under the directory ``uri``."""
+        loc, backend = self._at(uri)
+        return backend.checksums(loc)
+
     def list_versions(self, base_uri: UriLike) -> list[int]:
         """Sorted integer-named children of ``base_uri`` (``<base>/<version>/``); [] if none."""
         loc, backend = self._at(base_uri)

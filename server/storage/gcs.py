@@ -2,9 +2,14 @@
 
 GCS has no directories: a "directory" is every blob under ``key/``. A version
 is published by uploading the tree under ``<base>/.tmp-<uuid>/``, then copying
-each blob to ``<base>/<version>/`` with ``saved_model.pb`` last (TF Serving
-treats a version as ready once that file exists) and ``if_generation_match=0``
-(never overwrite another writer's blob), then removing the temporary blobs.
+each blob to ``<base>/<version>/`` with a job's publication marker first and
+``saved_model.pb`` last (TF Serving treats a version as ready once that file
+exists: it is the commit point; a killed publish leaves a version readers skip
+and the job's next attempt rolls back, see server/pipeline/publish.py) and
+``if_generation_match=0`` (never overwrite another writer's blob; a 412 on an
+object whose content is ours, in a version marked as a job's, is the answer to
+a copy of ours that succeeded, and counts as done), then removing the
+temporary blobs.
 
 ``STORAGE_EMULATOR_HOST`` (e.g. gcp-storage-emulator in the tests) points the
 lazily created client at an emulator with anonymous credentials.
@@ -12,6 +17,7 @@ lazily created client at an emulator with anonymous credentials.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fnmatch
 import logging
@@ -25,8 +31,11 @@ import requests
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry, if_exception_type
 
+from secateur.server.holds import hold
 from secateur.server.storage import localfs
 from secateur.server.storage.backend import (
+    PUBLICATION_MARKER,
+    SAVED_MODEL_FILE,
     VERSION_RE,
     Staging,
     new_staging,
@@ -313,6 +322,10 @@ class GcsBackend:
                 with contextlib.suppress(gexc.NotFound):
                     bucket.blob(name).delete(**self._kw)
 
+    def checksums(self, loc: Location) -> dict[str, str]:
+        cut = len(loc.path) + 1
+        return {b.name[cut:]: _md5_hex(b) for b in self._tree(loc)}
+
     # -- publishing (see backend.py) ------------------------------------------
 
     def begin(self, base: Location) -> Staging:
@@ -336,8 +349,10 @@ class GcsBackend:
 
     def commit(self, staging: Staging, final: Location) -> None:
         bucket = self._bucket(staging.base)
-        for rel in staging.files:  # saved_model.pb last
+        for rel in staging.files:  # the marker first, saved_model.pb last: the commit point
             name = f"{final.path}/{rel}"
+            if rel.rsplit("/", 1)[-1] == SAVED_MODEL_FILE:
+                hold("before_pb")  # a test hook (server/holds.py)
             with gcs_errors(f"gs://{final.bucket}/{name}", writing=True):
                 source = bucket.blob(f"{staging.tmp.path}/{rel}")
                 staging.committed.append(name)
@@ -345,8 +360,26 @@ class GcsBackend:
                     # if_generation_match=0: never overwrite another writer's blob
                     bucket.copy_blob(source, bucket, name, if_generation_match=0, **self._kw)
                 except gexc.PreconditionFailed:
-                    staging.committed.pop()  # not ours: leave it alone
-                    raise
+                    if not self._same_content(staging, source, name):
+                        staging.committed.pop()  # not ours: leave it alone
+                        raise
+
+    def _same_content(self, staging: Staging, source: Any, name: str) -> bool:
+        """After a 412 on ``name``: is it our own copy? (the response to a copy that
+        succeeded was lost and the copy retried, or an earlier attempt of the same
+        job copied it). Only a version this publish marks as a job's (its marker, the
+        first file, is ours: the job id is in it) can hold objects of ours."""
+        if PUBLICATION_MARKER not in staging.files:
+            return False
+        bucket = self._bucket(staging.base)
+        there = bucket.get_blob(name, **self._kw)
+        source = bucket.get_blob(source.name, **self._kw)
+        if there is None or source is None or not there.md5_hash:
+            return False
+        same = there.md5_hash == source.md5_hash and there.size == source.size
+        if same:
+            logger.info("gs://%s/%s was already there with our content: kept", bucket.name, name)
+        return bool(same)
 
     def rollback(self, staging: Staging) -> None:
         failed = self._delete_names(staging.base, staging.committed + staging.written)
@@ -367,3 +400,8 @@ class GcsBackend:
                 len(leftover),
                 staging.tmp.uri,
             )
+
+
+def _md5_hex(blob: Any) -> str:
+    """A listed blob's MD5 as hex ("" when GCS keeps none: a composite object)."""
+    return base64.b64decode(blob.md5_hash).hex() if blob.md5_hash else ""

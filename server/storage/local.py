@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -130,6 +131,17 @@ class LocalBackend:
             raise StorageNotFoundError("Nothing exists at this path.", loc.text)
         with localfs.os_errors(loc.text):
             localfs.remove(loc.path)
+
+    def checksums(self, loc: Location) -> dict[str, str]:
+        sums: dict[str, str] = {}
+        with localfs.os_errors(loc.text):
+            for folder, _, names in os.walk(loc.path):
+                for name in names:
+                    path = os.path.join(folder, name)
+                    with open(path, "rb") as fh:
+                        digest = hashlib.file_digest(fh, "md5").hexdigest()
+                    sums[os.path.relpath(path, loc.path).replace(os.sep, "/")] = digest
+        return sums
 
     # -- publishing (see backend.py) ------------------------------------------
 

@@ -6,9 +6,13 @@ events and the outcome leave as JSON lines on the file descriptor
 ``--events-fd`` (stdout and stderr stay free for TensorFlow's chatter, which
 the service logs). A scaled-out job (``"fenced": true``) asks before
 publishing whether its worker still holds the job's lease: it writes
-``{"type": "fence"}`` and reads ``{"fence": true|false}`` from stdin; the
+``{"type": "fence", "uri": VERSION}`` and reads ``{"fence": true|false}`` from stdin
+(the worker records VERSION in the store with the fence); the
 store itself is never reachable from here (no URL, no credentials: the
 service scrubs this process's environment, see ``spawn.job_environment``).
+A job given ``"recover": URI`` (an earlier attempt was fenced to publish there)
+first looks there for its own complete version and, finding it, reports its
+result without running again (server/pipeline/publish.py).
 SIGTERM asks the job to stop at its next check point; the process also dies
 with the service (PR_SET_PDEATHSIG), so an orphan can never publish a model
 for a job the restarted service runs again.
@@ -19,7 +23,7 @@ Lines written::
     {"type": "result", "report": {...}}          success
     {"type": "gate_failed", "report": {...}}     no candidate within budget
     {"type": "plan", "plan": {...}}              PlanPruning
-    {"type": "fence"}                            may this job publish? (answer on stdin)
+    {"type": "fence", "uri": ...}                may this job publish there? (answer on stdin)
     {"type": "error", "code": "NOT_FOUND", "message": ..., "violations": [...]}
     {"type": "error", "code": "INTERNAL", "message": ..., "incident": ID}
                                                  traceback on stderr with ID
@@ -82,6 +86,7 @@ class Emitter:
 def run(payload: dict[str, Any], emit: Emitter) -> None:
     from secateur.server.pipeline.convert import job_request
     from secateur.server.pipeline.prune_job import GateFailed, LeaseLost, PruneJob
+    from secateur.server.pipeline.publish import own_version
     from secateur.server.storage import Storage
     from secateur.v1 import pruning_pb2 as pb
 
@@ -94,11 +99,18 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
         emit.send(type="plan", plan=_plan(spec, storage, trusted, payload.get("profile_dir")))
         return
     request = job_request(spec)
+    job_id = str(payload.get("job") or "")
+    if payload.get("recover") and job_id:
+        found = own_version(storage, str(payload["recover"]), job_id)
+        if found is not None:  # published by an earlier attempt: never run twice
+            emit.send(type="result", report=found)
+            return
     try:
         fence = _fence(emit) if payload.get("fenced") else None
         report = PruneJob(
             request, storage, emit.event, lambda: _cancelled, fence=fence, trusted=trusted,
             profile_dir=payload.get("profile_dir"),
+            job_id=job_id,
         ).run()  # fmt: skip
     except LeaseLost as lost:
         emit.send(type="error", code="ABORTED", message=str(lost), lease_lost=True)
@@ -109,7 +121,7 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
     emit.send(type="result", report=report)
 
 
-def _fence(emit: Emitter) -> Callable[[], bool]:
+def _fence(emit: Emitter) -> Callable[[str], bool]:
     """The publication fence of a job a scaled-out worker leased to this process.
 
     The worker holding the lease checks it in the store (extending it for the
@@ -117,8 +129,8 @@ def _fence(emit: Emitter) -> Callable[[], bool]:
     anything but true means: do not publish.
     """
 
-    def check() -> bool:
-        emit.send(type="fence")
+    def check(uri: str) -> bool:
+        emit.send(type="fence", uri=uri)
         try:
             return json.loads(sys.stdin.readline()).get("fence") is True
         except (ValueError, AttributeError):

@@ -84,6 +84,8 @@ class _Held:
     lost: bool = False
     cancel: bool = False
     last_write: float = 0.0
+    #: The version an earlier attempt was fenced to publish ("" for none): looked at first.
+    recover: str = ""
 
 
 class WorkerLoop:
@@ -118,6 +120,7 @@ class WorkerLoop:
                 await self._wait(self._wake, self.cfg.idle_poll_s)
                 continue
             held = _Held(claim.record, claim.token, key=f"{claim.record.id}-{claim.token}")
+            held.recover = claim.publish_uri
             self._held[claim.record.id] = held  # before the next claim: max_concurrent holds
             task = asyncio.create_task(self._run_job(held))
             self._tasks.add(task)
@@ -173,7 +176,7 @@ class WorkerLoop:
         try:
             outcome, stage_times = await self.runner.run(
                 "job", held.key, record.spec, lambda msg: self._progress(held, msg),
-                lambda: self._fence(held),
+                lambda uri: self._fence(held, uri), {"job": record.id, "recover": held.recover},
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reading it failed: the job fails
             outcome, stage_times = {"type": "error", "code": "INTERNAL", "message": str(exc)}, {}
@@ -194,8 +197,9 @@ class WorkerLoop:
                 self._held.pop(record.id, None)
                 self._slot.set()
 
-    async def _fence(self, held: _Held) -> bool:
-        """May ``held``'s job publish now? (``store.fence``, its margin scaled to the lease).
+    async def _fence(self, held: _Held, uri: str) -> bool:
+        """May ``held``'s job publish ``uri`` now? (``store.fence``, its margin scaled to the
+        lease; a yes records ``uri``, so a later attempt finds the version it publishes).
 
         A store error is retried while the lease could last; a refusal is
         looked into once: the job's cancel was requested (it ends CANCELLED,
@@ -204,7 +208,7 @@ class WorkerLoop:
         margin = fence_margin(self.cfg)
         job, token = held.record.id, held.token
         for _ in range(2):
-            ok = await self._retried(self.store.fence, job, token, margin)
+            ok = await self._retried(self.store.fence, job, token, margin, uri)
             if ok or held.lost:
                 return bool(ok)
             lease = await self._retried(self.store.renew, job, token, self.cfg.lease_s)

@@ -42,8 +42,9 @@ log = logging.getLogger("secateur.server")
 
 #: Called with each ``{"type": "event", ...}`` a job's worker sends.
 OnEvent = Callable[[dict[str, Any]], Awaitable[None]]
-#: Asked when a job's worker is about to publish: may it? (a scaled-out job's lease fence)
-Fence = Callable[[], Awaitable[bool]]
+#: Asked with the version's URI when a job's worker is about to publish there: may it?
+#: (the job's lease fence; the answer records the URI in the store)
+Fence = Callable[[str], Awaitable[bool]]
 
 #: Variables a worker process never gets, by name: libpq's (PGPASSWORD, PGHOST ...),
 #: the store URL of the deploy manifests, and anything named like a credential
@@ -142,6 +143,7 @@ class WorkerRunner:
         spec: bytes,
         on_event: OnEvent | None = None,
         fence: Fence | None = None,
+        context: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Run a worker on ``spec`` (a serialized JobSpec); its outcome and seconds per stage.
 
@@ -149,7 +151,9 @@ class WorkerRunner:
         worker is killed and reaped before the error propagates: no job waits
         on a worker that nobody reads any more. ``fence`` (scaled-out workers:
         the job's lease check) is asked when the job is about to publish, and
-        its answer written to the worker's stdin (``worker._fence``).
+        its answer written to the worker's stdin (``worker._fence``). ``context``
+        goes into the worker's request: the job's id (``job``, its versions' marker)
+        and the version an earlier attempt was fenced to publish (``recover``).
         """
         work = os.path.join(self.state_dir, "work", key)
         os.makedirs(work, exist_ok=True)
@@ -162,6 +166,7 @@ class WorkerRunner:
             "max_download_bytes": self.max_download_bytes,
             "fenced": fence is not None,
             "profile_dir": os.path.join(self.state_dir, "profiles"),  # target jobs' cost profiles
+            **(context or {}),
         }
         proc = await self._spawn(work, read_fd, write_fd)
         self._procs[key] = proc
@@ -249,15 +254,15 @@ class WorkerRunner:
 
 def _fence_answerer(
     proc: asyncio.subprocess.Process, fence: Fence, key: str
-) -> Callable[[], Awaitable[None]]:
+) -> Callable[[str], Awaitable[None]]:
     """Answers a worker's fence request on its stdin: ``{"fence": true|false}``.
 
     Any doubt (the check fails) is an answer of false: not publishing is always safe.
     """
 
-    async def answer() -> None:
+    async def answer(uri: str) -> None:
         try:
-            ok = bool(await fence())
+            ok = bool(await fence(uri))
         except Exception as exc:  # noqa: BLE001 - a failed check refuses publication
             log.warning("worker %s: the fence check failed (%s); not publishing", key, exc)
             ok = False
@@ -276,7 +281,7 @@ async def _read_events(
     key: str,
     on_event: OnEvent | None,
     stage_times: dict[str, float],
-    on_fence: Callable[[], Awaitable[None]] | None = None,
+    on_fence: Callable[[str], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Events go to ``on_event`` and time their stages, fence requests to ``on_fence``;
     the last other message is the outcome."""
@@ -294,7 +299,7 @@ async def _read_events(
                 continue
             if msg.get("type") == "fence":  # only a fenced job's worker asks
                 if on_fence is not None:
-                    await on_fence()
+                    await on_fence(str(msg.get("uri") or ""))
                 continue
             if msg.get("type") != "event":
                 outcome = msg

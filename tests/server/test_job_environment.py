@@ -105,10 +105,10 @@ def test_fencedJobProcess_environmentScrubbed_asksItsParent_publishesNothingWhen
     tiny_model, tmp_path, hostile_env
 ) -> None:
     """A scaled-out job: no store URL to reach the store with; the parent says no."""
-    asked: list[int] = []
+    asked: list[str] = []
 
-    async def fence() -> bool:
-        asked.append(1)
+    async def fence(uri: str) -> bool:
+        asked.append(uri)
         return False  # this worker lost the job's lease
 
     out = tmp_path / "out"
@@ -120,7 +120,7 @@ def test_fencedJobProcess_environmentScrubbed_asksItsParent_publishesNothingWhen
     )
     outcome, handed = _run(tmp_path, "job", spec, fence)
     assert (outcome["code"], outcome.get("lease_lost")) == ("ABORTED", True), outcome
-    assert asked == [1] and not out.exists()
+    assert asked == [str(out / "1")] and not out.exists()  # the version it would publish
     _assert_scrubbed(handed, "job-1")
     assert json.loads(handed["request"])["fenced"] is True
 

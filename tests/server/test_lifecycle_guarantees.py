@@ -2,7 +2,8 @@
 
 Replicas and ``secateur worker`` processes as in test_scaleout (its Cluster):
 a claim never exceeds ``--max-concurrent-jobs``; a cancel survives a hand-back
-and a cancel at publication is never half done; a short ``--lease-seconds``
+and a cancel at publication is never half done (the job process is held at the
+exact point with server/holds.py); a short ``--lease-seconds``
 still publishes; a job every worker shutdown stops ends FAILED, not queued
 forever.
 """
@@ -77,23 +78,37 @@ def test_cancelThenSigterm_jobEndsCancelled_notRerunElsewhere(cluster: Cluster) 
     assert published(cluster, "out") == []
 
 
-def test_cancelWhileExporting_cancelledUnpublished_orSucceededWithOneVersion(
+def test_cancelWhileExporting_beforeTheFence_endsCancelled_nothingPublished(
     cluster: Cluster,
 ) -> None:
     api = cluster.replica("api")
+    cluster.arm("exporting")  # the job process waits in EXPORTING, before its last cancel check
     cluster.worker("w1")
-    job = create(api, spec(cluster, "out", measure_steps=5))
-    exporting = pb.Job.STAGE_EXPORTING
-    wait_for(api, job.name, lambda j: j.stage == exporting or j.state in ENDED, 180)
+    job = create(api, spec(cluster, "out"))
+    cluster.reached("exporting")
+    wait_for(api, job.name, lambda j: j.stage == pb.Job.STAGE_EXPORTING, 10)
     api.CancelJob(pb.CancelJobRequest(name=job.name), timeout=30)
+    cluster.release("exporting")  # the cancel is seen (SIGTERM) or the fence refuses
     started = time.monotonic()
     done = wait_for(api, job.name, lambda j: j.state in ENDED, 60)
     assert time.monotonic() - started < 15  # ended by its worker, not by a lease running out
+    assert (done.state, done.attempts) == (CANCELLED, 1), done
     time.sleep(1)
-    if done.state == CANCELLED:
-        assert published(cluster, "out") == []
-    else:
-        assert (done.state, published(cluster, "out")) == (SUCCEEDED, ["1"]), done
+    assert published(cluster, "out") == []
+
+
+def test_cancelWhileExporting_afterTheFence_endsSucceededWithOneVersion(cluster: Cluster) -> None:
+    api = cluster.replica("api")
+    cluster.arm("fenced")  # the fence said yes; the version is not published yet
+    cluster.worker("w1")
+    job = create(api, spec(cluster, "out"))
+    cluster.reached("fenced")
+    api.CancelJob(pb.CancelJobRequest(name=job.name), timeout=30)
+    cluster.release("fenced")
+    done = wait_for(api, job.name, lambda j: j.state in ENDED, 60)
+    assert (done.state, done.attempts) == (SUCCEEDED, 1), done  # too late to cancel: not half
+    assert done.result.output_uri == str(cluster.root / "out" / "1")
+    assert published(cluster, "out") == ["1"]
 
 
 def test_leaseOfOneAndAHalfSeconds_jobStillPublishes(cluster: Cluster) -> None:
@@ -131,14 +146,14 @@ class FenceStore(SqliteJobStore):
         super().__init__(state_dir)
         self.errors, self.cancel_first, self.asked = errors, cancel_first, 0
 
-    def fence(self, job_id: str, token: int, min_remaining_s: float) -> bool:
+    def fence(self, job_id: str, token: int, min_remaining_s: float, uri: str = "") -> bool:
         self.asked += 1
         if self.errors > 0:
             self.errors -= 1
             raise sqlite3.OperationalError("database is locked")
         if self.cancel_first:
             self.request_cancel(job_id)
-        return super().fence(job_id, token, min_remaining_s)
+        return super().fence(job_id, token, min_remaining_s, uri)
 
 
 def _one_job(digits_data, tmp_path: Path, store: FenceStore) -> pb.Job:

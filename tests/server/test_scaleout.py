@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from secateur.server.holds import HOLD_ENV
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pb_grpc
 from tests.server.conftest import free_port
@@ -53,18 +54,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 class Cluster:
-    """Replicas and workers on one database; every process is stopped at the end."""
+    """Replicas and workers on one database; every process is stopped at the end.
+
+    Their job processes stop at the points a test arms in ``holds`` (server/holds.py).
+    """
 
     def __init__(self, url: str, root: Path, model: str) -> None:
         self.url, self.root, self.model = url, root, model
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.targets: dict[str, str] = {}
+        self.holds = root / "holds"
+        self.holds.mkdir(exist_ok=True)
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+            env=os.environ | {"PYTHONUNBUFFERED": "1", HOLD_ENV: str(self.holds)},
         )  # fmt: skip
         log.close()
         self.procs[name] = proc
@@ -88,10 +94,10 @@ class Cluster:
         return pb_grpc.PruningServiceStub(channel)
 
     def worker(
-        self, name: str, lease_s: float = LEASE_S, extra: Sequence[str] = ()
+        self, name: str, lease_s: float = LEASE_S, extra: Sequence[str] = (), url: str = ""
     ) -> subprocess.Popen[bytes]:
         return self._start(name, [
-            *CLI, "worker", "--store", self.url, "--state-dir", str(self.root / name),
+            *CLI, "worker", "--store", url or self.url, "--state-dir", str(self.root / name),
             "--worker-id", name, "--lease-seconds", str(lease_s),
             "--allowed-uri-prefix", str(self.root), "--allowed-uri-prefix", self.model, *extra,
         ])  # fmt: skip
@@ -99,6 +105,19 @@ class Cluster:
     def signal(self, name: str, sig: int) -> None:
         """``sig`` to the process and its job subprocesses (its process group)."""
         os.killpg(self.procs[name].pid, sig)
+
+    def arm(self, point: str) -> None:
+        """Job processes reaching ``point`` wait there until :meth:`release`."""
+        (self.holds / point).touch()
+
+    def reached(self, point: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.holds / f"{point}.reached").exists():
+            assert time.monotonic() < deadline, f"no job process reached {point} in {timeout} s"
+            time.sleep(0.1)
+
+    def release(self, point: str) -> None:
+        (self.holds / point).unlink()
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
