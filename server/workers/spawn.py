@@ -158,16 +158,7 @@ class WorkerRunner:
         work = os.path.join(self.state_dir, "work", key)
         os.makedirs(work, exist_ok=True)
         read_fd, write_fd = os.pipe()
-        payload: dict[str, Any] = {
-            "mode": mode,
-            "spec": base64.b64encode(spec).decode(),
-            "allowed": self.allowed,
-            "trusted": self.trusted,
-            "max_download_bytes": self.max_download_bytes,
-            "fenced": fence is not None,
-            "profile_dir": os.path.join(self.state_dir, "profiles"),  # target jobs' cost profiles
-            **(context or {}),
-        }
+        payload = self._request(mode, spec, fence is not None, context)
         proc = await self._spawn(work, read_fd, write_fd)
         self._procs[key] = proc
         if key in self._stopping:  # stopped before it started
@@ -197,6 +188,21 @@ class WorkerRunner:
         checked = self._checked(key, outcome, proc.returncode, output)
         self._stopping.discard(key)
         return checked, stage_times
+
+    def _request(
+        self, mode: str, spec: bytes, fenced: bool, context: Mapping[str, str] | None
+    ) -> dict[str, Any]:
+        """What a worker reads on its stdin's first line."""
+        return {
+            "mode": mode,
+            "spec": base64.b64encode(spec).decode(),
+            "allowed": self.allowed,
+            "trusted": self.trusted,
+            "max_download_bytes": self.max_download_bytes,
+            "fenced": fenced,
+            "profile_dir": os.path.join(self.state_dir, "profiles"),  # target jobs' cost profiles
+            **(context or {}),
+        }
 
     def wall_limit(self, mode: str, spec: bytes) -> float | None:
         """A job run's wall-time limit: its spec's ``max_run_seconds``, at most the server's."""
