@@ -94,6 +94,21 @@ def _targets(result: pruning_pb2.JobResult) -> list[dict[str, Any]]:
     ]
 
 
+def _exports(result: pruning_pb2.JobResult) -> list[dict[str, Any]]:
+    """The artifacts published beside the SavedModel as plain data (the report's ``exports``)."""
+    return [
+        {
+            "format": enums.short_name(pruning_pb2.ExportFormat, e.format).lower(),
+            "file": e.file,
+            "bytes": e.size_bytes,
+            "samples": e.samples,
+            "max_abs_diff": e.max_abs_diff,
+        }
+        | (_struct(e, "how") or {})
+        for e in result.exports
+    ]
+
+
 def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
     """The report dict ``cli.format_table`` prints, from a job's ``JobResult``.
 
@@ -103,7 +118,8 @@ def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
     ``max_accuracy_drop``, ``best_ratio``, ``best_accuracy_drop``,
     ``output_uri`` (None when nothing was published), ``selected_ratio``,
     ``targets`` (a target job: wanted, predicted, measured, remeasured, met,
-    how per target; empty otherwise), and
+    how per target; empty otherwise), ``exports`` (format, file, bytes,
+    samples, max_abs_diff, exporter, runtime, atol, rtol per artifact), and
     the job's ``job``, ``state``, ``model_uri`` and ``error`` (None or
     ``{"code", "message"}``). ``original`` is None when the job has no result
     (it failed or was cancelled before measuring).
@@ -144,5 +160,6 @@ def report_from_job(job: pruning_pb2.Job) -> dict[str, Any]:
         "best_accuracy_drop": _optional(result, "best_accuracy_drop"),
         "output_uri": result.output_uri or None,
         "targets": _targets(result),
+        "exports": _exports(result),
         "error": error,
     }

@@ -337,6 +337,14 @@ def job_result(report: Mapping[str, Any]) -> pb.JobResult:
             if t.get(key) is not None:
                 setattr(target, key, float(t[key]))
         target.how.CopyFrom(to_struct(t.get("how") or {}))
+    for e in report.get("exports") or []:
+        result.exports.add(
+            format=enums.from_short_name(pb.ExportFormat, e["format"]),  # type: ignore[arg-type]
+            file=e["file"],
+            size_bytes=e["bytes"],
+            samples=e["samples"],
+            max_abs_diff=e["max_abs_diff"],
+        ).how.CopyFrom(to_struct({k: e[k] for k in ("exporter", "runtime", "atol", "rtol")}))
     for c in report.get("candidates", []):
         cand = result.candidates.add(ratio=c["ratio"])
         m = metrics(c.get("figures"))

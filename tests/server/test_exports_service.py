@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from secateur.client.protospec import report_from_job
 from secateur.pruner import PruneSpec
 from secateur.pruner._keras import keras
 from secateur.pruner.errors import ExportError
@@ -80,6 +81,9 @@ def test_job_withExports_publishedVersionHoldsCheckedArtifacts(stub, tmp_path) -
         # Checked on 4 seeded inputs (no data given) within the tolerance, else the job fails.
         assert e["samples"] == 4 and e["atol"] == ATOL and 0 <= e["max_abs_diff"] < 1e-3, e
     assert (tmp_path / "out" / "1" / "saved_model.pb").exists()  # the contract stays
+    # The job's result carries the same entries, for clients that never read the version.
+    assert report_from_job(job)["exports"] == report["exports"]
+    assert [e.format for e in job.result.exports] == list(spec.exports)
 
 
 def test_createJob_exportWithoutItsRuntime_invalidArgumentNamingTheExtra(

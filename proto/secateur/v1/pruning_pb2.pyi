@@ -291,6 +291,22 @@ class TargetResult(_message.Message):
     remeasured: float
     def __init__(self, metric: _Optional[str] = ..., wanted: _Optional[float] = ..., wanted_absolute: _Optional[bool] = ..., predicted: _Optional[float] = ..., measured: _Optional[float] = ..., met: _Optional[bool] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., remeasured: _Optional[float] = ...) -> None: ...
 
+class ExportedArtifact(_message.Message):
+    __slots__ = ("format", "file", "size_bytes", "samples", "max_abs_diff", "how")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    HOW_FIELD_NUMBER: _ClassVar[int]
+    format: ExportFormat
+    file: str
+    size_bytes: int
+    samples: int
+    max_abs_diff: float
+    how: _struct_pb2.Struct
+    def __init__(self, format: _Optional[_Union[ExportFormat, str]] = ..., file: _Optional[str] = ..., size_bytes: _Optional[int] = ..., samples: _Optional[int] = ..., max_abs_diff: _Optional[float] = ..., how: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
 class Candidate(_message.Message):
     __slots__ = ("ratio", "metrics", "accuracy_drop", "plan")
     RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -304,7 +320,7 @@ class Candidate(_message.Message):
     def __init__(self, ratio: _Optional[float] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., accuracy_drop: _Optional[float] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("outcome", "max_accuracy_drop", "best_ratio", "best_accuracy_drop", "output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision", "targets")
+    __slots__ = ("outcome", "max_accuracy_drop", "best_ratio", "best_accuracy_drop", "output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision", "targets", "exports")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[JobResult.Outcome]
@@ -327,6 +343,7 @@ class JobResult(_message.Message):
     SELECTED_RATIO_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
     outcome: JobResult.Outcome
     max_accuracy_drop: float
     best_ratio: float
@@ -339,7 +356,8 @@ class JobResult(_message.Message):
     selected_ratio: float
     decision: str
     targets: _containers.RepeatedCompositeFieldContainer[TargetResult]
-    def __init__(self, outcome: _Optional[_Union[JobResult.Outcome, str]] = ..., max_accuracy_drop: _Optional[float] = ..., best_ratio: _Optional[float] = ..., best_accuracy_drop: _Optional[float] = ..., output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[TargetResult, _Mapping]]] = ...) -> None: ...
+    exports: _containers.RepeatedCompositeFieldContainer[ExportedArtifact]
+    def __init__(self, outcome: _Optional[_Union[JobResult.Outcome, str]] = ..., max_accuracy_drop: _Optional[float] = ..., best_ratio: _Optional[float] = ..., best_accuracy_drop: _Optional[float] = ..., output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[TargetResult, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[ExportedArtifact, _Mapping]]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec", "request_id", "validate_only")
