@@ -10,7 +10,8 @@ While a job runs its lease is renewed every ``lease_s / 3`` seconds (at
 least every ``RENEW_MAX_S``, so a cancel reaches the job within seconds):
 
 - the renewal says the job's cancel was requested (CancelJob on any
-  replica): the subprocess gets SIGTERM and the job ends CANCELLED;
+  replica): the subprocess gets SIGTERM and the job ends CANCELLED (once its
+  fence let it publish, it is left to finish and ends SUCCEEDED: never half);
 - the renewal finds the lease gone (this worker was paused or cut off past
   its lease and another worker claimed the job): the subprocess is killed and
   nothing is written — the new owner's record is not ours to touch;
@@ -86,6 +87,9 @@ class _Held:
     last_write: float = 0.0
     #: The version an earlier attempt was fenced to publish ("" for none): looked at first.
     recover: str = ""
+    #: The fence let this attempt publish: a cancel no longer stops its process (the
+    #: job ends SUCCEEDED), so a cancel never cuts a gs:// publish in half.
+    fenced: bool = False
 
 
 class WorkerLoop:
@@ -209,6 +213,7 @@ class WorkerLoop:
         job, token = held.record.id, held.token
         for _ in range(2):
             ok = await self._retried(self.store.fence, job, token, margin, uri)
+            held.fenced = held.fenced or bool(ok)
             if ok or held.lost:
                 return bool(ok)
             lease = await self._retried(self.store.renew, job, token, self.cfg.lease_s)
@@ -250,8 +255,13 @@ class WorkerLoop:
                 return
             good_until = time.monotonic() + self.cfg.lease_s
             if lease.cancel_requested and not held.cancel:
-                log.info("job %s: cancel requested; stopping its process", held.record.id)
                 held.cancel = True
+                if held.fenced:  # publishing: stopping it now could only leave half a version
+                    log.info(
+                        "job %s: cancel requested while it publishes; too late", held.record.id
+                    )
+                    continue
+                log.info("job %s: cancel requested; stopping its process", held.record.id)
                 self.runner.stop(held.key)
 
     async def _progress(self, held: _Held, msg: dict[str, Any]) -> None:

@@ -104,6 +104,10 @@ def test_cancelWhileExporting_afterTheFence_endsSucceededWithOneVersion(cluster:
     job = create(api, spec(cluster, "out"))
     cluster.reached("fenced")
     api.CancelJob(pb.CancelJobRequest(name=job.name), timeout=30)
+    deadline = time.monotonic() + 15  # w1 sees the cancel and leaves its publish alone
+    while "too late" not in cluster.log("w1"):
+        assert time.monotonic() < deadline, cluster.log("w1")[-2000:]
+        time.sleep(0.2)
     cluster.release("fenced")
     done = wait_for(api, job.name, lambda j: j.state in ENDED, 60)
     assert (done.state, done.attempts) == (SUCCEEDED, 1), done  # too late to cancel: not half
