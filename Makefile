@@ -25,11 +25,13 @@ run: $(STAMP)
 
 ## Time to plan and apply a prune on five keras.applications models, to
 ## import five SavedModels as data against tf.saved_model.load, and what a CI
-## stage pays to install secateur-client alone (wheel size, install time).
+## stage pays to install secateur-client alone (wheel size, install time), and
+## how well the measured cost model predicts step time (FLOPs, predicted, measured).
 bench: $(STAMP)
 	$(PY) benchmarks/prune_speed.py
 	$(PY) benchmarks/import_speed.py
 	$(PY) benchmarks/client_install.py
+	$(PY) benchmarks/target_accuracy.py
 
 ## The study's VGG-16-BN: train step time and peak memory vs pruned ratio.
 bench-measure: $(STAMP)
