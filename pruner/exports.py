@@ -31,6 +31,7 @@ import importlib.util
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -145,6 +146,23 @@ def write_exports(
         export_model(model, n, os.path.join(out_dir, FORMATS[n].filename), samples).to_dict()
         for n in check_formats(names)
     ]
+
+
+def check_exportable(model: Any, names: Sequence[str]) -> None:
+    """Export ``model`` in every format of ``names`` into a temporary directory, then drop it.
+
+    A job runs this on the original model before any pruning or training:
+    pruning changes widths, never the ops, so a format that cannot take the
+    original cannot take the pruned model either, and the job fails in
+    seconds rather than after fine-tuning.
+
+    Raises:
+        ExportError: as :func:`export_model` (on seeded inputs).
+    """
+    names = check_formats(names)
+    if names:
+        with tempfile.TemporaryDirectory(prefix="secateur-exports-") as tmp:
+            write_exports(model, names, tmp)
 
 
 def export_model(model: Any, name: str, path: str, samples: Any = None) -> ExportResult:

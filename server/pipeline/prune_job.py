@@ -25,7 +25,7 @@ from dataclasses import asdict
 from typing import Any
 
 from secateur.pruner.errors import CancelledError, DataError
-from secateur.pruner.exports import write_exports
+from secateur.pruner.exports import check_exportable, write_exports
 from secateur.server.pipeline.boundary import JobPlaces, preflight, user_paths
 
 # The request, its stages and the report's decisions live beside this module;
@@ -186,6 +186,7 @@ class PruneJob:
         with user_paths(self.names, fallback=req.model_uri):  # conversions' temporary files
             original = load_model(model_path, self.trusted)
             graph = analyze(original)
+            check_exportable(original, req.exports)  # a format lacking an op fails the job now
         device = self.device or select_device()
         data = _Data(
             original, train_files, eval_files, req, device, self.names, self.should_cancel,

@@ -98,7 +98,7 @@ def test_createJob_exportWithoutItsRuntime_invalidArgumentNamingTheExtra(
     assert not stub.ListJobs(pb.ListJobsRequest()).jobs
 
 
-def test_job_modelTheFormatCannotTake_failsBeforePublishing(tmp_path) -> None:
+def test_job_modelTheFormatCannotTake_failsBeforePruning_publishingNothing(tmp_path) -> None:
     # tf.ScaleAndTranslate: no LiteRT builtin (area would do too, but has no gradient to train)
     _small_model(str(tmp_path / "m.keras"), "lanczos3")
     request = JobRequest(
@@ -108,8 +108,11 @@ def test_job_modelTheFormatCannotTake_failsBeforePublishing(tmp_path) -> None:
         measure=MeasureConfig(warmup_steps=1, steps=1, rounds=1, latency_runs=1),
         exports=("litert",),
     )
+    events: list = []
     with pytest.raises(ExportError) as info:
-        PruneJob(request, Storage()).run()
+        PruneJob(request, Storage(), events.append).run()
+    # Checked on the original while analysing: no scoring, training or measuring first.
+    assert {e.stage for e in events} == {"FETCHING", "ANALYZING"}
     assert info.value.ops == ("ScaleAndTranslate",) and "layer 'shrink'" in str(info.value)
     status = status_of(info.value)
     assert status is not None and status.code == grpc.StatusCode.FAILED_PRECONDITION
