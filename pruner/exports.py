@@ -181,9 +181,14 @@ def export_model(model: Any, name: str, path: str, samples: Any = None) -> Expor
         ExportError: an op the format cannot take, a conversion failure, or
             outputs beyond the tolerance; nothing is left at ``path``.
     """
+    import tensorflow as tf
+
     fmt = FORMATS[check_formats([name])[0]]
     inputs = _inputs(model, samples)
-    reference = _flat(model(inputs if len(inputs) > 1 else inputs[0], training=False))
+    # The runtimes run on the CPU in float32; so does the reference (TensorFlow's
+    # default TF32 convolutions on recent GPUs would differ by more than the tolerance).
+    with tf.device("/CPU:0"):
+        reference = _flat(model(inputs if len(inputs) > 1 else inputs[0], training=False))
     try:
         _convert(model, fmt, path)
         if fmt.name == "onnx":
