@@ -133,3 +133,23 @@ def test_checkFormats_missingRuntime_refusedNamingTheExtra(monkeypatch) -> None:
         check_formats(["litert", "onnx"])
     assert "onnxruntime" in str(info.value) and "secateur[exports]" in str(info.value)
     assert check_formats(["litert"]) == ("litert",)  # tf.lite.Interpreter stands in
+
+
+def test_validatingAnExportRequest_importsNoRuntimeNorTensorFlow() -> None:
+    """The service validates `exports` at CreateJob without loading any runtime (or TF)."""
+    import subprocess
+
+    _needs_onnx()  # installed, yet not imported
+    code = (
+        "import sys\n"
+        "from secateur.server.pipeline.convert import job_request\n"
+        "from secateur.v1 import pruning_pb2 as pb\n"
+        "spec = pb.JobSpec(model_uri='m.keras', output_uri='out', exports=[1, 2])\n"
+        "assert job_request(spec).exports == ('litert', 'onnx')\n"
+        "heavy = ('tensorflow', 'keras', 'onnx', 'onnxruntime', 'tf2onnx', 'ai_edge_litert')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stderr
