@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from secateur.client.protospec import report_from_job
 from secateur.server.api.service import BackgroundServer, ServerOptions
 from secateur.v1 import pruning_pb2 as pb
 from secateur.v1 import pruning_pb2_grpc as pbg
@@ -130,6 +131,8 @@ def test_job_paramsAndFlopsTargets_metExactly_reportedInResultAndPrometheus(
         assert by["flops"].remeasured == r.pruned.flops / r.original.flops == flops
         assert all(t.met and t.HasField("predicted") for t in r.targets)
         assert "counted" in by["params"].how["method"]
+        shown = {t["metric"]: t for t in report_from_job(done)["targets"]}
+        assert shown["params"]["measured"] == params and shown["flops"]["met"]
         channels = [g for g in r.plan["groups"] if g["kind"] == "channels"]
         prunable = sum(g["size_before"] for g in channels if not g["frozen"])
         removed = sum(g["size_before"] - g["size_after"] for g in channels)
