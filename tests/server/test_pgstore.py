@@ -258,6 +258,22 @@ def test_fence_extendsTheLease(store: PostgresJobStore) -> None:
     assert extended is not None and extended.lease_expires >= claim.record.lease_expires
 
 
+def test_fence_recordsTheVersionToPublish_theNextClaimGetsIt(
+    store: PostgresJobStore, other: PostgresJobStore
+) -> None:
+    store.insert(_record("p"))
+    first = store.claim("w1", 0.5, 3)
+    assert first is not None and first.publish_uri == ""
+    assert store.fence("p", first.token, 0.1, "gs://b/out/3")  # recorded with the yes
+    assert not store.fence("p", first.token + 1, 0.1, "gs://b/out/9")  # a refusal records nothing
+    time.sleep(0.6)  # the worker dies after publishing: its lease runs out
+    again = other.claim("w2", 30.0, 3)
+    assert again is not None and (again.token, again.publish_uri) == (
+        first.token + 1,
+        "gs://b/out/3",
+    )
+
+
 def test_requestCancel_queuedEndsAtOnce_runningIsFlaggedForItsWorker(
     store: PostgresJobStore, other: PostgresJobStore
 ) -> None:

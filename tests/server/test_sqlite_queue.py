@@ -21,6 +21,7 @@ SHARED_CHECKS: list[Callable[..., None]] = [
     contract.test_leaseExpiry_reclaimedWithAttemptsPlusOne_thenGivenUpAtTheCap,
     contract.test_staleToken_saveLeasedAndFenceRefuse,
     contract.test_fence_extendsTheLease,
+    contract.test_fence_recordsTheVersionToPublish_theNextClaimGetsIt,
     contract.test_requestCancel_queuedEndsAtOnce_runningIsFlaggedForItsWorker,
     contract.test_requestCancel_ofAJobWhoseWorkerDied_endsCancelledOnReclaim,
     contract.test_counts_everyStateFromTheDatabase,
@@ -71,5 +72,27 @@ def test_leases_dieWithTheProcess_aReopenedStoreHasNone(tmp_path: Path) -> None:
         assert reclaimed is not None and reclaimed.record.id == "j"
         assert (reclaimed.record.attempts, reclaimed.token) == (2, 2)  # tokens keep growing
         assert again.get("j").state == JobState.RUNNING
+    finally:
+        again.close()
+
+
+def test_cancelAndPublication_outliveTheProcess_aReopenedStoreHasThem(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    first = SqliteJobStore(state)
+    for job in ("c", "p"):
+        first.insert(contract._record(job))
+    cancelled, published = first.claim("w1", 30.0, 3), first.claim("w1", 30.0, 3)
+    assert cancelled is not None and published is not None
+    assert first.fence(published.record.id, published.token, 1.0, "/out/1")
+    first.request_cancel(cancelled.record.id)  # the server dies before its worker sees it
+    first.close()
+    again = SqliteJobStore(state)
+    try:
+        for job in ("c", "p"):  # as JobManager.start recovers them
+            again.save(again.get(job).evolve(state=JobState.QUEUED))  # type: ignore[union-attr]
+        claim = again.claim("w2", 30.0, 3)
+        assert claim is not None and (claim.record.id, claim.publish_uri) == ("p", "/out/1")
+        assert again.claim("w2", 30.0, 3) is None  # "c" is not run again...
+        assert again.get("c").state == JobState.CANCELLED  # type: ignore[union-attr]
     finally:
         again.close()
