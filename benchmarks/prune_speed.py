@@ -11,12 +11,16 @@ this measures, each in a fresh subprocess so peak RSS is the model's own:
           Model.from_config(get_config()) + set_weights(get_weights())
 - peak RSS of the process.
 
+Every timing is the best of ``--repeat`` runs, each after a full garbage
+collection (untimed), so no run pays for the garbage of the one before.
+
 Usage: python benchmarks/prune_speed.py [--models VGG16,ResNet50,...] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -31,6 +35,10 @@ TARGET = ("ResNet50", 10.0)  # plan + apply under 10 s on the 2-core machine
 def _best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
+        # Each timing starts with no garbage left by the one before: a
+        # discarded model is cyclic garbage, and without this whichever
+        # measurement came next paid for collecting it (docs/surgery_speed.md).
+        gc.collect()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
