@@ -12,7 +12,9 @@
 4. Check: params/FLOPs are counted exactly from the plan; measured targets
    are measured on the rebuilt model, interleaved with the original. A miss
    doubles the missed metric's weight, raises its requirement by the
-   relative shortfall and solves again
+   relative shortfall and solves again; after a measured miss the measured
+   savings are blended with FLOPs-proportional ones (weight 1/2, 3/4, ...:
+   a profile on a noisy device, or costs that do not add, misled it)
    (``Targets.corrections`` rounds for measured targets; counted ones iterate
    until met, deterministically). Still missed: :class:`TargetUnreachableError`
    with the best reached.
@@ -24,7 +26,7 @@ measured (or counted) fractions of the original, and how they were obtained.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,18 @@ class _Costs:
     base: dict[str, float]
     savings: dict[str, dict[int, dict[int, float]]]  # metric -> group id -> width -> saving
     profile: CostProfile | None = None
+    #: Measured metric -> savings in proportion to FLOPs (the prior a noisy profile falls back to).
+    prior: dict[str, dict[int, dict[int, float]]] = field(default_factory=dict)
+    #: Measured metric -> the profile's own savings.
+    profiled: dict[str, dict[int, dict[int, float]]] = field(default_factory=dict)
+
+    def trust_prior(self, weight: float) -> None:
+        """Measured savings become ``(1 - weight) * profiled + weight * prior``."""
+        for m, table in self.profiled.items():
+            self.savings[m] = {
+                g: {w: (1 - weight) * s + weight * self.prior[m][g][w] for w, s in row.items()}
+                for g, row in table.items()
+            }
 
 
 def plan_to_targets(
@@ -134,26 +148,35 @@ def _costs(
     full = {g.id: np.arange(g.size) for g in scored.graph.groups()}
     params, flops = scored.graph.count()
     counted = {"params": params, "flops": flops}
-    for t in targets:
-        if t.measured:
-            continue
-        base[t.metric] = float(counted[t.metric])
-        savings[t.metric] = {}
+    measured = [t.metric for t in targets if t.measured]
+    for metric in {t.metric for t in targets if not t.measured} | (
+        {"flops"} if measured else set()
+    ):
+        base[metric] = float(counted[metric])
+        savings[metric] = {}
         for g in groups:  # linear in this group's width while the others are full
             one = dict(full) | {g.id: np.arange(g.size - 1)}
             less = scored.graph.count(keep_function(scored.graph, one))
-            per = counted[t.metric] - less[0 if t.metric == "params" else 1]
-            savings[t.metric][g.id] = {w: float(per * (g.size - w)) for w in widths[g.id]}
-    measured = [t.metric for t in targets if t.measured]
-    profile = None
+            per = counted[metric] - less[0 if metric == "params" else 1]
+            savings[metric][g.id] = {w: float(per * (g.size - w)) for w in widths[g.id]}
+    costs = _Costs(base, savings)
     if measured and meter is not None:
-        profile = profile_costs(
+        costs.profile = profile = profile_costs(
             scored.model, scored.graph, groups, scored.spec, measured, meter, state_dir
         )
+        share = {
+            g: {w: s / max(flops, 1) for w, s in row.items()} for g, row in savings["flops"].items()
+        }
         for m in measured:
             base[m] = profile.base[m]
-            savings[m] = {g.id: {w: profile.saving(g, w, m) for w in widths[g.id]} for g in groups}
-    return _Costs(base, savings, profile)
+            costs.profiled[m] = {
+                g.id: {w: profile.saving(g, w, m) for w in widths[g.id]} for g in groups
+            }
+            costs.prior[m] = {
+                g: {w: f * base[m] for w, f in row.items()} for g, row in share.items()
+            }
+        costs.trust_prior(0.0)
+    return costs
 
 
 def _search(
@@ -204,6 +227,10 @@ def _search(
             if r["excess"] > 0:
                 weight[r["metric"]] *= 2.0
                 share[r["metric"]] *= 1 + r["excess"] + 1e-9
+        # A measured miss means the profile misled (noise, costs that do not
+        # add): lean on FLOPs-proportional savings, half as much again each round.
+        trust = 1.0 - 0.5 ** (len(attempts))
+        costs.trust_prior(trust)
     raise _unreachable(targets, best, attempts)
 
 
@@ -270,6 +297,8 @@ def _public(r: dict[str, Any], costs: _Costs, rounds: int) -> dict[str, Any]:
             "profile_measurements": costs.profile.measurements,
             "profile_seconds": round(costs.profile.seconds, 2),
             "profile_cached": costs.profile.cached,
+            # Share of the savings taken in proportion to FLOPs instead of the profile.
+            "flops_prior_weight": 1.0 - 0.5 ** (rounds - 1),
             "tolerance": r["tolerance"],
         }
     else:

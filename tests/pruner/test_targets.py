@@ -196,6 +196,30 @@ def test_measuredTarget_toyMeter_metAndReportsPredictedAndMeasured(tmp_path) -> 
     assert report["how"]["profile_measurements"] > 0
 
 
+class MisleadingProfileMeter(CountingMeter):
+    """Step time is FLOPs, but the profile says narrowing any group to any width
+    halves the step (costs that do not add, or a loaded CPU): the checks are true."""
+
+    def measure(
+        self, models: Mapping[str, Any], metrics: Sequence[str]
+    ) -> dict[str, dict[str, float]]:
+        out = super().measure(models, metrics)
+        if "pruned" in out:
+            return out
+        full = out["full"]["step_time"]
+        return {n: {m: full if n == "full" else full / 2 for m in f} for n, f in out.items()}
+
+
+def test_measuredTarget_misleadingProfile_correctionsLeanOnFlopsAndMeetIt(tmp_path) -> None:
+    model = _cnn()
+    spec = PruneSpec(targets=Targets(step_time=0.5, corrections=4))
+    plan = make_plan(model, spec, meter=MisleadingProfileMeter(), state_dir=tmp_path)
+    (report,) = plan.targets
+    assert report["met"] and report["measured"] <= 0.5 * 1.02
+    assert report["how"]["rounds"] > 1  # the first allocation believed the profile and missed
+    assert report["how"]["flops_prior_weight"] == 1.0 - 0.5 ** (report["how"]["rounds"] - 1)
+
+
 def test_costProfile_secondCallReadsTheCache_keyedByBatchAndModel(tmp_path) -> None:
     model = _cnn()
     spec = PruneSpec(targets=Targets(step_time=0.7))
