@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from secateur.pruner.errors import CancelledError
@@ -36,7 +37,7 @@ from secateur.server.holds import hold
 from secateur.server.storage import Storage, StorageExistsError, StorageNotFoundError
 from secateur.server.storage.backend import PUBLICATION_MARKER, SAVED_MODEL_FILE
 
-__all__ = ["LeaseLost", "own_version", "publish_version", "write_marker"]
+__all__ = ["LeaseLost", "Settled", "own_version", "publish_version", "settle", "write_marker"]
 
 #: The report a version carries beside its marker.
 REPORT = "assets.extra/secateur/report.json"
@@ -70,9 +71,35 @@ def write_marker(version_dir: str, job_id: str) -> None:
         json.dump(marker, fh, sort_keys=True)
 
 
-def own_version(storage: Storage, uri: str, job_id: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Settled:
+    """What :func:`settle` found at a job's recorded version."""
+
+    #: The version's report: it is the job's and complete (the work was done).
+    report: dict[str, Any] | None = None
+    #: It was the job's and incomplete, and was deleted.
+    removed: bool = False
+    #: The job's staging places removed under the version's base.
+    staging: tuple[str, ...] = ()
+
+
+def settle(storage: Storage, uri: str, job_id: str) -> Settled:
+    """Settle the publication of a job that ends without success after its fence
+    recorded ``uri``: its complete version is reported, its half version removed,
+    and the staging its killed publishes left removed too; another job's version,
+    or a complete version changed since, is never touched. Storage calls only."""
+    removed: list[bool] = []
+    report = own_version(storage, uri, job_id, removed)
+    base = uri.rsplit("/", 1)[0]
+    return Settled(report, bool(removed), tuple(storage.remove_staging(base, job_id)))
+
+
+def own_version(
+    storage: Storage, uri: str, job_id: str, removed: list[bool] | None = None
+) -> dict[str, Any] | None:
     """The report of ``uri`` when it is ``job_id``'s complete version; None otherwise,
-    after deleting it when it is ``job_id``'s but incomplete (see the module docstring)."""
+    after deleting it when it is ``job_id``'s but incomplete (see the module docstring;
+    ``removed`` gets a True appended then)."""
     try:
         marker = json.loads(storage.read_bytes(f"{uri}/{PUBLICATION_MARKER}"))
     except (StorageNotFoundError, ValueError):
@@ -83,6 +110,8 @@ def own_version(storage: Storage, uri: str, job_id: str) -> dict[str, Any] | Non
     if present != marker.get("files"):
         if SAVED_MODEL_FILE not in present:  # our half version: no reader took it; rolled back
             storage.delete(uri, missing_ok=True)
+            if removed is not None:
+                removed.append(True)
         return None  # complete but changed since: left alone, the job runs again
     report: dict[str, Any] = json.loads(storage.read_bytes(f"{uri}/{REPORT}"))
     report["output_uri"] = uri
@@ -123,7 +152,7 @@ def publish_version(
             raise LeaseLost("this worker lost the job's lease before publishing; nothing published")
         hold("fenced")
         try:
-            published = storage.publish_dir(version_dir, base, number)
+            published = storage.publish_dir(version_dir, base, number, owner=job_id)
         except StorageExistsError:
             if version is not None or attempt == VERSION_TRIES - 1:
                 raise

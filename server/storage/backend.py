@@ -39,6 +39,7 @@ __all__ = [
     "Backend",
     "Staging",
     "ordered_for_publish",
+    "staging_pattern",
 ]
 
 #: Name of the file TF Serving waits for; made visible last where that matters.
@@ -74,8 +75,16 @@ class Staging:
     created_base: bool = False
 
 
-def new_staging(base: Location) -> Staging:
-    return Staging(base, base.child(f"{TMP_PREFIX}{uuid.uuid4().hex}"))
+def new_staging(base: Location, owner: str = "") -> Staging:
+    """A staging place under ``base``: ``.tmp-<uuid>``, or ``.tmp-<owner>-<uuid>`` so that
+    what a killed publish of ``owner`` (a job's id) left can be found and removed."""
+    tag = f"{owner}-" if owner else ""
+    return Staging(base, base.child(f"{TMP_PREFIX}{tag}{uuid.uuid4().hex}"))
+
+
+def staging_pattern(owner: str) -> str:
+    """The glob segment matching the staging places of ``owner`` (see :func:`new_staging`)."""
+    return f"{TMP_PREFIX}{owner}-*"
 
 
 def ordered_for_publish(rel_paths: Sequence[str]) -> list[str]:
@@ -126,7 +135,7 @@ class Backend(Protocol):
         """``{path relative to loc: MD5 hex}`` of every file under the directory ``loc``."""
         ...
 
-    def begin(self, base: Location) -> Staging: ...
+    def begin(self, base: Location, owner: str = "") -> Staging: ...
 
     def stage(self, local_dir: str, staging: Staging) -> None: ...
 

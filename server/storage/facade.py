@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from secateur.server.storage.backend import Backend
+from secateur.server.storage.backend import Backend, staging_pattern
 from secateur.server.storage.errors import (
     ByteBudget,
     InvalidUriError,
@@ -197,15 +197,19 @@ class Storage:
         loc, backend = self._at(uri)
         backend.delete(loc, missing_ok=missing_ok)
 
-    def publish_dir(self, local_dir: str, base_uri: UriLike, version: int | None = None) -> str:
+    def publish_dir(
+        self, local_dir: str, base_uri: UriLike, version: int | None = None, *, owner: str = ""
+    ) -> str:
         """Publish the tree ``local_dir`` as ``<base_uri>/<version>/`` and return that URI.
 
         ``version=None`` takes :meth:`next_version`. An existing version raises
         :class:`StorageExistsError` and nothing is written. Readers never see a
-        half-written version: the tree is staged under ``<base>/.tmp-<uuid>``,
+        half-written version: the tree is staged under ``<base>/.tmp-<uuid>``
+        (``.tmp-<owner>-<uuid>`` given an ``owner``, see :meth:`remove_staging`),
         the version is checked free again, and only then made visible (one
         rename locally; on GCS a copy with ``saved_model.pb`` last). Any failure
-        removes what this publish wrote.
+        removes what this publish wrote (a killed process's staging stays: see
+        :meth:`remove_staging`).
         """
         base, backend = self._at(base_uri)
         if version is not None and (
@@ -218,7 +222,7 @@ class Storage:
             raise StorageNotFoundError("The directory to publish does not exist.", local_dir)
         final = base.child(str(self.next_version(base) if version is None else version))
         self._check_free(backend, base, final)
-        staging = backend.begin(base)
+        staging = backend.begin(base, owner)
         try:
             backend.stage(local_dir, staging)
             self._check_free(backend, base, final)  # another writer may have been quicker
@@ -228,6 +232,20 @@ class Storage:
             raise
         backend.cleanup(staging)
         return final.uri
+
+    def remove_staging(self, base_uri: UriLike, owner: str) -> list[str]:
+        """Delete what publishes by ``owner`` (a job's id) staged under ``base_uri`` and left
+        there (their process was killed); the URIs removed. Nothing else is touched."""
+        if not owner:
+            raise InvalidUriError("Removing staging needs its owner.", str(base_uri))
+        base = self.locate(base_uri)
+        try:
+            found = self.find(base.child(staging_pattern(owner)))
+        except StorageNotFoundError:
+            return []
+        for loc in found:
+            self._backends[loc.scheme].delete(loc, missing_ok=True)
+        return [loc.uri for loc in found]
 
     @staticmethod
     def _check_free(backend: Backend, base: Location, final: Location) -> None:

@@ -328,8 +328,8 @@ class GcsBackend:
 
     # -- publishing (see backend.py) ------------------------------------------
 
-    def begin(self, base: Location) -> Staging:
-        return new_staging(base)
+    def begin(self, base: Location, owner: str = "") -> Staging:
+        return new_staging(base, owner)
 
     def stage(self, local_dir: str, staging: Staging) -> None:
         staging.files = ordered_for_publish(localfs.tree_files(local_dir))

@@ -145,8 +145,8 @@ class LocalBackend:
 
     # -- publishing (see backend.py) ------------------------------------------
 
-    def begin(self, base: Location) -> Staging:
-        staging = new_staging(base)
+    def begin(self, base: Location, owner: str = "") -> Staging:
+        staging = new_staging(base, owner)
         staging.created_base = not os.path.isdir(base.path)
         return staging
 

@@ -86,7 +86,7 @@ class Emitter:
 def run(payload: dict[str, Any], emit: Emitter) -> None:
     from secateur.server.pipeline.convert import job_request
     from secateur.server.pipeline.prune_job import GateFailed, LeaseLost, PruneJob
-    from secateur.server.pipeline.publish import own_version
+    from secateur.server.pipeline.publish import settle
     from secateur.server.storage import Storage
     from secateur.v1 import pruning_pb2 as pb
 
@@ -101,9 +101,9 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
     request = job_request(spec)
     job_id = str(payload.get("job") or "")
     if payload.get("recover") and job_id:
-        found = own_version(storage, str(payload["recover"]), job_id)
-        if found is not None:  # published by an earlier attempt: never run twice
-            emit.send(type="result", report=found)
+        found = settle(storage, str(payload["recover"]), job_id)  # and its staging removed
+        if found.report is not None:  # published by an earlier attempt: never run twice
+            emit.send(type="result", report=found.report)
             return
     try:
         fence = _fence(emit) if payload.get("fenced") else None

@@ -1,4 +1,5 @@
-"""A job's life as the service records it: recovery after a restart, its end.
+"""A job's life as the service records it: recovery after a restart, its end,
+and the settling of a publication an unsuccessful end leaves (:func:`settled`).
 
 Used by the job manager (``api/jobs.py``) and the worker loop
 (``workers/loop.py``): what a job left RUNNING by a dead server becomes, the
@@ -8,6 +9,7 @@ INFO line of a job's end, and the ``outcome`` label its end counts under in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -15,6 +17,8 @@ import grpc
 
 from secateur.server.errors import ServiceError
 from secateur.server.jobstore.records import JobError, JobRecord, JobState, now_ns
+from secateur.server.pipeline.publish import settle
+from secateur.server.storage import Storage
 
 log = logging.getLogger("secateur.server")
 
@@ -78,3 +82,43 @@ def ended(
         changes["result"] = report
         message = report.get("decision") or message
     return record.evolve(message=message, **changes)
+
+
+def settled(final: JobRecord, uri: str, storage: Storage) -> JobRecord:
+    """``final`` (an end other than SUCCEEDED of a job whose fence recorded ``uri``)
+    once its publication is settled (storage calls only, no TensorFlow):
+
+    - ``uri`` is the job's complete version: the work was done, so the job ends
+      SUCCEEDED from the report in it;
+    - it is the job's but incomplete (a ``gs://`` publish killed between its first
+      and its last copy): it is deleted and ``final`` says so;
+    - anything else (nothing there, another job's version, a complete one changed
+      since) is left alone and ``final`` stays as it is.
+
+    Either way the staging the job's killed publishes left is removed. A storage
+    error leaves ``final`` as it is, its message saying what could not be checked.
+    """
+    try:
+        found = settle(storage, uri, final.id)
+    except Exception as exc:  # noqa: BLE001 - the job ends anyway; the message says why
+        log.warning("job %s: settling its publication at %s failed (%s)", final.id, uri, exc)
+        return _noted(final, f"its publication at {uri} could not be checked ({exc})")
+    if found.staging:
+        log.info("job %s: removed the staging its publish left: %s", final.id, found.staging)
+    if found.report is not None:
+        log.info("job %s: its version %s is complete; it ends SUCCEEDED", final.id, uri)
+        return ended(final.evolve(error=None), JobState.SUCCEEDED, None, found.report, now_ns())
+    if found.removed:
+        log.info("job %s: removed its half-published version %s", final.id, uri)
+        return _noted(
+            final, f"the version it was publishing ({uri}) was incomplete and was removed"
+        )
+    return final
+
+
+def _noted(record: JobRecord, note: str) -> JobRecord:
+    """``record`` with ``note`` added to its message and its error's."""
+    error = record.error
+    if error is not None:
+        error = dataclasses.replace(error, message=f"{error.message}; {note}")
+    return record.evolve(message=f"{record.message}; {note}", error=error)

@@ -46,7 +46,8 @@ import grpc
 from secateur.server.errors import ServiceError
 from secateur.server.jobstore.records import JobRecord, JobState, now_ns
 from secateur.server.pipeline.job_request import STAGES, overall_progress
-from secateur.server.workers.lifecycle import ended, outcome_label
+from secateur.server.storage import Storage
+from secateur.server.workers.lifecycle import ended, outcome_label, settled
 from secateur.server.workers.spawn import WorkerRunner, error_of
 
 log = logging.getLogger("secateur.server")
@@ -90,6 +91,8 @@ class _Held:
     #: The fence let this attempt publish: a cancel no longer stops its process (the
     #: job ends SUCCEEDED), so a cancel never cuts a gs:// publish in half.
     fenced: bool = False
+    #: The version this attempt's fence let it publish (recorded in the store).
+    publishing: str = ""
 
 
 class WorkerLoop:
@@ -105,6 +108,7 @@ class WorkerLoop:
         self._stopping = asyncio.Event()
         self._slot = asyncio.Event()
         self._wake = asyncio.Event()
+        self._storage: Storage | None = None
 
     @property
     def running(self) -> int:
@@ -192,8 +196,8 @@ class WorkerLoop:
                 if not self._stopping.is_set():
                     log.warning("job %s: worker %s lost its lease", record.id, self.cfg.worker_id)
                 return  # the job is someone else's now, or handed back by _release_all
-            final = conclude(held.record, outcome, held.cancel)
-            if not await self._write(held, final, must=True):
+            final = await self._settled(held, conclude(held.record, outcome, held.cancel))
+            if held.lost or not await self._write(held, final, must=True):
                 return
             self._observe(final, outcome, stage_times, time.monotonic() - started)
         finally:
@@ -214,6 +218,7 @@ class WorkerLoop:
         for _ in range(2):
             ok = await self._retried(self.store.fence, job, token, margin, uri)
             held.fenced = held.fenced or bool(ok)
+            held.publishing = uri if ok else held.publishing
             if ok or held.lost:
                 return bool(ok)
             lease = await self._retried(self.store.renew, job, token, self.cfg.lease_s)
@@ -221,6 +226,28 @@ class WorkerLoop:
                 held.cancel = held.cancel or bool(lease.held and lease.cancel_requested)
                 return False
         return False
+
+    async def _settled(self, held: _Held, final: JobRecord) -> JobRecord:
+        """``final`` once the publication its fence recorded is settled (lifecycle.settled:
+        a complete version of the job makes it SUCCEEDED, a half one is removed); only
+        while this worker still holds the job (renewed first), so never under another
+        attempt that may be publishing that version now."""
+        uri = held.publishing or held.recover
+        if final.state not in (JobState.FAILED, JobState.CANCELLED) or not uri:
+            return final
+        try:
+            lease = await self._retried(
+                self.store.renew, held.record.id, held.token, self.cfg.lease_s
+            )
+        except Exception as exc:  # noqa: BLE001 - the store is away: the write fails too
+            log.warning("job %s: renewing before settling failed (%s)", held.record.id, exc)
+            return final
+        if not lease.held:
+            held.lost = True
+            return final
+        if self._storage is None:
+            self._storage = Storage(getattr(self.runner, "allowed", None) or None)
+        return await asyncio.to_thread(settled, final, uri, self._storage)
 
     async def _retried(self, call: Any, *args: Any) -> Any:
         """``call(*args)`` in a thread, retried on errors for up to a lease (then raised)."""
@@ -319,10 +346,23 @@ class WorkerLoop:
         for h in held:
             if h.lost:
                 continue
-            back = handed_back(h.record, self.cfg, h.cancel)
+            back = await self._settled(h, await self._handed_back(h))
             if await self._write(h, back, must=False):
                 log.info("job %s handed back: %s", h.record.id, back.message)
         self._held.clear()
+
+    async def _handed_back(self, h: _Held) -> JobRecord:
+        """:func:`handed_back`, with a cancel pending in the store seen first (so a
+        CANCELLED hand-back settles its publication here too)."""
+        if not h.cancel:
+            try:
+                lease = await asyncio.to_thread(
+                    self.store.renew, h.record.id, h.token, self.cfg.lease_s
+                )
+                h.cancel = lease.held and lease.cancel_requested
+            except Exception as exc:  # noqa: BLE001 - the store converts it on the write
+                log.warning("job %s: reading its cancel failed (%s)", h.record.id, exc)
+        return handed_back(h.record, self.cfg, h.cancel)
 
 
 def fence_margin(cfg: LoopConfig) -> float:

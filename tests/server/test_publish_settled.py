@@ -1,0 +1,162 @@
+"""Issue 18, item 2, with no next attempt: a ``gs://`` publish killed partway by an end
+that is final (the job's wall time, the preemption cap) leaves no half version and
+no staging; a complete version it published ends the job SUCCEEDED.
+
+The real worker loop (server/workers/loop.py) runs real job processes
+(server/workers/job_process.py, with the pruning replaced by a stand-in that
+publishes a ready version through the real publish_version and fence, so no
+TensorFlow is needed) on a real SQLite store, publishing to the GCS emulator; each
+job process is stopped at the exact point meant with server/holds.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from secateur.server.holds import HOLD_ENV
+from secateur.server.jobstore.records import JobRecord, JobState, now_ns
+from secateur.server.jobstore.sqlite import SqliteJobStore
+from secateur.server.pipeline.publish import write_marker
+from secateur.server.storage import Storage
+from secateur.server.storage.backend import PUBLICATION_MARKER
+from secateur.server.workers.loop import LoopConfig, WorkerLoop
+from secateur.server.workers.spawn import WorkerRunner
+from secateur.v1 import pruning_pb2 as pb
+
+#: The job process with its pruning replaced: it publishes the ready version argv[1].
+STANDIN = """
+import sys
+from secateur.server.pipeline import prune_job
+from secateur.server.pipeline.publish import publish_version
+from secateur.server.workers import job_process
+
+class Standin:
+    def __init__(self, request, storage, on_event, cancelled, fence=None, job_id="", **kw):
+        self.request, self.storage, self.fence, self.job_id = request, storage, fence, job_id
+
+    def run(self):
+        uri = publish_version(self.storage, sys.argv[1], self.request.output_uri, None,
+                              job_id=self.job_id, fence=self.fence)
+        return {"output_uri": uri}
+
+prune_job.PruneJob = Standin
+sys.exit(job_process.main(sys.argv[2:]))
+"""
+JOB = "0123456789abcdef"
+OTHER = "fedcba9876543210"
+
+
+def _version(root: Path, job: str = "") -> str:
+    """A ready version (a stand-in SavedModel and its report), marked as ``job``'s if given."""
+    (root / "variables").mkdir(parents=True)
+    (root / "saved_model.pb").write_bytes(b"graph")
+    (root / "variables" / "variables.index").write_bytes(b"index")
+    (root / "variables" / "variables.data-00000-of-00001").write_bytes(os.urandom(4096))
+    (root / "assets.extra" / "secateur").mkdir(parents=True)
+    report = {"decision": "published", "pruned": {"params": 7}}
+    (root / "assets.extra" / "secateur" / "report.json").write_text(json.dumps(report))
+    if job:
+        write_marker(str(root), job)
+    return str(root)
+
+
+def _blobs(client: Any, bucket: str) -> set[str]:
+    return {b.name for b in client.list_blobs(bucket, prefix="out/")}
+
+
+def _run(tmp_path: Path, bucket: str, point: str, cfg: LoopConfig, wall_s: float = 0) -> JobRecord:
+    """Run the job until ``point`` holds it; with no wall time, stop the worker there
+    (a scale-down); its final record."""
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    (holds / point).touch()
+    os.environ[HOLD_ENV] = str(holds)  # the job process inherits it (removed by the fixture)
+    store = SqliteJobStore(str(tmp_path / "state"))
+    spec = pb.JobSpec(model_uri=f"gs://{bucket}/m.keras", output_uri=f"gs://{bucket}/out")
+    if wall_s:
+        spec.max_run_seconds = wall_s
+    store.insert(JobRecord(JOB, spec.SerializeToString(), JobState.QUEUED, create_ns=now_ns()))
+    command = (sys.executable, "-c", STANDIN, _version(tmp_path / "version"))
+    runner = WorkerRunner(command, str(tmp_path / "state"), None, grace_s=1.0)
+    loop = WorkerLoop(cfg, store, runner)
+
+    async def main() -> None:
+        task = asyncio.create_task(loop.run())
+        deadline = time.monotonic() + 60
+        while (record := store.get(JOB)) is None or record.state is not JobState.SUCCEEDED:
+            if record is not None and record.state in (JobState.FAILED, JobState.CANCELLED):
+                break
+            if not wall_s and (holds / f"{point}.reached").exists():
+                loop.stop()  # SIGTERM's first step: hand the job back
+                break
+            assert time.monotonic() < deadline, record
+            await asyncio.sleep(0.05)
+        loop.stop()
+        await asyncio.wait_for(task, 60)
+
+    try:
+        asyncio.run(main())
+        assert (holds / f"{point}.reached").exists()  # killed right there, not before
+        final = store.get(JOB)
+    finally:
+        store.close()
+    assert final is not None
+    return final
+
+
+@pytest.fixture
+def others(gcs_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Another job's complete version 1 and its staging: never touched."""
+    monkeypatch.setenv(HOLD_ENV, "")
+    storage = Storage()
+    storage.publish_dir(_version(tmp_path / "theirs", OTHER), f"gs://{gcs_bucket}/out", 1)
+    storage.write_bytes(f"gs://{gcs_bucket}/out/.tmp-{OTHER}-0/saved_model.pb", b"theirs")
+    return {f"out/.tmp-{OTHER}-0/saved_model.pb"} | {
+        f"out/1/{rel}" for rel in storage.checksums(f"gs://{gcs_bucket}/out/1")
+    }
+
+
+def test_wallTimeKillsThePublishBeforeSavedModelPb_jobFailsAndLeavesNoHalfVersion(
+    gcs_bucket: str, gcs_client: Any, others: set[str], tmp_path: Path
+) -> None:
+    cfg = LoopConfig("w1", lease_s=30, idle_poll_s=0.1)
+    final = _run(tmp_path, gcs_bucket, "before_pb", cfg, wall_s=5)
+    assert final.state is JobState.FAILED and final.error is not None, final
+    assert final.error.code is grpc.StatusCode.DEADLINE_EXCEEDED, final.error
+    assert "wall-time limit of 5 s" in final.error.message
+    assert f"gs://{gcs_bucket}/out/2) was incomplete and was removed" in final.error.message
+    assert _blobs(gcs_client, gcs_bucket) == others  # no version 2, no staging of ours
+
+
+def test_wallTimeKillsTheJobAfterAComplete_publish_jobSucceedsFromIt(
+    gcs_bucket: str, gcs_client: Any, others: set[str], tmp_path: Path
+) -> None:
+    cfg = LoopConfig("w1", lease_s=30, idle_poll_s=0.1)
+    final = _run(tmp_path, gcs_bucket, "published", cfg, wall_s=5)
+    assert final.state is JobState.SUCCEEDED and final.error is None, final
+    assert final.result is not None and final.result["pruned"] == {"params": 7}
+    assert final.result["output_uri"] == f"gs://{gcs_bucket}/out/2"
+    mine = _blobs(gcs_client, gcs_bucket) - others
+    assert f"out/2/{PUBLICATION_MARKER}" in mine and "out/2/saved_model.pb" in mine
+    assert all(name.startswith("out/2/") for name in mine)  # its staging is gone
+
+
+def test_preemptionCapStopsThePublishBeforeSavedModelPb_jobFailsAndLeavesNoHalfVersion(
+    gcs_bucket: str, gcs_client: Any, others: set[str], tmp_path: Path
+) -> None:
+    cfg = LoopConfig("w1", lease_s=30, idle_poll_s=0.1, max_preemptions=1)
+    final = _run(tmp_path, gcs_bucket, "before_pb", cfg)
+    assert final.state is JobState.FAILED and final.error is not None, final
+    assert final.error.code is grpc.StatusCode.ABORTED, final.error
+    assert "--max-preemptions" in final.error.message
+    assert "was incomplete and was removed" in final.error.message
+    assert _blobs(gcs_client, gcs_bucket) == others
