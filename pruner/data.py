@@ -272,19 +272,54 @@ def make_dataset(
             the file and the record).
         CancelledError: ``should_cancel`` returned True during the check.
     """
+    shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
+    parse, count = _checked(files, shape, spec, num_classes, names, should_cancel, read_records)
+    return _pipeline(files, parse, count, shape, batch_size, spec, shuffle, seed, read_records)
+
+
+def _checked(
+    files: Sequence[str],
+    shape: tuple[int, int, int],
+    spec: DataSpec,
+    num_classes: int | None,
+    names: Sequence[str] | None,
+    should_cancel: Callable[[], bool] | None,
+    read_records: RecordReader | None,
+) -> tuple[Any, int]:
+    """Every record of ``files`` checked: (the record parser, the number of records)."""
     if not files:
         raise DataError("data needs at least one TFRecord file. Received: no files")
     names = list(names) if names is not None else list(files)
     if len(names) != len(files):
         raise ValueError(f"names must match files one to one. Received: {len(names)} names")
     kind = _inspect(files[0], names[0], spec, read_records)
-    shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
     count = sum(
         check_file(path, name, spec, kind, shape, num_classes, should_cancel, read_records)
         for path, name in zip(files, names, strict=True)
     )
-    parse = _parser(spec, kind, shape)
-    return _pipeline(files, parse, count, shape, batch_size, spec, shuffle, seed, read_records)
+    return _parser(spec, kind, shape), count
+
+
+def _records(
+    files: Sequence[str],
+    parse: Any,
+    count: int,
+    read_records: RecordReader | None,
+    seed: int | None,
+    reshuffle: bool = True,
+) -> Any:
+    """The parsed records of ``files`` (files shuffled by ``seed``; None: in order)."""
+    tf = _tf()
+    ds = tf.data.Dataset.from_tensor_slices(list(files))
+    if seed is not None:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=reshuffle)
+    ds = ds.interleave(
+        lambda path: _file_records(path, read_records), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    # The check counted the records: a known length lets Keras end each epoch
+    # on the count instead of running into the end ("input ran out of data").
+    return ds.apply(tf.data.experimental.assert_cardinality(count))
 
 
 def _pipeline(
@@ -300,16 +335,7 @@ def _pipeline(
 ) -> Any:
     """The tf.data chain over files already checked (``count`` records in all)."""
     tf = _tf()
-    ds = tf.data.Dataset.from_tensor_slices(list(files))
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed)
-    ds = ds.interleave(
-        lambda path: _file_records(path, read_records), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-    # The check counted the records: a known length lets Keras end each epoch
-    # on the count instead of running into the end ("input ran out of data").
-    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+    ds = _records(files, parse, count, read_records, seed if shuffle else None)
     if fits_cache(count, shape, spec):  # before the example shuffle: each epoch reshuffles
         ds = ds.cache()
     if shuffle:

@@ -16,6 +16,7 @@ from typing import Any
 
 from secateur.pruner._keras import keras
 from secateur.pruner.config import TrainConfig
+from secateur.pruner.epoch_data import ByEpoch, fit_by_epoch
 from secateur.pruner.errors import CancelledError, DataError
 from secateur.pruner.losses import outputs_probabilities
 
@@ -283,12 +284,15 @@ def finetune(
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     teacher: Any | None = None,
+    by_epoch: ByEpoch | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
     """Train ``model`` on ``train_ds`` for ``config.epochs`` epochs.
 
     With ``teacher`` (a model under the device's strategy) and
     ``config.distill_alpha > 0`` the loss also distills the teacher's soft
-    outputs (:mod:`secateur.pruner.distill`).
+    outputs (:mod:`secateur.pruner.distill`). With ``by_epoch`` the epochs'
+    data come from it (``train_ds`` sets the steps per epoch only), and
+    training can start from, and checkpoint, a ``TrainState``.
 
     Returns:
         (the trained model — a clone when a strategy required one, history).
@@ -316,19 +320,22 @@ def finetune(
     # batch-end hooks there), so the host syncs every steps_per_execution steps.
     hooks = _Hooks(config.epochs, steps, on_progress, should_cancel)
     with data_loss_as_data_error():
-        history = fitted.fit(
-            train_ds,
-            epochs=config.epochs,
-            steps_per_epoch=config.steps_per_epoch,
-            callbacks=[hooks],
-            shuffle=False,  # the dataset shuffles itself (make_dataset); Keras would warn
-            verbose=0,
-        )
+        if by_epoch is not None:
+            history = fit_by_epoch(fitted, trained, config, hooks, by_epoch)
+        else:
+            history = fitted.fit(
+                train_ds,
+                epochs=config.epochs,
+                steps_per_epoch=config.steps_per_epoch,
+                callbacks=[hooks],
+                shuffle=False,  # the dataset shuffles itself (make_dataset); Keras would warn
+                verbose=0,
+            ).history
     if hooks.cancelled:
         raise CancelledError("fine-tuning was cancelled")
     if trained is not model:  # mixed precision trained a copy: float32 weights back
         model.set_weights(trained.get_weights())
-    return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    return model, {k: [float(v) for v in vals] for k, vals in history.items()}
 
 
 @contextmanager
