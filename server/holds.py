@@ -9,7 +9,8 @@ publish, a ``gs://`` publish killed before its ``saved_model.pb``) instead of
 guessing it with sleeps. Points: ``exporting`` (before the last cancel check),
 ``fenced`` (the fence said yes, nothing published), ``published`` (the version
 is complete, the job has not reported it), ``before_pb`` (a ``gs://`` commit
-about to copy ``saved_model.pb``).
+about to copy ``saved_model.pb``), ``tuned-<candidate>-<epochs done>`` (that
+fine-tuning checkpoint is written: ``pipeline/checkpoint.py``).
 """
 
 from __future__ import annotations

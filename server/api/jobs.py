@@ -46,6 +46,7 @@ from secateur.server.jobstore.interface import QueueStore
 from secateur.server.jobstore.page_tokens import Cursor, PageTokens
 from secateur.server.jobstore.records import JobRecord, JobState, Submission, now_ns
 from secateur.server.pipeline import convert
+from secateur.server.pipeline.checkpoint import discard
 from secateur.server.pipeline.job_request import JobRequest
 from secateur.server.storage import Storage
 from secateur.server.workers.lifecycle import recovered
@@ -368,6 +369,8 @@ class JobManager:
         done = await self._off_loop(request_cancel, record.id) or record
         if done.state == JobState.CANCELLED:  # it was queued: ended here, not by a worker
             end_line(done, {})
+            if done.attempts:  # handed back after a preemption: its checkpoints go
+                await asyncio.to_thread(discard, done.spec, done.id, self.cfg.allowed_prefixes)
             if self.metrics:
                 self.metrics.job_completed("cancelled", 0.0)
         await self._notify()

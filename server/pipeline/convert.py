@@ -353,6 +353,9 @@ def job_result(report: Mapping[str, Any]) -> pb.JobResult:
         if c.get("accuracy_drop") is not None:
             cand.accuracy_drop = float(c["accuracy_drop"])
         cand.plan.CopyFrom(to_struct(c.get("plan") or {}))
+    resumed = report.get("resumed") or {}
+    result.resumed = int(resumed.get("times") or 0)
+    result.resumed_from.extend(str(r.get("text", "")) for r in resumed.get("from") or [])
     return result
 
 

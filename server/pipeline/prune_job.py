@@ -24,9 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from secateur.pruner.errors import CancelledError, DataError
+from secateur.pruner.errors import CancelledError
 from secateur.pruner.exports import check_exportable, write_exports
 from secateur.server.pipeline.boundary import JobPlaces, preflight, user_paths
+from secateur.server.pipeline.checkpoint import Checkpoints
+from secateur.server.pipeline.job_data import JobData, pass_seed
 
 # The request, its stages and the report's decisions live beside this module;
 # they are re-exported so ``secateur.server.pipeline.prune_job`` stays the job's one name.
@@ -102,9 +104,13 @@ class PruneJob:
         trusted: Sequence[str] = (),
         profile_dir: str | None = None,
         job_id: str = "",
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         self.req = request
         self.profile_dir = profile_dir  # cost profiles of target jobs (see target_job)
+        #: A service job's checkpoints (checkpoint.py): finished candidates and
+        #: fine-tuning state, resumed from; removed when the run ends.
+        self.checkpoints = checkpoints
         self.trusted = tuple(trusted)  # --trust-package: see secateur.pruner.safety
         #: Bytes the job may write to local disk (its work directory: the model
         #: copy and the export); data is streamed, never copied. None: no limit.
@@ -160,18 +166,28 @@ class PruneJob:
         # Every generator is seeded from the job's seed before the model is
         # loaded (loading draws Dropout's seeds), in the CLI as in a worker.
         # Errors name the user's URIs, never the local copies in ``work``.
-        with (
-            reproducible(self.req.spec.seed, self.req.train.deterministic) as how,
-            tempfile.TemporaryDirectory(prefix="secateur-job-") as work,
-            user_paths(self.names),
-        ):
-            self.reproducibility = how.to_dict()
-            return self._run(work)
+        kept = self.checkpoints
+        try:
+            with (
+                reproducible(self.req.spec.seed, self.req.train.deterministic) as how,
+                tempfile.TemporaryDirectory(prefix="secateur-job-") as work,
+                user_paths(self.names),
+            ):
+                self.reproducibility = how.to_dict()
+                return self._run(work)
+        except LeaseLost:
+            kept = None  # the job, and its checkpoints, are another worker's now
+            raise
+        finally:
+            if kept is not None:  # the job ended, whatever its outcome
+                kept.remove()
 
     def _run(self, work: str) -> dict[str, Any]:
         req = self.req
         self._enter("FETCHING", f"checking {req.output_uri}")
         places = self.places = preflight(self.storage, req)
+        if self.checkpoints is not None:
+            self.checkpoints.begin()
         model_path = self.storage.download(places.model, os.path.join(work, "model"))
         self.names[model_path] = places.model.text
         self._check_disk(work, "the model copy")
@@ -188,7 +204,7 @@ class PruneJob:
             graph = analyze(original)
             check_exportable(original, req.exports)  # a format lacking an op fails the job now
         device = self.device or select_device()
-        data = _Data(
+        data = JobData(
             original, train_files, eval_files, req, device, self.names, self.should_cancel,
             self.storage.read_records,
         )  # fmt: skip
@@ -227,7 +243,7 @@ class PruneJob:
         return report
 
     def _measure(
-        self, variants: dict[str, Any], candidates: list[dict[str, Any]], data: _Data, device: Any
+        self, variants: dict[str, Any], candidates: list[dict[str, Any]], data: JobData, device: Any
     ) -> dict[str, Any]:
         """MEASURING: the original and every candidate, interleaved; the report."""
         self._enter("MEASURING", "original vs pruned, interleaved")
@@ -250,7 +266,7 @@ class PruneJob:
 
     def _stream_data(self, matches: tuple[Location, ...]) -> list[str]:
         """The data files, read where they lie (never copied): local ones by
-        TensorFlow, ``gs://`` ones streamed through the job's storage (see _Data)."""
+        TensorFlow, ``gs://`` ones streamed through the job's storage (see JobData)."""
         for loc in matches:
             self.names[loc.tf_path] = loc.text
         return [loc.tf_path for loc in matches]
@@ -268,7 +284,7 @@ class PruneJob:
                 self.req.model_uri,
             )
 
-    def _before_pruning(self, original: Any, graph: Any, data: _Data, device: Any) -> Any:
+    def _before_pruning(self, original: Any, graph: Any, data: JobData, device: Any) -> Any:
         """Sparsity training and the distillation teacher: (model to prune, its graph).
 
         The measured baseline stays the user's model either way.
@@ -286,12 +302,19 @@ class PruneJob:
         return sparsify(original, graph, data.train_ds, train, device, self.should_cancel)
 
     def _candidate(
-        self, original: Any, graph: Any, ratio: float, data: _Data, device: Any, i: int
+        self, original: Any, graph: Any, ratio: float, data: JobData, device: Any, i: int
     ) -> dict[str, Any]:
         """One candidate: ``spec.iterative_steps`` prune + fine-tune rounds, evaluated."""
         from secateur.pruner.finetune import evaluate
         from secateur.pruner.tracing import analyze
 
+        if self.checkpoints is not None and (saved := self.checkpoints.candidate(i)) is not None:
+            return saved  # finished by an earlier attempt
+        from secateur.pruner.determinism import seed_everything
+
+        # Each candidate starts from its own seed: the same whether or not the
+        # candidates before it ran in this process (a resumed attempt).
+        seed_everything(pass_seed(self.req.spec.seed, i))
         spec = self.req.specs[i]  # checked once, when the request was made
         steps = spec.round_ratios()
         n = len(self.req.sweep) * len(steps)  # progress counts rounds, candidate after candidate
@@ -303,7 +326,7 @@ class PruneJob:
                 graph = analyze(model)
             step_spec = spec.round_spec(j)  # this round's channel and head ratios
             plan, model, history = self._round(
-                model, graph, step_spec, ratio, where, data, device, at
+                model, graph, step_spec, ratio, where, data, device, at, (i, j)
             )
             accuracy = None
             if data.eval_ds is not None and device.is_chief:
@@ -320,6 +343,8 @@ class PruneJob:
         }
         if len(steps) > 1:  # the last round's plan is relative to the model before it
             out["rounds"] = rounds
+        if self.checkpoints is not None:
+            self.checkpoints.save_candidate(i, out)
         return out
 
     def _round(
@@ -329,20 +354,23 @@ class PruneJob:
         spec: Any,
         ratio: float,
         where: str,
-        data: _Data,
+        data: JobData,
         device: Any,
         at: tuple[int, int],
+        ij: tuple[int, int],
     ) -> tuple[Any, Any, dict[str, list[float]]]:
-        """Score, rebuild and fine-tune once: (plan, pruned model, history)."""
+        """Score, rebuild and fine-tune once: (plan, pruned model, history).
+
+        ``ij``: (candidate, round), which fixes the data passes' order.
+        """
         from secateur.pruner.cluster import agree_on_plan, member_dataset, out_of_strategy
         from secateur.pruner.finetune import finetune
         from secateur.pruner.surgery import apply_plan
 
         i, n = at  # the round's place in the sweep, in rounds
         self._enter("SCORING", where, sweep_progress("SCORING", i, n), ratio=ratio)
-        plan = plan_round(
-            model, spec, graph, device, data.train_ds, self.req.train, self.profile_dir
-        )
+        scoring = data.epoch(*ij, -1) if data.epochs is not None else None
+        plan = plan_round(model, spec, graph, device, scoring, self.req.train, self.profile_dir)
         agree_on_plan(plan.to_dict(), device)  # multi-host: every member made this plan
         self._enter("REBUILDING", where, sweep_progress("REBUILDING", i, n), ratio=ratio)
         pruned = apply_plan(model, plan, reload_weights=spec.reload_weights, graph=graph)
@@ -364,11 +392,25 @@ class PruneJob:
             train_ds = member_dataset(data.train_ds, device)  # multi-host: a share each
             pruned, history = finetune(
                 pruned, train_ds, self.req.train, device, progress, self.should_cancel,
-                self._teacher,
+                self._teacher, self._by_epoch(data, device, ratio, *ij),
             )  # fmt: skip
             if device.members > 1:  # every member, in step: the chief goes on alone
                 pruned = out_of_strategy(pruned)
         return plan, pruned, history
+
+    def _by_epoch(self, data: JobData, device: Any, ratio: float, i: int, j: int) -> Any:
+        """Fine-tuning epoch by epoch, each epoch's order from its seed; from and into
+        the job's checkpoints when it has them."""
+        from secateur.pruner.epoch_data import ByEpoch
+
+        if data.epochs is None or device.members > 1:
+            return None  # a multi-host member trains on its share of the one dataset
+        ckpt = self.checkpoints
+        return ByEpoch(
+            lambda e: data.epoch(i, j, e),
+            ckpt.tuning(i, j) if ckpt is not None else None,
+            ckpt.on_epoch(ratio, i, j) if ckpt is not None else None,
+        )
 
     def _report(
         self, figures: dict[str, Any], candidates: list[dict[str, Any]], device: Any
@@ -399,7 +441,7 @@ class PruneJob:
             "reproducibility": self.reproducibility,
             "original": original,
             "candidates": candidates,
-        }
+        } | ({"resumed": self.checkpoints.report()} if self.checkpoints is not None else {})
 
     def _publish(self, work: str, model: Any, report: dict[str, Any], data: Any = None) -> str:
         from secateur.pruner.modelio import ARCHIVE_NAME, SECATEUR_ASSETS, export_serving
@@ -422,74 +464,3 @@ class PruneJob:
         )  # fmt: skip
         shutil.rmtree(version_dir, ignore_errors=True)
         return uri
-
-
-class _Data:
-    """Training/eval datasets, built once and checked against the model."""
-
-    def __init__(
-        self,
-        model: Any,
-        train: list[str],
-        evalf: list[str],
-        req: JobRequest,
-        device: Any,
-        names: dict[str, str],
-        should_cancel: Callable[[], bool],
-        stream: Callable[[str], Any] | None = None,
-    ) -> None:
-        self.shape = shape = tuple(model.inputs[0].shape[1:])
-        self.classes = int(model.outputs[0].shape[-1])
-        self.batch_size = req.train.batch_size
-        if (train or evalf) and (len(model.inputs) != 1 or len(shape) != 3):
-            raise DataError(
-                "training data is image classification (one (H, W, C) input). "
-                f"Received: a model with inputs {[tuple(t.shape) for t in model.inputs]}"
-            )
-        self.should_cancel = should_cancel
-        #: Reads a ``gs://`` file's records (the job's Storage.read_records):
-        #: TensorFlow's GCS filesystem ignores STORAGE_EMULATOR_HOST and the
-        #: allow-list; local files are opened by TensorFlow itself.
-        self.stream = stream
-        self.train_ds = self._build(train, names, req, True, "train_data")
-        self.eval_ds = self._build(evalf, names, req, False, "eval_data")
-
-    def _build(
-        self, files: list[str], names: dict[str, str], req: JobRequest, train: bool, field: str
-    ) -> Any:
-        """Every record checked here, before any training; errors name the user's URIs."""
-        from secateur.pruner.data import make_dataset
-
-        if not files:
-            return None
-        stream = self.stream
-        try:
-            return make_dataset(
-                files,
-                self.shape,
-                self.batch_size,
-                req.data,
-                train,
-                req.spec.seed,
-                self.classes,
-                names=[names.get(f, f) for f in files],
-                should_cancel=self.should_cancel,
-                read_records=None if all(Location.parse(f).is_local for f in files) else stream,
-            )
-        except DataError as exc:
-            exc.field = exc.field or field
-            raise
-
-    def batch(self) -> tuple[Any, Any]:
-        """One full training batch for measurement (synthetic when no data)."""
-        import numpy as np
-
-        source = self.train_ds or self.eval_ds
-        if source is not None:
-            images, labels = next(iter(source.unbatch().repeat().batch(self.batch_size)))
-            return np.asarray(images), np.asarray(labels)
-        if any(d is None for d in self.shape):
-            raise DataError(f"measuring needs a fixed input shape or data. Received: {self.shape}")
-        rng = np.random.default_rng(0)
-        images = rng.uniform(0, 255, (self.batch_size, *self.shape)).astype("float32")
-        return images, rng.integers(0, self.classes, self.batch_size)

@@ -111,6 +111,7 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
             request, storage, emit.event, lambda: _cancelled, fence=fence, trusted=trusted,
             profile_dir=payload.get("profile_dir"),
             job_id=job_id,
+            checkpoints=_checkpoints(payload, storage, trusted),
         ).run()  # fmt: skip
     except LeaseLost as lost:
         emit.send(type="error", code="ABORTED", message=str(lost), lease_lost=True)
@@ -119,6 +120,21 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
         emit.send(type="gate_failed", report=gate.report)
         return
     emit.send(type="result", report=report)
+
+
+def _checkpoints(payload: dict[str, Any], storage: Any, trusted: tuple[str, ...]) -> Any:
+    """The job's checkpoints in its work area (a job the service runs; see checkpoint.py)."""
+    from secateur.server.pipeline.checkpoint import Checkpoints, every_s, work_area
+    from secateur.v1 import pruning_pb2 as pb
+
+    job = str(payload.get("job") or "")
+    if not job:
+        return None
+    raw = base64.b64decode(payload["spec"])
+    area = work_area(storage, pb.JobSpec.FromString(raw).output_uri, job)
+    fingerprint = Checkpoints.fingerprint_of(raw)
+    attempt = int(payload.get("attempt") or 0)
+    return Checkpoints(storage, area, fingerprint, attempt, trusted, every_s())
 
 
 def _fence(emit: Emitter) -> Callable[[str], bool]:

@@ -45,6 +45,7 @@ import grpc
 
 from secateur.server.errors import ServiceError
 from secateur.server.jobstore.records import JobRecord, JobState, now_ns
+from secateur.server.pipeline.checkpoint import discard
 from secateur.server.pipeline.job_request import STAGES, overall_progress
 from secateur.server.storage import Storage
 from secateur.server.workers.lifecycle import ended, outcome_label, settled
@@ -184,7 +185,8 @@ class WorkerLoop:
         try:
             outcome, stage_times = await self.runner.run(
                 "job", held.key, record.spec, lambda msg: self._progress(held, msg),
-                lambda uri: self._fence(held, uri), {"job": record.id, "recover": held.recover},
+                lambda uri: self._fence(held, uri),
+                {"job": record.id, "recover": held.recover, "attempt": str(record.attempts)},
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reading it failed: the job fails
             outcome, stage_times = {"type": "error", "code": "INTERNAL", "message": str(exc)}, {}
@@ -199,6 +201,7 @@ class WorkerLoop:
             final = await self._settled(held, conclude(held.record, outcome, held.cancel))
             if held.lost or not await self._write(held, final, must=True):
                 return
+            await self._discard(final)
             self._observe(final, outcome, stage_times, time.monotonic() - started)
         finally:
             if not self._stopping.is_set():
@@ -336,6 +339,10 @@ class WorkerLoop:
             self.metrics.record_targets(final.result.get("targets"))
         self.metrics.job_completed(outcome_label(final), secs)
 
+    async def _discard(self, final: JobRecord) -> None:
+        """The job ended: its checkpoints go (its process removed them unless it was killed)."""
+        await asyncio.to_thread(discard, final.spec, final.id, self.runner.allowed)
+
     async def _release_all(self) -> None:
         """Shutting down: kill our subprocesses and hand their jobs back to the queue."""
         held = list(self._held.values())
@@ -349,6 +356,8 @@ class WorkerLoop:
             back = await self._settled(h, await self._handed_back(h))
             if await self._write(h, back, must=False):
                 log.info("job %s handed back: %s", h.record.id, back.message)
+                if back.state != JobState.QUEUED:
+                    await self._discard(back)
         self._held.clear()
 
     async def _handed_back(self, h: _Held) -> JobRecord:

@@ -153,7 +153,8 @@ class WorkerRunner:
         the job's lease check) is asked when the job is about to publish, and
         its answer written to the worker's stdin (``worker._fence``). ``context``
         goes into the worker's request: the job's id (``job``, its versions' marker)
-        and the version an earlier attempt was fenced to publish (``recover``).
+        and the version an earlier attempt was fenced to publish (``recover``),
+        and the attempt's number (``attempt``, for its checkpoints: checkpoint.py).
         """
         work = os.path.join(self.state_dir, "work", key)
         os.makedirs(work, exist_ok=True)

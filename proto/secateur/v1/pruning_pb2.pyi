@@ -320,7 +320,7 @@ class Candidate(_message.Message):
     def __init__(self, ratio: _Optional[float] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., accuracy_drop: _Optional[float] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("outcome", "max_accuracy_drop", "best_ratio", "best_accuracy_drop", "output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision", "targets", "exports")
+    __slots__ = ("outcome", "max_accuracy_drop", "best_ratio", "best_accuracy_drop", "output_uri", "original", "pruned", "plan", "candidates", "selected_ratio", "decision", "targets", "exports", "resumed", "resumed_from")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[JobResult.Outcome]
@@ -344,6 +344,8 @@ class JobResult(_message.Message):
     DECISION_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     EXPORTS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
     outcome: JobResult.Outcome
     max_accuracy_drop: float
     best_ratio: float
@@ -357,7 +359,9 @@ class JobResult(_message.Message):
     decision: str
     targets: _containers.RepeatedCompositeFieldContainer[TargetResult]
     exports: _containers.RepeatedCompositeFieldContainer[ExportedArtifact]
-    def __init__(self, outcome: _Optional[_Union[JobResult.Outcome, str]] = ..., max_accuracy_drop: _Optional[float] = ..., best_ratio: _Optional[float] = ..., best_accuracy_drop: _Optional[float] = ..., output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[TargetResult, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[ExportedArtifact, _Mapping]]] = ...) -> None: ...
+    resumed: int
+    resumed_from: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, outcome: _Optional[_Union[JobResult.Outcome, str]] = ..., max_accuracy_drop: _Optional[float] = ..., best_ratio: _Optional[float] = ..., best_accuracy_drop: _Optional[float] = ..., output_uri: _Optional[str] = ..., original: _Optional[_Union[Metrics, _Mapping]] = ..., pruned: _Optional[_Union[Metrics, _Mapping]] = ..., plan: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., selected_ratio: _Optional[float] = ..., decision: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[TargetResult, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[ExportedArtifact, _Mapping]]] = ..., resumed: _Optional[int] = ..., resumed_from: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec", "request_id", "validate_only")
