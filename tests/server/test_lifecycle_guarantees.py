@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from secateur.server.jobstore.sqlite import SqliteJobStore
+from secateur.server.pipeline.checkpoint import WORK_DIR
 from secateur.v1 import pruning_pb2 as pb
 from tests.server import test_scaleout as scaleout
 from tests.server.test_runner_hardening import _create, _manager, _spec, _until_ended
@@ -41,6 +42,7 @@ from tests.server.test_scaleout import (
 tiny_model = scaleout.tiny_model  # the fixtures, shared with test_scaleout
 cluster = scaleout.cluster
 FAILED = pb.Job.STATE_FAILED
+MEASURING = pb.Job.STAGE_MEASURING
 
 
 def test_maxConcurrentOne_twoQueuedJobs_neverTwoRunningAtOnce(cluster: Cluster) -> None:
@@ -63,7 +65,9 @@ def test_cancelThenSigterm_jobEndsCancelled_notRerunElsewhere(cluster: Cluster) 
     api = cluster.replica("api")
     cluster.worker("w1")
     job = create(api, spec(cluster, "out", measure_steps=400))
-    wait_for(api, job.name, lambda j: j.state == RUNNING and j.worker == "w1", 120)
+    wait_for(api, job.name, lambda j: j.stage == MEASURING and j.worker == "w1", 120)
+    area = cluster.root / "out" / WORK_DIR / job.name.removeprefix("jobs/")
+    assert (area / "manifest.json").exists()  # its candidate's checkpoint (docs/resume.md)
     cluster.signal("w1", signal.SIGSTOP)  # the cancel lands before w1 renews its lease
     api.CancelJob(pb.CancelJobRequest(name=job.name), timeout=30)
     cluster.procs["w1"].send_signal(signal.SIGTERM)  # then w1 is stopped: a hand-back
@@ -75,7 +79,7 @@ def test_cancelThenSigterm_jobEndsCancelled_notRerunElsewhere(cluster: Cluster) 
     final = get(api, job.name)
     assert final is not None and (final.state, final.attempts) == (CANCELLED, 1), final
     assert done.state == CANCELLED
-    assert published(cluster, "out") == []
+    assert published(cluster, "out") == []  # nothing published, no checkpoints left
 
 
 def test_cancelWhileExporting_beforeTheFence_endsCancelled_nothingPublished(
