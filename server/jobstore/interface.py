@@ -56,11 +56,16 @@ class JobStore(Protocol):
 @dataclass(frozen=True)
 class Claim:
     """A job a worker claimed: its record (now RUNNING), the lease's fencing token, and
-    the version an earlier attempt was fenced to publish ("": none; see pipeline/publish.py)."""
+    the version an earlier attempt was fenced to publish ("": none; see pipeline/publish.py).
+
+    ``ending``: the job is not to run again (its attempts are spent, or its cancel is
+    pending) but its fence recorded ``publish_uri``: the claimer settles that
+    publication (workers/lifecycle.settled) and writes this end (or SUCCEEDED)."""
 
     record: JobRecord
     token: int
     publish_uri: str = ""
+    ending: JobRecord | None = None
 
 
 @dataclass(frozen=True)

@@ -290,10 +290,13 @@ class PostgresJobStore:
                     return None
                 record, stale_worker = _record(row[:8]), row[3]
                 running = _STATE[row[8]] is JobState.RUNNING
+                ending = None
                 if row[9] or (running and record.attempts >= max_attempts):  # QUEUED: handed back
-                    _write(conn, given_up(record, stale_worker, row[9]), "id = %s", (record.id,))
-                    continue
-                return _take(conn, record, worker, lease_s, row[10] or "")
+                    ending = given_up(record, stale_worker, row[9])
+                    if not row[10]:  # else taken to settle its publication (Claim.ending)
+                        _write(conn, ending, "id = %s", (record.id,))
+                        continue
+                return _take(conn, record, worker, lease_s, row[10] or "", ending)
 
     def renew(self, job_id: str, token: int, lease_s: float) -> Lease:
         """Extend a held lease by ``lease_s`` from now; ``held=False`` once lost."""
@@ -408,21 +411,30 @@ def _fence(conn: Any, job_id: str, token: int, min_remaining_s: float, uri: str)
     return row is not None
 
 
-def _take(conn: Any, record: JobRecord, worker: str, lease_s: float, publish_uri: str) -> Claim:
-    """Mark a locked row RUNNING on ``worker`` under the next token."""
+def _take(
+    conn: Any,
+    record: JobRecord,
+    worker: str,
+    lease_s: float,
+    publish_uri: str,
+    ending: JobRecord | None = None,
+) -> Claim:
+    """Mark a locked row RUNNING on ``worker`` under the next token (a pending cancel
+    is kept when the claim is only to end the job: ``ending``)."""
     running = taken(record, worker)
     state, data, report = encode_row(running)
     row = conn.execute(
         "UPDATE jobs SET state = %s, data = %s, report = %s, attempts = %s, worker = %s, "
         "lease_expires = now() + make_interval(secs => %s), lease_token = lease_token + 1, "
-        "cancel_requested = false, update_time = now(), version = version + 1 WHERE id = %s "
+        "cancel_requested = cancel_requested AND %s, update_time = now(), "
+        "version = version + 1 WHERE id = %s "
         "RETURNING lease_token, extract(epoch FROM lease_expires)::float8",
-        (state, data, report, running.attempts, worker, lease_s, record.id),
+        (state, data, report, running.attempts, worker, lease_s, ending is not None, record.id),
     ).fetchone()
     _event(conn, record.id, "claimed", f"attempt {running.attempts} on {worker}")
     conn.execute(_NOTIFY, (CHANNEL, record.id))
     claimed = _with_lease(running, worker, float(row[1]))
-    return Claim(record=claimed, token=int(row[0]), publish_uri=publish_uri)
+    return Claim(record=claimed, token=int(row[0]), publish_uri=publish_uri, ending=ending)
 
 
 def _write(conn: Any, record: JobRecord, where: str, params: tuple[Any, ...]) -> bool:

@@ -240,17 +240,20 @@ class SqliteJobStore:
                 if job.state is JobState.RUNNING and lease is not None and lease.expires >= now:
                     continue  # held
                 stale = lease.worker if lease else job.worker
+                ending = None
                 if cancel or (job.state is JobState.RUNNING and job.attempts >= max_attempts):
                     self._leases.pop(job.id, None)
-                    self.save(given_up(job, stale, cancel))
-                    continue
+                    ending = given_up(job, stale, cancel)
+                    if not self._publish.get(job.id):
+                        self.save(ending)
+                        continue  # else: taken to settle its publication (Claim.ending)
                 running = taken(job, worker)
                 # The token is the attempt: it grows with every claim, across restarts too.
                 lease = _Lease(worker, running.attempts, now + lease_s)
                 running = dataclasses.replace(running, lease_expires=lease.expires)
                 self.save(running)  # raises, claiming nothing, when the write fails
                 self._leases[job.id] = lease
-                return Claim(running, lease.token, self._publish.get(job.id, ""))
+                return Claim(running, lease.token, self._publish.get(job.id, ""), ending)
             return None
 
     def renew(self, job_id: str, token: int, lease_s: float) -> Lease:

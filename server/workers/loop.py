@@ -131,7 +131,9 @@ class WorkerLoop:
             held = _Held(claim.record, claim.token, key=f"{claim.record.id}-{claim.token}")
             held.recover = claim.publish_uri
             self._held[claim.record.id] = held  # before the next claim: max_concurrent holds
-            task = asyncio.create_task(self._run_job(held))
+            ending = getattr(claim, "ending", None)
+            job = self._run_job(held) if ending is None else self._end(held, ending)
+            task = asyncio.create_task(job)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         await self._release_all()
@@ -207,6 +209,18 @@ class WorkerLoop:
             if not self._stopping.is_set():
                 self._held.pop(record.id, None)
                 self._slot.set()
+
+    async def _end(self, held: _Held, ending: JobRecord) -> None:
+        """A job the store will not run again but whose fence recorded a version
+        (Claim.ending): its publication settled, then its end written."""
+        try:
+            final = await self._settled(held, ending)
+            if not held.lost and await self._write(held, final, must=True):
+                end_line(final, {})
+            held.lost = True  # ended: nothing of it is ours to hand back any more
+        finally:
+            self._held.pop(held.record.id, None)
+            self._slot.set()
 
     async def _fence(self, held: _Held, uri: str) -> bool:
         """May ``held``'s job publish ``uri`` now? (``store.fence``, its margin scaled to the

@@ -274,6 +274,39 @@ def test_fence_recordsTheVersionToPublish_theNextClaimGetsIt(
     )
 
 
+def test_givenUpWithARecordedVersion_isClaimedOnlyToSettleIt_itsCancelKept(
+    store: PostgresJobStore, other: PostgresJobStore
+) -> None:
+    """A job not to run again (attempts spent, cancel pending) whose fence recorded a
+    version is handed to a claimer with its end (Claim.ending): the claimer settles that
+    version (workers/lifecycle.settled) before writing the end; a job with none ends
+    in the claim as before."""
+    for job in ("s", "c", "n"):
+        store.insert(_record(job))
+    first = {job: store.claim("w1", 0.5, 1) for job in ("s", "c", "n")}
+    assert all(first.values())
+    assert store.fence("s", first["s"].token, 0.1, "gs://b/out/1")  # type: ignore[union-attr]
+    assert store.fence("c", first["c"].token, 0.1, "gs://b/out/2")  # type: ignore[union-attr]
+    store.request_cancel("c")
+    time.sleep(0.6)  # w1 died mid-publish: its leases run out
+    again = {}
+    for _ in range(2):
+        claim = other.claim("w2", 30.0, 1)
+        assert claim is not None and claim.ending is not None, claim
+        again[claim.record.id] = claim
+    assert other.claim("w2", 30.0, 1) is None
+    assert other.get("n").state is JobState.FAILED  # type: ignore[union-attr]
+    s, c = again["s"], again["c"]
+    assert (s.publish_uri, s.ending.state, s.ending.attempts) == (  # type: ignore[union-attr]
+        "gs://b/out/1", JobState.FAILED, 1,
+    )  # fmt: skip
+    assert (c.publish_uri, c.ending.state) == ("gs://b/out/2", JobState.CANCELLED)  # type: ignore[union-attr]
+    assert other.renew("c", c.token, 30.0).cancel_requested  # kept while it settles
+    assert not other.fence("c", c.token, 0.1, "gs://b/out/2")  # nothing is published now
+    assert other.save_leased(s.ending, s.token)  # type: ignore[arg-type]
+    assert other.get("s").state is JobState.FAILED  # type: ignore[union-attr]
+
+
 def test_requestCancel_queuedEndsAtOnce_runningIsFlaggedForItsWorker(
     store: PostgresJobStore, other: PostgresJobStore
 ) -> None:

@@ -160,3 +160,58 @@ def test_preemptionCapStopsThePublishBeforeSavedModelPb_jobFailsAndLeavesNoHalfV
     assert "--max-preemptions" in final.error.message
     assert "was incomplete and was removed" in final.error.message
     assert _blobs(gcs_client, gcs_bucket) == others
+
+
+def _half_version(storage: Storage, tmp_path: Path, uri: str) -> None:
+    """What a publish of JOB killed before its saved_model.pb leaves: the marker and
+    every other file under ``uri``, and its staging beside it."""
+    local = _version(tmp_path / "half", JOB)
+    for folder, _, names in os.walk(local):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), local)
+            data = Path(folder, name).read_bytes()
+            storage.write_bytes(f"{uri.rsplit('/', 1)[0]}/.tmp-{JOB}-0/{rel}", data)
+            if rel != "saved_model.pb":
+                storage.write_bytes(f"{uri}/{rel}", data)
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["attemptsSpent", "cancelPending"])
+def test_storeGivesUpAJobWhoseWorkerDiedMidPublish_itsHalfVersionIsRemoved(
+    gcs_bucket: str, gcs_client: Any, others: set[str], tmp_path: Path, cancel: bool
+) -> None:
+    """The worker died (SIGKILL, node lost) during the publish: its lease runs out and the
+    next claim finds the job's attempts spent (or its cancel pending), so the job does
+    not run again; the claiming worker still settles the version its fence recorded."""
+    store = SqliteJobStore(str(tmp_path / "state"))
+    spec = pb.JobSpec(model_uri=f"gs://{gcs_bucket}/m.keras", output_uri=f"gs://{gcs_bucket}/out")
+    store.insert(JobRecord(JOB, spec.SerializeToString(), JobState.QUEUED, create_ns=now_ns()))
+    uri = f"gs://{gcs_bucket}/out/2"
+    claim = store.claim("w0", 0.5, 1)
+    assert claim is not None and store.fence(JOB, claim.token, 0.1, uri)
+    _half_version(Storage(), tmp_path, uri)
+    if cancel:
+        store.request_cancel(JOB)
+    time.sleep(0.6)  # w0's lease runs out
+    runner = WorkerRunner(("false",), str(tmp_path / "state"), None, grace_s=1.0)
+    loop = WorkerLoop(LoopConfig("w1", max_attempts=1, idle_poll_s=0.1), store, runner)
+
+    async def main() -> None:
+        task = asyncio.create_task(loop.run())
+        deadline = time.monotonic() + 30
+        while (record := store.get(JOB)) is None or record.state is JobState.RUNNING:
+            assert time.monotonic() < deadline, record
+            await asyncio.sleep(0.05)
+        loop.stop()
+        await asyncio.wait_for(task, 30)
+
+    try:
+        asyncio.run(main())
+        final = store.get(JOB)
+    finally:
+        store.close()
+    assert final is not None and final.error is not None, final
+    want = (JobState.CANCELLED, "CANCELLED") if cancel else (JobState.FAILED, "ABORTED")
+    assert (final.state, final.error.code.name) == want, final
+    assert "(gs://" in final.error.message and "was incomplete and was removed" in final.message
+    assert final.attempts == 1  # it did not run again
+    assert _blobs(gcs_client, gcs_bucket) == others
