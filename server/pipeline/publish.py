@@ -19,6 +19,10 @@ its worker stalled past its lease) is handed that URI and calls
 - anything else (nothing there, another job's version): the job runs again and
   never touches it.
 
+A job that ends without a next attempt is settled the same way by its worker
+(:func:`settle`, called from ``workers/lifecycle.settled``), which also removes
+the staging (``<base>/.tmp-<job>-<uuid>``) its killed publishes left.
+
 The job stops at the test hook :func:`~secateur.server.holds.hold` at
 ``exporting``, ``fenced`` and ``published`` (server/holds.py).
 """

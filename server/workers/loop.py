@@ -25,7 +25,11 @@ answered through the runner: the subprocess never sees the store), so a model
 is never published by a worker that lost its job. On SIGTERM the loop stops
 claiming, stops its subprocesses and hands their jobs back to the queue
 (:func:`handed_back`: CANCELLED when a cancel is pending, FAILED once a job
-was stopped ``max_preemptions`` times). On
+was stopped ``max_preemptions`` times). A job whose fence recorded a version
+and that ends FAILED or CANCELLED (its wall time, the preemption cap, a
+cancel, or a claim the store gives only to end it: ``Claim.ending``) has that
+publication settled first (``lifecycle.settled``: its complete version ends it
+SUCCEEDED, its half version and staging are removed). On
 start it removes the work dirs a killed worker left in its state dir
 (:func:`sweep_work`).
 """
@@ -216,6 +220,7 @@ class WorkerLoop:
         try:
             final = await self._settled(held, ending)
             if not held.lost and await self._write(held, final, must=True):
+                await self._discard(final)
                 end_line(final, {})
             held.lost = True  # ended: nothing of it is ours to hand back any more
         finally:
