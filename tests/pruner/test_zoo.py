@@ -15,22 +15,21 @@ from .conftest import assert_same_outputs, kill_pruned_channels, randomize
 
 ALL_APPLICATIONS = sorted(n for n in dir(keras.applications) if n[0].isupper())
 
-# Measured build+prune time on the 2-core CI machine decides the split: the
-# default set stays within about a minute.
+# Measured build+prune time on the 2-core CI machine decides the split. By
+# default: VGG16, MobileNet, ConvNeXtTiny (the exact test below does not build
+# them), ResNet50 and MobileNetV3Small (both criteria and the plan's params
+# accounting on residual and squeeze-and-excitation blocks) and Xception (cheap).
+# DenseNet121, MobileNetV2 and EfficientNetB0 are still built, pruned at 30% and
+# run by default in test_application_deadChannelsRemoved_sameOutputs. NASNetMobile
+# (~55 s on the loaded machine), InceptionV3, EfficientNetV2B0, ResNet50V2
+# (~20 s each) and the rest run with -m slow.
 LIGHT = {
-    "DenseNet121",
-    "EfficientNetB0",
-    "EfficientNetV2B0",
     "MobileNet",
-    "MobileNetV2",
     "MobileNetV3Small",
     "ResNet50",
-    "ResNet50V2",
     "VGG16",
     "Xception",
     "ConvNeXtTiny",
-    "InceptionV3",
-    "NASNetMobile",
 }
 MIN_SIDE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
 
