@@ -31,6 +31,10 @@ from secateur.server.storage.backend import PUBLICATION_MARKER
 from secateur.server.workers.loop import LoopConfig, WorkerLoop
 from secateur.server.workers.spawn import WorkerRunner
 from secateur.v1 import pruning_pb2 as pb
+from secateur.v1 import pruning_pb2_grpc as pbg
+from tests.server import test_scaleout as scaleout
+from tests.server.conftest import free_port
+from tests.server.test_scaleout import CLI, ENDED, Cluster, create, spec, wait_for
 
 #: The job process with its pruning replaced: it publishes the ready version argv[1].
 STANDIN = """
@@ -51,6 +55,7 @@ class Standin:
 prune_job.PruneJob = Standin
 sys.exit(job_process.main(sys.argv[2:]))
 """
+tiny_model = scaleout.tiny_model  # the fixture (module scope), for the slow test
 JOB = "0123456789abcdef"
 OTHER = "fedcba9876543210"
 
@@ -215,3 +220,50 @@ def test_storeGivesUpAJobWhoseWorkerDiedMidPublish_itsHalfVersionIsRemoved(
     assert "(gs://" in final.error.message and "was incomplete and was removed" in final.message
     assert final.attempts == 1  # it did not run again
     assert _blobs(gcs_client, gcs_bucket) == others
+
+
+@pytest.mark.slow  # a real TensorFlow job held until its 75 s wall time (~80 s)
+def test_realServe_wallTimeKillsItsGcsPublishBeforeSavedModelPb_noHalfVersion(
+    gcs_bucket: str, gcs_client: Any, tmp_path: Path, tiny_model: str
+) -> None:
+    """The same end to end: ``secateur serve`` (embedded store) runs a real pruning job
+    publishing to the emulator, its wall time stops it at ``before_pb``."""
+    model = tiny_model
+    local = Cluster("", tmp_path, model)
+    port = free_port()
+    try:
+        local._start("serve", [
+            *CLI, "serve", "--port", str(port), "--metrics-port", "-1",
+            "--state-dir", str(tmp_path / "state"), "--max-concurrent-jobs", "1",
+            "--allowed-uri-prefix", f"gs://{gcs_bucket}", "--allowed-uri-prefix", model,
+            "--shutdown-grace-seconds", "0",
+        ])  # fmt: skip
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=90)
+        api = pbg.PruningServiceStub(channel)
+        local.arm("before_pb")
+        job_spec = spec(local, "out")
+        job_spec.output_uri, job_spec.max_run_seconds = f"gs://{gcs_bucket}/out", 75
+        job = create(api, job_spec)
+        local.reached("before_pb", timeout=70)
+        assert "out/1/saved_model.pb" not in _blobs(gcs_client, gcs_bucket)
+        assert any(n.startswith("out/1/") for n in _blobs(gcs_client, gcs_bucket))  # half
+        done = wait_for(api, job.name, lambda j: j.state in ENDED, 120)
+        assert done.state == pb.Job.STATE_FAILED, done
+        assert done.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], done.error
+        assert "was incomplete and was removed" in done.error.message
+        assert _blobs(gcs_client, gcs_bucket) == set()  # no version, staging or checkpoints
+    finally:
+        local.stop()
+
+
+def test_removeStaging_localToo_onlyTheJobsOwn(tmp_path: Path) -> None:
+    """A local publish SIGKILLed mid-copy leaves ``.tmp-<job>-<uuid>/`` beside the
+    versions; settling removes that and nothing of another job or another publish."""
+    base = tmp_path / "out"
+    for name in (f".tmp-{JOB}-1", f".tmp-{OTHER}-2", ".tmp-0123", "1"):
+        (base / name).mkdir(parents=True)
+        (base / name / "saved_model.pb").write_bytes(b"x")
+    removed = Storage().remove_staging(str(base), JOB)
+    assert removed == [str(base / f".tmp-{JOB}-1")]
+    assert sorted(os.listdir(base)) == [".tmp-0123", f".tmp-{OTHER}-2", "1"]
