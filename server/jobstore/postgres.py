@@ -349,22 +349,24 @@ class PostgresJobStore:
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Cancel a job: QUEUED ends CANCELLED at once; RUNNING gets its cancel flag
-        (its worker sees it at the next renewal and ends it); an ended job is
-        left as it is. The job as it is now; None when there is no such job."""
+        (its worker sees it at the next renewal and ends it), and so does a QUEUED
+        job whose fence recorded a version (the next claim hands it over to end it,
+        that version settled: Claim.ending); an ended job is left as it is. The job
+        as it is now; None when there is no such job."""
         with self._tx() as conn:
             row = conn.execute(
-                f"SELECT {COLUMNS} FROM jobs WHERE id = %s FOR UPDATE", (job_id,)
+                f"SELECT {COLUMNS}, publish_uri FROM jobs WHERE id = %s FOR UPDATE", (job_id,)
             ).fetchone()
             if row is None:
                 return None
-            record = _record(row)
-            if record.state is JobState.QUEUED:
+            record = _record(row[:8])
+            if record.state is JobState.QUEUED and not row[8]:
                 error = JobError(grpc.StatusCode.CANCELLED, "cancelled while queued")
                 record = record.evolve(
                     state=JobState.CANCELLED, end_ns=now_ns(), error=error, message=error.message
                 )
                 _write(conn, record, "id = %s", (job_id,))
-            elif record.state is JobState.RUNNING:
+            elif record.state in (JobState.QUEUED, JobState.RUNNING):
                 conn.execute(
                     "UPDATE jobs SET cancel_requested = true, version = version + 1 WHERE id = %s",
                     (job_id,),

@@ -300,18 +300,20 @@ class SqliteJobStore:
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """QUEUED ends CANCELLED at once; RUNNING gets its cancel flag, in the file
         too (its worker sees it at the next renewal; a hand-back or a restart ends
-        the job CANCELLED); an ended job is left as it is."""
+        the job CANCELLED), and so does a QUEUED job whose fence recorded a version
+        (the next claim hands it over to end it, that version settled: Claim.ending);
+        an ended job is left as it is."""
         with self._lock:
             record = self._jobs.get(job_id)
             if record is None:
                 return None
-            if record.state is JobState.QUEUED:
+            if record.state is JobState.QUEUED and not self._publish.get(job_id):
                 error = JobError(grpc.StatusCode.CANCELLED, "cancelled while queued")
                 record = record.evolve(
                     state=JobState.CANCELLED, end_ns=now_ns(), error=error, message=error.message
                 )
                 self.save(record)
-            elif record.state is JobState.RUNNING:
+            elif record.state in (JobState.QUEUED, JobState.RUNNING):
                 self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
                 self._cancels.add(job_id)
             return record

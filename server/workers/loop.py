@@ -221,7 +221,7 @@ class WorkerLoop:
             final = await self._settled(held, ending)
             if not held.lost and await self._write(held, final, must=True):
                 await self._discard(final)
-                end_line(final, {})
+                self._observe(final, {}, {}, 0.0)
             held.lost = True  # ended: nothing of it is ours to hand back any more
         finally:
             self._held.pop(held.record.id, None)

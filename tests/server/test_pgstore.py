@@ -307,6 +307,23 @@ def test_givenUpWithARecordedVersion_isClaimedOnlyToSettleIt_itsCancelKept(
     assert other.get("s").state is JobState.FAILED  # type: ignore[union-attr]
 
 
+def test_requestCancel_queuedWithARecordedVersion_isEndedByTheNextClaimToSettleIt(
+    store: PostgresJobStore, other: PostgresJobStore
+) -> None:
+    """A job handed back after its fence recorded a version (its worker stopped mid
+    publish) and then cancelled is not ended in the store, which cannot settle that
+    version: the next claim hands it over with its CANCELLED end (Claim.ending)."""
+    store.insert(_record("q"))
+    first = store.claim("w1", 30.0, 3)
+    assert first is not None and store.fence("q", first.token, 0.1, "gs://b/out/1")
+    assert store.save_leased(first.record.evolve(state=JobState.QUEUED), first.token)
+    assert store.request_cancel("q").state is JobState.QUEUED  # type: ignore[union-attr]
+    claim = other.claim("w2", 30.0, 3)
+    assert claim is not None and claim.ending is not None, claim
+    assert (claim.publish_uri, claim.ending.state) == ("gs://b/out/1", JobState.CANCELLED)
+    assert claim.ending.attempts == 1  # it does not run again
+
+
 def test_requestCancel_queuedEndsAtOnce_runningIsFlaggedForItsWorker(
     store: PostgresJobStore, other: PostgresJobStore
 ) -> None:

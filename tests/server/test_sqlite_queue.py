@@ -23,6 +23,7 @@ SHARED_CHECKS: list[Callable[..., None]] = [
     contract.test_fence_extendsTheLease,
     contract.test_fence_recordsTheVersionToPublish_theNextClaimGetsIt,
     contract.test_givenUpWithARecordedVersion_isClaimedOnlyToSettleIt_itsCancelKept,
+    contract.test_requestCancel_queuedWithARecordedVersion_isEndedByTheNextClaimToSettleIt,
     contract.test_requestCancel_queuedEndsAtOnce_runningIsFlaggedForItsWorker,
     contract.test_requestCancel_ofAJobWhoseWorkerDied_endsCancelledOnReclaim,
     contract.test_counts_everyStateFromTheDatabase,
