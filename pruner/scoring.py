@@ -25,7 +25,11 @@ Built-in criteria:
 - ``taylor``: first-order Taylor importance (Molchanov et al.): per example,
   |sum over positions of activation x gradient of the loss| at the channel's
   producer (its BatchNorm's output, else its filter's), summed over the
-  examples of ``PruneSpec.taylor_batches`` training batches. Needs data: a
+  examples of ``PruneSpec.taylor_batches`` training batches, then divided
+  by the group's L2 norm (Molchanov et al. 2017's per-layer normalisation):
+  the raw sums estimate removing one channel alone and do not add up, and
+  ranked globally they emptied whole layers (the CIFAR VGG's redundant,
+  dropout-trained fc1 kept 1 of 64 channels at 30%). Needs data: a
   :class:`ScoringContext` (``make_plan(..., data=...)``).
 
 Groups of attention heads (``group.kind == "heads"``) are scored by the same
@@ -320,6 +324,14 @@ def lamp_normalise(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def l2_normalise(values: np.ndarray) -> np.ndarray:
+    """``values`` over their Euclidean norm (all zeros stay zeros): Molchanov et al.'s
+    per-layer normalisation, which makes a global ranking compare layers."""
+    values = np.asarray(values, dtype=np.float64)
+    norm = float(np.sqrt(np.sum(np.square(values))))
+    return values / norm if norm > 0 else values
+
+
 @register_criterion("lamp")
 def lamp(view: GroupView) -> GroupScore:
     """Squared filter norms normalised within the group (Lee et al. 2021)."""
@@ -345,4 +357,4 @@ def taylor(view: GroupView) -> GroupScore:
     scores = view.mean_of(members, lambda ax: per_layer[ax.layer]) if members else None
     if scores is None:
         return _magnitude(view, "l1", _l1, "no producing layer output to differentiate; by l1")
-    return GroupScore(scores, "taylor")
+    return GroupScore(l2_normalise(scores), "taylor")

@@ -11,7 +11,7 @@ import pytest
 
 from secateur.pruner import InvalidSpecError, PruneSpec, analyze, make_plan
 from secateur.pruner.compensation import cached_weights
-from secateur.pruner.scoring import ScoringContext, lamp_normalise, score_group
+from secateur.pruner.scoring import ScoringContext, l2_normalise, lamp_normalise, score_group
 
 from .conftest import flatten_dense, randomize
 
@@ -93,10 +93,10 @@ def test_taylor_scoresADenseLayerByHand() -> None:
     g = _ce_grad(a @ w2 + b2, y) @ w2.T
     halves = [(x[:3], y[:3]), (x[3:], y[3:])]  # two batches: their scores add up
     g_halves = np.concatenate([_ce_grad(a[:3] @ w2 + b2, y[:3]), _ce_grad(a[3:] @ w2 + b2, y[3:])])
-    expected = np.abs(a * (g_halves @ w2.T)).sum(axis=0)
+    expected = l2_normalise(np.abs(a * (g_halves @ w2.T)).sum(axis=0))
     np.testing.assert_allclose(_score(model, "d1", "taylor", halves), expected, rtol=1e-4)
     np.testing.assert_allclose(
-        _score(model, "d1", "taylor", [(x, y)]), np.abs(a * g).sum(axis=0), rtol=1e-4
+        _score(model, "d1", "taylor", [(x, y)]), l2_normalise(np.abs(a * g).sum(axis=0)), rtol=1e-4
     )
 
 
@@ -113,10 +113,49 @@ def test_taylor_scoresAConvLayerByHand() -> None:
     w, b = model.get_layer("out").get_weights()
     dpool = _ce_grad(a.mean(axis=(1, 2)) @ w + b, labels) @ w.T  # (N, C)
     g = dpool[:, None, None, :] / 25.0  # the mean spreads it over 5 x 5 positions
-    expected = np.abs((a * g).sum(axis=(1, 2))).sum(axis=0)
+    expected = l2_normalise(np.abs((a * g).sum(axis=(1, 2))).sum(axis=0))
     np.testing.assert_allclose(
         _score(model, "c", "taylor", [(images, labels)]), expected, rtol=1e-4
     )
+
+
+def test_l2Normalise_isUnitNormAndKeepsZeros() -> None:
+    np.testing.assert_allclose(l2_normalise(np.array([3.0, 0.0, 4.0])), [0.6, 0.0, 0.8])
+    np.testing.assert_array_equal(l2_normalise(np.zeros(3)), np.zeros(3))
+
+
+def test_taylor_aChannelMultipliedByZeroDownstream_scoresZero_andTheLoudestRanksFirst() -> None:
+    model = _dense_model()
+    kernel = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], dtype="float32")
+    model.get_layer("d1").set_weights([kernel * [[1, 5, 1, 1]], np.zeros(4, "float32")])
+    head = np.array([[1, -1], [2, -2], [0, 0], [1, -1]], dtype="float32")  # unit 2 is unused
+    model.get_layer("out").set_weights([head, np.zeros(2, "float32")])
+    x = np.random.default_rng(3).normal(size=(16, 3)).astype("float32")
+    scores = _score(model, "d1", "taylor", [(x, np.zeros(16, "int64"))])
+    assert scores[2] == 0.0 and scores[3] == 0.0  # unused downstream / no input feeds it
+    assert int(np.argmax(scores)) == 1  # 5x the activation and 2x the gradient of unit 0
+
+
+def _strong_and_weak() -> Any:
+    """Two parallel 16-unit branches; the weak one's way to the logits is 1000 times fainter."""
+    inp = keras.Input((6,))
+    strong = layers.ReLU()(layers.Dense(16, name="strong")(inp))
+    weak = layers.ReLU()(layers.Dense(16, name="weak")(inp))
+    x = layers.Concatenate()([strong, layers.Rescaling(1e-3)(weak)])
+    return keras.Model(inp, layers.Dense(3, name="head")(x))
+
+
+def test_taylorGlobal_prunesEveryLayer_whereRawScoresEmptyTheWeakOne() -> None:
+    """Summed single-channel Taylor estimates are not additive: ranked raw across layers
+    they emptied whole layers (the CIFAR VGG's fc1 kept 1 of 64 at 30%); scores
+    normalised per layer, as Molchanov et al. do, leave every layer a share."""
+    keras.utils.set_random_seed(4)
+    model = _strong_and_weak()
+    rng = np.random.default_rng(4)
+    data = [(rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32))]
+    widths = make_plan(model, PruneSpec(ratio=0.5, criterion="taylor"), data=data).layer_widths
+    assert 4 <= widths["weak"][1] <= 12 and 4 <= widths["strong"][1] <= 12
+    assert widths["weak"][1] + widths["strong"][1] == 16
 
 
 def test_taylor_withoutData_isRefusedNamingCriterionAndData() -> None:
