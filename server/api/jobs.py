@@ -155,7 +155,10 @@ class JobManager:
         if not self.shared:
             for record in self.store.all():  # its leases died with the last process
                 if record.state == JobState.RUNNING:
-                    self.store.save(recovered(record, self.cfg.max_attempts))
+                    again = recovered(record, self.cfg.max_attempts)
+                    if again.state.terminal:  # given up: its checkpoints go before its end
+                        discard(again.spec, again.id, self.cfg.allowed_prefixes)
+                    self.store.save(again)
         loop = asyncio.get_running_loop()
 
         def wake(_job: str | None) -> None:  # from the store's writing thread

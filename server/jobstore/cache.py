@@ -183,7 +183,6 @@ class CachingPostgresJobStore(PostgresJobStore):
             self.cache.invalidate(record.id)
 
     def claim(self, worker: str, lease_s: float, max_attempts: int) -> Claim | None:
-        # Jobs given up on the way are NOTIFYed: dropped within the notification's delay.
         claim = super().claim(worker, lease_s, max_attempts)
         if claim is not None:
             self.cache.invalidate(claim.record.id)

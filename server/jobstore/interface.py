@@ -59,8 +59,10 @@ class Claim:
     the version an earlier attempt was fenced to publish ("": none; see pipeline/publish.py).
 
     ``ending``: the job is not to run again (its attempts are spent, or its cancel is
-    pending) but its fence recorded ``publish_uri``: the claimer settles that
-    publication (workers/lifecycle.settled) and writes this end (or SUCCEEDED)."""
+    pending): the claimer settles the publication its fence recorded in ``publish_uri``
+    if any (workers/lifecycle.settled), removes its checkpoints and writes this end
+    (or SUCCEEDED). The store never ends such a job itself: only a claimer can reach
+    the job's storage."""
 
     record: JobRecord
     token: int

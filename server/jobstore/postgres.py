@@ -278,25 +278,23 @@ class PostgresJobStore:
 
         Claimable: QUEUED, or RUNNING with its lease expired (its worker died
         or stalled). A reclaimed job that already ran ``max_attempts`` times
-        fails (ABORTED), one whose cancel was requested is CANCELLED; both
-        are skipped. None when nothing is claimable.
+        fails (ABORTED), one whose cancel was requested is CANCELLED: both are
+        handed over with that end (Claim.ending), which the claimer writes once
+        it settled the job's publication and removed its checkpoints. None when
+        nothing is claimable.
         """
         with self._tx() as conn:
-            while True:
-                row = conn.execute(
-                    _CLAIMABLE, (_NUM[JobState.QUEUED], _NUM[JobState.RUNNING])
-                ).fetchone()
-                if row is None:
-                    return None
-                record, stale_worker = _record(row[:8]), row[3]
-                running = _STATE[row[8]] is JobState.RUNNING
-                ending = None
-                if row[9] or (running and record.attempts >= max_attempts):  # QUEUED: handed back
-                    ending = given_up(record, stale_worker, row[9])
-                    if not row[10]:  # else taken to settle its publication (Claim.ending)
-                        _write(conn, ending, "id = %s", (record.id,))
-                        continue
-                return _take(conn, record, worker, lease_s, row[10] or "", ending)
+            row = conn.execute(
+                _CLAIMABLE, (_NUM[JobState.QUEUED], _NUM[JobState.RUNNING])
+            ).fetchone()
+            if row is None:
+                return None
+            record, stale_worker = _record(row[:8]), row[3]
+            running = _STATE[row[8]] is JobState.RUNNING
+            ending = None
+            if row[9] or (running and record.attempts >= max_attempts):  # QUEUED: handed back
+                ending = given_up(record, stale_worker, row[9])  # the claimer ends it
+            return _take(conn, record, worker, lease_s, row[10] or "", ending)
 
     def renew(self, job_id: str, token: int, lease_s: float) -> Lease:
         """Extend a held lease by ``lease_s`` from now; ``held=False`` once lost."""

@@ -230,7 +230,9 @@ class SqliteJobStore:
 
         Claimable: QUEUED, or RUNNING with its lease expired or gone. A reclaimed
         job that already ran ``max_attempts`` times fails (ABORTED), one whose
-        cancel was requested is CANCELLED; both are skipped. None when nothing is.
+        cancel was requested is CANCELLED: both are handed over with that end
+        (Claim.ending), which the claimer writes once it settled the job's
+        publication and removed its checkpoints. None when nothing is claimable.
         """
         with self._lock:
             now = time.time()
@@ -243,10 +245,7 @@ class SqliteJobStore:
                 ending = None
                 if cancel or (job.state is JobState.RUNNING and job.attempts >= max_attempts):
                     self._leases.pop(job.id, None)
-                    ending = given_up(job, stale, cancel)
-                    if not self._publish.get(job.id):
-                        self.save(ending)
-                        continue  # else: taken to settle its publication (Claim.ending)
+                    ending = given_up(job, stale, cancel)  # the claimer ends it (Claim.ending)
                 running = taken(job, worker)
                 # The token is the attempt: it grows with every claim, across restarts too.
                 lease = _Lease(worker, running.attempts, now + lease_s)
@@ -375,8 +374,9 @@ def _connect(state_dir: str, path: str) -> sqlite3.Connection:
             db.execute("ALTER TABLE jobs ADD COLUMN report TEXT")
         if "tenant" not in columns:  # before issue 18: every job is the unnamed tenant's
             db.execute("ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
-        if "cancel_requested" not in columns:  # issue 18: cancels and publications
+        if "cancel_requested" not in columns:  # issue 18: cancels that outlive their worker
             db.execute("ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+        if "publish_uri" not in columns:  # issue 18: the version a job's fence recorded
             db.execute("ALTER TABLE jobs ADD COLUMN publish_uri TEXT NOT NULL DEFAULT ''")
     except sqlite3.Error as exc:
         db.close()

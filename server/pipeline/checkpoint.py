@@ -22,9 +22,14 @@ boundaries into its private work area on the job's own storage (local or
 Every file is written whole before ``manifest.json`` names it (a local write
 is a rename, a GCS upload one object), so a worker killed at any moment
 leaves the previous checkpoint intact. A manifest made for another spec (its
-fingerprint) is ignored. The job removes the area when it ends, whatever the
-outcome; the worker loop removes it too when it ends a job its process did
-not (past its wall time, killed, preempted too often). TF Serving ignores
+fingerprint) is ignored. The area goes when the job ends, whatever the
+outcome, and before its end is written (whoever sees the end sees a clean
+output): the job removes it once its version is published, or when it fails or
+is cancelled, or finds its version already published by an earlier attempt;
+the worker loop removes it for every end it writes (past its wall time, killed,
+preempted too often, a job the store hands over only to end it: Claim.ending),
+and so does the server for a job cancelled while queued or given up at a
+restart. TF Serving ignores
 the hidden directory, as it does the ``.tmp-`` staging of a publication.
 
 This module never imports TensorFlow at import time.

@@ -461,6 +461,7 @@ class PruneJob:
         uri = publish_version(
             self.storage, version_dir, self.places.output, self.req.version, self.job_id,
             self.fence, self.should_cancel,
+            self.checkpoints.remove if self.checkpoints is not None else lambda: None,
         )  # fmt: skip
         shutil.rmtree(version_dir, ignore_errors=True)
         return uri

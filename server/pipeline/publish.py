@@ -131,13 +131,16 @@ def publish_version(
     job_id: str = "",
     fence: Callable[[str], bool] | None = None,
     should_cancel: Callable[[], bool] = lambda: False,
+    published: Callable[[], None] = lambda: None,
 ) -> str:
     """Publish ``version_dir`` as ``<base>/<version>`` (None: the next free one); its URI.
 
     The last point a cancel stops the job with nothing published is here; then
     the version's URI is fenced (recorded in the store by the worker) and only
     then published. An automatic version another job took meanwhile is taken
-    again, up to :data:`VERSION_TRIES` times.
+    again, up to :data:`VERSION_TRIES` times. ``published`` is called once the
+    version is in place (the job's checkpoints go then: any next attempt ends from
+    the version, and the output shows nothing but it from that moment).
 
     Raises:
         CancelledError: ``should_cancel`` is true before the fence.
@@ -156,11 +159,12 @@ def publish_version(
             raise LeaseLost("this worker lost the job's lease before publishing; nothing published")
         hold("fenced")
         try:
-            published = storage.publish_dir(version_dir, base, number, owner=job_id)
+            uri_out = storage.publish_dir(version_dir, base, number, owner=job_id)
         except StorageExistsError:
             if version is not None or attempt == VERSION_TRIES - 1:
                 raise
             continue
+        published()
         hold("published")
-        return published
+        return uri_out
     raise AssertionError("unreachable")

@@ -103,7 +103,10 @@ def run(payload: dict[str, Any], emit: Emitter) -> None:
     if payload.get("recover") and job_id:
         found = settle(storage, str(payload["recover"]), job_id)  # and its staging removed
         if found.report is not None:  # published by an earlier attempt: never run twice
-            emit.send(type="result", report=found.report)
+            from secateur.server.pipeline.checkpoint import discard
+
+            discard(base64.b64decode(payload["spec"]), job_id, payload.get("allowed"))
+            emit.send(type="result", report=found.report)  # its output clean before it ends
             return
     try:
         fence = _fence(emit) if payload.get("fenced") else None

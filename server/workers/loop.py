@@ -207,7 +207,6 @@ class WorkerLoop:
             final = await self._settled(held, conclude(held.record, outcome, held.cancel))
             if held.lost or not await self._write(held, final, must=True):
                 return
-            await self._discard(final)
             self._observe(final, outcome, stage_times, time.monotonic() - started)
         finally:
             if not self._stopping.is_set():
@@ -216,11 +215,11 @@ class WorkerLoop:
 
     async def _end(self, held: _Held, ending: JobRecord) -> None:
         """A job the store will not run again but whose fence recorded a version
-        (Claim.ending): its publication settled, then its end written."""
+        (Claim.ending): its publication settled and its checkpoints removed, then its end
+        written."""
         try:
             final = await self._settled(held, ending)
             if not held.lost and await self._write(held, final, must=True):
-                await self._discard(final)
                 self._observe(final, {}, {}, 0.0)
             held.lost = True  # ended: nothing of it is ours to hand back any more
         finally:
@@ -250,12 +249,13 @@ class WorkerLoop:
         return False
 
     async def _settled(self, held: _Held, final: JobRecord) -> JobRecord:
-        """``final`` once the publication its fence recorded is settled (lifecycle.settled:
-        a complete version of the job makes it SUCCEEDED, a half one is removed); only
-        while this worker still holds the job (renewed first), so never under another
-        attempt that may be publishing that version now."""
-        uri = held.publishing or held.recover
-        if final.state not in (JobState.FAILED, JobState.CANCELLED) or not uri:
+        """``final`` (an end; anything else is returned as it is) once the publication its
+        fence recorded is settled (lifecycle.settled: a complete version of the job makes it
+        SUCCEEDED, a half one is removed) and its checkpoints are removed, before the end
+        is written, so whoever sees the end sees a clean output; only while this worker
+        still holds the job (renewed first), so never under another attempt that may be
+        publishing that version, or checkpointing, now."""
+        if not final.state.terminal:
             return final
         try:
             lease = await self._retried(
@@ -267,9 +267,13 @@ class WorkerLoop:
         if not lease.held:
             held.lost = True
             return final
-        if self._storage is None:
-            self._storage = Storage(getattr(self.runner, "allowed", None) or None)
-        return await asyncio.to_thread(settled, final, uri, self._storage)
+        uri = held.publishing or held.recover
+        if uri and final.state in (JobState.FAILED, JobState.CANCELLED):
+            if self._storage is None:
+                self._storage = Storage(getattr(self.runner, "allowed", None) or None)
+            final = await asyncio.to_thread(settled, final, uri, self._storage)
+        await self._discard(final)
+        return final
 
     async def _retried(self, call: Any, *args: Any) -> Any:
         """``call(*args)`` in a thread, retried on errors for up to a lease (then raised)."""
@@ -375,8 +379,6 @@ class WorkerLoop:
             back = await self._settled(h, await self._handed_back(h))
             if await self._write(h, back, must=False):
                 log.info("job %s handed back: %s", h.record.id, back.message)
-                if back.state != JobState.QUEUED:
-                    await self._discard(back)
         self._held.clear()
 
     async def _handed_back(self, h: _Held) -> JobRecord:

@@ -196,7 +196,11 @@ def test_leaseExpiry_reclaimedWithAttemptsPlusOne_thenGivenUpAtTheCap(
     assert second.token > first.token
     assert not store.renew("a", first.token, 30.0).held  # the zombie learns it lost the job
     time.sleep(0.4)
-    assert store.claim("w3", 30.0, 2) is None  # 2 attempts made: given up, not handed out
+    given_up = store.claim("w3", 30.0, 2)  # 2 attempts made: handed over only to end it
+    assert given_up is not None and given_up.ending is not None, given_up
+    assert given_up.ending.state == JobState.FAILED
+    assert store.save_leased(given_up.ending, given_up.token)  # the claimer writes its end
+    assert store.claim("w4", 30.0, 2) is None
     failed = store.get("a")
     assert failed is not None and failed.state == JobState.FAILED
     assert failed.error is not None and failed.error.code == grpc.StatusCode.ABORTED
@@ -279,8 +283,9 @@ def test_givenUpWithARecordedVersion_isClaimedOnlyToSettleIt_itsCancelKept(
 ) -> None:
     """A job not to run again (attempts spent, cancel pending) whose fence recorded a
     version is handed to a claimer with its end (Claim.ending): the claimer settles that
-    version (workers/lifecycle.settled) before writing the end; a job with none ends
-    in the claim as before."""
+    version (workers/lifecycle.settled) before writing the end; a job with none is handed
+    over the same way (its checkpoints are the claimer's to remove), never ended in the
+    claim."""
     for job in ("s", "c", "n"):
         store.insert(_record(job))
     first = {job: store.claim("w1", 0.5, 1) for job in ("s", "c", "n")}
@@ -290,13 +295,15 @@ def test_givenUpWithARecordedVersion_isClaimedOnlyToSettleIt_itsCancelKept(
     store.request_cancel("c")
     time.sleep(0.6)  # w1 died mid-publish: its leases run out
     again = {}
-    for _ in range(2):
+    for _ in range(3):
         claim = other.claim("w2", 30.0, 1)
         assert claim is not None and claim.ending is not None, claim
         again[claim.record.id] = claim
     assert other.claim("w2", 30.0, 1) is None
+    s, c, n = again["s"], again["c"], again["n"]
+    assert (n.publish_uri, n.ending.state) == ("", JobState.FAILED)  # type: ignore[union-attr]
+    assert other.save_leased(n.ending, n.token)  # type: ignore[arg-type]
     assert other.get("n").state is JobState.FAILED  # type: ignore[union-attr]
-    s, c = again["s"], again["c"]
     assert (s.publish_uri, s.ending.state, s.ending.attempts) == (  # type: ignore[union-attr]
         "gs://b/out/1", JobState.FAILED, 1,
     )  # fmt: skip
@@ -355,7 +362,11 @@ def test_requestCancel_ofAJobWhoseWorkerDied_endsCancelledOnReclaim(
     assert store.claim("w1", 0.2, 3) is not None
     store.request_cancel("d")
     time.sleep(0.4)
-    assert store.claim("w2", 30.0, 3) is None
+    claim = store.claim("w2", 30.0, 3)  # handed over only to end it (Claim.ending)
+    assert claim is not None and claim.ending is not None, claim
+    assert (claim.ending.state, claim.ending.attempts) == (JobState.CANCELLED, 1)
+    assert store.claim("w3", 30.0, 3) is None  # not run again
+    assert store.save_leased(claim.ending, claim.token)
     ended = store.get("d")
     assert ended is not None and ended.state == JobState.CANCELLED
 

@@ -92,9 +92,14 @@ def test_cancelAndPublication_outliveTheProcess_aReopenedStoreHasThem(tmp_path: 
     try:
         for job in ("c", "p"):  # as JobManager.start recovers them
             again.save(again.get(job).evolve(state=JobState.QUEUED))  # type: ignore[union-attr]
+        ended = again.claim("w2", 30.0, 3)  # "c" is not run again: handed over to end it
+        assert ended is not None and ended.record.id == "c" and ended.ending is not None
+        assert (ended.ending.state, ended.ending.attempts) == (JobState.CANCELLED, 1)
         claim = again.claim("w2", 30.0, 3)
         assert claim is not None and (claim.record.id, claim.publish_uri) == ("p", "/out/1")
-        assert again.claim("w2", 30.0, 3) is None  # "c" is not run again...
+        assert claim.ending is None
+        assert again.claim("w2", 30.0, 3) is None
+        assert again.save_leased(ended.ending, ended.token)  # the claimer writes its end
         assert again.get("c").state == JobState.CANCELLED  # type: ignore[union-attr]
     finally:
         again.close()

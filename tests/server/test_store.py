@@ -100,5 +100,8 @@ def test_databaseFromBeforeReports_isMigrated_andItsJobsReadTheSame(tmp_path: Pa
     store.close()
     with closing(sqlite3.connect(tmp_path / "jobs.sqlite")) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
-    assert columns[-2:] == ["report", "tenant"]  # tenant: issue 18, the old jobs' is ""
+        added = db.execute("SELECT cancel_requested, publish_uri FROM jobs WHERE id = 'old'")
+        assert added.fetchall() == [(0, "")]  # no cancel pending, no version fenced
+    # tenant: issue 18, the old jobs' is ""; the exactly-once columns (issue 18 items 1-3)
+    assert columns[-4:] == ["report", "tenant", "cancel_requested", "publish_uri"]
     assert record.tenant == ""
