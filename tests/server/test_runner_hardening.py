@@ -164,7 +164,10 @@ def test_storeWriteFailures_areRetried_everyJobEndsOnce_andTheLoopGoesOn(
             assert list(store.rules.values()) == [0]  # all three refused
             # one job (each costs a worker's TensorFlow start): the write of a
             # stage change fails mid-job, and then its end write fails five times
-            store.rules = {(lambda j: j.stage == "ANALYZING"): 3, (lambda j: j.state in TERMINAL): 5}
+            store.rules = {
+                (lambda j: j.stage == "ANALYZING"): 3,
+                (lambda j: j.state in TERMINAL): 5,
+            }
             job = await _create(manager, spec)
             ended["mid_job_and_at_end"] = await _until_ended(manager, job.name)
             assert list(store.rules.values())[1] == 0, store.rules  # the end was refused 5 times
