@@ -265,6 +265,7 @@ class WorkerLoop:
             log.warning("job %s: renewing before settling failed (%s)", held.record.id, exc)
             return final
         if not lease.held:
+            log.warning("job %s: worker %s lost its lease", held.record.id, self.cfg.worker_id)
             held.lost = True
             return final
         uri = held.publishing or held.recover
