@@ -22,6 +22,10 @@ from reproduce_study import _save, plot_cost, summary
 
 BEGIN, END = "<!-- cifar10:begin -->", "<!-- cifar10:end -->"
 GOAL = 0.005  # the largest drop "the answer" accepts: 0.5 points
+WHY_CONTROL = (
+    ": the base ends its cosine schedule at a learning rate of 0, and fine-tuning at the "
+    "study's constant rate moves it off that point."
+)
 FIG2_ARMS = ("bn_scale + reload", "bn_scale, no reload", "l1 + reload")
 
 
@@ -79,6 +83,48 @@ def aggregate(study: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
                 }
             )
     return agg
+
+
+def control_pairs(grid: list[tuple[str, Any, tuple[float, ...]]]) -> dict[str, str]:
+    """Each answer arm with the control that fine-tunes exactly as it does: {answer: control}."""
+    controls = {arm.stages: name for name, arm, _ in grid if arm.control}
+    return {
+        name: controls[arm.stages]
+        for name, arm, _ in grid
+        if name.startswith("answer") and arm.stages in controls
+    }
+
+
+def net_drops(study: dict[str, Any], pairs: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """Per answer arm and ratio: the drop against its own control, paired by image and seed.
+
+    ``paired_drop`` with the control's per-image mean as the base and, per seed,
+    ``answer_s - control_s + control mean`` as the run: the mean is the control's
+    accuracy minus the arm's, the image part the paired one, and the seed part the
+    spread of the per-seed differences (control and arm share the seed's shuffle
+    and augmentation). Only seeds that both have count.
+    """
+    from secateur.pruner.stats import paired_drop
+
+    n = study["base"]["test_images"]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for arm, control in pairs.items():
+        ctrl = {
+            r["seed"]: unpack(r["correct"], n).astype(float) for r in study["runs"].get(control, [])
+        }
+        by_ratio: dict[float, dict[int, Any]] = {}
+        for r in study["runs"].get(arm, []):
+            if r["seed"] in ctrl:
+                by_ratio.setdefault(r["ratio"], {})[r["seed"]] = unpack(r["correct"], n)
+        for ratio, runs in sorted(by_ratio.items()):
+            seeds = sorted(runs)
+            mean = sum(ctrl[s] for s in seeds) / len(seeds)
+            drop = paired_drop(mean, [runs[s] - ctrl[s] + mean for s in seeds])
+            out.setdefault(arm, []).append(
+                {"ratio": ratio, "n": len(seeds), "control": control,
+                 "drop": {"mean": drop.drop, "low": drop.low, "high": drop.high}}
+            )  # fmt: skip
+    return out
 
 
 def answer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -175,12 +221,12 @@ def table(agg: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def answers(agg: dict[str, list[dict]]) -> str:
+def answers(agg: dict[str, list[dict]], net: dict[str, list[dict]] | None = None) -> str:
     lines = ["| arm | largest ratio with upper end <= 0.5 points | its drop [interval] | n |"]
     lines.append("|---|---|---|---|")
-    for arm, rows in agg.items():
-        if not any(r["ratio"] > 0 for r in rows):
-            continue
+    rows_of = [(arm, rows) for arm, rows in agg.items() if any(r["ratio"] > 0 for r in rows)]
+    rows_of += [(f"{arm}, **against its own control**", rows) for arm, rows in (net or {}).items()]
+    for arm, rows in rows_of:
         best = answer(rows)
         if best is None:
             tried = ", ".join(f"{r['ratio']:.0%}" for r in rows)
@@ -191,15 +237,22 @@ def answers(agg: dict[str, list[dict]]) -> str:
             f"| {arm} | **{best['ratio']:.0%}** | {_pct(d['mean'])} "
             f"[{_pct(d['low'])}, {_pct(d['high'])}] | {best['n']} |"
         )
-    control = next((rows[0] for a, rows in agg.items() if a.startswith("control")), None)
-    if control is not None:
-        d = control["drop"]
+    for arm, rows in agg.items():
+        if not arm.startswith("control"):
+            continue
+        d = rows[0]["drop"]
         lines += [
             "",
-            f"For scale: the control (nothing pruned, the compared arms' fine-tune) drops "
-            f"{_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}] points by itself "
-            f"(n = {control['n']}): the base ends its schedule at a learning rate of 0, and "
-            "fine-tuning at the study's constant rate moves it off that point.",
+            f"For scale: the {arm} drops {_pct(d['mean'])} [{_pct(d['low'])}, "
+            f"{_pct(d['high'])}] points from the base by itself (n = {rows[0]['n']})"
+            + (WHY_CONTROL if "same fine-tune" in arm else "."),
+        ]
+    for arm, rows in (net or {}).items():
+        lines += ["", f"{arm}, against {rows[0]['control']} (paired by image and seed):"]
+        lines += [
+            f"- at {r['ratio']:.0%}: {_pct(r['drop']['mean'])} [{_pct(r['drop']['low'])}, "
+            f"{_pct(r['drop']['high'])}] points (n = {r['n']})"
+            for r in rows
         ]
     return "\n".join(lines)
 
@@ -317,11 +370,13 @@ def measure_table(measure: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def section(args: Any, study: dict[str, Any], agg: dict[str, list[dict]]) -> str:
+def section(
+    args: Any, study: dict[str, Any], agg: dict[str, list[dict]], net: dict[str, list[dict]]
+) -> str:
     if study["base"] is None:
         return render(args, study, agg, "", "", "", "")
-    return render(args, study, agg, findings(agg, study["measure"]), table(agg), answers(agg),
-                  measure_table(study["measure"]))  # fmt: skip
+    return render(args, study, agg, findings(agg, study["measure"]), table(agg),
+                  answers(agg, net), measure_table(study["measure"]), net)  # fmt: skip
 
 
 def write_outputs(args: Any, grid: list[tuple[str, Any, tuple[float, ...]]], key: Any) -> list[str]:
@@ -330,18 +385,24 @@ def write_outputs(args: Any, grid: list[tuple[str, Any, tuple[float, ...]]], key
     arm_names = [g[0] for g in grid]
     if study["base"] is None:
         print("no base model cached yet: the section says so", file=sys.stderr)
-        return [splice(os.path.join(args.out, "study.md"), section(args, study, {}))]
+        return [splice(os.path.join(args.out, "study.md"), section(args, study, {}, {}))]
     agg = aggregate(study)
     agg = {a: agg[a] for a in arm_names if a in agg}
+    net = net_drops(study, control_pairs(grid))
     paths = plot(agg, study["base"]["accuracy"], args.out)
     paths += plot_measure(study["measure"], args.out)
-    text = section(args, study, agg)
+    text = section(args, study, agg, net)
     md = os.path.join(args.out, "cifar10_study_results.md")
     with open(md, "w") as fh:
         fh.write(text)
     out = os.path.join(args.out, "cifar10_study_results.json")
     with open(out, "w") as fh:
-        json.dump({"args": dict(vars(args)), "summary": agg} | study, fh, indent=1, default=str)
+        json.dump(
+            {"args": dict(vars(args)), "summary": agg, "net_of_control": net} | study,
+            fh,
+            indent=1,
+            default=str,
+        )
     paths += [md, out, splice(os.path.join(args.out, "study.md"), text)]
     return paths
 

@@ -57,10 +57,20 @@ def arms(args: argparse.Namespace) -> list[tuple[str, Arm, tuple[float, ...]]]:
     e = args.answer_epochs
     long = ((e - 1, args.lr), (1, args.lr / 10)) if e > 1 else ((1, args.lr),)
     fig2, methods = args.fig2_ratios, args.ratios
+    decay = args.long_stages
+    total = sum(n for n, _ in decay)
+    strong = (args.long_sparsity_epochs, args.long_lam)
     return [
         ("control: unpruned, same fine-tune", Arm({}, short, control=True), (0.0,)),
         ("bn_scale + reload", Arm(BN, short), fig2),
         (f"answer: sparsity + bn_scale, {e} epochs", Arm(BN, long, sparsity=True), methods),
+        (
+            f"answer, long: sparsity {strong[0]} ep x {strong[1]:g} + bn_scale, "
+            f"{total} epochs decaying",
+            Arm(BN, decay, sparsity=True, sparse=strong),
+            methods,
+        ),
+        (f"control: unpruned, {total} epochs decaying", Arm({}, decay, control=True), (0.0,)),
         ("bn_scale, no reload", Arm(BN | {"reload_weights": False}, short), fig2),
         ("l1 + reload", Arm({"criterion": "l1"}, short), fig2),
         ("sparsity + bn_scale", Arm(BN, short, sparsity=True), methods),
@@ -73,7 +83,10 @@ def arms(args: argparse.Namespace) -> list[tuple[str, Arm, tuple[float, ...]]]:
 
 def run_key(name: str, arm: Arm, ratio: float, seed: int, args: argparse.Namespace) -> str:
     """The cache file name of one run: arm, ratio, seed and a hash of what shapes it."""
-    shape = {"arm": asdict(arm), "sparsity": [args.sparsity_epochs, args.lam]}
+    fields = asdict(arm)
+    if fields["sparse"] is None:  # arms from before the field keep their cache keys
+        del fields["sparse"]
+    shape = {"arm": fields, "sparsity": [args.sparsity_epochs, args.lam]}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
     return f"{slug}_r{ratio:.2f}_s{seed}_{digest}.json"
@@ -107,20 +120,22 @@ def ensure_base(args: argparse.Namespace, data: Data) -> dict[str, Any]:
     return info
 
 
-def ensure_sparse(args: argparse.Namespace, data: Data, seed: int) -> str:
-    """The sparsity-trained copy of the base for ``seed`` (cached)."""
-    stem = os.path.join(args.work, f"sparse-s{seed}-e{args.sparsity_epochs}-l{args.lam:g}")
+def ensure_sparse(
+    args: argparse.Namespace, data: Data, seed: int, how: tuple[int, float] | None = None
+) -> str:
+    """The sparsity-trained copy of the base for ``seed`` (cached); ``how``: (epochs, lambda)."""
+    epochs, lam = how or (args.sparsity_epochs, args.lam)
+    stem = os.path.join(args.work, f"sparse-s{seed}-e{epochs}-l{lam:g}")
     if not os.path.exists(stem + ".json"):
-        log(f"sparsity training, seed {seed}: {args.sparsity_epochs} epochs, lambda {args.lam}")
+        log(f"sparsity training, seed {seed}: {epochs} epochs, lambda {lam}")
         info = sparsity_base(
-            os.path.join(args.work, "base.keras"),
-            stem + ".keras",
-            data,
-            seed,
-            args.sparsity_epochs,
-            args.lam,
+            os.path.join(args.work, "base.keras"), stem + ".keras", data, seed, epochs, lam
         )
         dump(stem + ".json", info)
+        log(
+            f"sparse copy: {100 * info['accuracy']:.2f}%, |gamma| < 1e-2: "
+            f"{100 * info['gammas_below_0.01']:.1f}%, in {info['seconds'] / 60:.1f} min"
+        )
     return stem + ".keras"
 
 
@@ -173,7 +188,7 @@ def run_all(args: argparse.Namespace, data: Data) -> None:
         path = os.path.join(runs, run_key(name, arm, ratio, seed, args))
         if os.path.exists(path):
             continue
-        sparse = ensure_sparse(args, data, seed) if arm.sparsity else None
+        sparse = ensure_sparse(args, data, seed, arm.sparse) if arm.sparsity else None
         row = run_one(os.path.join(args.work, "base.keras"), arm, ratio, seed, data, sparse)
         row |= {"arm": name, "spec": arm.spec, "stages": arm.stages, "width": args.width}
         dump(path, row)
@@ -183,6 +198,11 @@ def run_all(args: argparse.Namespace, data: Data) -> None:
         )
         keras.backend.clear_session()
         gc.collect()
+
+
+def stages(text: str) -> tuple[tuple[int, float], ...]:
+    """``"3:0.01,2:0.001"`` -> ((3, 0.01), (2, 0.001)): fine-tuning stages (epochs, lr)."""
+    return tuple((int(e), float(r)) for e, r in (x.split(":") for x in text.split(",")))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,6 +216,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     p.add_argument("--sparsity-epochs", type=int, default=2)
     p.add_argument("--lam", type=float, default=2e-3, help="sparsity_lambda (L1 on gammas)")
+    p.add_argument(
+        "--long-stages",
+        type=stages,
+        default=((3, 0.01), (2, 0.001), (1, 0.0001)),
+        help="the long answer arm's fine-tune, epochs:lr,... (default 3:0.01,2:0.001,1:0.0001)",
+    )
+    p.add_argument("--long-sparsity-epochs", type=int, default=3, help="the long answer arm's")
+    p.add_argument("--long-lam", type=float, default=2e-2, help="the long answer arm's lambda")
     p.add_argument("--alpha", type=float, default=0.5, help="distill_alpha")
     p.add_argument("--fig2-ratios", type=floats, default=(0.1, 0.3, 0.5, 0.7, 0.9))
     p.add_argument("--ratios", type=floats, default=(0.3, 0.5, 0.7), help="the other arms")

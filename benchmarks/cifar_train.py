@@ -175,6 +175,8 @@ class Arm:
     sparsity: bool = False
     distill: float = 0.0
     control: bool = False
+    #: (epochs, lambda) of this arm's own sparsity training (None: the study's)
+    sparse: tuple[int, float] | None = None
 
 
 def finetune_stages(
@@ -275,6 +277,8 @@ def sparsity_base(
         "lambda": lam,
         "accuracy": float(correct.mean()),
         "gammas_below_0.05": float(np.mean(gammas < 0.05)),
+        "gammas_below_0.01": float(np.mean(gammas < 0.01)),
+        "gamma_quantiles": {f"{q:g}": float(np.quantile(gammas, q)) for q in (0.3, 0.5, 0.7)},
         "seconds": time.perf_counter() - start,
     }
 
