@@ -4,7 +4,11 @@
 2. Cost per group and width: ``params``/``flops`` counted from the graph
    (each group's cost is linear in its width when the others are fixed);
    ``step_time``/``latency``/``peak_memory`` from a profile measured on the
-   device (:mod:`costmodel`, cached in the state dir).
+   device (:mod:`costmodel`, cached in the state dir), turned into a model
+   of the figure (:mod:`costfit`: per-layer shares scaled by both sides'
+   widths plus a constant remainder, in (0, 1] of the original by
+   construction). The knapsack adds single-group savings; while the model
+   predicts a miss, the requirement is raised and it is solved again.
 3. Choose widths by knapsack (:func:`allocate.knapsack`): the least
    importance lost for at least the required saving; with several targets
    the saving is the weighted sum of each metric's saving relative to its
@@ -13,7 +17,7 @@
    are measured on the rebuilt model, interleaved with the original. A miss
    doubles the missed metric's weight, raises its requirement by the
    relative shortfall and solves again; after a measured miss the measured
-   savings are blended with FLOPs-proportional ones (weight 1/2, 3/4, ...:
+   per-layer shares are blended with FLOPs-proportional ones (weight 1/2, 3/4, ...:
    a profile on a noisy device, or costs that do not add, misled it)
    (``Targets.corrections`` rounds for measured targets; counted ones iterate
    until met, deterministically). Still missed: :class:`TargetUnreachableError`
@@ -33,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from secateur.pruner.allocate import Option, kept_importance, knapsack, legal_widths
+from secateur.pruner.costfit import TermModel, cost_terms, fit_times
 from secateur.pruner.costmodel import CostProfile, Meter, profile_costs
 from secateur.pruner.errors import InvalidSpecError, TargetUnreachableError
 from secateur.pruner.graph import Group
@@ -49,6 +54,8 @@ from secateur.pruner.targets import Target, Targets
 
 #: Rounds for counted-only targets (each is one knapsack and one count).
 COUNTED_ROUNDS = 30
+#: Knapsack solves per allocation until the cost model predicts the measured targets met.
+INNER_ROUNDS = 8
 
 
 @dataclass
@@ -58,18 +65,15 @@ class _Costs:
     base: dict[str, float]
     savings: dict[str, dict[int, dict[int, float]]]  # metric -> group id -> width -> saving
     profile: CostProfile | None = None
-    #: Measured metric -> savings in proportion to FLOPs (the prior a noisy profile falls back to).
-    prior: dict[str, dict[int, dict[int, float]]] = field(default_factory=dict)
-    #: Measured metric -> the profile's own savings.
-    profiled: dict[str, dict[int, dict[int, float]]] = field(default_factory=dict)
+    #: Measured metric -> its model (remainder + per-term shares; :mod:`costfit`).
+    models: dict[str, TermModel] = field(default_factory=dict)
 
-    def trust_prior(self, weight: float) -> None:
-        """Measured savings become ``(1 - weight) * profiled + weight * prior``."""
-        for m, table in self.profiled.items():
-            self.savings[m] = {
-                g: {w: (1 - weight) * s + weight * self.prior[m][g][w] for w, s in row.items()}
-                for g, row in table.items()
-            }
+    def trust_prior(self, weight: float, widths: Mapping[int, list[int]]) -> None:
+        """Measured shares become ``(1 - weight) * fitted + weight * FLOPs prior``;
+        the knapsack's savings are the model's single-group ones."""
+        for m, model in self.models.items():
+            model.blend(weight)
+            self.savings[m] = {g: {w: model.saving(g, w) for w in row} for g, row in widths.items()}
 
 
 def plan_to_targets(
@@ -148,10 +152,7 @@ def _costs(
     full = {g.id: np.arange(g.size) for g in scored.graph.groups()}
     params, flops = scored.graph.count()
     counted = {"params": params, "flops": flops}
-    measured = [t.metric for t in targets if t.measured]
-    for metric in {t.metric for t in targets if not t.measured} | (
-        {"flops"} if measured else set()
-    ):
+    for metric in {t.metric for t in targets if not t.measured}:
         base[metric] = float(counted[metric])
         savings[metric] = {}
         for g in groups:  # linear in this group's width while the others are full
@@ -160,22 +161,17 @@ def _costs(
             per = counted[metric] - less[0 if metric == "params" else 1]
             savings[metric][g.id] = {w: float(per * (g.size - w)) for w in widths[g.id]}
     costs = _Costs(base, savings)
+    measured = [t.metric for t in targets if t.measured]
     if measured and meter is not None:
         costs.profile = profile = profile_costs(
             scored.model, scored.graph, groups, scored.spec, measured, meter, state_dir
         )
-        share = {
-            g: {w: s / max(flops, 1) for w, s in row.items()} for g, row in savings["flops"].items()
-        }
+        terms = cost_terms(scored.graph, groups)
         for m in measured:
             base[m] = profile.base[m]
-            costs.profiled[m] = {
-                g.id: {w: profile.saving(g, w, m) for w in widths[g.id]} for g in groups
-            }
-            costs.prior[m] = {
-                g: {w: f * base[m] for w, f in row.items()} for g, row in share.items()
-            }
-        costs.trust_prior(0.0)
+            fitted, prior = fit_times(terms, base[m], profile.cuts(groups, m))
+            costs.models[m] = TermModel(base[m], terms, fitted, prior)
+        costs.trust_prior(0.0, widths)
     return costs
 
 
@@ -203,15 +199,7 @@ def _search(
     )
     attempts, best = [], None
     for _ in range(rounds):
-        options = {
-            g.id: [
-                Option(w, float(lost[g.id][i]), _saving(costs, required, weight, g.id, w))
-                for i, w in enumerate(widths[g.id])
-                if np.isfinite(lost[g.id][i])
-            ]
-            for g in groups
-        }
-        counts = knapsack(options, sum(weight[m] * share[m] for m in required if required[m] > 0))
+        counts = _allocate(groups, widths, lost, costs, required, weight, share)
         if counts is None:
             break
         plan = plan_from_counts(scored, counts)
@@ -230,8 +218,55 @@ def _search(
         # A measured miss means the profile misled (noise, costs that do not
         # add): lean on FLOPs-proportional savings, half as much again each round.
         trust = 1.0 - 0.5 ** (len(attempts))
-        costs.trust_prior(trust)
+        costs.trust_prior(trust, widths)
     raise _unreachable(targets, best, attempts)
+
+
+def _allocate(
+    groups: list[Group],
+    widths: Mapping[int, list[int]],
+    lost: Mapping[int, np.ndarray],
+    costs: _Costs,
+    required: Mapping[str, float],
+    weight: Mapping[str, float],
+    share: Mapping[str, float],
+) -> dict[int, int] | None:
+    """Knapsack widths whose measured metrics the cost model predicts to meet.
+
+    The knapsack adds single-group savings, which over-counts a layer both of
+    whose sides shrink; the model (:mod:`costfit`) does not. While the model
+    predicts a measured metric short of its (corrected) requirement, that
+    metric's part of the requirement is raised by the shortfall and the
+    knapsack solved again, so the plan measured is one its reported
+    prediction says meets the target. When no widths satisfy the model, the
+    last feasible plan is measured anyway: the measurement decides.
+    """
+    inner = dict.fromkeys(required, 1.0)
+    found = None
+    for _ in range(INNER_ROUNDS):
+        options = {
+            g.id: [
+                Option(w, float(lost[g.id][i]), _saving(costs, required, weight, g.id, w))
+                for i, w in enumerate(widths[g.id])
+                if np.isfinite(lost[g.id][i])
+            ]
+            for g in groups
+        }
+        need = sum(weight[m] * share[m] * inner[m] for m in required if required[m] > 0)
+        counts = knapsack(options, need)
+        if counts is None:
+            return found
+        found = counts
+        short = False
+        for m, model in costs.models.items():
+            wanted = required[m] * share[m]
+            saved = model.base - model.figure(counts)
+            if wanted > 0 and saved < wanted * (1 - 1e-9):
+                inner[m] *= min(2.0, wanted / max(saved, 1e-12 * wanted)) + 1e-3
+                short = True
+        if not short:
+            break
+    return found
 
 
 def _saving(
@@ -268,8 +303,13 @@ def _check(
         originals |= figures["original"]
     out = []
     for t in targets:
-        base = costs.base[t.metric]
-        predicted = base - sum(costs.savings[t.metric][g][w] for g, w in counts.items())
+        model = costs.models.get(t.metric)
+        # Measured: the cost model's figure; counted: the exact count.
+        predicted = (
+            model.predict(counts)
+            if model is not None
+            else float(actual[t.metric]) / originals[t.metric]
+        )
         limit = t.limit(originals[t.metric])
         slack = tolerance if t.measured else 0.0
         required = max(originals[t.metric] - limit, 1e-12)
@@ -278,7 +318,7 @@ def _check(
                 "metric": t.metric,
                 "wanted": t.fraction if t.fraction is not None else t.absolute,
                 "absolute": t.fraction is None,
-                "predicted": predicted / base if base else None,
+                "predicted": predicted,
                 "actual": float(actual[t.metric]) / originals[t.metric],
                 "original": float(originals[t.metric]),
                 "limit": limit,

@@ -8,10 +8,10 @@ padding): for every prunable group, the model with only that group narrowed
 to a few widths is measured against the full model in one interleaved run,
 and the difference is the group's cost at that width. Widths are legal
 kept counts (``round_to``, ``min_channels``) nearest to ``levels`` of the
-group's size; between them the cost is interpolated linearly, below the
-narrowest it is held (so the saving is never over-credited). Costs are
-assumed to add across groups; :mod:`budget` measures the rebuilt model to
-correct what that assumption misses.
+group's size. These single-group deltas are not added up: :mod:`costfit`
+fits per-layer shares of the figure to them and predicts a plan by scaling
+each layer with the widths of both its sides (``f_in * f_out``);
+:mod:`budget` measures the rebuilt model to correct what the model misses.
 
 A profile takes ``1 + len(levels)`` measured variants per prunable group
 (``profile.measurements``); each variant is cloned, compiled, warmed up and
@@ -92,6 +92,15 @@ class CostProfile:
         xs = [*entry["widths"], group.size]
         ys = [*entry[metric], 0.0]
         return max(0.0, -float(np.interp(width, xs, ys)))
+
+    def cuts(self, groups: Sequence[Group], metric: str) -> list[tuple[int, int, float]]:
+        """Every probe of ``groups``: (group id, width, figure minus the full model's)."""
+        out = []
+        for g in groups:
+            entry = self.groups.get(group_key(g))
+            if entry is not None:
+                out += [(g.id, int(w), float(d)) for w, d in zip(entry["widths"], entry[metric])]
+        return out
 
 
 def group_key(group: Group) -> str:
