@@ -101,3 +101,20 @@ def test_fit_priorOnly_predictsTheFlopsRatio_andCleanCutsAreFitted(traced) -> No
     model = TermModel(total / 1e9, terms, fitted, prior)
     for gid, w, delta in cuts:
         assert model.figure({gid: w}) - total / 1e9 == pytest.approx(delta, rel=1e-3)
+
+
+def test_terms_groupOnBothAxesOfAWeight_scalesWithItsSquare() -> None:
+    # A residual dense block: the second kernel's input and output are one group.
+    inputs = keras.Input((8,))
+    a = layers.Dense(16, name="d0")(inputs)
+    b = layers.Dense(16, name="d1")(a)
+    x = layers.Add()([a, b])
+    graph = analyze(keras.Model(inputs, layers.Dense(4, name="head")(x)))
+    (group,) = [g for g in graph.groups() if g.prunable and g.kind == "channels"]
+    terms = cost_terms(graph, [group])
+    model = TermModel(1.0, terms, fitted=terms.flops / terms.flops.sum(), prior=terms.flops)
+    total = _counted_flops(graph, {})
+    for width in (1, 5, 8, 12):
+        assert model.predict({group.id: width}) == pytest.approx(
+            _counted_flops(graph, {group.id: width}) / total, rel=1e-9
+        )
