@@ -243,12 +243,12 @@ def answers(agg: dict[str, list[dict]], net: dict[str, list[dict]] | None = None
         d = rows[0]["drop"]
         lines += [
             "",
-            f"For scale: the {arm} drops {_pct(d['mean'])} [{_pct(d['low'])}, "
+            f'For scale: "{arm}" drops {_pct(d["mean"])} [{_pct(d["low"])}, '
             f"{_pct(d['high'])}] points from the base by itself (n = {rows[0]['n']})"
             + (WHY_CONTROL if "same fine-tune" in arm else "."),
         ]
     for arm, rows in (net or {}).items():
-        lines += ["", f"{arm}, against {rows[0]['control']} (paired by image and seed):"]
+        lines += ["", f'"{arm}" against "{rows[0]["control"]}" (paired by image and seed):']
         lines += [
             f"- at {r['ratio']:.0%}: {_pct(r['drop']['mean'])} [{_pct(r['drop']['low'])}, "
             f"{_pct(r['drop']['high'])}] points (n = {r['n']})"
