@@ -4,6 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist): most of a test's time is a server, worker or
+# job subprocess starting TensorFlow, so two processes keep both of CI's cores
+# busy. Files stay whole on one process (module fixtures are built once).
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: run bench bench-measure test test-slow lint system-deps clean
 
@@ -39,7 +45,7 @@ bench-measure: $(STAMP)
 
 ## Lint, type-check, then the default test suite (slow tests excluded).
 test: lint system-deps
-	$(PY) -m pytest
+	$(PYTEST)
 
 ## A real Prometheus server for the metrics tests and a real PostgreSQL for the
 ## job store tests (Debian packages; root only, otherwise those tests skip and
@@ -63,7 +69,7 @@ system-deps:
 
 ## The heavy keras.applications models (ConvNeXt-XL, EfficientNet-B7, ...).
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PYTEST) -m slow
 
 lint: $(STAMP)
 	mkdir -p .typecheck/secateur && for d in pruner server client cli; do ln -sfn ../../$$d .typecheck/secateur/$$d; done; ln -sfn ../../proto/secateur/v1 .typecheck/secateur/v1
