@@ -221,22 +221,30 @@ def table(agg: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _drop_cell(row: dict[str, Any] | None) -> str:
+    """A run cell's paired drop as "mean [low, high], n = k" (empty when not run)."""
+    if row is None:
+        return ""
+    d = row["drop"]
+    return f"{_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}], n = {row['n']}"
+
+
 def answers(agg: dict[str, list[dict]], net: dict[str, list[dict]] | None = None) -> str:
-    lines = ["| arm | largest ratio with upper end <= 0.5 points | its drop [interval] | n |"]
-    lines.append("|---|---|---|---|")
+    lines = [
+        "| arm | largest ratio with upper end <= 0.5 points | its drop [interval] "
+        "| drop at 50% [interval], n |",
+        "|---|---|---|---|",
+    ]
     rows_of = [(arm, rows) for arm, rows in agg.items() if any(r["ratio"] > 0 for r in rows)]
     rows_of += [(f"{arm}, **against its own control**", rows) for arm, rows in (net or {}).items()]
     for arm, rows in rows_of:
+        half = _drop_cell(next((r for r in rows if abs(r["ratio"] - 0.5) < 1e-9), None))
         best = answer(rows)
         if best is None:
             tried = ", ".join(f"{r['ratio']:.0%}" for r in rows)
-            lines.append(f"| {arm} | none of {tried} | | |")
+            lines.append(f"| {arm} | none of {tried} | | {half} |")
             continue
-        d = best["drop"]
-        lines.append(
-            f"| {arm} | **{best['ratio']:.0%}** | {_pct(d['mean'])} "
-            f"[{_pct(d['low'])}, {_pct(d['high'])}] | {best['n']} |"
-        )
+        lines.append(f"| {arm} | **{best['ratio']:.0%}** | {_drop_cell(best)} | {half} |")
     for arm, rows in agg.items():
         if not arm.startswith("control"):
             continue

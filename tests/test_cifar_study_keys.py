@@ -106,3 +106,20 @@ def test_netDrops_pairsControlAndArmBySeed() -> None:
     (two,) = net_drops(study, {long: pairs[long]})[long]
     assert two["n"] == 2
     assert two["drop"]["mean"] == pytest.approx(per_seed[:2].mean())
+
+
+def test_answers_stateTheFiftyPercentDropWithItsInterval_evenWhenNoRatioMeetsTheGoal() -> None:
+    from cifar_report import answers
+
+    def row(ratio: float, mean: float, low: float, high: float) -> dict:
+        return {"ratio": ratio, "n": 3, "drop": {"mean": mean, "low": low, "high": high}}
+
+    agg = {
+        "met at 30%": [row(0.3, 0.001, -0.002, 0.004), row(0.5, 0.02, 0.01, 0.03)],
+        "never met": [row(0.3, 0.02, 0.01, 0.03), row(0.7, 0.09, 0.08, 0.1)],
+    }
+    lines = answers(agg).splitlines()
+    assert lines[2] == (
+        "| met at 30% | **30%** | 0.10 [-0.20, 0.40], n = 3 | 2.00 [1.00, 3.00], n = 3 |"
+    )
+    assert lines[3] == "| never met | none of 30%, 70% | |  |"
