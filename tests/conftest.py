@@ -62,3 +62,16 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> DigitsData:
     return DigitsData(
         root, str(root / "train-*.tfrecord"), str(root / "eval.tfrecord"), path, float(acc)
     )
+
+
+# The slowest directories first: `make test` runs two pytest-xdist processes
+# handing out whole files in collection order, so when the server and CLI
+# files (a job each test: seconds to a minute) go first, the many sub-second
+# pruner files fill the end and neither process sits idle waiting for the
+# other's last long file. The sort is stable: files and tests keep their order
+# within a directory.
+_FIRST = {"server": 0, "cli": 1, "deploy": 2}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: _FIRST.get(item.path.parent.name, len(_FIRST)))
