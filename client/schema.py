@@ -70,6 +70,8 @@ HELP: dict[str, str] = {
     "target_max_flops": "prune to at most this many FLOPs per example (met exactly)",
     "target_tolerance": "a measured target counts as met up to this relative excess (noise)",
     "target_corrections": "measure-and-correct rounds after the first allocation",
+    "target_max_group_ratio": "under a target, no group loses more than this fraction of its "
+    "channels (default 0.7)",
     "max_accuracy_drop": "publish the largest ratio whose accuracy drop is within this (0.02)",
     "version": "TF Serving version to publish (default: the next free one)",
     "exports": "extra artifacts checked against the pruned model, published in the version "
@@ -107,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "pruning.targets.max_flops": None,
     "pruning.targets.tolerance": 0.02,
     "pruning.targets.corrections": 3,
+    "pruning.targets.max_group_ratio": 0.7,
     "training.epochs": 1,
     "training.batch_size": 128,
     "training.learning_rate": 0.01,

@@ -68,6 +68,12 @@ class Targets:
         tolerance: measured figures count as met up to this relative excess
             over the limit (measurement noise), in [0, 0.5].
         corrections: measure-and-correct rounds after the first allocation.
+        max_group_ratio: the largest fraction of one group's channels the
+            allocation may remove, in (0, 1]. A knapsack over (importance,
+            cost) otherwise strips the costliest groups (the early
+            full-resolution convolutions) to one channel: their scores say
+            little about what losing the whole layer costs, and measured
+            accuracy after fine-tuning fell far below the global ratio's.
 
     Raises:
         InvalidSpecError: a value out of range, no target at all, or a
@@ -85,6 +91,7 @@ class Targets:
     max_flops: int | None = None
     tolerance: float = 0.02
     corrections: int = 3
+    max_group_ratio: float = 0.7
 
     def __post_init__(self) -> None:
         for name in ("step_time", "latency", "peak_memory", "params", "flops"):
@@ -99,6 +106,7 @@ class Targets:
         check_int("latency_batch", self.latency_batch, 1, MAX_BATCH_SIZE)
         check_float("tolerance", self.tolerance, 0.0, 0.5)
         check_int("corrections", self.corrections, 0, MAX_CORRECTIONS)
+        check_float("max_group_ratio", self.max_group_ratio, 0.0, 1.0, low_open=True)
         for frac, absolute in (
             ("latency", "latency_ms"),
             ("params", "max_params"),

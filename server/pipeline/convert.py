@@ -56,6 +56,7 @@ LIBRARY_FIELDS: dict[str, tuple[type, str]] = {
     "pruning.targets.max_flops": (Targets, "max_flops"),
     "pruning.targets.tolerance": (Targets, "tolerance"),
     "pruning.targets.corrections": (Targets, "corrections"),
+    "pruning.targets.max_group_ratio": (Targets, "max_group_ratio"),
     "training.epochs": (TrainConfig, "epochs"),
     "training.batch_size": (TrainConfig, "batch_size"),
     "training.learning_rate": (TrainConfig, "learning_rate"),

@@ -84,7 +84,7 @@ class PruningSpec(_message.Message):
     def __init__(self, ratio: _Optional[float] = ..., ratios: _Optional[_Iterable[float]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., round_to: _Optional[int] = ..., round_to_auto: _Optional[bool] = ..., min_channels: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., reload_weights: _Optional[bool] = ..., seed: _Optional[int] = ..., bias_compensation: _Optional[bool] = ..., taylor_batches: _Optional[int] = ..., iterative_steps: _Optional[int] = ..., iterative_schedule: _Optional[str] = ..., head_ratio: _Optional[float] = ..., targets: _Optional[_Union[TargetSpec, _Mapping]] = ...) -> None: ...
 
 class TargetSpec(_message.Message):
-    __slots__ = ("step_time", "latency", "latency_ms", "latency_batch", "peak_memory", "params", "max_params", "flops", "max_flops", "tolerance", "corrections")
+    __slots__ = ("step_time", "latency", "latency_ms", "latency_batch", "peak_memory", "params", "max_params", "flops", "max_flops", "tolerance", "corrections", "max_group_ratio")
     STEP_TIME_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class TargetSpec(_message.Message):
     MAX_FLOPS_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GROUP_RATIO_FIELD_NUMBER: _ClassVar[int]
     step_time: float
     latency: float
     latency_ms: float
@@ -107,7 +108,8 @@ class TargetSpec(_message.Message):
     max_flops: int
     tolerance: float
     corrections: int
-    def __init__(self, step_time: _Optional[float] = ..., latency: _Optional[float] = ..., latency_ms: _Optional[float] = ..., latency_batch: _Optional[int] = ..., peak_memory: _Optional[float] = ..., params: _Optional[float] = ..., max_params: _Optional[int] = ..., flops: _Optional[float] = ..., max_flops: _Optional[int] = ..., tolerance: _Optional[float] = ..., corrections: _Optional[int] = ...) -> None: ...
+    max_group_ratio: float
+    def __init__(self, step_time: _Optional[float] = ..., latency: _Optional[float] = ..., latency_ms: _Optional[float] = ..., latency_batch: _Optional[int] = ..., peak_memory: _Optional[float] = ..., params: _Optional[float] = ..., max_params: _Optional[int] = ..., flops: _Optional[float] = ..., max_flops: _Optional[int] = ..., tolerance: _Optional[float] = ..., corrections: _Optional[int] = ..., max_group_ratio: _Optional[float] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda", "distill_alpha", "distill_temperature")
