@@ -51,6 +51,8 @@ HELP: dict[str, str] = {
     "mixed_precision": "auto, off, mixed_float16 or mixed_bfloat16 while fine-tuning",
     "cache_mib": "cache decoded data in memory when it fits this many MiB (0: never)",
     "sparsity_epochs": "epochs of L1 sparsity training on BatchNorm gammas before scoring",
+    "bn_recalibration_batches": "after fine-tuning, re-estimate BatchNorm statistics from this "
+    "many training batches (0: off)",
     "sparsity_lambda": "weight of the L1 penalty on BatchNorm gammas in sparsity training",
     "iterative_steps": "reach the ratio in this many prune + fine-tune rounds (1: one shot)",
     "iterative_schedule": "cumulative share removed per round: linear or geometric",
@@ -71,7 +73,7 @@ HELP: dict[str, str] = {
     "target_tolerance": "a measured target counts as met up to this relative excess (noise)",
     "target_corrections": "measure-and-correct rounds after the first allocation",
     "target_max_group_ratio": "under a target, no group loses more than this fraction of its "
-    "channels (default 0.7)",
+    "channels (default 0.5)",
     "max_accuracy_drop": "publish the largest ratio whose accuracy drop is within this (0.02)",
     "version": "TF Serving version to publish (default: the next free one)",
     "exports": "extra artifacts checked against the pruned model, published in the version "
@@ -109,7 +111,7 @@ DEFAULTS: dict[str, Any] = {
     "pruning.targets.max_flops": None,
     "pruning.targets.tolerance": 0.02,
     "pruning.targets.corrections": 3,
-    "pruning.targets.max_group_ratio": 0.7,
+    "pruning.targets.max_group_ratio": 0.5,
     "training.epochs": 1,
     "training.batch_size": 128,
     "training.learning_rate": 0.01,
@@ -124,6 +126,7 @@ DEFAULTS: dict[str, Any] = {
     "training.mixed_precision": "auto",
     "training.cache_mib": 256,
     "training.sparsity_epochs": 0,
+    "training.bn_recalibration_batches": 16,
     "training.sparsity_lambda": 0.0001,
     "training.distill_alpha": 0.0,
     "training.distill_temperature": 4.0,

@@ -262,7 +262,7 @@ def _search(
         _, plan, report, prior = met
         plan.targets = [_public(r, costs, attempts, prior) for r in report]
         return plan
-    raise _unreachable(targets, best, attempts)
+    raise _unreachable(targets, best, attempts, _narrowest(scored, widths, costs, targets))
 
 
 def _lost(lost: Mapping[int, np.ndarray], widths: Mapping[int, list[int]], counts: Any) -> float:
@@ -443,19 +443,39 @@ def _public(
     }
 
 
+def _narrowest(
+    scored: ScoredModel, widths: Mapping[int, list[int]], costs: _Costs, targets: list[Target]
+) -> dict[str, tuple[float, str]]:
+    """Each target's figure at the narrowest widths allowed: counted, or predicted."""
+    counts = {g: row[0] for g, row in widths.items() if row}
+    plan = plan_from_counts(scored, counts)
+    out = {
+        "params": (plan.params_after / max(plan.params_before, 1), "counted"),
+        "flops": (plan.flops_after / max(plan.flops_before, 1), "counted"),
+    }
+    for m, model in costs.models.items():
+        out[m] = (model.predict(counts), "predicted")
+    return {t.metric: out[t.metric] for t in targets if t.metric in out}
+
+
 def _unreachable(
-    targets: list[Target], best: Any, attempts: list[list[dict[str, Any]]]
+    targets: list[Target],
+    best: Any,
+    attempts: list[list[dict[str, Any]]],
+    narrowest: Mapping[str, tuple[float, str]],
 ) -> TargetUnreachableError:
     if best is None:
         t = targets[0]
+        figure, how = narrowest.get(t.metric, (None, ""))
+        reached = f"; best reached {figure:.3f} of the original ({how})" if figure else ""
         return TargetUnreachableError(
-            f"no widths the spec allows (round_to, min_channels, max_group_ratio, frozen groups) "
-            f"save enough "
-            f"to meet the {t.metric} target. Received: {t.metric} target "
-            f"{t.fraction if t.fraction is not None else t.absolute}",
+            f"no widths the spec allows (round_to, min_channels, max_group_ratio, frozen "
+            f"groups) save enough to meet the {t.metric} target: at the narrowest widths "
+            f"allowed it is {figure:.3f} of the original ({how}). Received: {t.metric} target "
+            f"{t.fraction if t.fraction is not None else t.absolute}{reached}",
             t.metric,
             t.fraction,
-            None,
+            figure,
             [],
         )
     worst = max(best[2], key=lambda r: r["excess"])

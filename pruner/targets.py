@@ -91,7 +91,7 @@ class Targets:
     max_flops: int | None = None
     tolerance: float = 0.02
     corrections: int = 3
-    max_group_ratio: float = 0.7
+    max_group_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("step_time", "latency", "peak_memory", "params", "flops"):

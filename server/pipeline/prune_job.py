@@ -364,7 +364,7 @@ class PruneJob:
         ``ij``: (candidate, round), which fixes the data passes' order.
         """
         from secateur.pruner.cluster import agree_on_plan, member_dataset, out_of_strategy
-        from secateur.pruner.finetune import finetune
+        from secateur.pruner.finetune import finetune, recalibrate_batchnorm
         from secateur.pruner.surgery import apply_plan
 
         i, n = at  # the round's place in the sweep, in rounds
@@ -396,6 +396,10 @@ class PruneJob:
             )  # fmt: skip
             if device.members > 1:  # every member, in step: the chief goes on alone
                 pruned = out_of_strategy(pruned)
+            if device.is_chief and self.req.train.bn_recalibration_batches:
+                # From the whole training set, in an order fixed by the seed.
+                data_ds = data.epoch(*ij, -2) if data.epochs is not None else data.train_ds
+                recalibrate_batchnorm(pruned, data_ds, self.req.train.bn_recalibration_batches)
         return plan, pruned, history
 
     def _by_epoch(self, data: JobData, device: Any, ratio: float, i: int, j: int) -> Any:

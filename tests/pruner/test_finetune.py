@@ -14,6 +14,7 @@ from secateur.pruner.finetune import (
     evaluate,
     finetune,
     outputs_probabilities,
+    recalibrate_batchnorm,
     select_device,
 )
 from secateur.pruner.modelio import load_model
@@ -184,3 +185,66 @@ def test_finetune_explicitMixedPrecision_trainsAndReturnsFloat32(digits_data) ->
     assert {layer.dtype_policy.name for layer in trained.layers} == {"float32"}
     assert any(not np.array_equal(a, b) for a, b in zip(before, trained.get_weights()))
     assert evaluate(trained, ev) > 0.5
+
+
+# -- BatchNorm re-estimation after fine-tuning ---------------------------------------
+
+
+def _bn_net() -> keras.Model:
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Conv2D(2, 1, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="frozen_bn")(x)
+    outputs = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("frozen_bn").trainable = False
+    return model
+
+
+def _batches(n: int, size: int = 8):
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).normal(3.0, 2.0, (n * size, 6, 6, 3)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((images, np.zeros(n * size, "int64")))
+    return ds.batch(size), [images[i : i + size] for i in range(0, n * size, size)]
+
+
+def _check_stats(model: keras.Model, batches: list[np.ndarray]) -> None:
+    conv = keras.Model(model.input, model.get_layer("conv").output)
+    per = [np.asarray(conv(b)).reshape(-1, 4) for b in batches]
+    bn = model.get_layer("bn")
+    # Each statistic is the mean over the batches of that batch's mean and variance.
+    np.testing.assert_allclose(bn.moving_mean, np.mean([p.mean(0) for p in per], 0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance, np.mean([p.var(0) for p in per], 0), rtol=1e-4)
+    assert bn.momentum == 0.99
+
+
+def test_recalibrateBatchnorm_statsAreTheMeanOverTheBatches_frozenLayerKept() -> None:
+    model = _bn_net()
+    frozen = [np.asarray(w).copy() for w in model.get_layer("frozen_bn").weights]
+    weights = [np.asarray(w).copy() for w in model.get_layer("conv").weights]
+    ds, batches = _batches(5)
+    assert recalibrate_batchnorm(model, ds, 3) == 3
+    _check_stats(model, batches[:3])
+    for before, after in zip(frozen, model.get_layer("frozen_bn").weights):
+        np.testing.assert_array_equal(before, after)  # trainable=False: kept on purpose
+    for before, after in zip(weights, model.get_layer("conv").weights):
+        np.testing.assert_array_equal(before, after)  # no weight is trained
+    # A data set shorter than asked: every batch it has; none asked: nothing changes.
+    assert recalibrate_batchnorm(model, ds, 50) == 5
+    _check_stats(model, batches)
+    mean = np.asarray(model.get_layer("bn").moving_mean).copy()
+    assert recalibrate_batchnorm(model, ds, 0) == 0
+    np.testing.assert_array_equal(mean, model.get_layer("bn").moving_mean)
+
+
+def test_recalibrateBatchnorm_modelInAStrategy_reestimatedOnTheHostAndCopiedBack() -> None:
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = _bn_net()
+    ds, batches = _batches(2)
+    assert recalibrate_batchnorm(model, ds, 2) == 2
+    _check_stats(model, batches)

@@ -221,7 +221,8 @@ class MisleadingProfileMeter(CountingMeter):
 
 def test_measuredTarget_misleadingProfile_correctionsLeanOnFlopsAndMeetIt(tmp_path) -> None:
     model = _cnn()
-    spec = PruneSpec(targets=Targets(step_time=0.5, corrections=4))
+    # No cap: with the default one the first plan is forced wide enough to meet it.
+    spec = PruneSpec(targets=Targets(step_time=0.5, corrections=4, max_group_ratio=1.0))
     plan = make_plan(model, spec, meter=MisleadingProfileMeter(), state_dir=tmp_path)
     (report,) = plan.targets
     assert report["met"] and report["measured"] <= 0.5 * 1.02
@@ -272,6 +273,13 @@ def test_target_maxGroupRatioTooSmallForTheTarget_unreachableNamingTheBest() -> 
     with pytest.raises(TargetUnreachableError) as info:
         make_plan(_cnn(), PruneSpec(targets=Targets(flops=0.2, max_group_ratio=0.3)))
     assert info.value.target == "flops"
+    # The best reached is every group at its cap, counted: exactly reachable, and no less.
+    best = info.value.best
+    assert 0.2 < best < 0.7
+    spec = PruneSpec(targets=Targets(flops=min(best + 1e-9, 1.0), max_group_ratio=0.3))
+    narrowest = make_plan(_cnn(), spec)
+    assert narrowest.flops_after / narrowest.flops_before == pytest.approx(best, abs=1e-9)
+    assert "best reached" in str(info.value) and "max_group_ratio" in str(info.value)
 
 
 def test_costProfile_secondCallReadsTheCache_keyedByBatchAndModel(tmp_path) -> None:

@@ -96,3 +96,36 @@ def test_iterative_twoRounds_reachOneShotChannelCount_reportEachRound(digits_dat
     groups = sum(1 for g in cand["plan"]["groups"] if g["size_before"] > 1 and not g["frozen"])
     assert abs(_kept(cand["plan"]) - _kept(one_shot["plan"])) <= groups
     assert "rounds" not in one_shot
+
+
+@pytest.mark.slow  # two jobs; every fine-tuning job in the default suite recalibrates
+def test_bnRecalibration_onlyTheBatchNormStatisticsDiffer(digits_data, tmp_path) -> None:
+    published = {}
+    for batches in (0, 3):
+        spec = _spec(
+            digits_data, tmp_path / f"out{batches}", epochs=1, measure_steps=2,
+            bn_recalibration_batches=batches, learning_rate=0.001,
+        )  # fmt: skip
+        req = job_request(spec)
+        assert req.train.bn_recalibration_batches == batches
+        report = PruneJob(req, Storage()).run()
+        assert report["train"]["bn_recalibration_batches"] == batches
+        path = tmp_path / f"out{batches}" / "1" / "assets.extra/secateur/model.keras"
+        published[batches] = load_model(str(path))
+    off, on = published[0], published[3]
+    stats = 0
+    for a, b in zip(off.layers, on.layers):
+        for wa, wb in zip(a.weights, b.weights):
+            if "moving_" in wa.path:
+                stats += int(not (wa.numpy() == wb.numpy()).all())
+            else:  # the same seed trains the same weights; only the statistics move
+                assert (wa.numpy() == wb.numpy()).all(), wa.path
+    assert stats > 0
+
+
+def test_bnRecalibrationBatches_negative_invalidArgumentNamingTheField(digits_data, tmp_path):
+    spec = _spec(digits_data, tmp_path / "bad", bn_recalibration_batches=-1)
+    with pytest.raises(ServiceError) as exc:
+        job_request(spec)
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in exc.value.violations] == ["spec.training.bn_recalibration_batches"]

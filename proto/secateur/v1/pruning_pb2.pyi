@@ -112,7 +112,7 @@ class TargetSpec(_message.Message):
     def __init__(self, step_time: _Optional[float] = ..., latency: _Optional[float] = ..., latency_ms: _Optional[float] = ..., latency_batch: _Optional[int] = ..., peak_memory: _Optional[float] = ..., params: _Optional[float] = ..., max_params: _Optional[int] = ..., flops: _Optional[float] = ..., max_flops: _Optional[int] = ..., tolerance: _Optional[float] = ..., corrections: _Optional[int] = ..., max_group_ratio: _Optional[float] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda", "distill_alpha", "distill_temperature")
+    __slots__ = ("epochs", "batch_size", "learning_rate", "train_data", "eval_data", "image_key", "label_key", "resize", "measure_steps", "steps_per_execution", "mixed_precision", "cache_mib", "deterministic", "sparsity_epochs", "sparsity_lambda", "distill_alpha", "distill_temperature", "bn_recalibration_batches")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class TrainingSpec(_message.Message):
     SPARSITY_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     DISTILL_ALPHA_FIELD_NUMBER: _ClassVar[int]
     DISTILL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    BN_RECALIBRATION_BATCHES_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     learning_rate: float
@@ -147,7 +148,8 @@ class TrainingSpec(_message.Message):
     sparsity_lambda: float
     distill_alpha: float
     distill_temperature: float
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ..., sparsity_epochs: _Optional[int] = ..., sparsity_lambda: _Optional[float] = ..., distill_alpha: _Optional[float] = ..., distill_temperature: _Optional[float] = ...) -> None: ...
+    bn_recalibration_batches: int
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_data: _Optional[str] = ..., eval_data: _Optional[str] = ..., image_key: _Optional[str] = ..., label_key: _Optional[str] = ..., resize: _Optional[bool] = ..., measure_steps: _Optional[int] = ..., steps_per_execution: _Optional[int] = ..., mixed_precision: _Optional[str] = ..., cache_mib: _Optional[int] = ..., deterministic: _Optional[bool] = ..., sparsity_epochs: _Optional[int] = ..., sparsity_lambda: _Optional[float] = ..., distill_alpha: _Optional[float] = ..., distill_temperature: _Optional[float] = ..., bn_recalibration_batches: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("model_uri", "output_uri", "pruning", "training", "max_accuracy_drop", "version", "max_run_seconds", "exports")
