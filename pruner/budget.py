@@ -241,28 +241,41 @@ def _search(
                 met = (loss, plan, report, costs.prior_weight)
             if not measuring or not _spare(report):
                 break
-        missed = [r for r in report if r["excess"] > 0]
-        for r in missed:
-            weight[r["metric"]] *= 2.0
-            if r["metric"] not in costs.models:
-                share[r["metric"]] *= 1 + r["excess"] + 1e-9
-        if any(r["metric"] in costs.models for r in missed):
-            # A measured miss means the profile misled (noise, costs that do
-            # not add): lean on FLOPs-proportional savings, half as much again.
-            misses += 1
-            costs.trust_prior(1.0 - 0.5**misses, widths)
-        for r in report:
-            model = costs.models.get(r["metric"])
-            if model is not None:
-                seen = [(c, a[report.index(r)]["actual"]) for c, a in zip(tried, attempts)]
-                share[r["metric"]] = _calibrated(
-                    model, r, seen, required[r["metric"]], settings.tolerance
-                )
+        misses = _correct(report, counts, costs, widths, required, weight, share, misses)
     if met is not None:
         _, plan, report, prior = met
         plan.targets = [_public(r, costs, attempts, prior) for r in report]
         return plan
     raise _unreachable(targets, best, attempts, _narrowest(scored, widths, costs, targets))
+
+
+def _correct(
+    report: list[dict[str, Any]],
+    counts: Mapping[int, int],
+    costs: _Costs,
+    widths: Mapping[int, list[int]],
+    required: Mapping[str, float],
+    weight: dict[str, float],
+    share: dict[str, float],
+    misses: int,
+) -> int:
+    """Adjust weights, requirements and the cost model after one checked plan;
+    returns the count of measured misses so far."""
+    missed = [r for r in report if r["excess"] > 0]
+    for r in missed:
+        weight[r["metric"]] *= 2.0
+        if r["metric"] not in costs.models:
+            share[r["metric"]] *= 1 + r["excess"] + 1e-9
+    if any(r["metric"] in costs.models for r in missed):
+        # A measured miss means the profile misled (noise, costs that do
+        # not add): lean on FLOPs-proportional savings, half as much again.
+        misses += 1
+        costs.trust_prior(1.0 - 0.5**misses, widths)
+    for r in report:
+        model = costs.models.get(r["metric"])
+        if model is not None:
+            share[r["metric"]] = _calibrated(model, r, counts, required[r["metric"]])
+    return misses
 
 
 def _lost(lost: Mapping[int, np.ndarray], widths: Mapping[int, list[int]], counts: Any) -> float:
@@ -278,11 +291,7 @@ def _spare(report: list[dict[str, Any]]) -> bool:
 
 
 def _calibrated(
-    model: TermModel,
-    r: dict[str, Any],
-    seen: list[tuple[Any, float]],
-    required: float,
-    tolerance: float,
+    model: TermModel, r: dict[str, Any], counts: Mapping[int, int], required: float
 ) -> float:
     """The share of ``required`` to aim for so that the next plan measures just under the limit.
 
@@ -295,8 +304,8 @@ def _calibrated(
     the digits VGG it jumped from a prediction of 0.51 to 0.14 (measured
     0.47 against a 0.6 target).
     """
-    goal = r["limit"] / r["original"] * (1.0 - tolerance / 2)
-    p, a = model.predict(seen[-1][0]), max(seen[-1][1], 1e-9)
+    goal = r["limit"] / r["original"] * (1.0 - r["tolerance"] / 2)
+    p, a = model.predict(counts), max(r["actual"], 1e-9)
     aim = min(max(goal * p / a, 0.01), 0.999)
     return max(model.base * (1.0 - aim), 1e-12) / max(required, 1e-12)
 

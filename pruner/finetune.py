@@ -350,9 +350,8 @@ def recalibrate_batchnorm(model: Any, dataset: Any, batches: int) -> int:
     2020): forward passes in training mode over ``batches`` batches, no
     weight updated, each layer's statistics the mean over those batches of
     the per-batch mean and variance. Layers with ``trainable=False`` (frozen
-    on purpose) keep theirs. Runs on the host: a model living in a
-    distribution strategy is re-estimated on a copy and the statistics
-    copied back.
+    on purpose) keep theirs. A model living in a distribution strategy is
+    re-estimated on a host copy and the statistics copied back.
 
     Returns:
         The number of batches used (fewer when the data set is shorter).
@@ -360,24 +359,42 @@ def recalibrate_batchnorm(model: Any, dataset: Any, batches: int) -> int:
     Raises:
         DataError: a record became unreadable.
     """
-    import numpy as np
     import tensorflow as tf
 
-    def layers_of(m: Any) -> list[Any]:
-        return [
-            layer
-            for layer in m._flatten_layers(include_self=False)
-            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-        ]
-
-    if batches <= 0 or not layers_of(model):
+    if batches <= 0 or not _trainable_norms(model):
         return 0
     host = model
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is not None and strategy is not tf.distribute.get_strategy():
         host = model.__class__.from_config(model.get_config())
         host.set_weights(model.get_weights())
-    norms = layers_of(host)
+    norms = _trainable_norms(host)
+    used, sums = _batch_statistics(host, norms, dataset, batches)
+    if used == 0:
+        return 0
+    for (mean, var), layer in zip(sums, norms):
+        layer.moving_mean.assign((mean / used).astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign((var / used).astype(layer.moving_variance.dtype))
+    if host is not model:
+        model.set_weights(host.get_weights())
+    return used
+
+
+def _trainable_norms(model: Any) -> list[Any]:
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+
+
+def _batch_statistics(
+    model: Any, norms: list[Any], dataset: Any, batches: int
+) -> tuple[int, list[list[Any]]]:
+    """(batches run, per layer [sum of batch means, sum of batch variances])."""
+    import numpy as np
+    import tensorflow as tf
+
     momenta = [layer.momentum for layer in norms]
     sums = [
         [np.zeros(layer.moving_mean.shape), np.zeros(layer.moving_mean.shape)] for layer in norms
@@ -385,7 +402,7 @@ def recalibrate_batchnorm(model: Any, dataset: Any, batches: int) -> int:
 
     @tf.function
     def forward(images: Any) -> None:
-        host(images, training=True)
+        model(images, training=True)
 
     used = 0
     try:
@@ -401,14 +418,7 @@ def recalibrate_batchnorm(model: Any, dataset: Any, batches: int) -> int:
     finally:
         for layer, momentum in zip(norms, momenta):
             layer.momentum = momentum
-    if used == 0:
-        return 0
-    for (mean, var), layer in zip(sums, norms):
-        layer.moving_mean.assign((mean / used).astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign((var / used).astype(layer.moving_variance.dtype))
-    if host is not model:
-        model.set_weights(host.get_weights())
-    return used
+    return used, sums
 
 
 @contextmanager
