@@ -458,12 +458,13 @@ def _narrowest(
     """Each target's figure at the narrowest widths allowed: counted, or predicted."""
     counts = {g: row[0] for g, row in widths.items() if row}
     plan = plan_from_counts(scored, counts)
+    at = "at the narrowest widths allowed"
     out = {
-        "params": (plan.params_after / max(plan.params_before, 1), "counted"),
-        "flops": (plan.flops_after / max(plan.flops_before, 1), "counted"),
+        "params": (plan.params_after / max(plan.params_before, 1), f"counted {at}"),
+        "flops": (plan.flops_after / max(plan.flops_before, 1), f"counted {at}"),
     }
     for m, model in costs.models.items():
-        out[m] = (model.predict(counts), "predicted")
+        out[m] = (model.predict(counts), f"predicted {at}")
     return {t.metric: out[t.metric] for t in targets if t.metric in out}
 
 
@@ -476,11 +477,10 @@ def _unreachable(
     if best is None:
         t = targets[0]
         figure, how = narrowest.get(t.metric, (None, ""))
-        reached = f"; best reached {figure:.3f} of the original ({how})" if figure else ""
+        reached = "" if figure is None else f"; best reached {figure:.3f} of the original ({how})"
         return TargetUnreachableError(
             f"no widths the spec allows (round_to, min_channels, max_group_ratio, frozen "
-            f"groups) save enough to meet the {t.metric} target: at the narrowest widths "
-            f"allowed it is {figure:.3f} of the original ({how}). Received: {t.metric} target "
+            f"groups) save enough to meet the {t.metric} target. Received: {t.metric} target "
             f"{t.fraction if t.fraction is not None else t.absolute}{reached}",
             t.metric,
             t.fraction,

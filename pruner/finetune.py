@@ -366,8 +366,9 @@ def recalibrate_batchnorm(model: Any, dataset: Any, batches: int) -> int:
     host = model
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is not None and strategy is not tf.distribute.get_strategy():
-        host = model.__class__.from_config(model.get_config())
-        host.set_weights(model.get_weights())
+        from secateur.pruner.cluster import out_of_strategy
+
+        host = out_of_strategy(model)
     norms = _trainable_norms(host)
     used, sums = _batch_statistics(host, norms, dataset, batches)
     if used == 0:

@@ -200,11 +200,12 @@ def test_measuredTarget_toyMeter_metAndReportsPredictedAndMeasured(tmp_path) -> 
     assert report["how"]["profile_measurements"] > 0
 
 
-class MisleadingProfileMeter(CountingMeter):
-    """Step time is FLOPs, but the profile says only ``conv0``'s width matters
-    (narrowing it to half halves the step, any other group saves nothing: a
-    loaded CPU): the model believes conv0 and its neighbour carry the whole
-    step, while the checks of rebuilt models are true."""
+class DistortedProfileMeter(CountingMeter):
+    """Step time is FLOPs; the checks of rebuilt models (``pruned``) are true,
+    the profile's figures pass through :meth:`profiled`."""
+
+    def profiled(self, model: Any, true: float, full: float) -> float:
+        raise NotImplementedError
 
     def measure(
         self, models: Mapping[str, Any], metrics: Sequence[str]
@@ -213,10 +214,16 @@ class MisleadingProfileMeter(CountingMeter):
         if "pruned" in out:
             return out
         full = out["full"]["step_time"]
-        return {
-            n: {m: full * models[n].get_layer("conv0").filters / 16 for m in f}
-            for n, f in out.items()
-        }
+        return {n: {m: self.profiled(models[n], v[m], full) for m in v} for n, v in out.items()}
+
+
+class MisleadingProfileMeter(DistortedProfileMeter):
+    """The profile says only ``conv0``'s width matters (narrowing it to half
+    halves the step, any other group saves nothing: a loaded CPU): the model
+    believes conv0 and its neighbour carry the whole step."""
+
+    def profiled(self, model: Any, true: float, full: float) -> float:
+        return full * model.get_layer("conv0").filters / 16
 
 
 def test_measuredTarget_misleadingProfile_correctionsLeanOnFlopsAndMeetIt(tmp_path) -> None:
@@ -233,18 +240,12 @@ def test_measuredTarget_misleadingProfile_correctionsLeanOnFlopsAndMeetIt(tmp_pa
     assert len(figures) == report["how"]["rounds"] and figures[0][1] > 0.5 * 1.02
 
 
-class OptimisticProfileMeter(CountingMeter):
-    """Step time is FLOPs, but the profile's single-group cuts save a third of
-    what they really do (a loaded device): the first plan overshoots."""
+class OptimisticProfileMeter(DistortedProfileMeter):
+    """The profile's single-group cuts save a third of what they really do
+    (a loaded device): the first plan overshoots."""
 
-    def measure(
-        self, models: Mapping[str, Any], metrics: Sequence[str]
-    ) -> dict[str, dict[str, float]]:
-        out = super().measure(models, metrics)
-        if "pruned" in out:
-            return out
-        full = out["full"]["step_time"]
-        return {n: {m: full - (full - v[m]) / 3 for m in v} for n, v in out.items()}
+    def profiled(self, model: Any, true: float, full: float) -> float:
+        return full - (full - true) / 3
 
 
 def test_measuredTarget_metWithMuchToSpare_refinedTowardsTheLimit(tmp_path) -> None:
