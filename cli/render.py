@@ -199,11 +199,22 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
                 f"xla={how.get('xla')}, {how.get('timed_steps')} timed steps, "
                 f"tolerance {how.get('tolerance')}; profile of "
                 f"{how.get('profile_measurements')} variants in {how.get('profile_seconds')} s"
-                f"{' (cached)' if how.get('profile_cached') else ''}, {how.get('rounds')} round(s)"
+                f"{_where(how)}, {how.get('rounds')} round(s)"
             )
         else:
             lines.append(f"{t['metric']}: {how.get('method', 'counted')}")
     return "\n".join(lines)
+
+
+def _where(how: dict[str, Any]) -> str:
+    """How the profile was made: cached, or in how many child processes."""
+    if how.get("profile_cached"):
+        return " (cached)"
+    processes = how.get("profile_processes")
+    failed = ""
+    if how.get("profile_isolation_failed"):
+        failed = " (its child processes failed: measured in the job's process)"
+    return f" in {processes} child process(es){failed}" if processes else failed
 
 
 def percent(job: pruning_pb2.Job) -> str:

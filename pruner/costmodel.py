@@ -21,6 +21,9 @@ shared, heavily loaded 2-core CPU of this project: a 3-group CNN
 profiled 12 variants and, with the check of the rebuilt model, took 41 s
 of CPU time (4.7 min of wall time under the load of other jobs); cost
 grows with groups x levels x compile time, so large models take long.
+On a single-host CPU the variants are measured in child processes
+(:mod:`probe`): TensorFlow does not return the memory of a traced model,
+and a fresh process every few groups bounds what a profile holds.
 Profiles are cached as JSON in a directory the caller
 gives (the job's state dir), keyed by the model's architecture digest, the
 device kind, the batch size, the TensorFlow version and the metrics, so a
@@ -32,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,8 +44,8 @@ import numpy as np
 
 from secateur.pruner.allocate import legal_widths
 from secateur.pruner.graph import ChannelGraph, Group
-from secateur.pruner.plan import keep_function
-from secateur.pruner.rebuild import rebuild
+from secateur.pruner.meter import DeviceMeter
+from secateur.pruner.probe import group_key, measure_here, measure_isolated, model_digest
 from secateur.pruner.spec import PruneSpec
 
 PROFILE_VERSION = 1
@@ -101,16 +104,6 @@ class CostProfile:
             if entry is not None:
                 out += [(g.id, int(w), float(d)) for w, d in zip(entry["widths"], entry[metric])]
         return out
-
-
-def group_key(group: Group) -> str:
-    return "|".join(sorted(group.origins))
-
-
-def model_digest(model: Any) -> str:
-    """A digest of the architecture (not the weights: they do not change costs)."""
-    text = json.dumps(model.get_config(), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def profile_key(
@@ -173,25 +166,23 @@ def profile_costs(
     base_runs: dict[str, list[float]] = {m: [] for m in metrics}
     table: dict[str, dict[str, list[float]]] = {}
     count = 0
-    for g in groups:
-        widths = probe_widths(g, spec, levels)
-        if not widths:
-            continue
-        variants = {"full": model} | {str(w): _narrowed(model, graph, g, w) for w in widths}
-        figures = meter.measure(variants, metrics)
-        count += len(variants)
+    jobs = [(group_key(g), probe_widths(g, spec, levels)) for g in groups]
+    jobs = [j for j in jobs if j[1]]
+    how = dict(meter.describe())
+    for group, widths, figures in _measured(model, graph, jobs, metrics, meter, how):
+        count += len(figures)
         entry: dict[str, list[float]] = {"widths": [float(w) for w in widths]}
         for m in metrics:
             base_runs[m].append(figures["full"][m])
             entry[m] = [figures[str(w)][m] - figures["full"][m] for w in widths]
-        table[group_key(g)] = entry
+        table[group] = entry
     profile = CostProfile(
         key=key,
         base={m: float(np.median(v)) if v else 0.0 for m, v in base_runs.items()},
         groups=table,
         measurements=count,
         seconds=time.perf_counter() - start,
-        how=meter.describe(),
+        how=how,
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,9 +203,28 @@ def _read(path: Path, key: dict[str, Any]) -> CostProfile | None:
     return CostProfile(**data)
 
 
-def _narrowed(model: Any, graph: ChannelGraph, group: Group, width: int) -> Any:
-    """``model`` with only ``group`` narrowed to ``width`` (fresh weights: costs only)."""
-    kept = {g.id: np.arange(g.size) for g in graph.groups()}
-    kept[group.id] = np.arange(width)
-    new, _, _ = rebuild(model, graph, keep_function(graph, kept))
-    return new
+def _measured(
+    model: Any,
+    graph: ChannelGraph,
+    jobs: list[tuple[str, list[int]]],
+    metrics: Sequence[str],
+    meter: Meter,
+    how: dict[str, Any],
+) -> Iterator[tuple[str, list[int], dict[str, dict[str, float]]]]:
+    """Each job's figures: from child processes where the meter isolates, else here.
+
+    ``how["profile_processes"]`` records where they were measured (0: this process).
+    """
+    how["profile_processes"] = 0
+    if not (isinstance(meter, DeviceMeter) and meter.isolate):
+        yield from measure_here(model, graph, jobs, metrics, meter)
+        return
+    stats: dict[str, Any] = {}
+    finished = 0
+    for result in measure_isolated(model, jobs, metrics, meter, model_digest(model), stats=stats):
+        finished += 1
+        yield result
+    how["profile_processes"] = stats["processes"]
+    if stats.get("fallback"):
+        how["profile_isolation_failed"] = stats["fallback"]
+        yield from measure_here(model, graph, jobs[finished:], metrics, meter)

@@ -33,6 +33,10 @@ class DeviceMeter:
         measure: warm-up, steps and rounds per measurement.
         device: where to run (default: what is attached).
         seed: seed of the synthetic batch.
+        isolate: measure a cost profile's variants in child processes
+            (:mod:`secateur.pruner.probe`), so the memory TensorFlow keeps
+            from each traced model is returned to the system. Default: on a
+            single-host CPU; accelerators stay with the process that holds them.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class DeviceMeter:
         measure: MeasureConfig = QUICK,
         device: Device | None = None,
         seed: int = 0,
+        isolate: bool | None = None,
     ) -> None:
         self.batch_size, self.latency_batch = batch_size, latency_batch
         self.config = config or TrainConfig(batch_size=batch_size)
@@ -50,6 +55,8 @@ class DeviceMeter:
         self.device = device or select_device()
         self.device_kind = self.device.kind
         self.seed = seed
+        single_cpu = self.device.kind == "CPU" and self.device.members == 1
+        self.isolate = single_cpu if isolate is None else isolate
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -237,3 +237,28 @@ def test_formatTargets_wantedPredictedMeasured_andHowEachWasMeasured() -> None:
     assert lines[2].split() == ["step_time", "0.600", "0.571", "0.590", "0.620", "yes"]
     assert "120000 (abs)" in text and "params: counted from the plan (exact)" in text
     assert "profile of 40 variants in 61.5 s (cached), 2 round(s)" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown"),
+    [
+        ({"profile_processes": 3}, "61.5 s in 3 child process(es), 2 round(s)"),
+        ({"profile_processes": 1, "profile_isolation_failed": "exit status 1: boom"},
+         "61.5 s in 1 child process(es) (its child processes failed: measured in the job's "
+         "process), 2 round(s)"),
+        ({"profile_processes": 0}, "61.5 s, 2 round(s)"),
+    ],
+)  # fmt: skip
+def test_formatTargets_freshProfile_saysWhereItWasMeasured(
+    extra: dict[str, object], shown: str
+) -> None:
+    from secateur.cli.render import format_targets
+
+    how = {"device": "CPU (cpu:0)", "batch_size": 32, "xla": False, "timed_steps": 8,
+           "tolerance": 0.02, "profile_measurements": 40, "profile_seconds": 61.5,
+           "profile_cached": False, "rounds": 2} | extra  # fmt: skip
+    text = format_targets(
+        [{"metric": "step_time", "wanted": 0.6, "predicted": 0.57, "measured": 0.59, "met": True,
+          "how": how}]
+    )  # fmt: skip
+    assert shown in text
