@@ -197,5 +197,6 @@ def test_job_stepTimeTarget_tinyModel_measuredWithinToleranceOrBestReached(tmp_p
     (t,) = done.result.targets
     assert t.metric == "step_time" and t.met and t.measured <= 0.7 * (1 + tolerance)
     assert t.how["device"].startswith("CPU") and t.how["profile_measurements"] > 0
+    assert t.how["profile_processes"] >= 1  # measured in child processes of the job
     assert t.HasField("predicted") and t.HasField("remeasured")
     assert list((tmp_path / "state" / "profiles").glob("costs-*.json"))  # cached for next time
