@@ -23,7 +23,10 @@
    ones (weight 1/2, 3/4, ...: a profile on a noisy device, or costs that
    do not add, misled it). A plan met with more than the tolerance to spare
    is refined the same way while ``Targets.corrections`` rounds remain; the
-   met plan losing the least importance wins. None met:
+   met plan losing the least importance wins. A measured plan is only met
+   on the mean of two checks (:func:`targetcheck.check`): on ResNet50 one
+   8-step check read 0.59 of the original where five later ones read
+   0.67 to 0.72. None met:
    :class:`TargetUnreachableError` with the best reached.
 5. Every width offered removes at most ``Targets.max_group_ratio`` of a
    group's channels: the knapsack would otherwise strip the costliest
@@ -47,7 +50,7 @@ import numpy as np
 from secateur.pruner.allocate import Option, kept_importance, knapsack, legal_widths
 from secateur.pruner.costfit import TermModel, cost_terms, fit_times
 from secateur.pruner.costmodel import CostProfile, Meter, profile_costs
-from secateur.pruner.errors import InvalidSpecError, TargetUnreachableError
+from secateur.pruner.errors import InvalidSpecError
 from secateur.pruner.graph import Group
 from secateur.pruner.plan import (
     PruningPlan,
@@ -57,7 +60,7 @@ from secateur.pruner.plan import (
     score_model,
 )
 from secateur.pruner.spec import PruneSpec
-from secateur.pruner.surgery import apply_plan
+from secateur.pruner.targetcheck import check, narrowest, public, unreachable
 from secateur.pruner.targets import Target, Targets
 
 #: Rounds for counted-only targets (each is one knapsack and one count).
@@ -230,7 +233,11 @@ def _search(
             break  # measuring the same plan again tells nothing new
         tried.append(counts)
         plan = plan_from_counts(scored, counts)
-        report = _check(scored, plan, counts, costs, targets, meter, settings.tolerance)
+        report = check(scored, plan, counts, costs.models, targets, meter, settings.tolerance)
+        if measuring and max(r["excess"] for r in report) <= 0:  # confirmed by a second check
+            report = check(
+                scored, plan, counts, costs.models, targets, meter, settings.tolerance, report
+            )
         attempts.append(report)
         excess = max(r["excess"] for r in report)
         if best is None or excess < best[0]:
@@ -244,9 +251,9 @@ def _search(
         misses = _correct(report, counts, costs, widths, required, weight, share, misses)
     if met is not None:
         _, plan, report, prior = met
-        plan.targets = [_public(r, costs, attempts, prior) for r in report]
+        plan.targets = [public(r, costs.profile, attempts, prior) for r in report]
         return plan
-    raise _unreachable(targets, best, attempts, _narrowest(scored, widths, costs, targets))
+    raise unreachable(targets, best, attempts, narrowest(scored, widths, costs.models, targets))
 
 
 def _correct(
@@ -368,132 +375,4 @@ def _saving(
     return sum(
         weight[m] * costs.savings[m][group][width] / need if need > 0 else 0.0
         for m, need in required.items()
-    )
-
-
-def _check(
-    scored: ScoredModel,
-    plan: PruningPlan,
-    counts: Mapping[int, int],
-    costs: _Costs,
-    targets: list[Target],
-    meter: Meter | None,
-    tolerance: float,
-) -> list[dict[str, Any]]:
-    """Predicted and actual figure of every target for one plan."""
-    actual = {"params": float(plan.params_after), "flops": float(plan.flops_after)}
-    originals = {"params": float(plan.params_before), "flops": float(plan.flops_before)}
-    measured = [t.metric for t in targets if t.measured]
-    if measured and meter is not None:
-        pruned = apply_plan(scored.model, plan)
-        figures = meter.measure({"original": scored.model, "pruned": pruned}, measured)
-        actual |= figures["pruned"]
-        originals |= figures["original"]
-    out = []
-    for t in targets:
-        model = costs.models.get(t.metric)
-        # Measured: the cost model's figure; counted: the exact count.
-        predicted = (
-            model.predict(counts)
-            if model is not None
-            else float(actual[t.metric]) / originals[t.metric]
-        )
-        limit = t.limit(originals[t.metric])
-        slack = tolerance if t.measured else 0.0
-        required = max(originals[t.metric] - limit, 1e-12)
-        out.append(
-            {
-                "metric": t.metric,
-                "wanted": t.fraction if t.fraction is not None else t.absolute,
-                "absolute": t.fraction is None,
-                "predicted": predicted,
-                "actual": float(actual[t.metric]) / originals[t.metric],
-                "original": float(originals[t.metric]),
-                "limit": limit,
-                "excess": (float(actual[t.metric]) - limit * (1 + slack)) / required,
-                "tolerance": slack,
-            }
-        )
-    return out
-
-
-def _public(
-    r: dict[str, Any], costs: _Costs, attempts: list[list[dict[str, Any]]], prior: float
-) -> dict[str, Any]:
-    measured = r["metric"] not in ("params", "flops")
-    how: dict[str, Any] = {"rounds": len(attempts)}
-    if measured and costs.profile is not None:
-        how |= costs.profile.how | {
-            "profile_measurements": costs.profile.measurements,
-            "profile_seconds": round(costs.profile.seconds, 2),
-            "profile_cached": costs.profile.cached,
-            # Share of the savings taken in proportion to FLOPs instead of the profile.
-            "flops_prior_weight": prior,
-            # Every round's (predicted, measured) fraction; the plan kept is
-            # the met one losing the least importance.
-            "rounds_figures": [
-                [a["predicted"], a["actual"]]
-                for rs in attempts
-                for a in rs
-                if a["metric"] == r["metric"]
-            ],
-            "tolerance": r["tolerance"],
-        }
-    else:
-        how["method"] = "counted from the plan (exact)"
-    return {
-        "metric": r["metric"],
-        "wanted": r["wanted"],
-        "wanted_absolute": r["absolute"],
-        "predicted": r["predicted"],
-        "measured": r["actual"],
-        "met": r["excess"] <= 0,
-        "how": how,
-    }
-
-
-def _narrowest(
-    scored: ScoredModel, widths: Mapping[int, list[int]], costs: _Costs, targets: list[Target]
-) -> dict[str, tuple[float, str]]:
-    """Each target's figure at the narrowest widths allowed: counted, or predicted."""
-    counts = {g: row[0] for g, row in widths.items() if row}
-    plan = plan_from_counts(scored, counts)
-    at = "at the narrowest widths allowed"
-    out = {
-        "params": (plan.params_after / max(plan.params_before, 1), f"counted {at}"),
-        "flops": (plan.flops_after / max(plan.flops_before, 1), f"counted {at}"),
-    }
-    for m, model in costs.models.items():
-        out[m] = (model.predict(counts), f"predicted {at}")
-    return {t.metric: out[t.metric] for t in targets if t.metric in out}
-
-
-def _unreachable(
-    targets: list[Target],
-    best: Any,
-    attempts: list[list[dict[str, Any]]],
-    narrowest: Mapping[str, tuple[float, str]],
-) -> TargetUnreachableError:
-    if best is None:
-        t = targets[0]
-        figure, how = narrowest.get(t.metric, (None, ""))
-        reached = "" if figure is None else f"; best reached {figure:.3f} of the original ({how})"
-        return TargetUnreachableError(
-            f"no widths the spec allows (round_to, min_channels, max_group_ratio, frozen "
-            f"groups) save enough to meet the {t.metric} target. Received: {t.metric} target "
-            f"{t.fraction if t.fraction is not None else t.absolute}{reached}",
-            t.metric,
-            t.fraction,
-            figure,
-            [],
-        )
-    worst = max(best[2], key=lambda r: r["excess"])
-    return TargetUnreachableError(
-        f"the {worst['metric']} target of {worst['wanted']} was not met after "
-        f"{len(attempts)} allocation(s). Received: best reached {worst['actual']:.3f} "
-        f"of the original (predicted {worst['predicted']})",
-        worst["metric"],
-        worst["wanted"],
-        worst["actual"],
-        [{r["metric"]: (r["predicted"], r["actual"]) for r in a} for a in attempts],
     )

@@ -296,8 +296,10 @@ def test_costProfile_secondCallReadsTheCache_keyedByBatchAndModel(tmp_path) -> N
     second = make_plan(model, spec, meter=meter, state_dir=tmp_path)
     assert second.targets[0]["how"]["profile_cached"]
     assert not first.targets[0]["how"]["profile_cached"]
-    # Only the check of the rebuilt model was measured the second time.
-    assert meter.calls - profiled == 2 * first.targets[0]["how"]["rounds"]
+    # Only the checks of the rebuilt model were measured the second time: one
+    # per round, and a second one of the plan that met (accepted on both).
+    assert meter.calls - profiled == 2 * (first.targets[0]["how"]["rounds"] + 1)
+    assert len(second.targets[0]["how"]["checks"]) == 2
     other = CountingMeter()
     other.batch_size = 8
     make_plan(model, spec, meter=other, state_dir=tmp_path)
