@@ -169,7 +169,8 @@ def profile_costs(
     jobs = [(group_key(g), probe_widths(g, spec, levels)) for g in groups]
     jobs = [j for j in jobs if j[1]]
     how = dict(meter.describe())
-    for group, widths, figures in _measured(model, graph, jobs, metrics, meter, how):
+    measured = _measured(model, graph, jobs, metrics, meter, key["model_digest"], how)
+    for group, widths, figures in measured:
         count += len(figures)
         entry: dict[str, list[float]] = {"widths": [float(w) for w in widths]}
         for m in metrics:
@@ -209,6 +210,7 @@ def _measured(
     jobs: list[tuple[str, list[int]]],
     metrics: Sequence[str],
     meter: Meter,
+    digest: str,
     how: dict[str, Any],
 ) -> Iterator[tuple[str, list[int], dict[str, dict[str, float]]]]:
     """Each job's figures: from child processes where the meter isolates, else here.
@@ -221,7 +223,7 @@ def _measured(
         return
     stats: dict[str, Any] = {}
     finished = 0
-    for result in measure_isolated(model, jobs, metrics, meter, model_digest(model), stats=stats):
+    for result in measure_isolated(model, jobs, metrics, meter, digest, stats=stats):
         finished += 1
         yield result
     how["profile_processes"] = stats["processes"]
